@@ -1,0 +1,283 @@
+"""The `atlasgen` command line. It only wires stages together; the work lives in the stage modules."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import PRESETS, STAGE_INPUTS, STAGE_ORDER, AtlasConfig, load_config
+from .errors import AtlasError, StageInputError
+from .progress import say, set_quiet
+
+app = typer.Typer(
+    name="atlasgen", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    help="Build a static feature atlas of DINOv3: embeddings, a sparse autoencoder, feature pictures, a map "
+         "and a web site, all backed by one DuckDB store.\n\nExample: atlasgen build --preset tiny --out build/")
+
+# --- shared options (each documented here, where it is declared) -----------------------------------
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder: holds atlas.duckdb, pictures and site/.")]
+ImagesOpt = Annotated[Optional[Path], typer.Option(
+    "--images", help="Image folder to ingest: flat, one sub-folder per class, or ImageNet val (set "
+                     "ingest.labels_file in --config).")]
+DatasetOpt = Annotated[Optional[str], typer.Option(
+    "--dataset", help="Hugging Face dataset to ingest, NAME[:SPLIT], e.g. frgfm/imagenette:validation.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="DINOv3 checkpoint: hub id or local folder (default facebook/dinov3-vits16-pretrain-lvd1689m; "
+                    "'tiny' for a random 2-layer model).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="TOML file with [ingest], [embed], [train], ... sections overriding the preset.")]
+PresetOpt = Annotated[Optional[str], typer.Option(
+    "--preset", help=f"Preset: {', '.join(PRESETS)} (default imagenette, or the one the output folder was "
+                     "built with).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun the stage(s) even if nothing changed.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", help="auto | cpu | cuda (auto picks CUDA when a GPU is visible).")]
+
+
+def _fail(message: str, hint: str = "", code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn):
+    """User errors become one line plus a hint and exit 2; never a traceback for bad input."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AtlasError as e:
+            _fail(e.message, e.hint)
+        except KeyboardInterrupt:
+            _fail("interrupted", "run the same command again to resume where it stopped", code=130)
+    return wrapper
+
+
+def _open_store(out: Path, read_only: bool = False):
+    from .store import Store
+    return Store.open(out, read_only=read_only)
+
+
+def make_config(store, preset: str | None, config: Path | None, images: Path | None, dataset: str | None,
+                model: str | None, device: str | None, extra: dict | None = None) -> AtlasConfig:
+    """Preset → --config file → options. With none of preset/config/corpus/model given, reuse what the
+    output folder was last built with, so `atlasgen train --out DIR` continues a `--preset tiny` build."""
+    overrides: dict[str, dict] = {}
+    if images is not None and dataset is not None:
+        raise AtlasError("--images and --dataset both given", "choose one corpus")
+    if images is not None:
+        if not images.is_dir():
+            raise AtlasError(f"--images {images} is not a folder", "pass a folder of images")
+        overrides.setdefault("ingest", {})["source"] = f"folder:{images.resolve()}"
+    if dataset is not None:
+        overrides.setdefault("ingest", {})["source"] = f"hf:{dataset}"
+    if model is not None:
+        overrides.setdefault("embed", {})["model"] = model
+    if device is not None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise AtlasError(f"--device {device} is not one of auto, cpu, cuda", "use --device auto")
+        for stage in ("embed", "train", "render"):
+            overrides.setdefault(stage, {})["device"] = device
+    for section, values in (extra or {}).items():
+        overrides.setdefault(section, {}).update(values)
+    remembered = _remembered(store)
+    if preset is None and config is None and remembered:
+        preset = remembered["preset"]
+        config = Path(remembered["config"]) if remembered.get("config") else None
+        overrides = _merge_overrides(remembered.get("overrides", {}), overrides)
+    cfg = load_config(preset or "imagenette", config, overrides)
+    if not store.read_only:
+        store.con.execute("INSERT OR REPLACE INTO meta VALUES ('build_config', ?)", [json.dumps(
+            {"preset": cfg.preset, "config": str(config.resolve()) if config else None, "overrides": overrides})])
+    return cfg
+
+
+def _merge_overrides(old: dict, new: dict) -> dict:
+    out = {k: dict(v) for k, v in old.items()}
+    for k, v in new.items():
+        out.setdefault(k, {}).update(v)
+    return out
+
+
+def _remembered(store) -> dict | None:
+    row = store.scalar("SELECT value FROM meta WHERE key = 'build_config'")
+    return json.loads(row) if row else None
+
+
+def _check_inputs(store, stages: list[str]) -> None:
+    """A stage run on its own needs its inputs built first (build runs them all in order)."""
+    for name in stages:
+        for upstream in STAGE_INPUTS[name]:
+            if upstream in stages:
+                continue
+            row = store.stage_row(upstream)
+            if row is None or row["status"] != "done":
+                raise StageInputError(f"{name} needs the {upstream} stage, which has not run in this output folder",
+                                      f"run `atlasgen {upstream}` (or `atlasgen build`) with the same --out first")
+
+
+def _run(stages: list[str], out: Path, preset, config, images, dataset, model, device, force, quiet,
+         extra: dict | None = None) -> dict:
+    from .pipeline import run_stages
+    set_quiet(quiet)
+    _quiet_libraries()
+    with _open_store(out) as store:
+        cfg = make_config(store, preset, config, images, dataset, model, device, extra)
+        _check_inputs(store, stages)
+        summaries = run_stages(cfg, store, stages, force=force)
+        n_skipped = store.count("skipped_inputs")
+    if n_skipped:
+        say(f"{n_skipped} input(s) were skipped; see: atlasgen query \"SELECT * FROM skipped_inputs\" --out {out}")
+    return summaries
+
+
+def _quiet_libraries() -> None:
+    import os
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # transformers missing or changed: its chatter is harmless
+        pass
+
+
+# --- commands --------------------------------------------------------------------------------------
+@app.command()
+@handles_errors
+def build(out: OutOpt = Path("build"), images: ImagesOpt = None, dataset: DatasetOpt = None,
+          model: ModelOpt = None, config: ConfigOpt = None, preset: PresetOpt = None, force: ForceOpt = False,
+          quiet: QuietOpt = False, device: DeviceOpt = None):
+    """Run every stage in order (ingest → embed → train → encode → render → layout → probe → toy → site),
+    skipping those already done for the same config.
+
+    Example: atlasgen build --preset tiny --out build/
+    """
+    _run(list(STAGE_ORDER), out, preset, config, images, dataset, model, device, force, quiet)
+    site_index = out / "site" / "index.html"
+    typer.echo(f"site: {site_index.resolve()}  (serve it with: atlasgen serve --out {out})")
+
+
+def _stage_command(name: str, summary: str, example: str):
+    def command(out: OutOpt = Path("build"), images: ImagesOpt = None, dataset: DatasetOpt = None,
+                model: ModelOpt = None, config: ConfigOpt = None, preset: PresetOpt = None,
+                force: ForceOpt = False, quiet: QuietOpt = False, device: DeviceOpt = None):
+        _run([name], out, preset, config, images, dataset, model, device, force, quiet)
+    command.__doc__ = f"{summary}\n\nExample: {example}"
+    command.__name__ = name
+    app.command(name=name)(handles_errors(command))
+
+
+_stage_command("ingest", "Read images (folder, Hugging Face dataset or the tiny set) into the store; "
+               "bad files are skipped and recorded.", "atlasgen ingest --images ~/photos --out build/")
+_stage_command("embed", "Embed every ingested image with DINOv3 (CLS pooler_output); resumable.",
+               "atlasgen embed --out build/")
+_stage_command("train", "Train the sparse autoencoder on the embeddings.", "atlasgen train --out build/")
+_stage_command("encode", "Encode embeddings with the SAE: activations, feature stats, top images, labels, "
+               "co-activation.", "atlasgen encode --out build/")
+_stage_command("layout", "Lay features out with UMAP on co-activation, assign the map grid, cut map tiles.",
+               "atlasgen layout --out build/")
+_stage_command("toy", "Train the 2-D bottleneck digits toy (superposition demo) and write its frames.",
+               "atlasgen toy --out build/")
+_stage_command("site", "Write the static site into OUT/site from the store.", "atlasgen site --out build/")
+_stage_command("probe", "Run the probe sweeps from the config (sizes, counts, readouts) and record activations.",
+               "atlasgen probe --config probes.toml --out build/")
+
+
+@app.command()
+@handles_errors
+def render(out: OutOpt = Path("build"), features: Annotated[Optional[str], typer.Option(
+               "--features", help="Comma-separated feature ids to render, e.g. 1,2,3 (default: the config's "
+                                  "render.features).")] = None,
+           config: ConfigOpt = None, preset: PresetOpt = None, force: ForceOpt = False, quiet: QuietOpt = False,
+           device: DeviceOpt = None):
+    """Generate pictures by inversion: features, image embeddings, sums, slerps, orthogonalised pairs, ablation.
+
+    Example: atlasgen render --features 1,2,3 --out build/
+    """
+    extra = {"render": {"features": features}} if features else None
+    _run(["render"], out, preset, config, None, None, None, device, force, quiet, extra)
+
+
+@app.command()
+@handles_errors
+def query(sql: Annotated[str, typer.Argument(help="A read-only SQL query over the store.")],
+          out: OutOpt = Path("build"),
+          fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+          limit: Annotated[int, typer.Option("--limit", help="Print at most this many rows (0 = all).")] = 100):
+    """Run read-only SQL against the store and print the result.
+
+    Example: atlasgen query "SELECT feature_id, label, frequency FROM features ORDER BY frequency DESC LIMIT 10"
+    """
+    import duckdb
+    with _open_store(out, read_only=True) as store:
+        try:
+            cursor = store.con.execute(sql)
+        except duckdb.Error as e:
+            raise AtlasError(f"query failed: {str(e).splitlines()[0]}",
+                             "the store is read-only here; see README 'The store' for tables and columns") from None
+        if cursor.description is None:
+            return
+        columns = [d[0] for d in cursor.description]
+        rows = cursor.fetchall() if limit == 0 else cursor.fetchmany(limit)
+    _print_rows(columns, rows, fmt)
+
+
+def _print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
+    if fmt == "json":
+        typer.echo(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+    elif fmt == "csv":
+        import csv
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    elif fmt == "table":
+        def cell(v):
+            if isinstance(v, float):
+                return f"{v:.4g}"
+            text = str(v)
+            return text if len(text) <= 60 else text[:57] + "..."
+        cells = [[cell(v) for v in r] for r in rows]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+        typer.echo("  ".join("-" * w for w in widths))
+        for r in cells:
+            typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    else:
+        raise AtlasError(f"--format {fmt} is not one of table, csv, json", "use --format table")
+
+
+@app.command()
+@handles_errors
+def info(out: OutOpt = Path("build")):
+    """Show what the store holds, per stage: status, config hash, counts.
+
+    Example: atlasgen info --out build/
+    """
+    from .store import OUTPUT_TABLES_ALL
+    with _open_store(out, read_only=True) as store:
+        typer.echo(f"store: {store.paths.store_path}")
+        for name in STAGE_ORDER:
+            row = store.stage_row(name)
+            if row is None:
+                typer.echo(f"  {name:8s} not run")
+                continue
+            brief = ", ".join(f"{k}={v}" for k, v in row["summary"].items() if isinstance(v, (int, float, str)))
+            typer.echo(f"  {name:8s} {row['status']:8s} config {row['config_hash']}  {brief}")
+        typer.echo("tables:")
+        for table in OUTPUT_TABLES_ALL:
+            typer.echo(f"  {table:18s} {store.count(table):>10,d} rows")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Every stage's frozen config, presets (TOML files in `atlasgen/presets/`), and config hashing.
+
+A build's config is layered: preset TOML → user `--config atlas.toml` → command-line options.
+Each TOML section ([ingest], [embed], ...) fills the dataclass of the same name; every field is
+documented where it is declared. A field with `metadata={"hash": False}` does not change results
+(batch sizes, worker counts), so changing it does not make a stage rerun.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import AtlasError
+
+NO_HASH = {"hash": False}
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    # Where images come from: "tiny" (generated), "folder:PATH" (flat, one sub-folder per class, or
+    # ImageNet val with labels_file), or "hf:DATASET[:SPLIT]" (Hugging Face datasets).
+    source: str = "tiny"
+    # Hugging Face dataset config name (e.g. "320px" for frgfm/imagenette); "" for none.
+    hf_config: str = ""
+    # For ImageNet-val style folders: a text file with one label per image (sorted file order), or a
+    # CSV "filename,label". Empty: labels come from sub-folder names, or none for a flat folder.
+    labels_file: str = ""
+    # Optional file mapping label ids/wnids to readable names ("n01440764 tench" per line).
+    label_names_file: str = ""
+    # Use at most this many images (0 = all), taken in sorted order.
+    limit: int = 0
+    # Images with more pixels than this are skipped as decompression bombs.
+    max_pixels: int = 89_478_485
+    # Shorter side of the normalised corpus copy written to corpus/ (≥ the model's input size).
+    corpus_side: int = 256
+    # Tiny preset: how many generated images.
+    n_tiny_images: int = 320
+    # Worker threads decoding images (does not change results).
+    n_workers: int = field(default=2, metadata=NO_HASH)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    # Hugging Face id or local folder of a DINOv3 ViT checkpoint, or "tiny" (random 2-layer model).
+    model: str = "facebook/dinov3-vits16-pretrain-lvd1689m"
+    # auto (bf16 where the hardware is fast at it) | fp32 | bf16.
+    precision: str = "auto"
+    # Images per forward pass (does not change results).
+    batch_size: int = field(default=32, metadata=NO_HASH)
+    # Decode threads overlapping with the model (does not change results).
+    n_workers: int = field(default=2, metadata=NO_HASH)
+    # auto | cpu | cuda (set by --device; does not change results beyond float noise).
+    device: str = field(default="auto", metadata=NO_HASH)
+    # Images per committed chunk: an interrupted embed resumes from the last committed chunk.
+    chunk_size: int = field(default=256, metadata=NO_HASH)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Dictionary size = expansion × embedding dim (32 × 384 = 12,288 in the seed study).
+    expansion: int = 32
+    # L1 penalty weight on activations (scaled by decoder norms, which are kept at 1).
+    l1_coeff: float = 3e-3
+    lr: float = 4e-4
+    # Linear learning-rate warm-up steps.
+    warmup_steps: int = 200
+    # Optimiser steps in total.
+    n_steps: int = 20_000
+    batch_size: int = 1024
+    # A feature that has not fired for this many steps counts as dead.
+    dead_window: int = 2_500
+    # Resample dead features every this many steps (Bricken et al. 2023); 0 = never.
+    resample_every: int = 5_000
+    # Stop resampling after this fraction of training, so features can settle.
+    resample_until: float = 0.7
+    # Log metrics every this many steps.
+    log_every: int = 100
+    seed: int = 0
+    device: str = field(default="auto", metadata=NO_HASH)
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    # At most this many active features per image (top-k at inference, as in the seed).
+    top_k: int = 32
+    # Top images stored per feature.
+    n_top_images: int = 16
+    # Most similar features (decoder cosine) stored per feature.
+    n_similar: int = 10
+    # Thumbnail side in px (WebP).
+    thumb_side: int = 128
+    batch_size: int = field(default=4096, metadata=NO_HASH)
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    # Which features to render: "all", "top:N" (N most frequent live features) or "auto"
+    # (all on a GPU, the 64 most frequent on a CPU).
+    features: str = "auto"
+    # Seeds per feature.
+    n_seeds: int = 4
+    # Parameterisation: "transformer" (untrained generator, Deep-Image-Prior style), "pixels", "fourier".
+    param: str = "transformer"
+    augment: bool = True
+    # Augmented views scored per optimisation step.
+    n_views: int = 8
+    n_steps: int = 200
+    lr: float = 0.01
+    tv_weight: float = 0.05
+    # Targets optimised together in one batch.
+    batch_targets: int = 16
+    # Output side in px (0 = the model's input size).
+    size: int = 0
+    # Render pairs: sums, slerps and orthogonalised pairs; explicit "a,b" strings, plus the strongest
+    # co-activating and the most similar pairs (n_auto_pairs of each).
+    pairs: tuple[str, ...] = ()
+    n_auto_pairs: int = 2
+    slerp_steps: int = 11
+    # Images (image ids) whose embeddings are inverted, n_seeds each; empty = a few corpus images.
+    image_ids: tuple[int, ...] = ()
+    n_auto_images: int = 2
+    # The seed's ablation (pixels/no aug, pixels/aug, transformer/aug) on this image id (-1 = first).
+    ablation_image_id: int = -1
+    ablation: bool = True
+    precision: str = "auto"
+    device: str = field(default="auto", metadata=NO_HASH)
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    # Features placed on the map, strongest first (strength = frequency × mean activation).
+    n_map_features: int = 2500
+    grid_side: int = 120
+    # UMAP on co-activation profiles (rows normalised to sum 1) with the Hellinger metric.
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+    metric: str = "hellinger"
+    seed: int = 0
+    # Pixel side of one cell in the full-resolution mosaic, and of a tile.
+    cell_px: int = 64
+    tile_px: int = 256
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    # Sweeps as TOML tables under [[probe.sweeps]]; see README "Probes".
+    sweeps: tuple[dict, ...] = ()
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    # Optimiser steps of the 2-D bottleneck digits network; one animation frame every frame_every.
+    n_steps: int = 600
+    frame_every: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    title: str = "DINOv3 feature atlas"
+    # Image ids shown on the decompositions page (empty = a few per label).
+    decompose_image_ids: tuple[int, ...] = ()
+    n_decompose_auto: int = 8
+    # Features shown in the overview gallery.
+    n_gallery: int = 32
+    # Run Pagefind over the built site.
+    search_index: bool = True
+
+
+STAGE_CONFIGS = {
+    "ingest": IngestConfig, "embed": EmbedConfig, "train": TrainConfig, "encode": EncodeConfig,
+    "render": RenderConfig, "layout": LayoutConfig, "probe": ProbeConfig, "toy": ToyConfig, "site": SiteConfig,
+}
+STAGE_ORDER = ("ingest", "embed", "train", "encode", "render", "layout", "probe", "toy", "site")
+# What each stage reads (its hash includes theirs, so an upstream change reruns it).
+STAGE_INPUTS = {
+    "ingest": (), "embed": ("ingest",), "train": ("embed",), "encode": ("train",), "render": ("encode",),
+    "layout": ("encode", "render"), "probe": ("encode",), "toy": (), "site": ("layout", "probe", "toy"),
+}
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    preset: str
+    ingest: IngestConfig = IngestConfig()
+    embed: EmbedConfig = EmbedConfig()
+    train: TrainConfig = TrainConfig()
+    encode: EncodeConfig = EncodeConfig()
+    render: RenderConfig = RenderConfig()
+    layout: LayoutConfig = LayoutConfig()
+    probe: ProbeConfig = ProbeConfig()
+    toy: ToyConfig = ToyConfig()
+    site: SiteConfig = SiteConfig()
+
+    def stage(self, name: str):
+        return getattr(self, name)
+
+
+PRESETS = ("tiny", "imagenette", "imagenet")
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("atlasgen.presets"))) / f"{name}.toml"
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise AtlasError(f"config file {path} does not exist", "check the --config path") from None
+    except tomllib.TOMLDecodeError as e:
+        raise AtlasError(f"{path} is not valid TOML: {e}", "fix the file (see README 'Configuration')") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _build_stage(cls, values: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise AtlasError(f"unknown option(s) {', '.join(unknown)} in [{where}]",
+                         f"known options: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default if known[name].default is not dataclasses.MISSING else None
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(preset: str = "imagenette", config_path: Path | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> AtlasConfig:
+    """Preset TOML, then the user's TOML, then command-line overrides ({section: {field: value}})."""
+    if preset not in PRESETS:
+        raise AtlasError(f"unknown preset {preset!r}", f"choose one of: {', '.join(PRESETS)}")
+    data = _read_toml(preset_path(preset))
+    if config_path is not None:
+        user = _read_toml(Path(config_path))
+        data = _merge(data, user)
+    data = _merge(data, overrides or {})
+    unknown = sorted(set(data) - set(STAGE_CONFIGS) - {"preset"})
+    if unknown:
+        raise AtlasError(f"unknown section(s) {', '.join(unknown)} in the config",
+                         f"sections: {', '.join(STAGE_CONFIGS)}")
+    stages = {name: _build_stage(cls, data.get(name, {}), name) for name, cls in STAGE_CONFIGS.items()}
+    return AtlasConfig(preset=preset, **stages)
+
+
+def config_json(cfg) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+
+
+def config_hash(cfg, upstream_hashes: tuple[str, ...] = ()) -> str:
+    """Hash of the fields that change results, plus the hashes of the stage's inputs."""
+    payload = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("hash", True)}
+    text = json.dumps([payload, list(upstream_hashes)], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def with_overrides(cfg, **changes):
+    """A copy of a frozen stage config with some fields changed (None values ignored)."""
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,215 @@
+"""DINOv3 through `transformers`: loading (hub id, local path or the tiny preset's random model),
+our own preprocessing as torch ops (no torchvision), and a differentiable pixels → embedding module
+shared by embed, render, probe and decompose.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import ModelLoadError
+
+DEFAULT_MODEL_ID = "facebook/dinov3-vits16-pretrain-lvd1689m"
+TINY_MODEL_REF = "tiny"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def vits16_config():
+    """The real DINOv3 ViT-S/16 shape (for benchmarks with random weights)."""
+    from transformers import DINOv3ViTConfig
+    return DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                           patch_size=16, image_size=224, num_register_tokens=4)
+
+
+def tiny_config(image_size: int = 112):
+    """A 2-layer DINOv3 small enough that the whole tiny pipeline runs in about a minute on 2 cores."""
+    from transformers import DINOv3ViTConfig
+    return DINOv3ViTConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
+                           patch_size=16, image_size=image_size, num_register_tokens=4)
+
+
+def ensure_random_model(path: Path, config, seed: int = 0) -> Path:
+    """Write a random-weight DINOv3 with `save_pretrained` (once), so it loads like a real checkpoint."""
+    from transformers import DINOv3ViTModel
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    model = DINOv3ViTModel(config)
+    tmp_path = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    model.save_pretrained(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp_path, path)
+    return path
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How pixels are prepared for the model: square side, ImageNet mean/std, resize mode."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # "resize": squash to image_size² (what DINOv3's hub processor does); "center": shorter side then crop.
+    resize_mode: str = "resize"
+
+
+def read_preprocess_spec(model_path: Path | None, config) -> PreprocessSpec:
+    """Size from a preprocessor_config.json if the checkpoint has one, else from the model config,
+    with ImageNet mean/std (`save_pretrained` writes no processor config)."""
+    size = int(getattr(config, "image_size", 224) or 224)
+    mean, std, mode = IMAGENET_MEAN, IMAGENET_STD, "resize"
+    if model_path is not None and (Path(model_path) / "preprocessor_config.json").exists():
+        pp = json.loads((Path(model_path) / "preprocessor_config.json").read_text())
+        s = pp.get("size") or {}
+        size = int(s.get("height") or s.get("shortest_edge") or size) if isinstance(s, dict) else int(s)
+        mean = tuple(pp.get("image_mean") or mean)
+        std = tuple(pp.get("image_std") or std)
+        if pp.get("do_center_crop"):
+            mode = "center"
+    return PreprocessSpec(size, tuple(mean), tuple(std), mode)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+    return torch.device(device)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays off on GPUs and on CPUs with AVX-512 bf16 / AMX; elsewhere it is emulated and slow."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """precision: auto (bf16 where the hardware is fast at it, else fp32) | fp32 | bf16."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    assert precision == "auto", f"unknown precision {precision!r}"
+    return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+
+
+class EmbeddingModel(torch.nn.Module):
+    """pixels in [0, 1], shape (B, 3, H, W) → CLS `pooler_output` (B, D) in float32. Differentiable;
+    the backbone's weights are frozen."""
+
+    def __init__(self, backbone: torch.nn.Module, spec: PreprocessSpec, dtype: torch.dtype):
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False).to(dtype)
+        self.spec = spec
+        self.dtype = dtype
+        self.register_buffer("mean_c11", torch.tensor(spec.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std_c11", torch.tensor(spec.std).view(3, 1, 1), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    def prepare(self, pixels_b3hw: torch.Tensor) -> torch.Tensor:
+        size = self.spec.image_size
+        if pixels_b3hw.shape[-2:] != (size, size):
+            pixels_b3hw = resize_tensor(pixels_b3hw, size, self.spec.resize_mode)
+        return (pixels_b3hw - self.mean_c11) / self.std_c11
+
+    def forward(self, pixels_b3hw: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(pixels_b3hw.float()).to(self.dtype)
+        return self.backbone(pixel_values=x).pooler_output.float()
+
+
+def resize_tensor(pixels_b3hw: torch.Tensor, size: int, mode: str = "resize") -> torch.Tensor:
+    """Differentiable resize: squash to size² or shorter side to `size` then centre crop."""
+    if mode == "center":
+        h, w = pixels_b3hw.shape[-2:]
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        pixels_b3hw = F.interpolate(pixels_b3hw, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return pixels_b3hw[..., top:top + size, left:left + size]
+    return F.interpolate(pixels_b3hw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def pil_to_array(image: Image.Image, size: int, mode: str = "resize") -> np.ndarray:
+    """Our CPU-side preprocessing for data loading: RGB PIL image → uint8 (size, size, 3)."""
+    image = image.convert("RGB")
+    if mode == "center":
+        w, h = image.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    else:
+        image = image.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def arrays_to_batch(arrays_bhw3: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arrays_bhw3)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def load_embedding_model(model_ref: str, device: str | torch.device = "cpu", precision: str = "auto",
+                         models_dir: Path | None = None) -> EmbeddingModel:
+    """Load DINOv3 from a hub id or local folder (or `tiny`: a random 2-layer model written once under
+    `models_dir`) and wrap it as a differentiable EmbeddingModel on `device`."""
+    from transformers import AutoModel
+    device = resolve_device(device) if isinstance(device, str) else device
+    path: Path | None = None
+    if model_ref == TINY_MODEL_REF:
+        assert models_dir is not None, "the tiny model needs a models_dir to live in"
+        path = ensure_random_model(Path(models_dir) / "tiny-dinov3", tiny_config())
+        ref = str(path)
+    else:
+        ref = model_ref
+        if Path(model_ref).expanduser().exists():
+            path = Path(model_ref).expanduser()
+            ref = str(path)
+            if not (path / "config.json").exists():
+                raise ModelLoadError(f"{path} has no config.json, so it is not a transformers checkpoint",
+                                     "pass a folder written by save_pretrained, or a hub id")
+    try:
+        backbone = AutoModel.from_pretrained(ref)
+    except Exception as e:  # transformers raises OSError/HTTP/gated errors of many kinds
+        raise _model_error(model_ref, e) from None
+    if not hasattr(backbone, "config") or getattr(backbone.config, "model_type", "") not in ("dinov3_vit",):
+        raise ModelLoadError(f"{model_ref} is a {getattr(backbone.config, 'model_type', '?')} model, not DINOv3 ViT",
+                             "pass a DINOv3 ViT checkpoint, e.g. facebook/dinov3-vits16-pretrain-lvd1689m")
+    spec = read_preprocess_spec(path, backbone.config)
+    dtype = resolve_dtype(precision, device)
+    return EmbeddingModel(backbone, spec, dtype).to(device)
+
+
+def _model_error(model_ref: str, e: Exception) -> ModelLoadError:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    low = str(e).lower()
+    if "gated" in low or "401" in low or "403" in low or "access" in low and "restricted" in low:
+        return ModelLoadError(f"could not fetch the model {model_ref}: it is gated on the Hugging Face hub ({text})",
+                              "accept its licence on the hub and set HF_TOKEN, or pass --model PATH to a local copy, "
+                              "or try --preset tiny")
+    return ModelLoadError(f"could not load the model {model_ref}: {text}",
+                          "check the id or path; offline, pass --model PATH to a downloaded checkpoint "
+                          "(with HF_TOKEN for the gated DINOv3 weights when online), or use --preset tiny")

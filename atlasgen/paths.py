@@ -1,0 +1,121 @@
+"""Every file and folder that atlasgen reads or writes, named in one place.
+
+Stages hand data to each other only through the store and through these paths.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from importlib import resources
+
+
+@dataclass(frozen=True)
+class BuildPaths:
+    """The layout of an output folder (default `build/`)."""
+
+    out_dir: Path
+
+    @property
+    def store_path(self) -> Path:
+        return self.out_dir / "atlas.duckdb"
+
+    @property
+    def corpus_dir(self) -> Path:
+        """Normalised RGB copies of every accepted input image: `corpus/<image_id>.jpg`."""
+        return self.out_dir / "corpus"
+
+    def corpus_image(self, image_id: int) -> Path:
+        return self.corpus_dir / f"{image_id:08d}.jpg"
+
+    @property
+    def tiny_source_dir(self) -> Path:
+        """Where the tiny preset writes its generated labelled images before ingest."""
+        return self.out_dir / "sources" / "tiny"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.out_dir / "models"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.models_dir / "tiny-dinov3"
+
+    def sae_dir(self, run_id: str) -> Path:
+        """`sae/<run_id>/` holds `sae.safetensors` and `sae.json` for one training run."""
+        return self.out_dir / "sae" / run_id
+
+    @property
+    def thumbs_dir(self) -> Path:
+        """WebP thumbnails of corpus images: `thumbs/<image_id>.webp`."""
+        return self.out_dir / "thumbs"
+
+    def thumb(self, image_id: int) -> Path:
+        return self.thumbs_dir / f"{image_id:08d}.webp"
+
+    @property
+    def renders_dir(self) -> Path:
+        """Rendered (inverted) pictures: `renders/<kind>/<render_id>.webp`."""
+        return self.out_dir / "renders"
+
+    @property
+    def map_dir(self) -> Path:
+        """The tile pyramid and its JSON index written by the layout stage."""
+        return self.out_dir / "map"
+
+    @property
+    def probes_dir(self) -> Path:
+        return self.out_dir / "probes"
+
+    @property
+    def toy_dir(self) -> Path:
+        return self.out_dir / "toy"
+
+    @property
+    def site_dir(self) -> Path:
+        return self.out_dir / "site"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.out_dir / "tmp"
+
+
+def templates_dir() -> Path:
+    """Jinja2 templates, shipped inside the wheel as `atlasgen.templates`."""
+    return _resource_dir("atlasgen.templates", "templates")
+
+
+def site_assets_dir() -> Path:
+    """CSS and JavaScript copied verbatim into the site, shipped as `atlasgen.site_assets`."""
+    return _resource_dir("atlasgen.site_assets", "site_assets")
+
+
+def _resource_dir(package: str, repo_folder: str) -> Path:
+    try:
+        path = Path(str(resources.files(package)))
+        if path.is_dir():
+            return path
+    except ModuleNotFoundError:
+        pass
+    path = Path(__file__).resolve().parent.parent / repo_folder
+    assert path.is_dir(), f"{repo_folder}/ not found next to the package ({path})"
+    return path
+
+
+@contextmanager
+def atomic_path(final_path: Path):
+    """Yield a temp path beside `final_path`; rename it into place only if the block succeeds."""
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = final_path.with_name(f".{final_path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final_path)
+    finally:
+        if tmp_path.exists():
+            if tmp_path.is_dir():
+                shutil.rmtree(tmp_path)
+            else:
+                tmp_path.unlink()
