@@ -1,0 +1,137 @@
+"""Shared fixtures: the tiny model, tiny builds (shared per session), an http server and a browser."""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from atlasgen.config import load_config
+from atlasgen.progress import set_quiet
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+ARTIFACTS_DIR = Path(os.environ.get("ATLASGEN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny random DINOv3, written with save_pretrained and loaded back like a real checkpoint."""
+    from atlasgen.model import load_embedding_model
+    models_dir = tmp_path_factory.mktemp("models")
+    return load_embedding_model("tiny", "cpu", "fp32", models_dir=models_dir)
+
+
+def _build(out_dir: Path, stages: tuple[str, ...]) -> Path:
+    from atlasgen.pipeline import run_stages
+    from atlasgen.store import Store
+    set_quiet(True)
+    with Store.open(out_dir) as store:
+        run_stages(load_config("tiny"), store, stages)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_encoded(tmp_path_factory) -> Path:
+    """Output folder of a tiny build through ingest, embed, train and encode (shared; copy before changing)."""
+    return _build(tmp_path_factory.mktemp("tiny_encoded"), ("ingest", "embed", "train", "encode"))
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory, tiny_encoded) -> Path:
+    """Output folder of a whole tiny build, site included (shared; copy before changing)."""
+    from atlasgen.config import STAGE_ORDER
+    out_dir = tmp_path_factory.mktemp("tiny_build") / "build"
+    shutil.copytree(tiny_encoded, out_dir)
+    return _build(out_dir, STAGE_ORDER)
+
+
+def copy_build(src: Path, dst: Path) -> Path:
+    """A private copy of a shared build, for tests that change it."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def serve_dir():
+    """serve_dir(path) → base URL of a http server on 127.0.0.1 serving that folder (closed at session end)."""
+    servers = []
+
+    def start(folder: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def site_url(tiny_build, serve_dir) -> str:
+    return serve_dir(tiny_build / "site")
+
+
+def chromium_path() -> str | None:
+    path = os.environ.get("ATLASGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    return path if Path(path).exists() else None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium through Playwright: Debian's chromium (or $ATLASGEN_CHROMIUM), else Playwright's own."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        path = chromium_path()
+        b = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True) if path else \
+            p.chromium.launch(args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+class PageWatch:
+    """Collects console errors, failed requests and requests that leave 127.0.0.1 for one page."""
+
+    def __init__(self, page):
+        self.page = page
+        self.console_errors: list[str] = []
+        self.failed: list[str] = []
+        self.external: list[str] = []
+        page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.console_errors.append(str(e)))
+        page.on("requestfailed", lambda r: self.failed.append(r.url))
+        page.on("request", lambda r: self.external.append(r.url)
+                if not r.url.startswith(("http://127.0.0.1", "data:", "blob:", "about:")) else None)
+
+    def assert_clean(self):
+        assert not self.console_errors, f"console errors: {self.console_errors}"
+        assert not self.failed, f"failed requests: {self.failed}"
+        assert not self.external, f"requests leaving the site: {self.external}"
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page with a PageWatch at `page.watch`; call `page.watch.assert_clean()` at the end."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    pg = context.new_page()
+    pg.watch = PageWatch(pg)
+    yield pg
+    context.close()
+
+
+def save_screenshot(page, name: str) -> Path:
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS_DIR / f"{name}.png"
+    page.screenshot(path=str(path), full_page=False)
+    return path
