@@ -84,18 +84,18 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
             raise AtlasError(f"--device {device} is not one of auto, cpu, cuda", "use --device auto")
         for stage in ("embed", "train", "render"):
             overrides.setdefault(stage, {})["device"] = device
-    for section, values in (extra or {}).items():
-        overrides.setdefault(section, {}).update(values)
     remembered = _remembered(store)
     if preset is None and config is None and remembered:
         preset = remembered["preset"]
         config = Path(remembered["config"]) if remembered.get("config") else None
         overrides = _merge_overrides(remembered.get("overrides", {}), overrides)
-    cfg = load_config(preset or "imagenette", config, overrides)
+    load_config(preset or "imagenette", config, overrides)  # validate before remembering
     if not store.read_only:
         store.con.execute("INSERT OR REPLACE INTO meta VALUES ('build_config', ?)", [json.dumps(
-            {"preset": cfg.preset, "config": str(config.resolve()) if config else None, "overrides": overrides})])
-    return cfg
+            {"preset": preset or "imagenette", "config": str(config.resolve()) if config else None,
+             "overrides": overrides})])
+    # One-off options (e.g. `render --features`) apply to this run only and are not remembered.
+    return load_config(preset or "imagenette", config, _merge_overrides(overrides, extra or {}))
 
 
 def _merge_overrides(old: dict, new: dict) -> dict:

@@ -18,13 +18,6 @@ from .progress import say
 from .store import Store
 
 
-def stage_hashes(cfg: AtlasConfig) -> dict[str, str]:
-    hashes: dict[str, str] = {}
-    for name in STAGE_ORDER:
-        hashes[name] = config_hash(cfg.stage(name), tuple(hashes[u] for u in STAGE_INPUTS[name]))
-    return hashes
-
-
 def stage_module(name: str):
     assert name in STAGE_ORDER, f"unknown stage {name}"
     return importlib.import_module(f"atlasgen.{name}")
