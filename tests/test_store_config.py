@@ -1,0 +1,116 @@
+"""The store's schema/version handling, config layering and hashing, and the CLI's error handling."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from atlasgen.cli import app
+from atlasgen.config import EmbedConfig, config_hash, load_config
+from atlasgen.errors import AtlasError, StoreVersionError
+from atlasgen.store import SCHEMA_VERSION, Store
+
+runner = CliRunner()
+
+
+def test_store_creates_schema_and_round_trips_embeddings(tmp_path):
+    with Store.open(tmp_path) as store:
+        emb_nd = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+        with store.transaction():
+            store.insert_embeddings(np.arange(10, 15), emb_nd)
+        ids, back = store.embeddings()
+    assert ids.tolist() == [10, 11, 12, 13, 14]
+    np.testing.assert_allclose(back, emb_nd)
+    con = duckdb.connect(str(tmp_path / "atlas.duckdb"), read_only=True)
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+def test_transaction_rolls_back_on_error(tmp_path):
+    with Store.open(tmp_path) as store:
+        with pytest.raises(RuntimeError):
+            with store.transaction() as con:
+                con.execute("INSERT INTO skipped_inputs VALUES ('a', 'ingest', 'x', NULL)")
+                raise RuntimeError("boom")
+        assert store.count("skipped_inputs") == 0
+
+
+@pytest.mark.parametrize("version,word", [(SCHEMA_VERSION + 1, "newer"), (SCHEMA_VERSION - 1, "older")])
+def test_mismatched_store_version_is_a_clear_error(tmp_path, version, word):
+    Store.open(tmp_path).close()
+    con = duckdb.connect(str(tmp_path / "atlas.duckdb"))
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+    con.close()
+    with pytest.raises(StoreVersionError, match=word):
+        Store.open(tmp_path)
+    result = runner.invoke(app, ["info", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "schema version" in result.output and "Traceback" not in result.output
+
+
+def test_foreign_duckdb_file_is_refused(tmp_path):
+    con = duckdb.connect(str(tmp_path / "atlas.duckdb"))
+    con.execute("CREATE TABLE something (x INT)")
+    con.close()
+    with pytest.raises(StoreVersionError, match="not an atlas store"):
+        Store.open(tmp_path)
+
+
+def test_config_layers_preset_file_and_overrides(tmp_path):
+    user = tmp_path / "atlas.toml"
+    user.write_text('[train]\nl1_coeff = 0.5\n[render]\npairs = ["1,2"]\n')
+    cfg = load_config("tiny", user, {"train": {"n_steps": 7}})
+    assert cfg.ingest.source == "tiny"            # from the preset
+    assert cfg.train.l1_coeff == 0.5              # from the user's file
+    assert cfg.train.n_steps == 7                 # from the command line
+    assert cfg.render.pairs == ("1,2",)           # lists become tuples (frozen, hashable)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nl1_cof = 1\n")
+    with pytest.raises(AtlasError, match="l1_cof"):
+        load_config("tiny", bad)
+    with pytest.raises(AtlasError, match="unknown preset"):
+        load_config("nope")
+    (tmp_path / "broken.toml").write_text("[train\n")
+    with pytest.raises(AtlasError, match="not valid TOML"):
+        load_config("tiny", tmp_path / "broken.toml")
+
+
+def test_config_hash_ignores_fields_that_do_not_change_results():
+    base = EmbedConfig(model="tiny")
+    assert config_hash(base) == config_hash(EmbedConfig(model="tiny", batch_size=3, n_workers=9))
+    assert config_hash(base) != config_hash(EmbedConfig(model="other"))
+    assert config_hash(base, ("a",)) != config_hash(base, ("b",))
+
+
+def test_cli_query_and_errors(tmp_path):
+    with Store.open(tmp_path) as store:
+        store.con.execute("INSERT INTO images VALUES (1, 'a.jpg', 'cat', 0, 10, 20, 'corpus/1.jpg')")
+    result = runner.invoke(app, ["query", "SELECT image_id, label FROM images", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "cat" in result.output
+    result = runner.invoke(app, ["query", "SELECT label FROM images", "--out", str(tmp_path), "--format", "json"])
+    assert '"label": "cat"' in result.output
+    result = runner.invoke(app, ["query", "DELETE FROM images", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "read-only" in result.output
+    result = runner.invoke(app, ["query", "SELEC nonsense", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "query failed" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["info", "--out", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no atlas store" in result.output
+
+
+def test_stage_run_alone_needs_its_inputs(tmp_path):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path), "--preset", "tiny", "--quiet"])
+    assert result.exit_code == 2
+    assert "needs the embed stage" in result.output
+
+
+def test_every_command_has_help_with_an_example():
+    import typer.main
+    click_app = typer.main.get_command(app)
+    for name, command in click_app.commands.items():
+        assert command.help and "Example:" in command.help, f"`atlasgen {name}` help lacks an example"
