@@ -149,16 +149,33 @@ class LayoutConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    # Sweeps as TOML tables under [[probe.sweeps]]; see README "Probes".
+    # Sweeps as TOML tables under [[probe.sweeps]]; see README "Probes". Each has name, kind
+    # ("size" | "count" | "readout"), object ("shape:KIND:COLOUR" or an image file, RGBA or with `key`
+    # colour), background ("#rrggbb", a colour name or an image file), features (ids to chart; empty =
+    # the strongest over the sweep), and per kind: sizes / size + counts / items.
     sweeps: tuple[dict, ...] = ()
+    # Side in px of every probe picture (the model then resizes it to its own input size).
+    canvas: int = 224
+    # Features charted per sweep that names none: the strongest by max activation over the sweep.
+    n_auto_features: int = 4
+    # auto | cpu | cuda (does not change results beyond float noise).
+    device: str = field(default="auto", metadata=NO_HASH)
 
 
 @dataclass(frozen=True)
 class ToyConfig:
-    # Optimiser steps of the 2-D bottleneck digits network; one animation frame every frame_every.
+    # Optimiser steps (full-batch Adam) of the 64 → hidden → 2 → 10 digits network (scikit-learn's
+    # bundled 8×8 digits); one animation frame every frame_every steps, plus step 0.
     n_steps: int = 600
     frame_every: int = 10
     seed: int = 0
+    # Width of the hidden layer before the 2-D bottleneck (0 = straight 64 → 2).
+    hidden: int = 32
+    lr: float = 0.01
+    # Digits held out for the test accuracy.
+    test_fraction: float = 0.25
+    # Digits whose 2-D codes are recorded in every frame (the animation's dots).
+    n_codes: int = 600
 
 
 @dataclass(frozen=True)
