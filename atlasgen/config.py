@@ -180,14 +180,22 @@ class ToyConfig:
 
 @dataclass(frozen=True)
 class SiteConfig:
+    # Shown in the header and in every page title.
     title: str = "DINOv3 feature atlas"
-    # Image ids shown on the decompositions page (empty = a few per label).
+    # Image ids shown on the decompositions page (empty = n_decompose_auto images, one per label in turn).
     decompose_image_ids: tuple[int, ...] = ()
     n_decompose_auto: int = 8
-    # Features shown in the overview gallery.
+    # Features shown in the overview gallery (the strongest that have a picture).
     n_gallery: int = 32
-    # Run Pagefind over the built site.
+    # Run Pagefind over the built site (feature ids and labels become searchable on search.html).
     search_index: bool = True
+    # Feature tiles per static page of the all-features listing (features/index.html, page-002.html, ...);
+    # the same number is shown per step by its sort/filter script.
+    features_per_page: int = 240
+    # Features per JSON data file (features/data-000.json, ...) loaded by the listing's script.
+    chunk_size: int = 2048
+    # Most co-activating features listed on each feature page.
+    n_coactive: int = 10
 
 
 STAGE_CONFIGS = {
