@@ -207,6 +207,29 @@ def render(out: OutOpt = Path("build"), features: Annotated[Optional[str], typer
 
 @app.command()
 @handles_errors
+def decompose(images: Annotated[list[Path], typer.Argument(help="Image file(s) to decompose.")],
+              out: OutOpt = Path("build"),
+              top: Annotated[int, typer.Option("--top", help="Show at most this many features per image "
+                                                              "(0 = every active one).")] = 0,
+              html: Annotated[Optional[Path], typer.Option(
+                  "--html", help="Also write a self-contained HTML page (pictures and CSS inline) to this file.")] = None,
+              quiet: QuietOpt = False, device: DeviceOpt = None):
+    """Split any image into the atlas's SAE features: embed it with the store's model, encode it with the
+    store's SAE (top-k as in encode) and print the active features, strongest first, with bars.
+
+    Example: atlasgen decompose photo.jpg --out build/ --top 10 --html photo.html
+    """
+    from .decompose import decompose_files
+    set_quiet(quiet)
+    _quiet_libraries()
+    _, text = decompose_files(out, list(images), top=top or None, html=html, device=device or "auto")
+    typer.echo(text)
+    if html is not None:
+        typer.echo(f"html: {html}")
+
+
+@app.command()
+@handles_errors
 def query(sql: Annotated[str, typer.Argument(help="A read-only SQL query over the store.")],
           out: OutOpt = Path("build"),
           fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",

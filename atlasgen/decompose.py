@@ -1,0 +1,244 @@
+"""Decompose any image into SAE features with a built store: embed it with the store's model,
+encode it with the store's latest SAE (and the encode stage's top-k cap), list the active features.
+
+Also the shared "embed PIL images with the store's model" helpers used by the probe stage.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import AtlasError, DataLoadError, StageInputError
+from .model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_to_array
+from .paths import atomic_path, site_assets_dir, templates_dir
+from .sae import SparseAutoencoder, load_latest_sae
+
+BAR_WIDTH = 30
+
+
+def stage_config(store, stage: str) -> dict:
+    """The config a finished stage ran with (from `stage_runs.config_json`)."""
+    row = store.con.execute("SELECT config_json, status FROM stage_runs WHERE stage = ?", [stage]).fetchone()
+    if row is None or row[1] != "done" or not row[0]:
+        raise StageInputError(f"the store has no finished {stage} stage",
+                              f"run `atlasgen build` (or `atlasgen {stage}`) with the same --out first")
+    return json.loads(row[0])
+
+
+def load_store_model(store, device: str = "auto") -> EmbeddingModel:
+    """The embedding model (and precision) the store's embed stage used, so values match `activations`."""
+    embed_cfg = stage_config(store, "embed")
+    return load_embedding_model(embed_cfg["model"], device, embed_cfg.get("precision", "auto"),
+                                models_dir=store.paths.models_dir)
+
+
+def load_image(path: Path) -> Image.Image:
+    """Read an image file as ingest does: EXIF rotation applied, RGB. Unreadable → DataLoadError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataLoadError(f"{path} does not exist or is not a file", "pass the path of an image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataLoadError(f"{path} is not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                            "pass a JPEG, PNG, WebP or other image file Pillow can read") from None
+
+
+def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> Image.Image:
+    """The picture exactly as the corpus copy of this file would be (ingest's own decoder: EXIF rotation,
+    RGB, shorter side down to corpus_side, JPEG), so a corpus image decomposes to its stored activations."""
+    import io
+    from .ingest import SkipInput, decode_image
+    from .config import IngestConfig
+    ingest_cfg = stage_config(store, "ingest")
+    defaults = IngestConfig()
+    try:
+        decoded = decode_image(Path(path), int(ingest_cfg.get("max_pixels", defaults.max_pixels)),
+                               int(ingest_cfg.get("corpus_side", defaults.corpus_side)))
+    except SkipInput as e:
+        raise DataLoadError(f"{path} cannot be used: {e}", "pass a JPEG, PNG, WebP or other image file") from None
+    image = Image.open(io.BytesIO(decoded.jpeg))
+    if model_side:
+        # The embed stage decodes corpus JPEGs with the same DCT-domain draft; match it.
+        image.draft("RGB", (model_side, model_side))
+    image.load()
+    return image.convert("RGB")
+
+
+@torch.no_grad()
+def embed_pil(model: EmbeddingModel, images: list[Image.Image], batch_size: int = 16) -> np.ndarray:
+    """RGB PIL images → embeddings (N, D) float32, with the same CPU preprocessing as the embed stage."""
+    out = []
+    device = next(model.buffers()).device
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        arrays_bhw3 = np.stack([pil_to_array(im, model.image_size, model.spec.resize_mode) for im in chunk])
+        out.append(model(arrays_to_batch(arrays_bhw3).to(device)).cpu().numpy())
+    return np.concatenate(out, axis=0) if out else np.zeros((0, model.dim), np.float32)
+
+
+@torch.no_grad()
+def encode(sae: SparseAutoencoder, emb_nd: np.ndarray, top_k: int | None) -> np.ndarray:
+    """Embeddings → SAE activations (N, F); `top_k=None` keeps every non-zero feature."""
+    return sae.encode_embeddings(torch.from_numpy(np.asarray(emb_nd, np.float32)), top_k=top_k).numpy()
+
+
+@dataclass
+class Decomposition:
+    image_path: Path
+    features: list[dict]  # feature_id, label, value, picture (absolute Path or None); strongest first
+
+
+class Decomposer:
+    """Holds the store's model and SAE so many images are decomposed with one load."""
+
+    def __init__(self, store, device: str = "auto"):
+        self.store = store
+        self.model = load_store_model(store, device)
+        self.sae = load_latest_sae(store)
+        self.top_k = int(stage_config(store, "encode").get("top_k", 32))
+
+    def __call__(self, image_path: Path) -> Decomposition:
+        image = normalise_like_ingest(self.store, image_path, self.model.image_size)
+        acts_f = encode(self.sae, embed_pil(self.model, [image]), self.top_k)[0]
+        ids = np.flatnonzero(acts_f > 0)
+        ids = ids[np.argsort(-acts_f[ids], kind="stable")]
+        labels = feature_labels(self.store, ids.tolist())
+        pictures = feature_pictures(self.store, ids.tolist())
+        return Decomposition(Path(image_path), [
+            {"feature_id": int(i), "label": labels.get(int(i)) or "", "value": float(acts_f[i]),
+             "picture": pictures.get(int(i))} for i in ids])
+
+
+def feature_labels(store, ids: list[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    rows = store.query(f"SELECT feature_id, label FROM features WHERE feature_id IN ({','.join(map(str, ids))})")
+    return {int(r[0]): r[1] for r in rows}
+
+
+def feature_pictures(store, ids: list[int]) -> dict[int, Path]:
+    """One rendered picture per feature (lowest seed of the 'feature' renders), if the render stage made one."""
+    if not ids:
+        return {}
+    has_renders = store.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'renders'")
+    if not has_renders:
+        return {}
+    rows = store.query(
+        "SELECT feature_a, arg_min(path, seed) FROM renders WHERE kind = 'feature' AND feature_a IN "
+        f"({','.join(map(str, ids))}) GROUP BY feature_a")
+    out = {}
+    for fid, rel in rows:
+        path = store.paths.out_dir / rel
+        if path.exists():
+            out[int(fid)] = path
+    return out
+
+
+def format_table(dec: Decomposition, top: int | None = None) -> str:
+    """Plain-text table: feature id, label, activation and a bar scaled to the strongest feature."""
+    feats = dec.features[:top] if top else dec.features
+    lines = [f"{dec.image_path}: {len(dec.features)} active feature(s)"
+             + (f", showing the top {len(feats)}" if top and len(dec.features) > len(feats) else "")]
+    if not feats:
+        return "\n".join(lines)
+    peak = feats[0]["value"] or 1.0
+    label_w = min(40, max([5] + [len(f["label"]) for f in feats]))
+    lines.append(f"{'feature':>8}  {'label':<{label_w}}  {'value':>8}")
+    for f in feats:
+        n = int(round(f["value"] / peak * BAR_WIDTH))
+        label = f["label"] if len(f["label"]) <= label_w else f["label"][:label_w - 1] + "…"
+        lines.append(f"{f['feature_id']:>8}  {label:<{label_w}}  {f['value']:>8.4f}  {'█' * max(n, 1)}")
+    return "\n".join(lines)
+
+
+def data_uri(path: Path) -> str:
+    mime = mimetypes.guess_type(str(path))[0] or ("image/webp" if str(path).endswith(".webp") else "image/jpeg")
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def image_data_uri(image: Image.Image, side: int = 384) -> str:
+    import io
+    image = image.copy()
+    image.thumbnail((side, side))
+    buf = io.BytesIO()
+    image.save(buf, "WEBP", quality=85)
+    return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _site_env():
+    try:
+        from .site import make_env
+    except ImportError:
+        make_env = None
+    if make_env is not None:
+        return make_env(), True
+    import jinja2
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())), autoescape=True), False
+
+
+def _inline_css() -> str:
+    """The site's stylesheets, inlined so the standalone page needs no other file."""
+    assets = site_assets_dir()
+    return "\n".join(p.read_text() for p in sorted(assets.glob("*.css")))
+
+
+def write_html(decs: list[Decomposition], html_path: Path, store, top: int | None = None) -> Path:
+    """A self-contained decomposition page: CSS inline, pictures as data URIs, through the site's
+    `_decomposition.html` partial when the site module provides it."""
+    env, has_site = _site_env()
+    items = []
+    for dec in decs:
+        feats = dec.features[:top] if top else dec.features
+        peak = (feats[0]["value"] if feats else 1.0) or 1.0
+        features = [{"feature_id": f["feature_id"], "label": f["label"], "value": f["value"],
+                     "fraction": f["value"] / peak,
+                     "picture": data_uri(f["picture"]) if f["picture"] else "",
+                     "href": f"features/{f['feature_id']}.html"} for f in feats]
+        items.append({"image": {"src": image_data_uri(load_image(dec.image_path)), "name": dec.image_path.name,
+                                "path": str(dec.image_path)},
+                      "features": features, "n_active": len(dec.features)})
+    use_partial = has_site and _has_template(env, "_decomposition.html")
+    template = env.get_template("decompose_standalone.html")
+    html = template.render(items=items, css=_inline_css(), use_partial=use_partial,
+                           store_path=str(store.paths.store_path))
+    html_path = Path(html_path)
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(html)
+    return html_path
+
+
+def _has_template(env, name: str) -> bool:
+    import jinja2
+    try:
+        env.get_template(name)
+        return True
+    except jinja2.TemplateNotFound:
+        return False
+
+
+def decompose_files(out_dir: Path, image_paths: list[Path], top: int | None = None, html: Path | None = None,
+                    device: str = "auto") -> tuple[list[Decomposition], str]:
+    """Decompose every image (all are read first, so a bad file fails before any model work)."""
+    from .store import Store
+    if not image_paths:
+        raise AtlasError("no image given", "pass one or more image files: atlasgen decompose photo.jpg --out build/")
+    for path in image_paths:
+        load_image(path)
+    with Store.open(out_dir, read_only=True) as store:
+        decomposer = Decomposer(store, device)
+        decs = [decomposer(Path(p)) for p in image_paths]
+        text = "\n\n".join(format_table(d, top) for d in decs)
+        if html is not None:
+            write_html(decs, html, store, top)
+    return decs, text
