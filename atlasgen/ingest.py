@@ -1,0 +1,467 @@
+"""Ingest: images from a folder, a Hugging Face dataset or the generated tiny set → `images` table and
+normalised RGB JPEG copies in `corpus/`.
+
+Every input is decoded by us (PIL): EXIF orientation applied, every mode converted to RGB sensibly,
+the original (rotated) size recorded, the shorter side brought down to `corpus_side` (never up). Bad
+inputs are recorded in `skipped_inputs` and never stop the build. Image ids are 0..n-1 in sorted
+source order, so the same corpus always gets the same ids.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import tinyset
+from .config import IngestConfig
+from .errors import AtlasError, DataLoadError
+from .paths import atomic_path
+from .pipeline import clear_dirs
+from .progress import bar, say
+from .store import Store, now
+
+STAGE = "ingest"
+JPEG_QUALITY = 92
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
+                    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"}
+# OS clutter that is never an input and never worth a "skipped" line.
+IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
+HF_PROBE_TIMEOUT_S = 5.0
+
+
+class SkipInput(Exception):
+    """An input that is not a usable image; the message is the reason recorded in skipped_inputs."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    source: str                      # what skipped_inputs/images.source record
+    label: str | None
+    read: Callable[[], bytes] | Path  # a file path, or a function returning the encoded bytes
+
+
+@dataclass(frozen=True)
+class Decoded:
+    width: int                       # original size after EXIF rotation
+    height: int
+    jpeg: bytes                      # the normalised corpus copy
+
+
+# --- decoding ------------------------------------------------------------------------------------
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit RGB: alpha composited on white, 16-bit/float greyscale scaled to 8 bit."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+        if mode == "RGB":
+            return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_greyscale_to_uint8(np.asarray(image), mode)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "1":
+        return image.convert("L").convert("RGB")
+    return image.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV
+
+
+def _greyscale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    arr = arr.astype(np.float64)
+    if mode.startswith("I;16"):
+        scaled = arr / 257.0  # 0..65535 → 0..255
+    elif mode == "I":
+        # 16-bit PNGs used to open as "I": scale by the range the values actually use.
+        hi = float(arr.max()) if arr.size else 0.0
+        scaled = arr if hi <= 255 else arr / 257.0 if hi <= 65535 else (arr - arr.min()) / max(hi - arr.min(), 1) * 255
+    else:  # "F": [0, 1] floats, or anything else stretched to its own range
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo >= 0 and hi <= 1:
+            scaled = arr * 255.0
+        elif lo >= 0 and hi <= 255:
+            scaled = arr
+        else:
+            scaled = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def decode_image(data: bytes | Path, max_pixels: int, corpus_side: int) -> Decoded:
+    """Decode one input into a normalised JPEG, or raise SkipInput with the reason."""
+    if isinstance(data, Path):
+        try:
+            if data.stat().st_size == 0:
+                raise SkipInput("empty file (0 bytes)")
+            data = data.read_bytes()
+        except OSError as e:
+            raise SkipInput(f"cannot read the file: {e.strerror or e}") from None
+    if len(data) == 0:
+        raise SkipInput("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # We check the pixel count ourselves against max_pixels, right below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SkipInput(f"decompression bomb: {width}×{height} = {width * height:,} pixels is more than "
+                                f"ingest.max_pixels = {max_pixels:,}")
+            if image.format == "JPEG":
+                # Decode big JPEGs at a reduced scale straight away (DCT scaling): much faster, same result.
+                image.draft("RGB" if image.mode == "RGB" else None, (corpus_side, corpus_side))
+            image.load()
+    except SkipInput:
+        raise
+    except Image.DecompressionBombError as e:
+        raise SkipInput(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise SkipInput("not an image (the file's format is not one PIL can identify)") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        kind = "truncated" if "truncated" in text.lower() else "corrupt"
+        raise SkipInput(f"{kind} image: {text}") from None
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+        ImageOps.exif_transpose(image, in_place=True)
+        if orientation in (5, 6, 7, 8):  # quarter turns: the recorded size is the rotated one
+            width, height = height, width
+    except Exception:  # a broken EXIF block must not cost us an otherwise good picture
+        pass
+    try:
+        rgb = to_rgb(image)
+    except (OSError, ValueError) as e:
+        raise SkipInput(f"cannot convert mode {image.mode} to RGB: {e}") from None
+    w, h = rgb.size
+    short = min(w, h)
+    if short > corpus_side:
+        scale = corpus_side / short
+        rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=JPEG_QUALITY)
+    return Decoded(width, height, buf.getvalue())
+
+
+# --- sources -------------------------------------------------------------------------------------
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every non-hidden file below `folder`, in sorted order (hidden folders are not entered)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not _is_ignored(d))
+        out.extend(Path(root) / f for f in sorted(files) if not _is_ignored(f))
+    return sorted(out)
+
+
+def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[Path], str] | None = None
+                      ) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """(candidates, early skips) for a flat folder, a class-subfolder folder or ImageNet-val + labels_file."""
+    if not folder.is_dir():
+        raise DataLoadError(f"image folder {folder} does not exist",
+                            "pass --images FOLDER (or set ingest.source = \"folder:PATH\"), or try --preset tiny")
+    name = source_name or (lambda p: str(p))
+    own_files = {Path(f).resolve() for f in (cfg.labels_file, cfg.label_names_file) if f}
+    skipped: list[tuple[str, str]] = []
+    images: list[Path] = []
+    for path in _walk_files(folder):
+        if path.resolve() in own_files:
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            skipped.append((name(path), f"not an image file (extension {path.suffix or 'none'})"))
+    names = read_label_names(Path(cfg.label_names_file)) if cfg.label_names_file else {}
+    if cfg.labels_file:
+        labels = _labels_from_file(Path(cfg.labels_file), [p for p in images if p.parent == folder])
+        rows = [(p, labels.get(p)) for p in images]
+    else:
+        rows = [(p, p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None)
+                for p in images]
+    candidates = [Candidate(name(p), names.get(label, label) if label is not None else None, p) for p, label in rows]
+    return candidates, skipped
+
+
+def _labels_from_file(labels_path: Path, flat_images: list[Path]) -> dict[Path, str]:
+    """ImageNet-val labels: one label per line in sorted file order, or CSV rows `filename,label` (the
+    label may be a space-separated prediction string; its first token is used)."""
+    if not labels_path.is_file():
+        raise DataLoadError(f"ingest.labels_file {labels_path} does not exist", "fix the path in your --config")
+    lines = [ln.strip() for ln in labels_path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if lines and "," in lines[0]:
+        by_name: dict[str, str] = {}
+        for row in csv.reader(lines):
+            if len(row) < 2 or not row[1].strip():
+                continue
+            by_name[row[0].strip()] = row[1].strip().split()[0]
+        out = {}
+        for p in flat_images:
+            label = by_name.get(p.name, by_name.get(p.stem))
+            if label is not None:
+                out[p] = label
+        if not out:
+            raise DataLoadError(f"no file name in {labels_path} matches an image in the folder",
+                                "the CSV needs rows 'filename,label' naming the images (with or without extension)")
+        return out
+    if len(lines) != len(flat_images):
+        raise DataLoadError(f"{labels_path} has {len(lines)} labels but the folder has {len(flat_images)} images "
+                            "directly inside it",
+                            "one label per line, in sorted file-name order (the ImageNet val ground-truth file), "
+                            "or use a CSV 'filename,label'")
+    return dict(zip(flat_images, lines))
+
+
+def read_label_names(path: Path) -> dict[str, str]:
+    """Label id/wnid → readable name. Lines `n01440764 tench, Tinca tinca` (first name kept), or a JSON
+    object such as ImageNet's class index {"0": ["n01440764", "tench"]} (both the index and the wnid map)."""
+    if not path.is_file():
+        raise DataLoadError(f"ingest.label_names_file {path} does not exist", "fix the path in your --config")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    out: dict[str, str] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataLoadError(f"{path} is not valid JSON: {e}", "use lines 'id name' or a JSON object") from None
+        for key, value in data.items():
+            if isinstance(value, (list, tuple)) and value:
+                out[str(key)] = str(value[-1])
+                if len(value) > 1:
+                    out[str(value[0])] = str(value[-1])
+            else:
+                out[str(key)] = str(value)
+        return out
+    for line in text.splitlines():
+        parts = line.strip().replace("\t", " ").split(" ", 1)
+        if len(parts) == 2 and parts[1].strip():
+            out[parts[0]] = parts[1].split(",")[0].strip()
+    return out
+
+
+def hf_candidates(dataset: str, split: str, cfg: IngestConfig) -> Iterator[Candidate]:
+    """Stream a Hugging Face dataset: the first Image column, the label from the first ClassLabel."""
+    _check_hub_reachable(dataset)
+    try:
+        import datasets
+        ds = datasets.load_dataset(dataset, cfg.hf_config or None, split=split, streaming=True)
+        features = ds.features
+        if features is None:  # some streamed formats only know their features after a first row
+            ds = ds._resolve_features()
+            features = ds.features
+    except AtlasError:
+        raise
+    except Exception as e:  # datasets raises many kinds (connection, missing config, missing split)
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataLoadError(f"could not load the Hugging Face dataset {dataset} (split {split}): {text}",
+                            "check the name, split and ingest.hf_config; or use --images FOLDER, or --preset tiny"
+                            ) from None
+    image_col = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    if image_col is None:
+        raise DataLoadError(f"the dataset {dataset} has no image column (features: {', '.join(features)})",
+                            "pick a dataset with an Image feature, or use --images FOLDER")
+    label_col = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    names = list(features[label_col].names) if label_col else None
+    # Raw bytes: we decode (and skip bad images) ourselves instead of failing inside datasets.
+    ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    for index, row in enumerate(ds):
+        cell = row[image_col] or {}
+        label = None
+        if label_col is not None and row.get(label_col) is not None and row[label_col] >= 0:
+            label = names[row[label_col]]
+        yield Candidate(f"hf://{dataset}/{split}/{index}", label, _hf_reader(cell))
+
+
+def _hf_reader(cell: dict) -> Callable[[], bytes]:
+    def read() -> bytes:
+        if cell.get("bytes"):
+            return cell["bytes"]
+        if cell.get("path") and Path(cell["path"]).is_file():
+            return Path(cell["path"]).read_bytes()
+        raise SkipInput("the dataset row has no image bytes")
+    return read
+
+
+def _check_hub_reachable(dataset: str) -> None:
+    """Fail fast, in one line, when the hub cannot be reached (instead of datasets' long retries)."""
+    if Path(dataset).expanduser().exists():
+        return  # a local dataset folder or script
+    hint = ("use --images FOLDER for local images, or --preset tiny for the built-in set; if the dataset is in "
+            "your Hugging Face cache, set HF_HUB_OFFLINE=1")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        if not _in_hf_cache(dataset):
+            raise DataLoadError(f"could not fetch the Hugging Face dataset {dataset}: offline mode (HF_HUB_OFFLINE) "
+                                "and it is not in the local cache", hint.rsplit(";", 1)[0])
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/api/datasets/{dataset}"
+    request = urllib.request.Request(url, method="HEAD")
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        urllib.request.urlopen(request, timeout=HF_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise DataLoadError(f"the Hugging Face dataset {dataset} does not exist (or is private)",
+                                "check the name (e.g. frgfm/imagenette), or set HF_TOKEN for a private one") from None
+        if e.code in (401, 403):
+            raise DataLoadError(f"the Hugging Face dataset {dataset} is gated or private (HTTP {e.code})",
+                                "accept its terms on the hub and set HF_TOKEN") from None
+        # Other HTTP answers mean the hub is reachable; let datasets try.
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DataLoadError(f"could not fetch the Hugging Face dataset {dataset}: cannot reach {endpoint} ({reason})",
+                            hint) from None
+
+
+def _in_hf_cache(dataset: str) -> bool:
+    cache_roots = [Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets")),
+                   Path(os.environ.get("HF_HUB_CACHE", Path.home() / ".cache" / "huggingface" / "hub"))]
+    slug = dataset.replace("/", "___")
+    hub_slug = "datasets--" + dataset.replace("/", "--")
+    return any((root / slug).exists() or (root / hub_slug).exists() for root in cache_roots)
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """"tiny" | "folder:PATH" | "hf:DATASET[:SPLIT]" → (kind, rest)."""
+    if source == "tiny":
+        return "tiny", ""
+    kind, sep, rest = source.partition(":")
+    if sep and kind in ("folder", "hf") and rest:
+        return kind, rest
+    raise AtlasError(f"ingest.source {source!r} is not tiny, folder:PATH or hf:DATASET[:SPLIT]",
+                     "use --images FOLDER, --dataset NAME[:SPLIT], or --preset tiny")
+
+
+def candidates_for(cfg: IngestConfig, store: Store) -> tuple[Iterable[Candidate], list[tuple[str, str]], str]:
+    """(candidates in id order, early skips, a description of the source)."""
+    kind, rest = parse_source(cfg.source)
+    if kind == "tiny":
+        folder = tinyset.generate(store.paths.tiny_source_dir, cfg.n_tiny_images)
+        out_dir = store.paths.out_dir
+        cands, skipped = folder_candidates(folder, cfg, lambda p: p.relative_to(out_dir).as_posix())
+        return cands, skipped, f"the tiny generated set ({cfg.n_tiny_images} images)"
+    if kind == "folder":
+        folder = Path(rest).expanduser().resolve()
+        cands, skipped = folder_candidates(folder, cfg)
+        return cands, skipped, f"folder {folder}"
+    dataset, _, split = rest.partition(":")
+    split = split or "train"
+    return hf_candidates(dataset, split, cfg), [], f"Hugging Face dataset {dataset} ({split})"
+
+
+# --- the stage -----------------------------------------------------------------------------------
+def _ordered_map(fn, items: Iterable, n_workers: int, window: int) -> Iterator:
+    """fn over items in threads, results in input order, at most `window` in flight (bounded memory)."""
+    with ThreadPoolExecutor(max_workers=max(1, n_workers), thread_name_prefix="ingest") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(fn, item)))
+                if len(pending) >= window:
+                    item0, fut = pending.popleft()
+                    yield item0, fut
+            while pending:
+                yield pending.popleft()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def run(cfg: IngestConfig, store: Store) -> dict:
+    assert cfg.corpus_side >= 16, f"ingest.corpus_side must be ≥ 16, got {cfg.corpus_side}"
+    assert cfg.max_pixels > 0, f"ingest.max_pixels must be > 0, got {cfg.max_pixels}"
+    candidates, skipped, description = candidates_for(cfg, store)
+    say(f"ingest: reading {description}")
+    total = len(candidates) if isinstance(candidates, list) else None
+    if total is not None and cfg.limit:
+        total = min(total, cfg.limit)
+    if total == 0 and not skipped:
+        raise DataLoadError(f"no images found in {description}",
+                            "point --images at a folder of .jpg/.png files, or use --preset tiny")
+
+    def work(cand: Candidate) -> Decoded:
+        try:
+            data = cand.read if isinstance(cand.read, Path) else cand.read()
+        except SkipInput:
+            raise
+        except Exception as e:  # e.g. a streamed row that fails to download
+            raise SkipInput(f"cannot read the input: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return decode_image(data, cfg.max_pixels, cfg.corpus_side)
+
+    rows: dict[str, list] = {k: [] for k in ("image_id", "source", "label", "width", "height", "corpus_path")}
+    out_dir = store.paths.out_dir
+    n_workers = max(1, cfg.n_workers)
+    with bar(total=total, desc="ingest", unit="img") as progress:
+        for cand, fut in _ordered_map(work, candidates, n_workers, window=4 * n_workers + 4):
+            try:
+                decoded = fut.result()
+            except SkipInput as e:
+                skipped.append((cand.source, str(e)))
+                progress.update(1)
+                continue
+            image_id = len(rows["image_id"])
+            corpus_path = store.paths.corpus_image(image_id)
+            with atomic_path(corpus_path) as tmp_path:
+                tmp_path.write_bytes(decoded.jpeg)
+            for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
+                               ("width", decoded.width), ("height", decoded.height),
+                               ("corpus_path", corpus_path.relative_to(out_dir).as_posix())):
+                rows[key].append(value)
+            progress.update(1)
+            if cfg.limit and len(rows["image_id"]) >= cfg.limit:
+                break
+    # Labels are numbered in sorted name order (for a Hugging Face dataset too, so ids never depend on it).
+    label_ids = {name: i for i, name in enumerate(sorted({l for l in rows["label"] if l is not None}))}
+    rows["label_id"] = [label_ids[l] if l is not None else None for l in rows["label"]]
+    import pyarrow as pa
+    with store.transaction() as con:
+        # A rerun after an interrupt (same config) rewrites everything: ids are deterministic.
+        con.execute("DELETE FROM images")
+        con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [STAGE])
+        if rows["image_id"]:
+            store.insert_frame("images", {
+                "image_id": pa.array(rows["image_id"], pa.int32()), "source": pa.array(rows["source"], pa.string()),
+                "label": pa.array(rows["label"], pa.string()), "label_id": pa.array(rows["label_id"], pa.int32()),
+                "width": pa.array(rows["width"], pa.int32()), "height": pa.array(rows["height"], pa.int32()),
+                "corpus_path": pa.array(rows["corpus_path"], pa.string())})
+        if skipped:
+            stamp = now()
+            store.insert_frame("skipped_inputs", {
+                "source": pa.array([s for s, _ in skipped], pa.string()), "stage": pa.array([STAGE] * len(skipped)),
+                "reason": pa.array([r for _, r in skipped], pa.string()),
+                "skipped_at": pa.array([stamp] * len(skipped), pa.timestamp("us"))})
+    n_images = len(rows["image_id"])
+    if n_images == 0:
+        raise DataLoadError(f"none of the {len(skipped)} inputs in {description} could be read",
+                            "see: atlasgen query \"SELECT * FROM skipped_inputs\"; or use --preset tiny")
+    for source, reason in skipped[:5]:
+        say(f"ingest: skipped {source}: {reason}")
+    if len(skipped) > 5:
+        say(f"ingest: ... and {len(skipped) - 5} more skipped inputs")
+    return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": len(label_ids), "source": cfg.source}
+
+
+def reset(store: Store) -> None:
+    with store.transaction() as con:
+        con.execute("DELETE FROM images")
+        con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [STAGE])
+    clear_dirs(store.paths.corpus_dir)
