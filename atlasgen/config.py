@@ -59,6 +59,9 @@ class EmbedConfig:
     device: str = field(default="auto", metadata=NO_HASH)
     # Images per committed chunk: an interrupted embed resumes from the last committed chunk.
     chunk_size: int = field(default=256, metadata=NO_HASH)
+    # torch threads for the model; 0 = auto: time a batch with all cores and with fewer and keep the
+    # fastest (on a busy machine one thread can beat all cores several times over).
+    n_threads: int = field(default=0, metadata=NO_HASH)
 
 
 @dataclass(frozen=True)
