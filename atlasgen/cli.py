@@ -298,6 +298,21 @@ def info(out: OutOpt = Path("build")):
             typer.echo(f"  {table:18s} {store.count(table):>10,d} rows")
 
 
+@app.command()
+@handles_errors
+def serve(out: OutOpt = Path("build"),
+          port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8000,
+          host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for other machines.")]
+          = "127.0.0.1",
+          verbose: Annotated[bool, typer.Option("--verbose", help="Log every request.")] = False):
+    """Serve OUT/site over http (search and the feature listing need http, not file://); Ctrl-C stops.
+
+    Example: atlasgen serve --out build --port 8000
+    """
+    from .serve import serve as serve_site
+    serve_site(out / "site", host=host, port=port, verbose=verbose)
+
+
 def main() -> None:
     app()
 

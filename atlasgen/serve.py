@@ -1,0 +1,70 @@
+"""`atlasgen serve`: serve OUT/site over http on this machine (Pagefind search and the data files need http,
+not file://), with the same security headers the site gets on Netlify."""
+from __future__ import annotations
+
+import errno
+import functools
+import http.server
+import mimetypes
+from pathlib import Path
+
+from .errors import AtlasError
+from .site import SECURITY_HEADERS
+
+# Types Python's table may lack; with nosniff the browser refuses scripts and wasm sent with a wrong type.
+mimetypes.add_type("application/wasm", ".wasm")
+mimetypes.add_type("image/webp", ".webp")
+mimetypes.add_type("text/javascript", ".js")
+mimetypes.add_type("application/json", ".json")
+
+
+class SiteHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files plus security headers; no directory listings; quiet unless `verbose`."""
+
+    verbose = False
+
+    def end_headers(self) -> None:
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
+
+    def list_directory(self, path):
+        self.send_error(404, "No such page")
+        return None
+
+    def log_message(self, format: str, *args) -> None:
+        if self.verbose:
+            super().log_message(format, *args)
+
+
+def make_server(site_dir: Path, host: str = "127.0.0.1", port: int = 8000,
+                verbose: bool = False) -> http.server.ThreadingHTTPServer:
+    """A server for `site_dir` (not started: call serve_forever(), shutdown()). Port 0 picks a free port."""
+    site_dir = Path(site_dir)
+    if not (site_dir / "index.html").is_file():
+        raise AtlasError(f"no site at {site_dir}", "build it first: atlasgen site --out OUT (or atlasgen build)")
+    handler = functools.partial(type("Handler", (SiteHandler,), {"verbose": verbose}), directory=str(site_dir))
+    try:
+        return http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise AtlasError(f"port {port} on {host} is already in use", "pick another one with --port") from None
+        raise AtlasError(f"cannot listen on {host}:{port}: {e.strerror}", "check --host and --port") from None
+
+
+def url_of(server: http.server.ThreadingHTTPServer) -> str:
+    host, port = server.server_address[:2]
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    return f"http://{shown}:{port}/"
+
+
+def serve(site_dir: Path, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False) -> None:
+    """Serve until Ctrl-C."""
+    server = make_server(site_dir, host, port, verbose)
+    print(f"serving {site_dir} at {url_of(server)}  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
