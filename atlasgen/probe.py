@@ -340,7 +340,7 @@ def line_chart_svg(sweep_name: str, labels: list[str], series: list[dict], width
                    ) -> tuple[Markup, list[float]]:
     """Inline SVG line chart: one line per feature along the sweep's steps, plus a step marker that
     probes.js moves. Returns the SVG and the x position of every step (for the marker)."""
-    ml, mr, mt, mb = 48, 14, 12, 44
+    ml, mr, mt, mb = 48, 36, 12, 44
     n = len(labels)
     y_max = _nice_max(max([max(s["values"]) for s in series] + [0.0]))
     xs = [ml + (width - ml - mr) * (i / (n - 1) if n > 1 else 0.5) for i in range(n)]

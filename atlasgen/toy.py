@@ -106,8 +106,9 @@ def final_svg(result: dict, side: int = 480) -> str:
     """The last frame's codes as dots, and one arrow per class from the origin to its mean code."""
     codes = np.asarray(result["frames"][-1]["codes"], dtype=np.float64)
     arrows = result["arrows"]
-    extent = max(float(np.abs(codes).max()) if len(codes) else 1.0,
-                 max(max(abs(a["x"]), abs(a["y"])) for a in arrows), 1e-6) * 1.08
+    # A robust extent (98th percentile), so a few outlying digits do not shrink the clusters to a dot.
+    extent = max(float(np.quantile(np.abs(codes), 0.98)) * 1.15 if len(codes) else 1.0,
+                 max(max(abs(a["x"]), abs(a["y"])) for a in arrows) * 1.3, 1e-6)
     half = side / 2
 
     def px(x: float, y: float) -> tuple[float, float]:
@@ -123,6 +124,8 @@ def final_svg(result: dict, side: int = 480) -> str:
              f'<line x1="0" y1="{half}" x2="{side}" y2="{half}" stroke="#ddd"/>',
              f'<line x1="{half}" y1="0" x2="{half}" y2="{side}" stroke="#ddd"/>']
     for (x, y), label in zip(codes, result["labels"]):
+        if max(abs(x), abs(y)) > extent:
+            continue
         cx, cy = px(x, y)
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="2.2" fill="{CLASS_COLOURS[label]}" fill-opacity="0.6"/>')
     for a in arrows:
