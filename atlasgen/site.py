@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
-from jinja2 import Environment, FileSystemLoader
+from jinja2 import Environment, FileSystemLoader, TemplateNotFound
 from markupsafe import Markup, escape
 
 from . import paths as paths_mod
@@ -625,7 +625,10 @@ def _write_provider_pages(writer: SiteWriter, store, site_dir: Path, providers: 
         if site_pages is None:
             continue
         for template, out_rel, context in site_pages(store, site_dir) or []:
-            writer.render(template, out_rel, context)
+            try:
+                writer.render(template, out_rel, context)
+            except TemplateNotFound as e:  # a half-installed stage must not take the whole site down
+                say(f"site: template {e.name} of the {name} stage is missing; {out_rel} shows a placeholder")
     for name, (page, title) in PROVIDER_PAGES.items():
         if page not in writer.written:
             writer.render("not_built.html", page, {"section": title, "stage": name})
