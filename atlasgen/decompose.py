@@ -177,20 +177,23 @@ def image_data_uri(image: Image.Image, side: int = 384) -> str:
 
 
 def _site_env():
+    """The site's Jinja environment (its filters and the `_decomposition.html` partial), or a plain one if
+    the site module is missing. Our own instance: `url` must pass data: URIs through untouched."""
     try:
-        from .site import make_env
+        from .site import make_env, url_path
     except ImportError:
-        make_env = None
-    if make_env is not None:
-        return make_env(), True
-    import jinja2
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())), autoescape=True), False
+        import jinja2
+        return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())), autoescape=True), False
+    env = make_env()
+    env.filters["url"] = lambda path: str(path) if str(path).startswith("data:") else url_path(path)
+    return env, True
 
 
 def _inline_css() -> str:
     """The site's stylesheets, inlined so the standalone page needs no other file."""
     assets = site_assets_dir()
-    return "\n".join(p.read_text() for p in sorted(assets.glob("*.css")))
+    return "\n".join((assets / name).read_text() for name in ("site.css", "decomposition.css")
+                     if (assets / name).exists())
 
 
 def write_html(decs: list[Decomposition], html_path: Path, store, top: int | None = None) -> Path:
@@ -206,11 +209,11 @@ def write_html(decs: list[Decomposition], html_path: Path, store, top: int | Non
                      "picture": data_uri(f["picture"]) if f["picture"] else "",
                      "href": f"features/{f['feature_id']}.html"} for f in feats]
         items.append({"image": {"src": image_data_uri(load_image(dec.image_path)), "name": dec.image_path.name,
-                                "path": str(dec.image_path)},
+                                "title": dec.image_path.name, "path": str(dec.image_path)},
                       "features": features, "n_active": len(dec.features)})
     use_partial = has_site and _has_template(env, "_decomposition.html")
     template = env.get_template("decompose_standalone.html")
-    html = template.render(items=items, css=_inline_css(), use_partial=use_partial,
+    html = template.render(items=items, css=_inline_css(), use_partial=use_partial, root="",
                            store_path=str(store.paths.store_path))
     html_path = Path(html_path)
     with atomic_path(html_path) as tmp:
