@@ -453,6 +453,5 @@ def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
             entry["chart"], xs = line_chart_svg(entry["title"], step_labels, series)
             entry["xs_json"] = json.dumps([round(x, 1) for x in xs])
         sweeps.append(entry)
-    if not sweeps:
-        return []
+    # A finished probe stage without sweeps still gets its page, which says how to add some.
     return [("probes.html", "probes.html", {"page_title": "Probes", "sweeps": sweeps})]
