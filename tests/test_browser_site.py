@@ -60,6 +60,7 @@ def test_page_loads_clean(page, synthetic_url, rel):
     page.wait_for_load_state("networkidle")
     assert not _broken_images(page)
     page.watch.assert_clean()
+    page.evaluate("window.scrollTo(0, 0)")
     save_screenshot(page, "site-synthetic-" + re.sub(r"[^a-z0-9]+", "-", rel.removesuffix(".html")))
 
 
@@ -173,4 +174,5 @@ def test_tiny_build_pages_load_clean(page, site_url, rel):
     page.wait_for_load_state("networkidle")
     assert not _broken_images(page)
     page.watch.assert_clean()
+    page.evaluate("window.scrollTo(0, 0)")
     save_screenshot(page, "site-tiny-" + re.sub(r"[^a-z0-9]+", "-", rel.removesuffix(".html")))
