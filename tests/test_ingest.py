@@ -1,0 +1,263 @@
+"""Ingest: bad inputs are skipped with reasons, odd image modes become sane RGB, EXIF rotation is applied,
+labels come from class folders or an ImageNet-val labels file, an offline hub dataset fails fast in one line."""
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from atlasgen import ingest, tinyset
+from atlasgen.cli import app
+from atlasgen.config import load_config
+from atlasgen.errors import AtlasError, DataLoadError
+from atlasgen.pipeline import run_stages
+from atlasgen.progress import set_quiet
+from atlasgen.store import Store
+
+
+def _jpeg_bytes(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def make_bad_corpus(root: Path) -> Path:
+    """Two class folders with good, odd and broken files, plus OS clutter."""
+    cats, dogs = root / "cats", root / "dogs"
+    cats.mkdir(parents=True)
+    dogs.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (400, 600, 3), dtype=np.uint8)).save(cats / "big.jpg", quality=90)
+    Image.new("RGB", (100, 80), (10, 200, 30)).save(cats / "small.png")
+    # Pure cyan in CMYK.
+    Image.new("CMYK", (64, 64), (255, 0, 0, 0)).save(cats / "cmyk.jpg", quality=95)
+    # 16-bit greyscale ramp, dark on the left, bright on the right.
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))
+    Image.fromarray(ramp).save(dogs / "grey16.png")
+    # Palette with a transparent index covering the left half.
+    pal = Image.new("P", (40, 40), 1)
+    pal.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 20, 40))
+    pal.save(dogs / "palette.png", transparency=0)
+    # RGBA: left half fully transparent (black underneath), right half opaque blue.
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[:, 20:] = (0, 0, 255, 255)
+    Image.fromarray(rgba, "RGBA").save(dogs / "rgba.png")
+    # 60 wide × 40 high as stored, left half red; EXIF orientation 6 = display rotated 90° clockwise.
+    rot = np.zeros((40, 60, 3), np.uint8)
+    rot[:, :30] = (255, 0, 0)
+    rot[:, 30:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (dogs / "rotated.jpg").write_bytes(_jpeg_bytes(Image.fromarray(rot), exif=exif.tobytes()))
+    # Broken inputs.
+    (cats / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + rng.integers(0, 255, 2000, dtype=np.uint8).tobytes())
+    good = _jpeg_bytes(Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)))
+    (cats / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (cats / "empty.jpg").write_bytes(b"")
+    (dogs / "notes.jpg").write_text("this is not a picture\n")
+    (dogs / "readme.txt").write_text("notes")
+    # Over max_pixels in the test config (700 × 700 > 500 × 500) but a tiny file.
+    Image.new("L", (700, 700), 128).save(dogs / "bomb.png")
+    # Clutter that must be ignored silently.
+    (cats / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (cats / ".hidden.jpg").write_bytes(b"junk")
+    return root
+
+
+def _ingest(out_dir: Path, source: str, **ingest_overrides):
+    set_quiet(True)
+    cfg = load_config("tiny", overrides={"ingest": {"source": source, **ingest_overrides}})
+    store = Store.open(out_dir)
+    summary = run_stages(cfg, store, ["ingest"])["ingest"]
+    return store, summary
+
+
+def _corpus(store: Store, name: str) -> tuple[dict, np.ndarray]:
+    row = store.con.execute("SELECT image_id, label, width, height, corpus_path FROM images WHERE source LIKE ?",
+                            [f"%/{name}"]).fetchone()
+    assert row is not None, f"{name} was not ingested"
+    info = dict(zip(("image_id", "label", "width", "height", "corpus_path"), row))
+    with Image.open(store.paths.out_dir / info["corpus_path"]) as im:
+        assert im.format == "JPEG" and im.mode == "RGB"
+        return info, np.asarray(im).astype(int)
+
+
+def test_bad_and_odd_inputs(tmp_path):
+    corpus = make_bad_corpus(tmp_path / "in")
+    store, summary = _ingest(tmp_path / "out", f"folder:{corpus}", max_pixels=500 * 500, corpus_side=256)
+    with store:
+        reasons = dict(store.query("SELECT regexp_extract(source, '[^/]+$'), reason FROM skipped_inputs "
+                                   "WHERE stage = 'ingest'"))
+        assert set(reasons) == {"corrupt.jpg", "truncated.jpg", "empty.jpg", "notes.jpg", "readme.txt", "bomb.png"}
+        assert "empty" in reasons["empty.jpg"]
+        assert "not an image" in reasons["notes.jpg"] and "not an image" in reasons["readme.txt"]
+        assert "decompression bomb" in reasons["bomb.png"] and "700×700" in reasons["bomb.png"]
+        assert "truncated" in reasons["truncated.jpg"] or "corrupt" in reasons["truncated.jpg"]
+        assert any(word in reasons["corrupt.jpg"] for word in ("corrupt", "truncated", "not an image"))
+        assert summary["n_skipped"] == 6 and summary["n_images"] == 7
+
+        labels = dict(store.query("SELECT regexp_extract(source, '[^/]+$'), label FROM images"))
+        assert labels == {"big.jpg": "cats", "small.png": "cats", "cmyk.jpg": "cats", "grey16.png": "dogs",
+                          "palette.png": "dogs", "rgba.png": "dogs", "rotated.jpg": "dogs"}
+        # Ids follow sorted source order and every corpus file exists.
+        rows = store.query("SELECT image_id, source, corpus_path FROM images ORDER BY image_id")
+        assert [r[0] for r in rows] == list(range(7)) and [r[1] for r in rows] == sorted(r[1] for r in rows)
+        assert all((store.paths.out_dir / r[2]).is_file() for r in rows)
+
+        info, big = _corpus(store, "big.jpg")
+        assert (info["width"], info["height"]) == (600, 400) and big.shape == (256, 384, 3)
+        info, small = _corpus(store, "small.png")
+        assert small.shape == (80, 100, 3), "small images are not upscaled"
+        _, cmyk = _corpus(store, "cmyk.jpg")
+        r, g, b = cmyk.reshape(-1, 3).mean(0)
+        assert r < 60 and g > 200 and b > 200, f"CMYK cyan came out as {(r, g, b)}"
+        _, grey = _corpus(store, "grey16.png")
+        assert grey[:, :4].mean() < 20 and grey[:, -4:].mean() > 235, "16-bit grey must be scaled, not clipped"
+        _, pal = _corpus(store, "palette.png")
+        assert pal[:, :16].min() > 230, "transparent palette pixels composite on white"
+        assert pal[:, 24:, 0].mean() > 170 and pal[:, 24:, 1].mean() < 40
+        _, rgba = _corpus(store, "rgba.png")
+        assert rgba[:, :16].min() > 230 and rgba[:, 24:, 2].mean() > 200 and rgba[:, 24:, 0].mean() < 40
+        info, rot = _corpus(store, "rotated.jpg")
+        assert (info["width"], info["height"]) == (40, 60), "EXIF rotation swaps the recorded size"
+        assert rot.shape == (60, 40, 3)
+        # Rotated 90° clockwise: the stored left (red) half is now on top.
+        assert rot[:25, :, 0].mean() > 200 and rot[:25, :, 2].mean() < 60
+        assert rot[35:, :, 2].mean() > 200 and rot[35:, :, 0].mean() < 60
+
+
+def test_decode_modes_directly():
+    """Float and 1-bit images and 'I' greyscale also become sensible 8-bit RGB."""
+    f = Image.fromarray(np.tile(np.linspace(0, 1, 32, dtype=np.float32), (8, 1)), "F")
+    arr = np.asarray(ingest.to_rgb(f))
+    assert arr[:, 0].max() < 5 and arr[:, -1].min() > 250
+    one = Image.new("1", (8, 8), 1)
+    assert np.asarray(ingest.to_rgb(one)).min() == 255
+    i32 = Image.fromarray(np.full((8, 8), 40000, np.int32), "I")
+    assert abs(int(np.asarray(ingest.to_rgb(i32)).mean()) - 156) <= 1
+    la = Image.new("LA", (8, 8), (0, 0))
+    assert np.asarray(ingest.to_rgb(la)).min() == 255
+
+
+def test_imagenet_val_layout(tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 0, 0)]
+    for i, c in enumerate(colours, start=1):
+        Image.new("RGB", (50, 40), c).save(folder / f"ILSVRC2012_val_{i:08d}.JPEG")
+    (folder / "ILSVRC2012_val_00000005.JPEG").write_bytes(b"")  # a bad file still takes its line
+    labels = tmp_path / "labels.txt"
+    labels.write_text("n01\nn02\nn03\nn01\nn02\n")
+    names = tmp_path / "names.txt"
+    names.write_text("n01 red thing, crimson thing\nn02 green thing\nn03 blue thing\n")
+    store, summary = _ingest(tmp_path / "out", f"folder:{folder}", labels_file=str(labels),
+                             label_names_file=str(names))
+    with store:
+        rows = store.query("SELECT regexp_extract(source, '[^/]+$'), label, label_id FROM images ORDER BY image_id")
+        assert [(r[0][-10:], r[1]) for r in rows] == [("00001.JPEG", "red thing"), ("00002.JPEG", "green thing"),
+                                                      ("00003.JPEG", "blue thing"), ("00004.JPEG", "red thing")]
+        assert rows[0][2] == rows[3][2] != rows[1][2], "one label id per class"
+        assert summary["n_skipped"] == 1
+
+    # The CSV form (filename without extension, ImageNet LOC_val_solution style prediction string).
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n03 1 2 3 4\n"
+                        "ILSVRC2012_val_00000001,n02 5 6 7 8\n")
+    store, summary = _ingest(tmp_path / "out_csv", f"folder:{folder}", labels_file=str(csv_path))
+    with store:
+        rows = dict(store.query("SELECT regexp_extract(source, '[^/]+$'), label FROM images"))
+        assert rows["ILSVRC2012_val_00000001.JPEG"] == "n02" and rows["ILSVRC2012_val_00000002.JPEG"] == "n03"
+        assert rows["ILSVRC2012_val_00000003.JPEG"] is None
+
+    bad = tmp_path / "short.txt"
+    bad.write_text("n01\n")
+    with pytest.raises(DataLoadError, match="1 labels but the folder has 5 images"):
+        _ingest(tmp_path / "out_bad", f"folder:{folder}", labels_file=str(bad))
+
+
+def test_flat_folder_limit_and_missing_folder(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (30, 30), (i * 50, 0, 0)).save(folder / f"img{i}.png")
+    store, summary = _ingest(tmp_path / "out", f"folder:{folder}", limit=3)
+    with store:
+        assert summary["n_images"] == 3
+        assert store.query("SELECT DISTINCT label FROM images") == [(None,)]
+        assert [r[0] for r in store.query("SELECT source FROM images ORDER BY image_id")] == \
+            [str(folder / f"img{i}.png") for i in range(3)]
+    with pytest.raises(DataLoadError, match="does not exist"):
+        _ingest(tmp_path / "out2", f"folder:{tmp_path / 'nowhere'}")
+    with pytest.raises(AtlasError, match="is not tiny, folder:PATH or hf:"):
+        _ingest(tmp_path / "out3", "s3://bucket")
+
+
+def test_hf_offline_fails_fast_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    t0 = time.perf_counter()
+    with pytest.raises(DataLoadError) as info:
+        _ingest(tmp_path / "out", "hf:frgfm/imagenette:validation")
+    assert time.perf_counter() - t0 < 5
+    assert "frgfm/imagenette" in info.value.message and "\n" not in info.value.message
+    assert "--images" in info.value.hint and "--preset tiny" in info.value.hint
+
+    # Online mode with an unreachable hub (a closed local port): the quick probe fails, no long retries.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    t0 = time.perf_counter()
+    with pytest.raises(DataLoadError, match="cannot reach http://127.0.0.1:9") as info:
+        _ingest(tmp_path / "out2", "hf:frgfm/imagenette:validation")
+    assert time.perf_counter() - t0 < 10
+    assert "--preset tiny" in info.value.hint
+
+
+def test_cli_ingest_reports_skipped(tmp_path, monkeypatch):
+    corpus = make_bad_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["ingest", "--images", str(corpus), "--out", str(out), "--preset", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "5 input(s) were skipped" in result.output  # the bomb is fine under the default max_pixels
+    assert "skipped_inputs" in result.output
+    with Store.open(out, read_only=True) as store:
+        assert store.count("images") == 8 and store.scalar("SELECT count(DISTINCT label) FROM images") == 2
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["ingest", "--dataset", "frgfm/imagenette:validation", "--out",
+                                      str(tmp_path / "out_hf"), "--preset", "tiny", "--quiet"])
+    assert result.exit_code == 2
+    assert "error: could not fetch the Hugging Face dataset frgfm/imagenette" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_tiny_source_is_deterministic_and_labelled(tmp_path):
+    store, summary = _ingest(tmp_path / "out", "tiny", n_tiny_images=40)
+    with store:
+        assert summary == {**summary, "n_images": 40, "n_skipped": 0, "n_labels": len(tinyset.LABELS)}
+        counts = store.query("SELECT label, count(*) FROM images GROUP BY label")
+        assert sorted(c for _, c in counts) == [4] * len(tinyset.LABELS)
+    # Same index, same picture; different index, different picture.
+    a, b = tinyset.example(3)[1], tinyset.example(3)[1]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(tinyset.example(13)[1]))
+
+
+def test_draw_object():
+    for kind in tinyset.OBJECT_KINDS:
+        obj = tinyset.draw_object(kind, "red", 40)
+        arr = np.asarray(obj)
+        assert obj.mode == "RGBA" and obj.size == (40, 40)
+        assert arr[0, 0, 3] == 0, f"{kind}: corners are transparent"
+        assert arr[20, 20, 3] == 255 or kind == "ring", f"{kind}: the centre is covered"
+        assert 0.08 < (arr[..., 3] > 128).mean() < 0.95
+    ring = np.asarray(tinyset.draw_object("ring", (0, 0, 255), 40))
+    assert ring[20, 20, 3] == 0 and ring[20, 4, 3] == 255
