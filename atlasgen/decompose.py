@@ -234,6 +234,8 @@ def decompose_files(out_dir: Path, image_paths: list[Path], top: int | None = No
                     device: str = "auto") -> tuple[list[Decomposition], str]:
     """Decompose every image (all are read first, so a bad file fails before any model work)."""
     from .store import Store
+    if top is not None and top < 0:
+        raise AtlasError(f"--top {top} is negative", "pass --top 0 for every active feature, or a positive count")
     if not image_paths:
         raise AtlasError("no image given", "pass one or more image files: atlasgen decompose photo.jpg --out build/")
     for path in image_paths:

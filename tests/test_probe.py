@@ -170,3 +170,17 @@ def test_probe_site_pages_have_charts(probed, tmp_path):
         for st in s["steps"]:
             assert (tmp_path / st["src"]).exists()
     assert probe.reset(store) is None and store.count("probes") == 0 and not store.paths.probes_dir.exists()
+
+
+def test_tiny_build_probes_page_has_charts(tiny_build):
+    html = (tiny_build / "site" / "probes.html").read_text()
+    assert html.count('class="probe-chart"') == 2 and html.count('class="probe-bars"') == 1
+    assert html.count("<polyline") >= 2
+    assert 'src="assets/probes.js"' in html
+    for name, n_steps in (("circle-size", 10), ("circle-count", 12), ("circle-readout", 3)):
+        assert f'id="probe-{name}"' in html
+        assert len(list((tiny_build / "site" / "probes" / name).glob("*.webp"))) == n_steps
+    with Store.open(tiny_build, read_only=True) as store:
+        assert store.scalar("SELECT count(DISTINCT (probe, step)) FROM probes") == 25
+        fid = store.scalar("SELECT feature_id FROM probes WHERE probe = 'circle-size' ORDER BY value DESC LIMIT 1")
+    assert f'href="features/{fid}.html"' in html
