@@ -1,0 +1,270 @@
+"""The render stage and its inversion engine, on the tiny random DINOv3 (seeded, small step counts)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from atlasgen import inversion, render
+from atlasgen.config import RenderConfig, load_config
+from atlasgen.inversion import InversionSettings
+from atlasgen.model import arrays_to_batch
+from atlasgen.progress import set_quiet
+from atlasgen.sae import SparseAutoencoder
+from atlasgen.store import Store, now
+
+N_IMAGES, N_FEATURES = 24, 192
+
+
+def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Blocky colour images (uint8, n×size×size×3): different enough to give different embeddings."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    return small.repeat(size // 4, axis=1).repeat(size // 4, axis=2)
+
+
+@pytest.fixture(scope="module")
+def sae_and_emb(tiny_model):
+    """A random SAE(96 → 192) whose input mean comes from tiny-model embeddings of generated images."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        emb_nd = tiny_model(arrays_to_batch(_images(N_IMAGES, 112)))
+    sae = SparseAutoencoder(d_in=emb_nd.shape[1], n_features=N_FEATURES)
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.input_mean.copy_(emb_nd.mean(0))
+        sae.input_scale.fill_(float(emb_nd.shape[1] ** 0.5 / (emb_nd - emb_nd.mean(0)).norm(dim=1).mean()))
+    return sae, emb_nd
+
+
+def make_store(out_dir: Path, sae: SparseAutoencoder, emb_nd: torch.Tensor) -> Path:
+    """A store with what render reads (as encode leaves it): images, embeddings, a finished embed stage
+    with the tiny model, an SAE run, feature stats, co-activation and similar features."""
+    with Store.open(out_dir) as store:
+        n = emb_nd.shape[0]
+        store.insert_frame("images", {"image_id": list(range(n)), "source": [f"gen{i}" for i in range(n)],
+                                      "label": [f"c{i % 3}" for i in range(n)], "label_id": [i % 3 for i in range(n)],
+                                      "width": [112] * n, "height": [112] * n,
+                                      "corpus_path": [f"corpus/{i:08d}.jpg" for i in range(n)]})
+        store.insert_embeddings(np.arange(n), emb_nd.numpy())
+        store.mark_stage_started("embed", "h", json.dumps({"model": "tiny", "precision": "fp32"}))
+        store.mark_stage_done("embed", {})
+        sae.save(store.paths.sae_dir("run0"))
+        store.con.execute("INSERT INTO sae_runs (run_id, d_in, n_features, weights_path, created_at) "
+                          "VALUES ('run0', ?, ?, 'sae/run0/sae.safetensors', ?)", [sae.d_in, sae.n_features, now()])
+        acts_nf = sae.encode_embeddings(emb_nd).detach().numpy()
+        n_active = (acts_nf > 0).sum(0)
+        store.insert_frame("features", {"feature_id": list(range(N_FEATURES)), "n_active": n_active.tolist()})
+        store.insert_frame("coactivation", {"feature_a": [3, 5], "feature_b": [7, 9], "n_images": [10, 4]})
+        store.insert_frame("similar_features", {"feature_id": [11, 12], "rank": [0, 0], "other_id": [12, 11],
+                                                "cosine": [0.5, 0.5]})
+    return out_dir
+
+
+def small_cfg(**changes) -> RenderConfig:
+    base = dict(features="top:5", n_seeds=1, n_views=2, n_steps=2, batch_targets=4, n_auto_pairs=1, slerp_steps=3,
+                n_auto_images=1, precision="fp32", device="cpu")
+    base.update(changes)
+    return RenderConfig(**base)
+
+
+# --- the engine ---------------------------------------------------------------------------------------
+def test_cosine_to_feature_direction_rises_with_steps(tiny_model, sae_and_emb):
+    sae, _ = sae_and_emb
+    dirs_bd = sae.feature_directions()[:8]
+    centres_bd = sae.input_mean.expand(8, -1)
+    settings = InversionSettings(n_views=4, n_steps=0, lr=0.01)
+    before = inversion.invert(tiny_model, dirs_bd, list(range(8)), settings, centres_bd=centres_bd)
+    after = inversion.invert(tiny_model, dirs_bd, list(range(8)), InversionSettings(n_views=4, n_steps=30, lr=0.01),
+                             centres_bd=centres_bd)
+    gain_b = after.cosine_b - before.cosine_b
+    assert gain_b.mean() > 0.05, f"cosine barely moved: {before.cosine_b} → {after.cosine_b}"
+    assert (gain_b > 0).float().mean() >= 0.75
+    # The training loss (augmented views) falls too.
+    assert after.loss_sb[-5:].mean() < after.loss_sb[:5].mean()
+
+
+@pytest.mark.parametrize("param", inversion.PARAMS)
+def test_parameterisations_make_pictures_in_range(tiny_model, param):
+    dirs_bd = torch.randn(2, tiny_model.dim)
+    result = inversion.invert(tiny_model, dirs_bd, [1, 2], InversionSettings(param=param, n_views=3, n_steps=2,
+                                                                             size=72))
+    assert result.images_b3hw.shape == (2, 3, 72, 72)
+    assert 0.0 <= result.images_b3hw.min() and result.images_b3hw.max() <= 1.0
+    assert result.images_b3hw.std() > 0.01, "a flat picture: the parameterisation produced nothing"
+    assert torch.isfinite(result.cosine_b).all() and result.embeddings_bd.shape == (2, tiny_model.dim)
+
+
+def test_augmentations_are_batched_differentiable_and_seeded():
+    images = torch.rand(3, 3, 64, 64, requires_grad=True)
+    u = inversion.draw_augmentations(inversion.target_generators([1, 2, 3]), 5)
+    views = inversion.augment_views(images, u, 48)
+    assert views.shape == (15, 3, 48, 48)
+    views.square().sum().backward()
+    assert images.grad.abs().sum() > 0
+    # Views of one target differ from each other (crops, flips, jitter), and the draws repeat per seed.
+    assert (views[0] - views[1]).abs().mean() > 1e-3
+    assert torch.equal(u, inversion.draw_augmentations(inversion.target_generators([1, 2, 3]), 5))
+    assert not torch.equal(u[0], inversion.draw_augmentations(inversion.target_generators([9]), 5)[0])
+    # A local crop (second half of the views) zooms in: it is smoother than the global view of noise.
+    noise = torch.rand(1, 3, 96, 96)
+    v = inversion.augment_views(noise, torch.full((1, 2, inversion.N_AUG), 0.6), 96)
+    assert inversion.total_variation(v[1:2]) < inversion.total_variation(v[0:1])
+
+
+@pytest.mark.parametrize("param", ["transformer", "pixels"])
+def test_batched_and_one_by_one_give_the_same_result(tiny_model, param):
+    dirs_bd = torch.randn(3, tiny_model.dim, generator=torch.Generator().manual_seed(3))
+    seeds = [11, 22, 33]
+    settings = InversionSettings(param=param, n_views=3, n_steps=4)
+    batched = inversion.invert(tiny_model, dirs_bd, seeds, settings)
+    for k in (2, 0):
+        alone = inversion.invert(tiny_model, dirs_bd[k:k + 1], seeds[k:k + 1], settings)
+        assert torch.allclose(alone.images_b3hw[0], batched.images_b3hw[k], atol=1e-4)
+        assert torch.allclose(alone.cosine_b[0], batched.cosine_b[k], atol=1e-4)
+    # Chunking the views (memory bound) does not change the result either.
+    chunked = inversion.invert(tiny_model, dirs_bd, seeds, InversionSettings(param=param, n_views=3, n_steps=4,
+                                                                             max_views_per_pass=3))
+    assert torch.allclose(chunked.images_b3hw, batched.images_b3hw, atol=1e-4)
+    # And another seed gives another picture.
+    other = inversion.invert(tiny_model, dirs_bd[:1], [12], settings)
+    assert (other.images_b3hw[0] - batched.images_b3hw[0]).abs().mean() > 1e-3
+
+
+def test_slerp_sum_and_orthogonalised_directions():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(96, generator=g), torch.randn(96, generator=g)
+    ua, ub = a / a.norm(), b / b.norm()
+    assert torch.allclose(inversion.slerp(a, b, 0.0), ua, atol=1e-6)
+    assert torch.allclose(inversion.slerp(a, b, 1.0), ub, atol=1e-6)
+    mid = inversion.slerp(a, b, 0.5)
+    assert abs(float(mid.norm()) - 1) < 1e-5
+    assert abs(float(mid @ ua) - float(mid @ ub)) < 1e-5, "the slerp midpoint is equally far from both ends"
+    cos_t = [float(inversion.slerp(a, b, t) @ ub) for t in np.linspace(0, 1, 6)]
+    assert all(x < y for x, y in zip(cos_t, cos_t[1:])), "slerp moves steadily towards b"
+    for x, y in ((a, b), (b, a)):
+        o = inversion.orthogonalize(x, y)
+        assert abs(float(o @ y)) < 1e-5 and abs(float(o.norm()) - 1) < 1e-5
+        assert float(o @ x) > 0, "the orthogonalised direction keeps its own part"
+    s = inversion.pair_sum(a, b)
+    assert abs(float(s.norm()) - 1) < 1e-5 and abs(float(s @ ua) - float(s @ ub)) < 1e-5
+
+
+# --- the stage ----------------------------------------------------------------------------------------
+@pytest.fixture
+def store_dir(tmp_path, sae_and_emb):
+    set_quiet(True)
+    sae, emb_nd = sae_and_emb
+    return make_store(tmp_path / "build", sae, emb_nd)
+
+
+def _rows(store) -> dict[str, tuple]:
+    return {r[0]: r[1:] for r in store.query("SELECT render_id, kind, path, cosine, created_at FROM renders")}
+
+
+def test_stage_plans_every_kind_records_results_and_skips_done_work(store_dir):
+    cfg = small_cfg()
+    with Store.open(store_dir) as store:
+        summary = render.run(cfg, store)
+        # 5 features + 1 image + 2 pairs × (sum + 3 slerps + 2 orth) + 3 ablation variants
+        assert summary["n_planned"] == summary["n_rendered"] == 5 + 1 + 2 * 6 + 3
+        assert (summary["n_feature"], summary["n_image"], summary["n_sum"], summary["n_slerp"], summary["n_orth"],
+                summary["n_ablation"]) == (5, 1, 2, 6, 4, 3)
+        rows = store.query("SELECT kind, feature_a, path, cosine, self_activation, self_rank, variant FROM renders")
+        for kind, a, path, cosine, act, rank, variant in rows:
+            assert (store_dir / path).is_file() and path.startswith(f"renders/{kind}/") and path.endswith(".webp")
+            assert -1 <= cosine <= 1
+            assert (act is not None and 0 <= rank < N_FEATURES) if kind == "feature" else act is None
+        assert {r[0] for r in store.query("SELECT variant FROM renders WHERE kind = 'ablation'")} == {
+            "pixels+noaug", "pixels+aug", "transformer+aug"}
+        top = [r[0] for r in store.query("SELECT feature_id FROM features ORDER BY n_active DESC, feature_id LIMIT 5")]
+        assert sorted(r[0] for r in store.query("SELECT feature_a FROM renders WHERE kind = 'feature'")) == sorted(top)
+        # Slerp endpoints are the two features: t = 0 and 1 present per pair.
+        assert store.query("SELECT count(*) FROM renders WHERE kind = 'slerp' AND t IN (0, 1)")[0][0] == 4
+        before = _rows(store)
+        again = render.run(cfg, store)
+        assert again["n_rendered"] == 0 and _rows(store) == before
+        # New settings supersede the old renders (rows and files).
+        changed = render.run(small_cfg(n_steps=1, features="0", n_seeds=1), store)
+        assert changed["n_superseded"] == len(before) and store.count("renders") == 1
+        assert not any((store_dir / r[1]).exists() for r in before.values())
+
+
+def test_interrupted_render_resumes_without_redoing(store_dir, monkeypatch):
+    cfg = small_cfg(features="top:6", n_seeds=2)
+    real_invert = inversion.invert
+    calls = []
+
+    def invert_then_crash(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_invert(*args, **kwargs)
+
+    with Store.open(store_dir) as store:
+        monkeypatch.setattr(inversion, "invert", invert_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            render.run(cfg, store)
+        first = _rows(store)
+        assert len(first) == cfg.batch_targets
+        mtimes = {rid: os.stat(store_dir / row[1]).st_mtime_ns for rid, row in first.items()}
+        monkeypatch.setattr(inversion, "invert", real_invert)
+        summary = render.run(cfg, store)
+        assert summary["n_rendered"] == summary["n_planned"] - cfg.batch_targets
+        rows = _rows(store)
+        assert len(rows) == summary["n_planned"] and all(rows[rid] == first[rid] for rid in first)
+        assert all(os.stat(store_dir / first[rid][1]).st_mtime_ns == m for rid, m in mtimes.items())
+
+
+def test_explicit_features_render_just_those_and_keep_others(store_dir):
+    with Store.open(store_dir) as store:
+        render.run(small_cfg(features="4"), store)
+        summary = render.run(small_cfg(features="1,2,3", n_seeds=2), store)
+        assert summary["n_planned"] == summary["n_rendered"] == 6 and summary["n_feature"] == 6
+        got = store.query("SELECT feature_a, count(*) FROM renders GROUP BY feature_a ORDER BY feature_a")
+        assert got == [(1, 2), (2, 2), (3, 2), (4, 1)]
+
+
+def test_bad_feature_lists_are_user_errors(store_dir):
+    from atlasgen.errors import AtlasError
+    with Store.open(store_dir) as store:
+        for spec in ("1,x", f"{N_FEATURES}", "top:z", "some"):
+            with pytest.raises(AtlasError):
+                render.run(small_cfg(features=spec), store)
+        with pytest.raises(AtlasError):
+            render.run(small_cfg(pairs=("1,1",)), store)
+
+
+def test_reset_keeps_renders_and_tidies(store_dir):
+    with Store.open(store_dir) as store:
+        render.run(small_cfg(features="0,1"), store)
+        paths = [r[0] for r in store.query("SELECT path FROM renders ORDER BY path")]
+        (store_dir / paths[0]).unlink()
+        stray = store.paths.renders_dir / "feature" / ".x.webp.tmp123"
+        stray.write_bytes(b"x")
+        render.reset(store)
+        assert [r[0] for r in store.query("SELECT path FROM renders")] == paths[1:]
+        assert not stray.exists()
+        summary = render.run(small_cfg(features="0,1"), store)
+        assert summary["n_rendered"] == 1 and store.count("renders") == 2
+
+
+# --- the command line -----------------------------------------------------------------------------------
+def test_cli_render_features_renders_just_those(tiny_encoded, tmp_path):
+    from typer.testing import CliRunner
+    from atlasgen.cli import app
+    from conftest import copy_build
+    out = copy_build(tiny_encoded, tmp_path / "build")
+    result = CliRunner().invoke(app, ["render", "--features", "1,2,3", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    n_seeds = load_config("tiny").render.n_seeds
+    with Store.open(out, read_only=True) as store:
+        got = store.query("SELECT feature_a, count(*) FROM renders GROUP BY ALL ORDER BY 1")
+        assert got == [(1, n_seeds), (2, n_seeds), (3, n_seeds)]
+        assert store.query("SELECT DISTINCT kind FROM renders") == [("feature",)]
+    bad = CliRunner().invoke(app, ["render", "--features", "1,99999", "--out", str(out), "--quiet"])
+    assert bad.exit_code == 2 and "out of range" in bad.output and "Traceback" not in bad.output
