@@ -25,7 +25,9 @@ BAR_WIDTH = 30
 
 def stage_config(store, stage: str) -> dict:
     """The config a finished stage ran with (from `stage_runs.config_json`)."""
-    row = store.con.execute("SELECT config_json, status FROM stage_runs WHERE stage = ?", [stage]).fetchone()
+    # fetchall, not fetchone: DuckDB 2 keeps a half-read result open and refuses the next relation query.
+    rows = store.query("SELECT config_json, status FROM stage_runs WHERE stage = ?", [stage])
+    row = rows[0] if rows else None
     if row is None or row[1] != "done" or not row[0]:
         raise StageInputError(f"the store has no finished {stage} stage",
                               f"run `atlasgen build` (or `atlasgen {stage}`) with the same --out first")
@@ -55,24 +57,44 @@ def load_image(path: Path) -> Image.Image:
 
 
 def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> Image.Image:
-    """The picture exactly as the corpus copy of this file would be (ingest's own decoder: EXIF rotation,
-    RGB, shorter side down to corpus_side, JPEG), so a corpus image decomposes to its stored activations."""
-    import io
-    from .ingest import SkipInput, decode_image
+    """The picture as ingest + embed see it: EXIF rotation, RGB (alpha on white), shorter side down to
+    `ingest.corpus_side`, JPEGs decoded with the same DCT-domain draft. Ingest's JPEG re-encode of the
+    corpus copy is a storage step and is skipped, so a corpus file decomposes to exactly its stored rows."""
+    import warnings
     from .config import IngestConfig
+    from .ingest import to_rgb
     ingest_cfg = stage_config(store, "ingest")
-    defaults = IngestConfig()
+    max_pixels = int(ingest_cfg.get("max_pixels", IngestConfig().max_pixels))
+    corpus_side = int(ingest_cfg.get("corpus_side", IngestConfig().corpus_side))
+    path = Path(path)
+    hint = "pass a JPEG, PNG, WebP or other image file Pillow can read"
+    if not path.is_file():
+        raise DataLoadError(f"{path} does not exist or is not a file", "pass the path of an image file")
     try:
-        decoded = decode_image(Path(path), int(ingest_cfg.get("max_pixels", defaults.max_pixels)),
-                               int(ingest_cfg.get("corpus_side", defaults.corpus_side)))
-    except SkipInput as e:
-        raise DataLoadError(f"{path} cannot be used: {e}", "pass a JPEG, PNG, WebP or other image file") from None
-    image = Image.open(io.BytesIO(decoded.jpeg))
-    if model_side:
-        # The embed stage decodes corpus JPEGs with the same DCT-domain draft; match it.
-        image.draft("RGB", (model_side, model_side))
-    image.load()
-    return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            w, h = image.size
+            if w * h > max_pixels:
+                raise DataLoadError(f"{path} has {w}×{h} pixels, more than ingest.max_pixels = {max_pixels:,}",
+                                    "shrink the picture first, or raise ingest.max_pixels")
+            if image.format == "JPEG":
+                # Corpus-sized JPEGs: the embed stage's draft at the model size; bigger ones: ingest's draft.
+                side = model_side if model_side and min(w, h) <= corpus_side else corpus_side
+                image.draft("RGB" if image.mode == "RGB" else None, (side, side))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = to_rgb(image)
+    except DataLoadError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataLoadError(f"{path} is not a readable image ({text.replace(repr(str(path)), 'file')})", hint) from None
+    w, h = rgb.size
+    if min(w, h) > corpus_side:
+        scale = corpus_side / min(w, h)
+        rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+    return rgb
 
 
 @torch.no_grad()

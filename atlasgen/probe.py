@@ -403,8 +403,8 @@ def bars_svg(sweep_name: str, labels: list[str], series: list[dict], width: int 
 def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
     """Copy probe pictures into the site and return the probes page (template, output path, context)."""
     from .decompose import feature_labels
-    row = store.con.execute("SELECT config_json, summary_json FROM stage_runs WHERE stage = 'probe' "
-                            "AND status = 'done'").fetchone()
+    rows = store.query("SELECT config_json, summary_json FROM stage_runs WHERE stage = 'probe' AND status = 'done'")
+    row = rows[0] if rows else None
     if row is None:
         return []
     cfg = json.loads(row[0] or "{}")
