@@ -153,9 +153,6 @@ def feature_pictures(store, ids: list[int]) -> dict[int, Path]:
     """One rendered picture per feature (lowest seed of the 'feature' renders), if the render stage made one."""
     if not ids:
         return {}
-    has_renders = store.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'renders'")
-    if not has_renders:
-        return {}
     rows = store.query(
         "SELECT feature_a, arg_min(path, seed) FROM renders WHERE kind = 'feature' AND feature_a IN "
         f"({','.join(map(str, ids))}) GROUP BY feature_a")
