@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Bump when the drawing changes, so cached sources are regenerated.
-TINYSET_VERSION = 1
+TINYSET_VERSION = 2
 IMAGE_SIDE = 128
 # Objects are drawn this many times larger and downsampled, for smooth (anti-aliased) edges.
 SUPERSAMPLE = 4
@@ -109,8 +109,8 @@ def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: float =
     return tuple(int(np.clip(v + rng.uniform(-amount, amount), 0, 255)) for v in rgb)
 
 
-def _light_background(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(170, 250, 3))
+CLASS_BACKGROUNDS = {"red circle": (240, 228, 195), "blue square": (200, 200, 200), "green triangle": (245, 198, 210),
+                     "yellow star": (35, 40, 70), "purple ring": (198, 236, 198), "orange cross": (195, 218, 246)}
 
 
 def _draw_example(label: str, rng: np.random.Generator, side: int = IMAGE_SIDE) -> Image.Image:
@@ -119,18 +119,19 @@ def _draw_example(label: str, rng: np.random.Generator, side: int = IMAGE_SIDE) 
               "purple ring": ("ring", "purple"), "orange cross": ("cross", "orange")}
     if label in single:
         kind, colour = single[label]
-        # The yellow star sits on a dark background, the others on light ones: brightness is a cue too.
-        bg = tuple(int(v) for v in rng.integers(10, 70, 3)) if label == "yellow star" else _light_background(rng)
+        # Each class has its own background family: a random-weight ViT sees colour statistics far more
+        # than shape, and the tiny atlas should still have class-like features to show.
+        bg = _jitter(CLASS_BACKGROUNDS[label], rng, 12)
         size = int(rng.integers(side * 0.4, side * 0.8))
         return paste_objects(plain_background(bg, side, rng), kind, _jitter(COLOURS[colour], rng), size, 1, rng,
                              rotate=kind not in ("circle", "ring"))
     if label == "many dots":
         kind = str(rng.choice(["circle", "square", "diamond"]))
         colour = _jitter(COLOURS[str(rng.choice(["red", "blue", "green", "black"]))], rng)
-        return paste_objects(plain_background(_light_background(rng), side, rng), kind, colour,
+        return paste_objects(plain_background(_jitter((246, 246, 246), rng, 8), side, rng), kind, colour,
                              int(rng.integers(side // 16, side // 9)), int(rng.integers(12, 30)), rng)
     if label == "stripes":
-        a, b = rng.choice(list(COLOURS), 2, replace=False)
+        a, b = rng.choice([c for c in COLOURS if c != "white"], 2, replace=False)
         period = int(rng.integers(8, 22))
         angle = float(rng.uniform(0, math.pi))
         yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
@@ -140,7 +141,8 @@ def _draw_example(label: str, rng: np.random.Generator, side: int = IMAGE_SIDE) 
         arr += rng.normal(0, 5, arr.shape)
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if label == "checkerboard":
-        a, b = rng.choice(list(COLOURS), 2, replace=False)
+        # One colour against white (stripes use two colours), so the two textures differ in colour too.
+        a, b = str(rng.choice([c for c in COLOURS if c not in ("white",)])), "white"
         cell = int(rng.integers(8, 24))
         yy, xx = np.mgrid[0:side, 0:side]
         off_x, off_y = rng.integers(0, cell, 2)

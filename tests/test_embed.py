@@ -1,0 +1,162 @@
+"""Embed: shape and ids, bf16 ≈ fp32, resuming after an interrupt without redoing chunks, and our data-loader
+preprocessing against a hand computation and against the differentiable path render uses."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atlasgen import embed
+from atlasgen.config import load_config
+from atlasgen.model import arrays_to_batch, pil_to_array, resize_tensor
+from atlasgen.pipeline import run_stages
+from atlasgen.progress import set_quiet
+from atlasgen.store import Store
+
+N_IMAGES = 40
+
+
+def _cfg(**embed_overrides):
+    return load_config("tiny", overrides={"ingest": {"n_tiny_images": N_IMAGES},
+                                          "embed": {"batch_size": 4, "chunk_size": 8, **embed_overrides}})
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory) -> Path:
+    """A tiny corpus ingested once (with the tiny model already written), copied by each test."""
+    set_quiet(True)
+    out = tmp_path_factory.mktemp("embed_src") / "build"
+    with Store.open(out) as store:
+        run_stages(_cfg(), store, ["ingest"])
+    from atlasgen.model import load_embedding_model
+    load_embedding_model("tiny", "cpu", "fp32", models_dir=out / "models")
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_embeddings_shape_ids_and_classes(ingested, tmp_path):
+    out = _copy(ingested, tmp_path / "b")
+    with Store.open(out) as store:
+        summary = run_stages(_cfg(precision="fp32"), store, ["embed"])["embed"]
+        ids, emb = store.embeddings()
+        image_ids = [r[0] for r in store.query("SELECT image_id FROM images ORDER BY image_id")]
+        labels = np.array([r[0] for r in store.query("SELECT label FROM images ORDER BY image_id")])
+    assert summary["n_embedded"] == N_IMAGES and summary["dim"] == 96 and summary["dtype"] == "float32"
+    assert list(ids) == image_ids and emb.shape == (N_IMAGES, 96) and np.isfinite(emb).all()
+    # Even a random tiny ViT tells the generated classes apart: same-class pairs are closer.
+    centred = emb - emb.mean(0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    same = labels[:, None] == labels[None, :]
+    off_diag = ~np.eye(len(labels), dtype=bool)
+    assert sim[same & off_diag].mean() > sim[~same].mean() + 0.2
+
+
+def test_bf16_matches_fp32(ingested, tmp_path):
+    results = {}
+    for precision in ("fp32", "bf16"):
+        with Store.open(_copy(ingested, tmp_path / precision)) as store:
+            summary = run_stages(_cfg(precision=precision), store, ["embed"])["embed"]
+            assert summary["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
+            results[precision] = store.embeddings()[1]
+    cos = _cosines(results["fp32"], results["bf16"])
+    assert cos.min() > 0.999, f"bf16 vs fp32 cosine min {cos.min():.5f}"
+    assert not np.array_equal(results["fp32"], results["bf16"]), "the two precisions really ran"
+
+
+def test_resume_after_interrupt(ingested, tmp_path, monkeypatch):
+    out = _copy(ingested, tmp_path / "b")
+    calls = {"n": 0}
+    real_embed_batch = embed.embed_batch
+
+    def interrupted_after_two_chunks(model, arrays_bhw3):
+        calls["n"] += 1
+        if calls["n"] == 5:  # chunks are 2 batches of 4: the first two chunks are committed
+            raise KeyboardInterrupt
+        return real_embed_batch(model, arrays_bhw3)
+
+    monkeypatch.setattr(embed, "embed_batch", interrupted_after_two_chunks)
+    with Store.open(out) as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(_cfg(precision="fp32"), store, ["embed"])
+        ids_before, emb_before = store.embeddings()
+        assert store.stage_row("embed")["status"] == "running"
+    assert list(ids_before) == list(range(16))
+
+    calls["n"] = 0
+    monkeypatch.setattr(embed, "embed_batch", lambda m, a: (calls.__setitem__("n", calls["n"] + 1),
+                                                          real_embed_batch(m, a))[1])
+    with Store.open(out) as store:
+        summary = run_stages(_cfg(precision="fp32"), store, ["embed"])["embed"]
+        ids_after, emb_after = store.embeddings()
+        assert store.stage_row("embed")["status"] == "done"
+    assert calls["n"] == (N_IMAGES - 16) // 4, "only the unfinished images are embedded again"
+    assert summary["n_resumed"] == 16 and summary["n_embedded"] == N_IMAGES - 16
+    assert list(ids_after) == list(range(N_IMAGES))
+    assert np.array_equal(emb_after[:16], emb_before), "committed chunks are left untouched"
+
+    # The resumed result equals an uninterrupted run.
+    monkeypatch.setattr(embed, "embed_batch", real_embed_batch)
+    with Store.open(_copy(ingested, tmp_path / "fresh")) as store:
+        run_stages(_cfg(precision="fp32"), store, ["embed"])
+        _, emb_fresh = store.embeddings()
+    assert _cosines(emb_fresh, emb_after).min() > 0.9999
+
+    # A changed result-relevant option (precision) resets and re-embeds everything.
+    with Store.open(out) as store:
+        summary = run_stages(_cfg(precision="bf16"), store, ["embed"])["embed"]
+    assert summary["n_resumed"] == 0 and summary["n_embedded"] == N_IMAGES
+
+
+def test_damaged_corpus_file_is_skipped(ingested, tmp_path):
+    out = _copy(ingested, tmp_path / "b")
+    (out / "corpus" / "00000003.jpg").write_bytes(b"garbage")
+    with Store.open(out) as store:
+        summary = run_stages(_cfg(precision="fp32"), store, ["embed"])["embed"]
+        assert summary["n_skipped"] == 1 and summary["n_embeddings"] == N_IMAGES - 1
+        reason = store.scalar("SELECT reason FROM skipped_inputs WHERE stage = 'embed'")
+        assert "00000003.jpg" in reason
+
+
+def test_preprocessing_matches_hand_computation(tiny_model):
+    size = tiny_model.spec.image_size
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    arr = pil_to_array(Image.fromarray(pixels), size, tiny_model.spec.resize_mode)
+    assert arr.dtype == np.uint8 and np.array_equal(arr, pixels), "an image at the model size is not resampled"
+    prepared = tiny_model.prepare(arrays_to_batch(arr[None].copy()))[0].numpy()
+    mean = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
+    by_hand = (pixels.transpose(2, 0, 1) / 255.0 - mean) / std
+    assert np.abs(prepared - by_hand).max() < 1e-5
+    # RGBA input is dropped to RGB (as our corpus copies always are).
+    assert pil_to_array(Image.fromarray(pixels).convert("RGBA"), size).shape == (size, size, 3)
+
+
+@pytest.mark.parametrize("mode", ["resize", "center"])
+def test_loader_resize_matches_differentiable_resize(mode):
+    """The CPU loader (PIL) and the torch resize used by render/probe agree on a smooth non-square image."""
+    size = 112
+    yy, xx = np.mgrid[0:240, 0:320].astype(np.float32)
+    img = np.stack([xx / 320 * 255, yy / 240 * 255, (np.sin(xx / 17) * np.cos(yy / 23) + 1) * 127.5], -1)
+    img = img.astype(np.uint8)
+    loaded = pil_to_array(Image.fromarray(img), size, mode).astype(np.float32) / 255
+    full = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    resized = resize_tensor(full, size, mode)[0].permute(1, 2, 0).numpy()
+    assert loaded.shape == resized.shape == (size, size, 3)
+    assert np.abs(loaded - resized).mean() < 2 / 255
+    # And it is not trivially so: a wrong mode gives a clearly different picture.
+    other = resize_tensor(full, size, "center" if mode == "resize" else "resize")[0].permute(1, 2, 0).numpy()
+    assert np.abs(loaded - other).mean() > 5 / 255
