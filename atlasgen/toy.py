@@ -115,7 +115,7 @@ def final_svg(result: dict, side: int = 480) -> str:
         return half + x / extent * (half - 12), half - y / extent * (half - 12)
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {side} {side}" width="{side}" height="{side}" '
-             f'class="toy-final" role="img" aria-label="final 2-D codes of the digits with one arrow per class">',
+             f'class="toy-final-plot" role="img" aria-label="final 2-D codes of the digits with one arrow per class">',
              '<defs>' + "".join(
                  f'<marker id="toy-head-{c}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
                  f'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="{CLASS_COLOURS[c]}"/></marker>'
