@@ -265,6 +265,9 @@ class SiteData:
     def __init__(self, store, cfg: SiteConfig, pictures: PictureCopier):
         con = store.con
         self.store, self.cfg, self.pictures = store, cfg, pictures
+        self._thumbs: dict[int, Picture | None] = {}
+        self._tile_bodies: dict[tuple, Any] = {}
+        self.tile_body = None  # the `tile_body` macro, set by the writer
         encode_row = store.stage_row("encode")
         # Thumbnails are named by image id; the encode config hash in the folder name makes the URLs immutable.
         self.thumb_tag = _safe_tag(encode_row["config_hash"] if encode_row else None)
@@ -329,12 +332,21 @@ class SiteData:
         return self.pictures.add(row["path"])
 
     def thumb(self, image_id: int) -> Picture | None:
-        rel_src = self.store.paths.thumb(image_id).relative_to(self.store.paths.out_dir).as_posix()
-        return self.pictures.add(rel_src, f"thumbs/{self.thumb_tag}/{image_id:08d}.webp")
+        if image_id not in self._thumbs:
+            rel_src = self.store.paths.thumb(image_id).relative_to(self.store.paths.out_dir).as_posix()
+            self._thumbs[image_id] = self.pictures.add(rel_src, f"thumbs/{self.thumb_tag}/{image_id:08d}.webp")
+        return self._thumbs[image_id]
 
-    def tile(self, fid: int, extra: str = "") -> dict:
+    def tile(self, fid: int, extra: str = "", root: str | None = None) -> dict:
+        """A feature tile's context; with `root`, its inside pre-rendered once (pages show the same tiles a lot)."""
         f = self.by_id.get(fid, {})
-        return {"id": fid, "label": f.get("label"), "pic": self.best.get(fid), "extra": extra}
+        t = {"id": fid, "label": f.get("label"), "pic": self.best.get(fid), "extra": extra}
+        if root is not None and self.tile_body is not None:
+            key = (fid, root)
+            if key not in self._tile_bodies:
+                self._tile_bodies[key] = self.tile_body(t, root)
+            t["body"] = self._tile_bodies[key]
+        return t
 
 
 # --- building ----------------------------------------------------------------------------------------
@@ -387,6 +399,7 @@ def _build(cfg: SiteConfig, store, site_dir: Path, page_providers: tuple[str, ..
     _copy_assets(site_dir / "assets")
     pictures = PictureCopier(store.paths.out_dir, site_dir)
     data = SiteData(store, cfg, pictures)
+    data.tile_body = env.get_template("_macros.html").module.tile_body
     t_data = time.perf_counter() - t0
 
     _write_feature_pages(writer, data)
@@ -423,8 +436,8 @@ def _feature_page_context(data: SiteData, index: int, sums: list[dict]) -> dict:
         renders.append({**r, "pic": pic, "reactivates": (r["self_activation"] or 0) > 0})
     top = [{"image_id": i, "value": v, "label": data.image_labels.get(i), "pic": data.thumb(i)}
            for i, v in data.top_images.get(fid, ())]
-    similar = [data.tile(o, f"cos {c:.2f}") for o, c in data.similar.get(fid, ())]
-    coactive = [data.tile(o, f"{n:,} images") for o, n in data.coactive.get(fid, ())]
+    similar = [data.tile(o, f"cos {c:.2f}", "../") for o, c in data.similar.get(fid, ())]
+    coactive = [data.tile(o, f"{n:,} images", "../") for o, n in data.coactive.get(fid, ())]
     combos = []
     for r in sums:
         if fid in (r["feature_a"], r["feature_b"]):
@@ -482,7 +495,7 @@ def _write_listing(writer: SiteWriter, data: SiteData) -> None:
     pages = [{"number": p, "href": page_name(p)} for p in range(1, n_pages + 1)]
     n_live = sum(1 for f in feats if (f["n_active"] or 0) > 0)
     for p in range(1, n_pages + 1):
-        tiles = [dict(data.tile(f["feature_id"]), frequency=f["frequency"], strength=f["strength"])
+        tiles = [dict(data.tile(f["feature_id"], root="../"), frequency=f["frequency"], strength=f["strength"])
                  for f in feats[(p - 1) * per_page:p * per_page]]
         writer.render("features.html", f"features/{page_name(p)}", {
             "tiles": tiles, "pages": pages, "page_number": p, "n_pages": n_pages, "n_features": len(feats),
