@@ -73,7 +73,7 @@ def make_env() -> Environment:
                       trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update({
         "num": fmt_int, "fixed": fmt_fixed, "pct": fmt_pct, "url": url_path,
-        "histogram_svg": histogram_svg, "line_svg": line_svg, "bar_svg": bar_svg,
+        "histogram_svg": histogram_svg, "line_svg": line_svg, "bar_svg": bar_svg, "minimap_svg": minimap_svg,
     })
     env.globals.update({"csp_meta": csp_meta(), "nav": NAV})
     return env
@@ -167,6 +167,16 @@ def bar_svg(value: float | None, max_value: float | None, cls: str = "bar") -> M
     frac = 0.0 if not value or not max_value else max(0.0, min(1.0, float(value) / float(max_value)))
     return Markup(f'<svg class="{escape(cls)}" viewBox="0 0 100 6" preserveAspectRatio="none" aria-hidden="true">'
                   f'<rect class="bar-bg" width="100" height="6"/><rect width="{100 * frac:.1f}" height="6"/></svg>')
+
+
+def minimap_svg(x: int | None, y: int | None, side: int | None, size: int = 96) -> Markup:
+    """Where a feature sits on the map grid: a square with one dot."""
+    if x is None or y is None or not side:
+        return Markup("")
+    cx, cy = (x + 0.5) * size / side, (y + 0.5) * size / side
+    return Markup(f'<svg class="minimap" viewBox="0 0 {size} {size}" width="{size}" height="{size}" role="img" '
+                  f'aria-label="map cell {x}, {y}"><rect class="minimap-bg" width="{size}" height="{size}"/>'
+                  f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{max(2.5, size / side / 2):.1f}"/></svg>')
 
 
 def decomposition_css() -> str:
@@ -277,6 +287,8 @@ class SiteData:
         self.features: list[dict] = [dict(zip(cols, r)) for r in con.execute(
             f"SELECT {', '.join(cols)} FROM features ORDER BY feature_id").fetchall()]
         self.by_id = {f["feature_id"]: f for f in self.features}
+        grid = [max(f["grid_x"], f["grid_y"]) for f in self.features if f["grid_x"] is not None and f["grid_y"] is not None]
+        self.map_side = int(_stage_config(store, "layout").get("grid_side") or (max(grid) + 1 if grid else 0))
 
         self.image_labels = dict(con.execute("SELECT image_id, label FROM images").fetchall())
 
@@ -448,7 +460,7 @@ def _feature_page_context(data: SiteData, index: int, sums: list[dict]) -> dict:
     next_id = data.features[index + 1]["feature_id"] if index + 1 < len(data.features) else None
     return {"f": f, "renders": renders, "top": top, "similar": similar, "coactive": coactive, "combos": combos,
             "probes": data.probes_of.get(fid, []), "prev_id": prev_id, "next_id": next_id,
-            "on_map": f["grid_x"] is not None, "picture": data.best.get(fid)}
+            "on_map": f["grid_x"] is not None, "picture": data.best.get(fid), "map_side": data.map_side}
 
 
 def _write_feature_pages(writer: SiteWriter, data: SiteData) -> None:

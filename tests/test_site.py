@@ -209,7 +209,7 @@ def test_feature_page_content(built, synthetic_out):
     top = re.search(r'<section class="top-images".*?</section>', text, re.S).group(0)
     assert top.count("<img") == n_top >= 1 and "act 0." in top
     assert '<svg class="plot histogram"' in text and text.count("<rect") >= 20
-    assert f'href="../map.html#f={fid}"' in text
+    assert f'href="../map.html#f={fid}"' in text and '<svg class="minimap"' in text
     assert "Most similar features" in text and "Most co-activating features" in text
     assert 'rel="next"' in text and "data-pagefind-body" in text
     assert "map.html#f=" not in (site_dir / "features" / f"{off_map}.html").read_text()
