@@ -103,36 +103,51 @@ class EncodeConfig:
 
 @dataclass(frozen=True)
 class RenderConfig:
-    # Which features to render: "all", "top:N" (N most frequent live features) or "auto"
-    # (all on a GPU, the 64 most frequent on a CPU).
+    # Which features to render: "all", "top:N" (N most frequent live features), "auto" (all on a GPU,
+    # the 64 most frequent on a CPU) or a list "1,2,3" (then ONLY those features are rendered: no
+    # images, pairs or ablation; other renders already in the store are kept).
     features: str = "auto"
-    # Seeds per feature.
+    # Seeds per feature and per inverted image (each seed is an independent generation).
     n_seeds: int = 4
+    # Seeds per pair render (sum, slerp, orthogonalised); one seed keeps a slerp sequence comparable.
+    n_pair_seeds: int = 1
     # Parameterisation: "transformer" (untrained generator, Deep-Image-Prior style), "pixels", "fourier".
     param: str = "transformer"
+    # Score DINO-like augmented views (crops, flips, colour jitter, blur) instead of the bare picture.
     augment: bool = True
-    # Augmented views scored per optimisation step.
+    # Augmented views scored per target per optimisation step.
     n_views: int = 8
+    # Adam steps per target.
     n_steps: int = 200
+    # Adam learning rate for the transformer generator's weights (×5 for pixels / fourier).
     lr: float = 0.01
+    # Weight of the total-variation penalty (mean |neighbour difference|) against −cosine.
     tv_weight: float = 0.05
-    # Targets optimised together in one batch.
-    batch_targets: int = 16
+    # Targets optimised together in one batch (and committed together: the resume granularity).
+    batch_targets: int = field(default=16, metadata=NO_HASH)
     # Output side in px (0 = the model's input size).
     size: int = 0
     # Render pairs: sums, slerps and orthogonalised pairs; explicit "a,b" strings, plus the strongest
     # co-activating and the most similar pairs (n_auto_pairs of each).
     pairs: tuple[str, ...] = ()
     n_auto_pairs: int = 2
+    # Slerp positions from t=0 (feature a) to t=1 (feature b), both ends included.
     slerp_steps: int = 11
     # Images (image ids) whose embeddings are inverted, n_seeds each; empty = a few corpus images.
     image_ids: tuple[int, ...] = ()
+    # Corpus images inverted when image_ids is empty (one per label, in label order).
     n_auto_images: int = 2
     # The seed's ablation (pixels/no aug, pixels/aug, transformer/aug) on this image id (-1 = first).
     ablation_image_id: int = -1
     ablation: bool = True
+    # auto (bf16 where the hardware is fast at it) | fp32 | bf16.
     precision: str = "auto"
     device: str = field(default="auto", metadata=NO_HASH)
+    # At most this many views per forward/backward pass (bounds memory; does not change results).
+    max_views_per_pass: int = field(default=64, metadata=NO_HASH)
+    # torch threads while rendering; 0 = auto: time optimisation steps with all cores and with fewer and
+    # keep the fastest (on a busy machine one thread can be several times faster).
+    n_threads: int = field(default=0, metadata=NO_HASH)
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,8 @@ CREATE TABLE IF NOT EXISTS renders (
     cosine DOUBLE,                      -- final cosine of the picture's embedding to the target
     self_activation DOUBLE,             -- feature targets: SAE activation of feature_a on the picture
     self_rank INTEGER,                  -- feature targets: its rank among all features (0 = top)
-    params_json VARCHAR,
+    params_json VARCHAR,                -- parameterisation, steps, views, lr, precision, model, SAE run, rng seed
+    settings_hash VARCHAR,              -- hash of the settings shared by one render run (model, SAE run, steps, ...)
     created_at TIMESTAMP
 );
 CREATE TABLE IF NOT EXISTS probes (
