@@ -1,0 +1,325 @@
+"""Stage `train`: fit the sparse autoencoder on the store's embeddings, as in the seed study
+(Bricken et al. 2023 recipe): ReLU, L1 penalty, unit-norm decoder rows, Adam with linear warm-up and
+periodic resampling of dead features.
+
+Loss (per batch, on normalised inputs x with E‖x‖² = d_in):
+    mse = mean over examples and dims of (x̂ − x)²          (so predicting 0 gives mse ≈ 1 ≈ fvu)
+    l1  = mean over examples of Σ_f a_f · ‖W_dec[f]‖         (the norms are kept at 1)
+    loss = mse + l1_coeff · l1
+
+The forward and backward passes are written out by hand (`sae_step`) rather than left to autograd:
+that lets the three big (batch × n_features) matrix products run in bf16 with fp32 master weights,
+and touches each (batch × n_features) matrix only a few times. `benchmarks/sae.py` measures the gain
+against a plain autograd loop; `tests/test_sae.py` checks the gradients against autograd.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from . import progress
+from .config import TrainConfig, config_hash, config_json
+from .errors import AtlasError, StageInputError
+from .model import bf16_is_fast, resolve_device
+from .pipeline import clear_dirs, clear_tables
+from .sae import SparseAutoencoder
+from .store import Store, now
+
+# Inputs scored (per-example reconstruction loss) when choosing where to resample dead features.
+N_RESAMPLE_CANDIDATES = 65_536
+# Below this many (batch × features) entries bf16 gains nothing on a CPU, and fp32 is more exact.
+MIN_BF16_ENTRIES = 1 << 20
+# Below this many (batch × features) entries per step, train on one thread (see `_threads_for`).
+MIN_PARALLEL_ENTRIES = 1 << 20
+# Batch size used for whole-corpus evaluation (does not change results).
+EVAL_BATCH = 4096
+
+
+def reset(store: Store) -> None:
+    clear_tables(store, ("sae_metrics", "sae_runs"))
+    clear_dirs(store.paths.out_dir / "sae")
+
+
+def run(cfg: TrainConfig, store: Store) -> dict:
+    _check_config(cfg)
+    ids_n, emb_nd = store.embeddings()
+    if len(ids_n) == 0:
+        raise StageInputError("the store has no embeddings to train the SAE on",
+                              "run `atlasgen embed` (or `atlasgen build`) first")
+    if not np.isfinite(emb_nd).all():
+        raise AtlasError("some embeddings are NaN or infinite, so the SAE cannot be trained",
+                         "re-run `atlasgen embed --force` (try --device cpu or precision fp32)")
+    run_id = make_run_id(cfg, emb_nd)
+    device = resolve_device(cfg.device)
+    with _threads_for(cfg, emb_nd.shape[1]):
+        sae, history, info = train_sae(cfg, emb_nd, device)
+        final = evaluate(sae, emb_nd, device)
+    folder = store.paths.sae_dir(run_id)
+    sae.cpu().save(folder, extra_config={
+        "run_id": run_id, "train_config": dataclasses.asdict(cfg), "precision": info["precision"],
+        "n_examples": int(len(emb_nd)),
+        "normalization": {"mean": sae.input_mean.tolist(), "scale": float(sae.input_scale),
+                          "rule": "x = (embedding - mean) * scale, with E|x|^2 = d_in on the training corpus"}})
+    weights_path = (folder / "sae.safetensors").relative_to(store.paths.out_dir).as_posix()
+    with store.transaction() as con:
+        con.execute("DELETE FROM sae_metrics WHERE run_id = ?", [run_id])
+        con.execute("DELETE FROM sae_runs WHERE run_id = ?", [run_id])
+        if history:
+            store.insert_frame("sae_metrics", {"run_id": [run_id] * len(history),
+                                               **{k: [row[k] for row in history] for k in history[0]}})
+        con.execute("INSERT INTO sae_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+            run_id, sae.d_in, sae.n_features, config_json(cfg), weights_path, cfg.n_steps, final["mse"],
+            final["fvu"], final["l0"], final["dead_fraction"], info["n_resampled"], now()])
+    return {"run_id": run_id, "n_examples": int(len(emb_nd)), "n_features": sae.n_features,
+            "precision": info["precision"], "examples_per_s": info["examples_per_s"],
+            "n_resampled": info["n_resampled"], **{k: round(v, 5) for k, v in final.items()}}
+
+
+def make_run_id(cfg: TrainConfig, emb_nd: np.ndarray) -> str:
+    """Config hash chained with a digest of the embeddings it was trained on."""
+    digest = hashlib.sha256(np.ascontiguousarray(emb_nd, dtype=np.float32).tobytes()).hexdigest()[:16]
+    return config_hash(cfg, (digest, str(len(emb_nd))))
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    problems = [(cfg.expansion >= 1, "expansion must be ≥ 1"), (cfg.n_steps >= 1, "n_steps must be ≥ 1"),
+                (cfg.batch_size >= 1, "batch_size must be ≥ 1"), (cfg.lr > 0, "lr must be > 0"),
+                (cfg.l1_coeff >= 0, "l1_coeff must be ≥ 0"), (cfg.log_every >= 1, "log_every must be ≥ 1"),
+                (cfg.dead_window >= 1, "dead_window must be ≥ 1"),
+                (cfg.resample_every >= 0, "resample_every must be ≥ 0"),
+                (0 <= cfg.resample_until <= 1, "resample_until must be in [0, 1]"),
+                (cfg.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16")]
+    for ok, message in problems:
+        if not ok:
+            raise AtlasError(f"[train] {message}", "fix the [train] section of your config")
+
+
+@contextmanager
+def _threads_for(cfg: TrainConfig, d_in: int):
+    """All cores for a real-size SAE; one thread for small ones, where thread hand-offs cost more than
+    the tiny matrix products (6x slower on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    big = cfg.batch_size * cfg.expansion * d_in >= MIN_PARALLEL_ENTRIES
+    torch.set_num_threads((os.cpu_count() or before) if big else 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_normalization(emb_nd: np.ndarray) -> tuple[np.ndarray, float]:
+    """Corpus mean and the scalar scale that makes E‖(emb − mean)·scale‖² = d_in."""
+    emb64 = emb_nd.astype(np.float64)
+    mean_d = emb64.mean(axis=0)
+    mean_sq_norm = float(((emb64 - mean_d) ** 2).sum(axis=1).mean())
+    if not mean_sq_norm > 1e-12:
+        raise AtlasError("all embeddings are identical, so there is nothing for the SAE to learn",
+                         "check the corpus (ingest) and the model (embed)")
+    return mean_d.astype(np.float32), math.sqrt(emb_nd.shape[1] / mean_sq_norm)
+
+
+def choose_dtype(precision: str, device: torch.device, batch_size: int, n_features: int) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    fast = bf16_is_fast(device) and batch_size * n_features >= MIN_BF16_ENTRIES
+    return torch.bfloat16 if fast else torch.float32
+
+
+def sae_step(sae: SparseAutoencoder, x_bd: torch.Tensor, l1_coeff: float, dtype: torch.dtype) -> dict:
+    """One forward + backward pass by hand: sets `.grad` on every parameter and returns the batch's
+    metrics (floats) and per-feature fire counts (`n_fired_f`).
+
+    Matrix products run in `dtype` (bf16 or fp32); the reconstruction error, the loss and every
+    gradient handed to the optimiser are fp32."""
+    n_batch, d_in = x_bd.shape
+    W_enc, W_dec = sae.W_enc.detach().to(dtype), sae.W_dec.detach().to(dtype)
+    b_dec = sae.b_dec.detach()
+    xc_bd = (x_bd - b_dec).to(dtype)
+    acts_bf = torch.addmm(sae.b_enc.detach().to(dtype), xc_bd, W_enc).relu_()
+    recon_bd = (acts_bf @ W_dec).float() + b_dec
+    err_bd = recon_bd - x_bd
+    sq_err = float(err_bd.pow(2).sum())
+    n_fired_f = torch.count_nonzero(acts_bf, dim=0)
+    # L1 weighted by decoder norms: the norms are 1, and the gradient of the norm factor is parallel to
+    # the decoder rows, which `project_decoder_grad` removes anyway; so plain Σ a_f is exact here.
+    l1 = float(acts_bf.sum(dtype=torch.float32)) / n_batch
+
+    g_recon_bd = err_bd * (2.0 / (n_batch * d_in))
+    g_recon_lp = g_recon_bd.to(dtype)
+    grad_W_dec = (acts_bf.t() @ g_recon_lp).float()
+    g_acts_bf = g_recon_lp @ W_dec.t()
+    g_acts_bf.add_(l1_coeff / n_batch)
+    g_pre_bf = torch.ops.aten.threshold_backward(g_acts_bf, acts_bf, 0)
+    del g_acts_bf
+    grad_W_enc = (xc_bd.t() @ g_pre_bf).float()
+    grad_b_enc = g_pre_bf.sum(dim=0, dtype=torch.float32)
+    grad_b_dec = g_recon_bd.sum(dim=0) - sae.W_enc.detach() @ grad_b_enc
+    sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad = grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec
+
+    sq_norm = float(x_bd.pow(2).sum())
+    mse = sq_err / (n_batch * d_in)
+    return {"mse": mse, "fvu": sq_err / max(sq_norm, 1e-12), "l1": l1,
+            "l0": float(n_fired_f.sum()) / n_batch, "n_fired_f": n_fired_f, "loss": mse + l1_coeff * l1}
+
+
+@torch.no_grad()
+def project_decoder_grad(sae: SparseAutoencoder) -> None:
+    """Remove the gradient component parallel to each (unit) decoder row, so the step mostly rotates
+    rows and the renormalisation after it changes little (as in Anthropic's setup)."""
+    W, G = sae.W_dec.detach(), sae.W_dec.grad
+    G.sub_((G * W).sum(dim=1, keepdim=True) * W)
+
+
+def make_optimizer(sae: SparseAutoencoder, lr: float) -> torch.optim.Adam:
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError):  # fused Adam missing for this device/build
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+
+
+def batch_indices(n: int, batch_size: int, n_steps: int, generator: torch.Generator):
+    """Shuffled epochs over the corpus, concatenated; every example is seen once per epoch."""
+    pool = torch.empty(0, dtype=torch.long)
+    for _ in range(n_steps):
+        while len(pool) < batch_size:
+            pool = torch.cat([pool, torch.randperm(n, generator=generator)])
+        idx, pool = pool[:batch_size], pool[batch_size:]
+        yield idx
+
+
+@torch.no_grad()
+def resample_dead(sae: SparseAutoencoder, opt: torch.optim.Adam, dead_idx: torch.Tensor, x_nd: torch.Tensor,
+                  generator: torch.Generator) -> None:
+    """Bricken et al. 2023: re-initialise dead features at inputs the SAE reconstructs badly."""
+    n_dead = len(dead_idx)
+    if n_dead == 0:
+        return
+    n = len(x_nd)
+    cand = torch.randperm(n, generator=generator)[:N_RESAMPLE_CANDIDATES].to(x_nd.device)
+    losses = []
+    for chunk in cand.split(EVAL_BATCH):
+        x = x_nd[chunk]
+        recon, _ = sae(x)
+        losses.append((recon - x).pow(2).sum(dim=1))
+    loss_n = torch.cat(losses).double().cpu()
+    weights_n = loss_n.pow(2)
+    if not float(weights_n.sum()) > 0:
+        weights_n = torch.ones_like(weights_n)
+    replace = n_dead > int((weights_n > 0).sum())
+    picks = torch.multinomial(weights_n, n_dead, replacement=replace, generator=generator)
+    inputs_kd = x_nd[cand[picks.to(cand.device)]]
+    unit_kd = inputs_kd / inputs_kd.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    alive = torch.ones(sae.n_features, dtype=torch.bool, device=dead_idx.device)
+    alive[dead_idx] = False
+    enc_norms_f = sae.W_enc.norm(dim=0)
+    mean_alive_norm = float(enc_norms_f[alive.to(enc_norms_f.device)].mean()) if bool(alive.any()) else 1.0
+    dead_idx = dead_idx.to(sae.W_dec.device)
+    sae.W_dec[dead_idx] = unit_kd
+    sae.W_enc[:, dead_idx] = unit_kd.t() * (0.2 * mean_alive_norm)
+    sae.b_enc[dead_idx] = 0.0
+    for param, dim in ((sae.W_dec, 0), (sae.W_enc, 1), (sae.b_enc, 0)):
+        state = opt.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key].index_fill_(dim, dead_idx, 0.0)
+
+
+def train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
+              force_dead: torch.Tensor | None = None) -> tuple[SparseAutoencoder, list[dict], dict]:
+    """Train an SAE; returns it (normalisation set), the per-window metrics and a small info dict.
+
+    `force_dead` (tests only): feature ids whose encoder is disabled at the start, so they cannot fire
+    until resampling revives them."""
+    with _threads_for(cfg, emb_nd.shape[1]):
+        return _train_sae(cfg, emb_nd, device, force_dead)
+
+
+def _train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
+               force_dead: torch.Tensor | None) -> tuple[SparseAutoencoder, list[dict], dict]:
+    import time
+    n, d_in = emb_nd.shape
+    n_features = cfg.expansion * d_in
+    mean_d, scale = fit_normalization(emb_nd)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sae = SparseAutoencoder(d_in, n_features)
+    sae.reset_parameters(generator)
+    with torch.no_grad():
+        sae.input_mean.copy_(torch.from_numpy(mean_d))
+        sae.input_scale.fill_(scale)
+        if force_dead is not None:
+            sae.W_enc[:, force_dead] = 0.0
+            sae.b_enc[force_dead] = -1.0
+    sae.to(device)
+    x_nd = sae.normalize(torch.from_numpy(emb_nd).to(device)).detach()
+    dtype = choose_dtype(cfg.precision, device, cfg.batch_size, n_features)
+    opt = make_optimizer(sae, cfg.lr)
+    last_fired_f = torch.zeros(n_features, dtype=torch.long, device=device)
+    resample_last = int(cfg.resample_until * cfg.n_steps)
+    history: list[dict] = []
+    window = {"mse": 0.0, "fvu": 0.0, "l1": 0.0, "l0": 0.0, "n": 0, "n_resampled": 0}
+    n_resampled_total = 0
+    t0 = time.perf_counter()
+    bar = progress.bar(total=cfg.n_steps, desc="train SAE", unit="step")
+    for step, idx in enumerate(batch_indices(n, cfg.batch_size, cfg.n_steps, generator), start=1):
+        lr = cfg.lr * min(1.0, step / max(cfg.warmup_steps, 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        metrics = sae_step(sae, x_nd[idx.to(device)], cfg.l1_coeff, dtype)
+        project_decoder_grad(sae)
+        opt.step()
+        sae.normalize_decoder()
+        last_fired_f[metrics["n_fired_f"] > 0] = step
+        for key in ("mse", "fvu", "l1", "l0"):
+            window[key] += metrics[key]
+        window["n"] += 1
+        if cfg.resample_every and step % cfg.resample_every == 0 and step <= resample_last:
+            dead_idx = torch.nonzero(step - last_fired_f >= cfg.dead_window).flatten()
+            resample_dead(sae, opt, dead_idx, x_nd, generator)
+            last_fired_f[dead_idx] = step
+            window["n_resampled"] += len(dead_idx)
+            n_resampled_total += len(dead_idx)
+        if step % cfg.log_every == 0 or step == cfg.n_steps:
+            k = window["n"]
+            row = {"step": step, **{key: window[key] / k for key in ("mse", "fvu", "l1", "l0")},
+                   "dead_fraction": float((step - last_fired_f >= cfg.dead_window).float().mean()),
+                   "lr": lr, "n_resampled": window["n_resampled"]}
+            history.append(row)
+            bar.set_postfix(mse=f"{row['mse']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+            window = {"mse": 0.0, "fvu": 0.0, "l1": 0.0, "l0": 0.0, "n": 0, "n_resampled": 0}
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    sae.eval()
+    return sae, history, {"precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+                          "n_resampled": n_resampled_total,
+                          "examples_per_s": round(cfg.n_steps * cfg.batch_size / max(seconds, 1e-9), 1)}
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, emb_nd: np.ndarray, device: torch.device) -> dict:
+    """Whole-corpus metrics in fp32, without the inference top-k cap."""
+    sae = sae.to(device)
+    sq_err = sq_norm = 0.0
+    n_active = 0
+    fired_f = torch.zeros(sae.n_features, dtype=torch.bool, device=device)
+    emb = torch.from_numpy(emb_nd)
+    for chunk in emb.split(EVAL_BATCH):
+        x = sae.normalize(chunk.to(device))
+        recon, acts = sae(x)
+        sq_err += float((recon - x).pow(2).sum())
+        sq_norm += float(x.pow(2).sum())
+        positive = acts > 0
+        n_active += int(positive.sum())
+        fired_f |= positive.any(dim=0)
+    n, d_in = emb_nd.shape
+    return {"mse": sq_err / (n * d_in), "fvu": sq_err / max(sq_norm, 1e-12), "l0": n_active / n,
+            "dead_fraction": float((~fired_f).float().mean())}
