@@ -70,11 +70,13 @@ class TrainConfig:
     expansion: int = 32
     # L1 penalty weight on activations (scaled by decoder norms, which are kept at 1).
     l1_coeff: float = 3e-3
+    # Adam learning rate (after warm-up).
     lr: float = 4e-4
     # Linear learning-rate warm-up steps.
     warmup_steps: int = 200
     # Optimiser steps in total.
     n_steps: int = 20_000
+    # Embeddings per optimiser step, drawn in shuffled epochs over the corpus.
     batch_size: int = 1024
     # A feature that has not fired for this many steps counts as dead.
     dead_window: int = 2_500
@@ -84,7 +86,11 @@ class TrainConfig:
     resample_until: float = 0.7
     # Log metrics every this many steps.
     log_every: int = 100
+    # Seeds the initialisation, the batch order and the resampling draws.
     seed: int = 0
+    # auto (bf16 matrix products with fp32 master weights where the hardware is fast at bf16 and the
+    # SAE is big enough to gain from it) | fp32 | bf16. bf16 is ~4x faster at 384→12,288 on AMX CPUs.
+    precision: str = "auto"
     device: str = field(default="auto", metadata=NO_HASH)
 
 
@@ -98,6 +104,7 @@ class EncodeConfig:
     n_similar: int = 10
     # Thumbnail side in px (WebP).
     thumb_side: int = 128
+    # Embeddings encoded per batch (does not change results).
     batch_size: int = field(default=4096, metadata=NO_HASH)
 
 

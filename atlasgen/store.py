@@ -268,6 +268,9 @@ class Store:
 
     def arrow(self, sql: str, params: list | None = None):
         """Run `sql` and return a pyarrow Table (works across DuckDB 1.x and 2.x)."""
+        # DuckDB 2 refuses con.sql() while an execute() result is unfinished (any earlier .fetchone());
+        # a fresh execute() replaces that result and fetching it to the end finishes it.
+        self.con.execute("SELECT 1").fetchall()
         relation = self.con.sql(sql, params=params) if params else self.con.sql(sql)
         if hasattr(relation, "to_arrow_table"):
             return relation.to_arrow_table()
