@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 
 from . import inversion
 from .config import RenderConfig
+from .embed import ThreadTuner, _restore_torch_threads
 from .errors import AtlasError, StageInputError
 from .inversion import InversionSettings
 from .model import load_embedding_model, resolve_device
@@ -241,8 +243,6 @@ def run(cfg: RenderConfig, store: Store) -> dict:
     if cfg.n_seeds < 0 or cfg.n_views < 1 or cfg.n_steps < 0 or cfg.batch_targets < 1:
         raise AtlasError("render: n_seeds ≥ 0, n_views ≥ 1, n_steps ≥ 0 and batch_targets ≥ 1 are needed",
                          "fix the [render] section of your config")
-    if cfg.n_threads > 0:
-        torch.set_num_threads(cfg.n_threads)
     run_info = store.latest_sae_run()
     if run_info is None:
         raise StageInputError("render needs a trained SAE", "run `atlasgen train` and `atlasgen encode` first")
@@ -264,8 +264,11 @@ def run(cfg: RenderConfig, store: Store) -> dict:
         say(f"render: {len(targets) - len(todo)} of {len(targets)} renders already exist, {len(todo)} to do")
 
     centre_d = sae.input_mean.detach().float()
-    with bar(total=len(todo), desc="render", unit="target") as progress:
-        for batch in _batches(todo, cfg.batch_targets):
+    batches = list(_batches(todo, cfg.batch_targets))
+    # Thread count is tuned on whole optimisation steps (it changes speed, not results).
+    tuner = ThreadTuner(cfg.n_threads, len(batches) * cfg.n_steps) if device.type == "cpu" else None
+    with _restore_torch_threads(), bar(total=len(todo), desc="render", unit="target") as progress:
+        for batch in batches:
             tg0 = batch[0]
             inv_settings = InversionSettings(param=tg0.param, augment=tg0.augment, n_views=cfg.n_views,
                                              n_steps=cfg.n_steps, lr=cfg.lr, tv_weight=cfg.tv_weight, size=cfg.size,
@@ -273,13 +276,28 @@ def run(cfg: RenderConfig, store: Store) -> dict:
             dirs_bd = torch.from_numpy(np.stack([tg.direction_d for tg in batch])).float()
             centres_bd = torch.stack([centre_d if tg.space == "sae" else torch.zeros_like(centre_d) for tg in batch])
             step_share = len(batch) / max(1, cfg.n_steps)
+            clock = [time.perf_counter()]
+
+            def on_step(_step: int, n_targets: int = len(batch)) -> None:
+                if tuner is not None:
+                    t = time.perf_counter()
+                    tuner.after_batch(t - clock[0], n_targets)
+                    tuner.before_batch()
+                    clock[0] = t
+                progress.update(step_share)
+
+            if tuner is not None:
+                tuner.before_batch()
             result = inversion.invert(model, dirs_bd, [tg.rng_seed for tg in batch], inv_settings,
-                                      centres_bd=centres_bd, on_step=lambda _s: progress.update(step_share))
+                                      centres_bd=centres_bd, on_step=on_step)
             if cfg.n_steps == 0:
                 progress.update(len(batch))
             _save_batch(store, batch, result, sae, settings, settings_hash)
 
-    return _summary(store, targets, len(todo), n_superseded, settings_hash)
+    summary = _summary(store, targets, len(todo), n_superseded, settings_hash)
+    if tuner is not None and tuner.chosen:
+        summary["n_threads"] = tuner.chosen
+    return summary
 
 
 def _batches(todo: list[Target], size: int):

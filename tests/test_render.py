@@ -20,6 +20,15 @@ from atlasgen.store import Store, now
 N_IMAGES, N_FEATURES = 24, 192
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One thread: on a shared 2-core machine OpenMP barriers make 2 threads several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
     """Blocky colour images (uint8, n×size×size×3): different enough to give different embeddings."""
     rng = np.random.default_rng(seed)
