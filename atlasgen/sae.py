@@ -89,7 +89,9 @@ class SparseAutoencoder(torch.nn.Module):
         config = json.loads((folder / CONFIG_FILE).read_text())
         sae = cls(int(config["d_in"]), int(config["n_features"]))
         sae.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-        return sae.eval()
+        # A loaded SAE is for inference: frozen, so its outputs are plain tensors (gradients still flow
+        # to the inputs, e.g. pixels in render).
+        return sae.eval().requires_grad_(False)
 
 
 def load_latest_sae(store) -> SparseAutoencoder:
