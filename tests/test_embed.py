@@ -160,3 +160,26 @@ def test_loader_resize_matches_differentiable_resize(mode):
     # And it is not trivially so: a wrong mode gives a clearly different picture.
     other = resize_tensor(full, size, "center" if mode == "resize" else "resize")[0].permute(1, 2, 0).numpy()
     assert np.abs(loaded - other).mean() > 5 / 255
+
+
+def test_thread_tuner_keeps_the_fastest(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(embed, "n_cores", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        tuner = embed.ThreadTuner(0, n_batches=100, retune_every=5)
+        assert tuner.candidates == [1, 2, 4]
+        seconds_per_image = {1: 1.0, 2: 0.4, 4: 2.0}  # a busy machine: all cores is the slowest
+        used = []
+        for _ in range(9):
+            tuner.before_batch()
+            used.append(torch.get_num_threads())
+            tuner.after_batch(seconds_per_image[used[-1]] * 8, 8)
+        assert used[:4] == [1, 1, 2, 4], "warm-up, then each candidate once, fewest threads first"
+        assert used[4:] == [2] * 5 and tuner.last_chosen == 2
+        tuner.before_batch()
+        assert torch.get_num_threads() == 1, "after retune_every batches the candidates are timed again"
+        assert embed.ThreadTuner(3, n_batches=100).candidates == [3], "an explicit n_threads is kept"
+        assert embed.ThreadTuner(0, n_batches=3).candidates == [4], "too few batches to tune: all cores"
+    finally:
+        torch.set_num_threads(before)
