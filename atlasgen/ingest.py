@@ -257,14 +257,18 @@ def read_label_names(path: Path) -> dict[str, str]:
 
 def hf_candidates(dataset: str, split: str, cfg: IngestConfig) -> Iterator[Candidate]:
     """Stream a Hugging Face dataset: the first Image column, the label from the first ClassLabel."""
-    _check_hub_reachable(dataset)
+    offline = _check_hub_reachable(dataset)
     try:
         import datasets
-        ds = datasets.load_dataset(dataset, cfg.hf_config or None, split=split, streaming=True)
+        # Offline, only the local cache can serve it, and streaming would go to the network.
+        ds = datasets.load_dataset(dataset, cfg.hf_config or None, split=split, streaming=not offline)
         features = ds.features
-        if features is None:  # some streamed formats only know their features after a first row
-            ds = ds._resolve_features()
+        if features is None and hasattr(ds, "_resolve_features"):
+            ds = ds._resolve_features()  # some streamed formats only know their features after a first row
             features = ds.features
+        if features is None:
+            raise DataLoadError(f"the dataset {dataset} does not declare its features (columns and types)",
+                                "use a dataset with an Image column, or --images FOLDER")
     except AtlasError:
         raise
     except Exception as e:  # datasets raises many kinds (connection, missing config, missing split)
@@ -298,10 +302,11 @@ def _hf_reader(cell: dict) -> Callable[[], bytes]:
     return read
 
 
-def _check_hub_reachable(dataset: str) -> None:
-    """Fail fast, in one line, when the hub cannot be reached (instead of datasets' long retries)."""
+def _check_hub_reachable(dataset: str) -> bool:
+    """Fail fast, in one line, when the hub cannot be reached (instead of datasets' long retries).
+    Returns True in offline mode with the dataset in the local cache."""
     if Path(dataset).expanduser().exists():
-        return  # a local dataset folder or script
+        return False  # a local dataset folder: datasets reads it without the hub
     hint = ("use --images FOLDER for local images, or --preset tiny for the built-in set; if the dataset is in "
             "your Hugging Face cache, set HF_HUB_OFFLINE=1")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") or \
@@ -309,7 +314,7 @@ def _check_hub_reachable(dataset: str) -> None:
         if not _in_hf_cache(dataset):
             raise DataLoadError(f"could not fetch the Hugging Face dataset {dataset}: offline mode (HF_HUB_OFFLINE) "
                                 "and it is not in the local cache", hint.rsplit(";", 1)[0])
-        return
+        return True
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     url = f"{endpoint}/api/datasets/{dataset}"
     request = urllib.request.Request(url, method="HEAD")
@@ -330,6 +335,7 @@ def _check_hub_reachable(dataset: str) -> None:
         reason = getattr(e, "reason", e)
         raise DataLoadError(f"could not fetch the Hugging Face dataset {dataset}: cannot reach {endpoint} ({reason})",
                             hint) from None
+    return False
 
 
 def _in_hf_cache(dataset: str) -> bool:

@@ -261,3 +261,28 @@ def test_draw_object():
         assert 0.08 < (arr[..., 3] > 128).mean() < 0.95
     ring = np.asarray(tinyset.draw_object("ring", (0, 0, 255), 40))
     assert ring[20, 20, 3] == 0 and ring[20, 4, 3] == 255
+
+
+def test_hf_dataset_from_a_local_folder(tmp_path):
+    """The hf: path end to end without network: a parquet dataset folder with Image and ClassLabel columns."""
+    import datasets
+
+    def png(colour) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buf, "PNG")
+        return buf.getvalue()
+
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=["tench", "church"])})
+    rows = {"image": [{"bytes": png((255, 0, 0)), "path": None}, {"bytes": b"garbage", "path": None},
+                      {"bytes": png((0, 0, 255)), "path": None}], "label": [1, 0, 0]}
+    folder = tmp_path / "ds"
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(
+        str(folder / "data" / "validation-00000-of-00001.parquet"))
+    store, summary = _ingest(tmp_path / "out", f"hf:{folder}:validation")
+    with store:
+        assert summary["n_images"] == 2 and summary["n_skipped"] == 1
+        assert store.query("SELECT source, label, width, height FROM images ORDER BY image_id") == [
+            (f"hf://{folder}/validation/0", "church", 40, 30), (f"hf://{folder}/validation/2", "tench", 40, 30)]
+        assert store.scalar("SELECT source FROM skipped_inputs") == f"hf://{folder}/validation/1"
