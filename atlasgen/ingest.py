@@ -414,27 +414,14 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         return decode_image(data, cfg.max_pixels, cfg.corpus_side)
 
     rows: dict[str, list] = {k: [] for k in ("image_id", "source", "label", "width", "height", "corpus_path")}
-    out_dir = store.paths.out_dir
     n_workers = max(1, cfg.n_workers)
-    with bar(total=total, desc="ingest", unit="img") as progress:
-        for cand, fut in _ordered_map(work, candidates, n_workers, window=4 * n_workers + 4):
-            try:
-                decoded = fut.result()
-            except SkipInput as e:
-                skipped.append((cand.source, str(e)))
-                progress.update(1)
-                continue
-            image_id = len(rows["image_id"])
-            corpus_path = store.paths.corpus_image(image_id)
-            with atomic_path(corpus_path) as tmp_path:
-                tmp_path.write_bytes(decoded.jpeg)
-            for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
-                               ("width", decoded.width), ("height", decoded.height),
-                               ("corpus_path", corpus_path.relative_to(out_dir).as_posix())):
-                rows[key].append(value)
-            progress.update(1)
-            if cfg.limit and len(rows["image_id"]) >= cfg.limit:
-                break
+    # PIL refuses images over 2 × MAX_IMAGE_PIXELS on its own; our max_pixels check is the one that counts.
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(cfg.max_pixels, pil_limit or 0)
+    try:
+        _read_all(candidates, work, rows, skipped, store, total, n_workers, cfg.limit)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     # Labels are numbered in sorted name order (for a Hugging Face dataset too, so ids never depend on it).
     label_ids = {name: i for i, name in enumerate(sorted({l for l in rows["label"] if l is not None}))}
     rows["label_id"] = [label_ids[l] if l is not None else None for l in rows["label"]]
@@ -464,6 +451,31 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     if len(skipped) > 5:
         say(f"ingest: ... and {len(skipped) - 5} more skipped inputs")
     return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": len(label_ids), "source": cfg.source}
+
+
+def _read_all(candidates: Iterable[Candidate], work, rows: dict[str, list], skipped: list[tuple[str, str]],
+              store: Store, total: int | None, n_workers: int, limit: int) -> None:
+    """Decode in threads (in order), write each accepted image's corpus copy, collect the table rows."""
+    out_dir = store.paths.out_dir
+    with bar(total=total, desc="ingest", unit="img") as progress:
+        for cand, fut in _ordered_map(work, candidates, n_workers, window=4 * n_workers + 4):
+            try:
+                decoded = fut.result()
+            except SkipInput as e:
+                skipped.append((cand.source, str(e)))
+                progress.update(1)
+                continue
+            image_id = len(rows["image_id"])
+            corpus_path = store.paths.corpus_image(image_id)
+            with atomic_path(corpus_path) as tmp_path:
+                tmp_path.write_bytes(decoded.jpeg)
+            for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
+                               ("width", decoded.width), ("height", decoded.height),
+                               ("corpus_path", corpus_path.relative_to(out_dir).as_posix())):
+                rows[key].append(value)
+            progress.update(1)
+            if limit and len(rows["image_id"]) >= limit:
+                break
 
 
 def reset(store: Store) -> None:
