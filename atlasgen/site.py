@@ -384,6 +384,11 @@ class SiteWriter:
 
 def run(cfg: SiteConfig, store, page_providers: tuple[str, ...] = PAGE_PROVIDERS) -> dict:
     """Write the whole site into a temp folder beside `store.paths.site_dir`, then swap it into place."""
+    from .errors import AtlasError
+    for name in ("features_per_page", "chunk_size", "n_gallery", "n_decompose_auto", "n_coactive"):
+        if getattr(cfg, name) < (1 if name in ("features_per_page", "chunk_size") else 0):
+            raise AtlasError(f"[site] {name} = {getattr(cfg, name)} is out of range",
+                             f"set [site] {name} to a positive number (default {getattr(SiteConfig(), name)})")
     site_dir = store.paths.site_dir
     tmp_dir = site_dir.with_name(f".{site_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -330,6 +330,15 @@ def test_cli_site_builds_and_hostile_config_title(synthetic_out, tmp_path):
     assert (out / "site" / "features" / "index.html").is_file()
 
 
+def test_cli_site_bad_option_is_a_clear_error(synthetic_out, tmp_path):
+    out = shutil.copytree(synthetic_out, tmp_path / "build")
+    config = tmp_path / "atlas.toml"
+    config.write_text("[site]\nfeatures_per_page = 0\n")
+    result = CliRunner().invoke(app, ["site", "--out", str(out), "--config", str(config), "--quiet"])
+    assert result.exit_code == 2 and "features_per_page" in result.output and "Traceback" not in result.output
+    assert not (out / "site").exists()
+
+
 def test_cli_site_needs_upstream_stages(tmp_path):
     result = CliRunner().invoke(app, ["site", "--out", str(tmp_path / "empty"), "--quiet"])
     assert result.exit_code == 2 and "needs the layout stage" in result.output
