@@ -92,11 +92,12 @@ def fmt_pct(value: Any, digits: int = 1) -> str:
 
 
 def url_path(path: Any) -> str:
-    """Percent-encode a relative path for an href/src (keeps '/', '#', '.', and '../'); data: URIs as they are."""
+    """Percent-encode a relative file path for an href/src (keeps '/' and '../'; '#', '?' and quotes are encoded,
+    so they stay part of the file name); data: URIs pass as they are."""
     text = str(path)
     if text.startswith("data:"):
         return text
-    return quote(text, safe="/#.-_~")
+    return quote(text, safe="/.-_~")
 
 
 def _svg_text(x: float, y: float, text: str, anchor: str = "start", cls: str = "axis") -> str:

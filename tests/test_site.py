@@ -306,6 +306,21 @@ def test_placeholders_and_site_pages_hooks(synthetic_out, tmp_path, monkeypatch)
     assert crawl(site_dir)["broken"] == []
 
 
+def test_odd_file_names_are_encoded(synthetic_out, tmp_path):
+    """A picture path with a space, quotes and markup is percent-encoded in src and still resolves."""
+    out = shutil.copytree(synthetic_out, tmp_path / "build")
+    with Store.open(out) as store:
+        render_id, path = store.con.execute("SELECT render_id, path FROM renders WHERE kind = 'feature' AND "
+                                            "feature_a = 3 ORDER BY seed LIMIT 1").fetchone()
+        odd = "renders/feature/we ird\"<b>'#1.webp"
+        (out / path).rename(out / odd)
+        store.con.execute("UPDATE renders SET path = ? WHERE render_id = ?", [odd, render_id])
+        site.run(SiteConfig(search_index=False), store, page_providers=())
+    text = (out / "site" / "features" / "3.html").read_text()
+    assert "we%20ird%22%3Cb%3E%27%231.webp" in text and "<b>" not in text
+    assert crawl(out / "site")["broken"] == []
+
+
 def test_rerun_replaces_the_site_and_reset_removes_it(synthetic_out, tmp_path):
     out = shutil.copytree(synthetic_out, tmp_path / "build")
     with Store.open(out) as store:
