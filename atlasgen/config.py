@@ -37,7 +37,8 @@ class IngestConfig:
     limit: int = 0
     # Images with more pixels than this are skipped as decompression bombs.
     max_pixels: int = 89_478_485
-    # Shorter side of the normalised corpus copy written to corpus/ (≥ the model's input size).
+    # Shorter side of the normalised corpus copy written to corpus/ (≥ the model's input size). Larger
+    # images are reduced to it; smaller ones are kept at their size (never enlarged).
     corpus_side: int = 256
     # Tiny preset: how many generated images.
     n_tiny_images: int = 320
