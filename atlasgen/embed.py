@@ -117,6 +117,9 @@ def run(cfg: EmbedConfig, store: Store) -> dict:
     if n_total == 0:
         raise StageInputError("there are no ingested images to embed",
                               "run `atlasgen ingest` first (or `atlasgen build`) with the same --out")
+    # Rows for image ids that ingest no longer has (it was rerun on a changed folder) are dropped.
+    with store.transaction() as con:
+        con.execute("DELETE FROM embeddings WHERE image_id NOT IN (SELECT image_id FROM images)")
     todo = _todo(store)
     n_done_before = n_total - len(todo)
     if n_done_before:
