@@ -174,7 +174,8 @@ def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[Pa
                       ) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """(candidates, early skips) for a flat folder, a class-subfolder folder or ImageNet-val + labels_file."""
     if not folder.is_dir():
-        raise DataLoadError(f"image folder {folder} does not exist",
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DataLoadError(f"image folder {folder} {what}",
                             "pass --images FOLDER (or set ingest.source = \"folder:PATH\"), or try --preset tiny")
     name = source_name or (lambda p: str(p))
     own_files = {Path(f).resolve() for f in (cfg.labels_file, cfg.label_names_file) if f}
