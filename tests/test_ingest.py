@@ -228,6 +228,11 @@ def test_cli_ingest_reports_skipped(tmp_path, monkeypatch):
     assert "skipped_inputs" in result.output
     with Store.open(out, read_only=True) as store:
         assert store.count("images") == 8 and store.scalar("SELECT count(DISTINCT label) FROM images") == 2
+    # The build goes on past the bad inputs (embed reuses the tiny preset remembered by the output folder).
+    result = CliRunner().invoke(app, ["embed", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    with Store.open(out, read_only=True) as store:
+        assert store.count("embeddings") == 8
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
