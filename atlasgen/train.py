@@ -135,39 +135,46 @@ def choose_dtype(precision: str, device: torch.device, batch_size: int, n_featur
 
 def sae_step(sae: SparseAutoencoder, x_bd: torch.Tensor, l1_coeff: float, dtype: torch.dtype) -> dict:
     """One forward + backward pass by hand: sets `.grad` on every parameter and returns the batch's
-    metrics (floats) and per-feature fire counts (`n_fired_f`).
+    metrics (floats) and which features fired (`fired_f`, bool).
 
     Matrix products run in `dtype` (bf16 or fp32); the reconstruction error, the loss and every
     gradient handed to the optimiser are fp32."""
     n_batch, d_in = x_bd.shape
     W_enc, W_dec = sae.W_enc.detach().to(dtype), sae.W_dec.detach().to(dtype)
     b_dec = sae.b_dec.detach()
+    # Column sums as (1 × batch) @ (batch × features) products: ~10x cheaper than reductions over the
+    # big matrix on CPU (which convert bf16 to fp32 or materialise masks).
+    ones_1b = torch.ones(1, n_batch, dtype=dtype, device=x_bd.device)
     xc_bd = (x_bd - b_dec).to(dtype)
     acts_bf = torch.addmm(sae.b_enc.detach().to(dtype), xc_bd, W_enc).relu_()
     recon_bd = (acts_bf @ W_dec).float() + b_dec
     err_bd = recon_bd - x_bd
     sq_err = float(err_bd.pow(2).sum())
-    n_fired_f = torch.count_nonzero(acts_bf, dim=0)
+    # Activations are ≥ 0, so sign() is the fired indicator; per-feature counts as a product are ~3x
+    # cheaper than count_nonzero (in bf16 they are rounded to 3 digits: fine for the logged L0).
+    act_sum_f = (ones_1b @ acts_bf).float().squeeze(0)
+    n_fired_f = (ones_1b @ torch.sign(acts_bf)).float().squeeze(0)
     # L1 weighted by decoder norms: the norms are 1, and the gradient of the norm factor is parallel to
     # the decoder rows, which `project_decoder_grad` removes anyway; so plain Σ a_f is exact here.
-    l1 = float(acts_bf.sum(dtype=torch.float32)) / n_batch
+    l1 = float(act_sum_f.sum()) / n_batch
 
     g_recon_bd = err_bd * (2.0 / (n_batch * d_in))
     g_recon_lp = g_recon_bd.to(dtype)
     grad_W_dec = (acts_bf.t() @ g_recon_lp).float()
-    g_acts_bf = g_recon_lp @ W_dec.t()
-    g_acts_bf.add_(l1_coeff / n_batch)
+    # d loss / d acts = reconstruction part + the L1 slope, added as the product's bias (fused).
+    l1_slope_f = torch.full((sae.n_features,), l1_coeff / n_batch, dtype=dtype, device=x_bd.device)
+    g_acts_bf = torch.addmm(l1_slope_f, g_recon_lp, W_dec.t())
     g_pre_bf = torch.ops.aten.threshold_backward(g_acts_bf, acts_bf, 0)
     del g_acts_bf
     grad_W_enc = (xc_bd.t() @ g_pre_bf).float()
-    grad_b_enc = g_pre_bf.sum(dim=0, dtype=torch.float32)
+    grad_b_enc = (ones_1b @ g_pre_bf).float().squeeze(0)
     grad_b_dec = g_recon_bd.sum(dim=0) - sae.W_enc.detach() @ grad_b_enc
     sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad = grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec
 
     sq_norm = float(x_bd.pow(2).sum())
     mse = sq_err / (n_batch * d_in)
     return {"mse": mse, "fvu": sq_err / max(sq_norm, 1e-12), "l1": l1,
-            "l0": float(n_fired_f.sum()) / n_batch, "n_fired_f": n_fired_f, "loss": mse + l1_coeff * l1}
+            "l0": float(n_fired_f.sum()) / n_batch, "fired_f": n_fired_f > 0, "loss": mse + l1_coeff * l1}
 
 
 @torch.no_grad()
@@ -233,6 +240,19 @@ def resample_dead(sae: SparseAutoencoder, opt: torch.optim.Adam, dead_idx: torch
                 state[key].index_fill_(dim, dead_idx, 0.0)
 
 
+def init_sae(d_in: int, n_features: int, generator: torch.Generator) -> SparseAutoencoder:
+    """Random unit decoder rows, encoder = decoder transpose scaled by 2·d_in / n_features.
+
+    With a tied encoder about half the features fire on any input and Σ relu(x·w_f) w_f ≈
+    (n_features / 2·d_in) x; the scale makes the first reconstruction about the size of x instead of
+    16x too big at 32x expansion, which otherwise costs hundreds of steps to undo."""
+    sae = SparseAutoencoder(d_in, n_features)
+    sae.reset_parameters(generator)
+    with torch.no_grad():
+        sae.W_enc.mul_(min(1.0, 2.0 * d_in / n_features))
+    return sae
+
+
 def train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
               force_dead: torch.Tensor | None = None) -> tuple[SparseAutoencoder, list[dict], dict]:
     """Train an SAE; returns it (normalisation set), the per-window metrics and a small info dict.
@@ -250,8 +270,7 @@ def _train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
     n_features = cfg.expansion * d_in
     mean_d, scale = fit_normalization(emb_nd)
     generator = torch.Generator().manual_seed(cfg.seed)
-    sae = SparseAutoencoder(d_in, n_features)
-    sae.reset_parameters(generator)
+    sae = init_sae(d_in, n_features, generator)
     with torch.no_grad():
         sae.input_mean.copy_(torch.from_numpy(mean_d))
         sae.input_scale.fill_(scale)
@@ -277,7 +296,7 @@ def _train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
         project_decoder_grad(sae)
         opt.step()
         sae.normalize_decoder()
-        last_fired_f[metrics["n_fired_f"] > 0] = step
+        last_fired_f[metrics["fired_f"]] = step
         for key in ("mse", "fvu", "l1", "l0"):
             window[key] += metrics[key]
         window["n"] += 1
