@@ -260,7 +260,7 @@ def invert(model: EmbeddingModel, directions_bd: torch.Tensor, seeds: list[int],
         leaf = images.detach().requires_grad_(True)
         for lo in range(0, b, chunk):
             hi = min(b, lo + chunk)
-            img = leaf[lo:hi]
+            img = leaf if hi - lo == b else leaf[lo:hi]
             if settings.augment:
                 views = augment_views(img, u_bvk[lo:hi], model.image_size)
             else:
