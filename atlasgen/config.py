@@ -160,15 +160,23 @@ class RenderConfig:
 
 @dataclass(frozen=True)
 class LayoutConfig:
-    # Features placed on the map, strongest first (strength = frequency × mean activation).
+    # Features placed on the map, strongest first (strength = frequency × mean activation), on a
+    # grid_side × grid_side grid, at most one feature per cell.
     n_map_features: int = 2500
     grid_side: int = 120
-    # UMAP on co-activation profiles (rows normalised to sum 1) with the Hellinger metric.
+    # UMAP on co-activation profiles (each live feature's row, diagonal included, normalised to sum 1).
+    # Hellinger suits such distributions: it compares companions, not how often a feature fires.
+    # Any umap-learn metric name works ("cosine", "euclidean", ...).
     n_neighbors: int = 15
     min_dist: float = 0.1
     metric: str = "hellinger"
+    # Hellinger only: project the square-rooted profiles (where Hellinger is Euclidean distance) onto
+    # this many SVD components and run UMAP with the Euclidean metric: 12k features in ~1 min instead
+    # of ~6 min on sparse rows. 0 = UMAP with `metric` directly on the sparse profiles.
+    svd_dims: int = 64
+    # Seeds UMAP (and the SVD): the same seed gives the same map.
     seed: int = 0
-    # Pixel side of one cell in the full-resolution mosaic, and of a tile.
+    # Pixel side of one cell in the full-resolution mosaic, and of a tile (even).
     cell_px: int = 64
     tile_px: int = 256
 
