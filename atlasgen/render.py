@@ -275,23 +275,25 @@ def run(cfg: RenderConfig, store: Store) -> dict:
                                              max_views_per_pass=cfg.max_views_per_pass)
             dirs_bd = torch.from_numpy(np.stack([tg.direction_d for tg in batch])).float()
             centres_bd = torch.stack([centre_d if tg.space == "sae" else torch.zeros_like(centre_d) for tg in batch])
-            step_share = len(batch) / max(1, cfg.n_steps)
             clock = [time.perf_counter()]
+            shown = [0]
 
-            def on_step(_step: int, n_targets: int = len(batch)) -> None:
+            def on_step(step: int, n_targets: int = len(batch)) -> None:
                 if tuner is not None:
                     t = time.perf_counter()
                     tuner.after_batch(t - clock[0], n_targets)
                     tuner.before_batch()
                     clock[0] = t
-                progress.update(step_share)
+                # Whole targets only, so the bar shows counts, not fractions; the rate and ETA stay smooth.
+                reached = (step + 1) * n_targets // cfg.n_steps
+                progress.update(reached - shown[0])
+                shown[0] = reached
 
             if tuner is not None:
                 tuner.before_batch()
             result = inversion.invert(model, dirs_bd, [tg.rng_seed for tg in batch], inv_settings,
                                       centres_bd=centres_bd, on_step=on_step)
-            if cfg.n_steps == 0:
-                progress.update(len(batch))
+            progress.update(len(batch) - shown[0])
             _save_batch(store, batch, result, sae, settings, settings_hash)
 
     summary = _summary(store, targets, len(todo), n_superseded, settings_hash)
