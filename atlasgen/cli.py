@@ -207,7 +207,7 @@ def render(out: OutOpt = Path("build"), features: Annotated[Optional[str], typer
 
 @app.command()
 @handles_errors
-def decompose(images: Annotated[list[Path], typer.Argument(help="Image file(s) to decompose.")],
+def decompose(images: Annotated[list[Path], typer.Argument(help="Image file(s) to decompose.", metavar="IMAGE")],
               out: OutOpt = Path("build"),
               top: Annotated[int, typer.Option("--top", help="Show at most this many features per image "
                                                               "(0 = every active one).")] = 0,

@@ -51,8 +51,9 @@ def load_image(path: Path) -> Image.Image:
             im.load()
             im = ImageOps.exif_transpose(im)
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataLoadError(f"{path} is not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        text = (str(e).splitlines()[0] if str(e) else type(e).__name__).replace(repr(str(path)), "").strip()
+        raise DataLoadError(f"{path} is not a readable image ({text})",
                             "pass a JPEG, PNG, WebP or other image file Pillow can read") from None
 
 
@@ -89,7 +90,7 @@ def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> I
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataLoadError(f"{path} is not a readable image ({text.replace(repr(str(path)), 'file')})", hint) from None
+        raise DataLoadError(f"{path} is not a readable image ({text.replace(repr(str(path)), '').strip()})", hint) from None
     w, h = rgb.size
     if min(w, h) > corpus_side:
         scale = corpus_side / min(w, h)
