@@ -1,7 +1,6 @@
 """decompose: any image → the store's model → SAE features, as the encode stage would give them."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
