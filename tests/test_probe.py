@@ -184,3 +184,18 @@ def test_tiny_build_probes_page_has_charts(tiny_build):
         assert store.scalar("SELECT count(DISTINCT (probe, step)) FROM probes") == 25
         fid = store.scalar("SELECT feature_id FROM probes WHERE probe = 'circle-size' ORDER BY value DESC LIMIT 1")
     assert f'href="features/{fid}.html"' in html
+
+
+def test_readout_image_items_and_image_background(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "green.jpg")
+    Image.new("RGB", (64, 64), (0, 0, 250)).save(tmp_path / "bg.png")
+    cfg = ProbeConfig(canvas=96, sweeps=({"name": "r", "kind": "readout", "background": str(tmp_path / "bg.png"),
+                                          "object": "shape:square:red",
+                                          "items": [{"name": "photo", "image": str(tmp_path / "green.jpg")},
+                                                    {"name": "square", "size": 40}]},))
+    (sweep,) = probe.parse_sweeps(cfg)
+    photo, square = (np.asarray(s.image) for s in sweep.steps)
+    assert photo.shape == square.shape == (96, 96, 3)
+    assert np.abs(photo.astype(int) - [10, 200, 30]).max() <= 12  # the file, centre-cropped to the canvas
+    assert tuple(square[2, 2]) == (0, 0, 250) and square[48, 48, 0] > 200  # red square on the image background
