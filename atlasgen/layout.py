@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 from .config import LayoutConfig, config_hash
@@ -44,6 +45,7 @@ def run(cfg: LayoutConfig, store) -> dict:
         raise StageInputError("no live features to lay out (every feature has n_active = 0)",
                               "check the encode stage: `atlasgen info --out DIR`; train longer or on more images")
     profiles = coactivation_profiles(store, live_ids, feats["n_active"][live])
+    say(f"layout: UMAP of {len(live_ids):,} live features ({profiles.nnz:,} co-activation entries)")
     xy_n2 = umap_layout(profiles, cfg)
     t_umap = time.perf_counter() - t0
 
@@ -57,7 +59,6 @@ def run(cfg: LayoutConfig, store) -> dict:
 
     with store.transaction() as con:
         con.execute("UPDATE features SET umap_x = NULL, umap_y = NULL, grid_x = NULL, grid_y = NULL")
-        import pyarrow as pa
         grid_x = np.full(len(live_ids), -1, np.int64)
         grid_y = np.full(len(live_ids), -1, np.int64)
         grid_x[order], grid_y[order] = cells_m2[:, 0], cells_m2[:, 1]
