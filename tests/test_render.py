@@ -268,12 +268,12 @@ def test_cli_render_features_renders_just_those(tiny_encoded, tmp_path):
     from atlasgen.cli import app
     from conftest import copy_build
     out = copy_build(tiny_encoded, tmp_path / "build")
-    result = CliRunner().invoke(app, ["render", "--features", "1,2,3", "--out", str(out), "--quiet"])
+    result = CliRunner().invoke(app, ["render", "--features", "1,2,3", "--preset", "tiny", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     n_seeds = load_config("tiny").render.n_seeds
     with Store.open(out, read_only=True) as store:
         got = store.query("SELECT feature_a, count(*) FROM renders GROUP BY ALL ORDER BY 1")
         assert got == [(1, n_seeds), (2, n_seeds), (3, n_seeds)]
         assert store.query("SELECT DISTINCT kind FROM renders") == [("feature",)]
-    bad = CliRunner().invoke(app, ["render", "--features", "1,99999", "--out", str(out), "--quiet"])
+    bad = CliRunner().invoke(app, ["render", "--features", "1,99999", "--preset", "tiny", "--out", str(out), "--quiet"])
     assert bad.exit_code == 2 and "out of range" in bad.output and "Traceback" not in bad.output
