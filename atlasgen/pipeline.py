@@ -26,18 +26,13 @@ def stage_module(name: str):
 def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False) -> dict[str, dict]:
     """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped).
 
-    A stage's hash chains the hashes its inputs were last built with (from stage_runs), so a stage run
-    on its own is compared against the inputs that are really in the store."""
+    A stage's hash covers its config and the identity of each input as it is in the store now (that
+    stage's config hash and when it finished), so any rerun of an input, even a forced one with the same
+    config, makes the stages that read it run again."""
     summaries: dict[str, dict] = {}
     wanted = [s for s in STAGE_ORDER if s in set(stages)]
-    hashes: dict[str, str] = {}
-    for name in STAGE_ORDER:
-        if name not in wanted:
-            row = store.stage_row(name)
-            hashes[name] = row["config_hash"] if row else config_hash(
-                cfg.stage(name), tuple(hashes[u] for u in STAGE_INPUTS[name]))
-            continue
-        stage_hash = hashes[name] = config_hash(cfg.stage(name), tuple(hashes[u] for u in STAGE_INPUTS[name]))
+    for name in wanted:
+        stage_hash = config_hash(cfg.stage(name), _input_identities(store, name))
         if not force and store.stage_is_done(name, stage_hash):
             say(f"{name}: up to date (config {stage_hash}), skipped")
             summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
@@ -57,6 +52,14 @@ def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: boo
         say(f"{name}: done in {summary['seconds']:.1f}s " + _brief(summary))
         summaries[name] = summary
     return summaries
+
+
+def _input_identities(store: Store, name: str) -> tuple[str, ...]:
+    identities = []
+    for upstream in STAGE_INPUTS[name]:
+        row = store.stage_row(upstream)
+        identities.append(f"{row['config_hash']}@{row['finished_at']}" if row else f"{upstream}:absent")
+    return tuple(identities)
 
 
 def _brief(summary: dict) -> str:

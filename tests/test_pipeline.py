@@ -1,0 +1,32 @@
+"""Skip, rerun and reset rules of the pipeline, on the two cheapest real stages."""
+from __future__ import annotations
+
+from atlasgen.config import load_config
+from atlasgen.pipeline import run_stages
+from atlasgen.progress import set_quiet
+from atlasgen.store import Store
+
+
+def _cfg(n_images=24):
+    return load_config("tiny", overrides={"ingest": {"n_tiny_images": n_images}})
+
+
+def test_unchanged_stages_are_skipped_and_changes_propagate(tmp_path):
+    set_quiet(True)
+    with Store.open(tmp_path) as store:
+        first = run_stages(_cfg(), store, ["ingest", "embed"])
+        assert not first["ingest"].get("skipped") and not first["embed"].get("skipped")
+        again = run_stages(_cfg(), store, ["ingest", "embed"])
+        assert again["ingest"]["skipped"] and again["embed"]["skipped"]
+
+        # A forced rerun of an input, even with the same config, makes its readers run again.
+        forced = run_stages(_cfg(), store, ["ingest"], force=True)
+        assert not forced["ingest"].get("skipped")
+        after = run_stages(_cfg(), store, ["embed"])
+        assert not after["embed"].get("skipped")
+
+        # A config change resets the stage's output and everything downstream reruns.
+        changed = run_stages(_cfg(16), store, ["ingest", "embed"])
+        assert not changed["ingest"].get("skipped") and not changed["embed"].get("skipped")
+        assert store.count("images") == 16
+        assert store.count("embeddings") == 16
