@@ -82,7 +82,7 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
     if device is not None:
         if device not in ("auto", "cpu", "cuda"):
             raise AtlasError(f"--device {device} is not one of auto, cpu, cuda", "use --device auto")
-        for stage in ("embed", "train", "render"):
+        for stage in ("embed", "train", "render", "probe"):
             overrides.setdefault(stage, {})["device"] = device
     remembered = _remembered(store)
     if preset is None and config is None and remembered:
