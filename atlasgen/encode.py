@@ -85,12 +85,18 @@ def encode_sparse(sae: SparseAutoencoder, ids_n: np.ndarray, emb_nd: np.ndarray,
     imgs, feats, vals = [], [], []
     emb = torch.from_numpy(emb_nd)
     bar = progress.bar(total=len(emb_nd), desc="encode", unit="img")
+    k = min(top_k, sae.n_features)
     for start in range(0, len(emb_nd), batch_size):
-        acts_bf = sae.encode_embeddings(emb[start:start + batch_size], top_k)
-        rows, cols = torch.nonzero(acts_bf, as_tuple=True)
-        imgs.append(ids_n[start + rows.numpy()].astype(np.int32))
-        feats.append(cols.numpy().astype(np.int32))
-        vals.append(acts_bf[rows, cols].numpy().astype(np.float32))
+        # Same values as sae.encode_embeddings(emb, top_k), without building the dense capped matrix.
+        acts_bf = sae.encode(sae.normalize(emb[start:start + batch_size].float()))
+        values_bk, idx_bk = acts_bf.topk(k, dim=1)
+        values_bk, idx_bk = values_bk.numpy(), idx_bk.numpy()
+        rows, slots = np.nonzero(values_bk > 0)
+        order = np.lexsort((idx_bk[rows, slots], rows))  # by image, then feature
+        rows, slots = rows[order], slots[order]
+        imgs.append(ids_n[start + rows].astype(np.int32))
+        feats.append(idx_bk[rows, slots].astype(np.int32))
+        vals.append(values_bk[rows, slots].astype(np.float32))
         bar.update(len(acts_bf))
     bar.close()
     return np.concatenate(imgs), np.concatenate(feats), np.concatenate(vals)
@@ -211,9 +217,13 @@ def coactivation(img_a: np.ndarray, feat_a: np.ndarray, ids_n: np.ndarray,
     import scipy.sparse as sp
     rows = np.searchsorted(ids_n, img_a)
     a_nf = sp.csr_matrix((np.ones(len(rows), np.int32), (rows, feat_a)), shape=(len(ids_n), n_features))
-    co = sp.triu(a_nf.T.tocsr() @ a_nf, k=1).tocoo()
-    order = np.lexsort((co.col, co.row))
-    return co.row[order].astype(np.int32), co.col[order].astype(np.int32), co.data[order].astype(np.int32)
+    co_ff = (a_nf.T.tocsr() @ a_nf).tocsr()
+    co_ff.sort_indices()
+    # Upper triangle straight from the CSR arrays (already ordered by row, then column): much faster
+    # than sp.triu + a sort at millions of pairs.
+    row = np.repeat(np.arange(n_features, dtype=np.int32), np.diff(co_ff.indptr))
+    keep = (co_ff.indices > row) & (co_ff.data > 0)
+    return row[keep], co_ff.indices[keep].astype(np.int32), co_ff.data[keep].astype(np.int32)
 
 
 def write_thumbnails(store: Store, image_ids: np.ndarray, side: int) -> list[tuple[str, str]]:
