@@ -312,7 +312,8 @@ def _train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
                    "dead_fraction": float((step - last_fired_f >= cfg.dead_window).float().mean()),
                    "lr": lr, "n_resampled": window["n_resampled"]}
             history.append(row)
-            bar.set_postfix(mse=f"{row['mse']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+            bar.set_postfix(loss=f"{row['mse'] + cfg.l1_coeff * row['l1']:.4f}", mse=f"{row['mse']:.4f}",
+                            l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
             window = {"mse": 0.0, "fvu": 0.0, "l1": 0.0, "l0": 0.0, "n": 0, "n_resampled": 0}
         bar.update(1)
     bar.close()
