@@ -60,6 +60,9 @@ def run(cfg: TrainConfig, store: Store) -> dict:
     with _threads_for(cfg, emb_nd.shape[1]):
         sae, history, info = train_sae(cfg, emb_nd, device)
         final = evaluate(sae, emb_nd, device)
+    if not all(math.isfinite(v) for v in final.values()):
+        raise AtlasError(f"SAE training diverged (final mse {final['mse']})",
+                         "lower [train] lr, or raise warmup_steps")
     folder = store.paths.sae_dir(run_id)
     sae.cpu().save(folder, extra_config={
         "run_id": run_id, "train_config": dataclasses.asdict(cfg), "precision": info["precision"],
