@@ -191,3 +191,13 @@ def test_empty_store_and_bad_config_are_user_errors(tmp_path):
     with pytest.raises(AtlasError, match="precision"):
         train.run(small_config(precision="fp8"), store)
     store.close()
+
+
+def test_bf16_training_as_good_as_fp32(planted_run):
+    _, summary, emb_nd, dirs_td = planted_run
+    sae, _, info = train.train_sae(small_config(precision="bf16"), emb_nd, torch.device("cpu"))
+    assert info["precision"] == "bf16"
+    final = train.evaluate(sae, emb_nd, torch.device("cpu"))
+    assert final["fvu"] < 1.1 * summary["fvu"]
+    best_t = (torch.from_numpy(dirs_td) @ sae.feature_directions().t()).max(dim=1).values
+    assert float((best_t > 0.9).float().mean()) >= 0.8
