@@ -203,6 +203,25 @@ def test_stage_plans_every_kind_records_results_and_skips_done_work(store_dir):
         assert not any((store_dir / r[1]).exists() for r in before.values())
 
 
+def test_planned_pair_directions(store_dir, sae_and_emb):
+    sae, emb_nd = sae_and_emb
+    dirs_fd = sae.feature_directions().numpy()
+    with Store.open(store_dir) as store:
+        targets = render.plan(small_cfg(slerp_steps=5, pairs=("20,30",)), store, sae, torch.device("cpu"))
+    slerps = [tg for tg in targets if tg.kind == "slerp" and (tg.feature_a, tg.feature_b) == (20, 30)]
+    assert [tg.t for tg in slerps] == [0, 0.25, 0.5, 0.75, 1]
+    assert np.allclose(slerps[0].direction_d, dirs_fd[20], atol=1e-6)
+    assert np.allclose(slerps[-1].direction_d, dirs_fd[30], atol=1e-6)
+    assert len({tg.rng_seed for tg in slerps}) == 1, "a slerp sequence shares its generator seed"
+    orth = {tg.feature_a: tg.direction_d for tg in targets if tg.kind == "orth" and {tg.feature_a, tg.feature_b} == {20, 30}}
+    assert abs(orth[20] @ dirs_fd[30]) < 1e-5 and abs(orth[30] @ dirs_fd[20]) < 1e-5
+    assert abs(np.linalg.norm(orth[20]) - 1) < 1e-5
+    # Image targets live in the raw embedding space; feature targets in the SAE's.
+    image = next(tg for tg in targets if tg.kind == "image")
+    assert image.space == "embedding" and np.allclose(image.direction_d, emb_nd[image.image_id].numpy())
+    assert {tg.space for tg in targets if tg.kind in ("feature", "sum", "slerp", "orth")} == {"sae"}
+
+
 def test_interrupted_render_resumes_without_redoing(store_dir, monkeypatch):
     cfg = small_cfg(features="top:6", n_seeds=2)
     real_invert = inversion.invert
