@@ -103,7 +103,8 @@ def parse_features(spec: str, store: Store, n_features: int, device: torch.devic
         try:
             n = int(spec[4:])
         except ValueError:
-            raise AtlasError(f"render.features {spec!r}: N in top:N must be a number", "e.g. features = \"top:64\"") from None
+            raise AtlasError(f"render.features {spec!r}: N in top:N must be a number",
+                             "e.g. features = \"top:64\"") from None
         rows = store.query("SELECT feature_id FROM features WHERE n_active > 0 "
                            "ORDER BY n_active DESC, feature_id LIMIT ?", [max(0, n)])
         return [int(r[0]) for r in rows], False

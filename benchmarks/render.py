@@ -38,7 +38,8 @@ def main() -> None:
     defaults = RenderConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps and a small batch (under a minute)")
-    ap.add_argument("--batch", type=int, default=None, help="targets per batch (default: render.batch_targets, 4 quick)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="targets per batch (default: render.batch_targets; 2 with --quick)")
     ap.add_argument("--views", type=int, default=defaults.n_views, help="augmented views per target per step")
     ap.add_argument("--steps", type=int, default=None, help="steps for the final-cosine run (default render.n_steps)")
     ap.add_argument("--threads", type=int, default=0,

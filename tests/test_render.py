@@ -213,7 +213,8 @@ def test_planned_pair_directions(store_dir, sae_and_emb):
     assert np.allclose(slerps[0].direction_d, dirs_fd[20], atol=1e-6)
     assert np.allclose(slerps[-1].direction_d, dirs_fd[30], atol=1e-6)
     assert len({tg.rng_seed for tg in slerps}) == 1, "a slerp sequence shares its generator seed"
-    orth = {tg.feature_a: tg.direction_d for tg in targets if tg.kind == "orth" and {tg.feature_a, tg.feature_b} == {20, 30}}
+    orth = {tg.feature_a: tg.direction_d for tg in targets
+            if tg.kind == "orth" and {tg.feature_a, tg.feature_b} == {20, 30}}
     assert abs(orth[20] @ dirs_fd[30]) < 1e-5 and abs(orth[30] @ dirs_fd[20]) < 1e-5
     assert abs(np.linalg.norm(orth[20]) - 1) < 1e-5
     # Image targets live in the raw embedding space; feature targets in the SAE's.
@@ -287,7 +288,8 @@ def test_cli_render_features_renders_just_those(tiny_encoded, tmp_path):
     from atlasgen.cli import app
     from conftest import copy_build
     out = copy_build(tiny_encoded, tmp_path / "build")
-    result = CliRunner().invoke(app, ["render", "--features", "1,2,3", "--preset", "tiny", "--out", str(out), "--quiet"])
+    result = CliRunner().invoke(app, ["render", "--features", "1,2,3", "--preset", "tiny", "--out", str(out),
+                                      "--quiet"])
     assert result.exit_code == 0, result.output
     n_seeds = load_config("tiny").render.n_seeds
     with Store.open(out, read_only=True) as store:
