@@ -129,8 +129,8 @@ class TransformerParam(torch.nn.Module):
             self.w_out.append(torch.nn.Parameter(draw(d, d, std=d ** -0.5 / GEN_LAYERS)))
             self.w_up.append(torch.nn.Parameter(draw(d, 2 * d, std=d ** -0.5)))
             self.w_down.append(torch.nn.Parameter(draw(2 * d, d, std=(2 * d) ** -0.5 / GEN_LAYERS)))
+        # No pixel bias: a bias shared by every patch is a direct route to a tiled picture.
         self.w_pix = torch.nn.Parameter(draw(d, 3 * p * p, std=0.5 * d ** -0.5))
-        self.b_pix = torch.nn.Parameter(torch.zeros(len(gens), 1, 3 * p * p))
 
     def forward(self) -> torch.Tensor:
         x_btd = self.tokens_btd + self.pos_btd
@@ -141,7 +141,7 @@ class TransformerParam(torch.nn.Module):
             att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
             x_btd = x_btd + torch.bmm(att.transpose(1, 2).reshape(b, t, d), w_out)
             x_btd = x_btd + torch.bmm(F.gelu(torch.bmm(F.layer_norm(x_btd, (d,)), w_up)), w_down)
-        pix_btq = torch.bmm(F.layer_norm(x_btd, (d,)), self.w_pix) + self.b_pix
+        pix_btq = torch.bmm(F.layer_norm(x_btd, (d,)), self.w_pix)
         side = self.grid * GEN_PATCH
         img = F.fold(pix_btq.transpose(1, 2), (side, side), GEN_PATCH, stride=GEN_PATCH)
         return torch.sigmoid(img[..., :self.size, :self.size])
