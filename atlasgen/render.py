@@ -241,6 +241,9 @@ def run(cfg: RenderConfig, store: Store) -> dict:
     if cfg.param not in inversion.PARAMS:
         raise AtlasError(f"render.param {cfg.param!r} is not one of {', '.join(inversion.PARAMS)}",
                          "set [render] param = \"transformer\"")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise AtlasError(f"render.precision {cfg.precision!r} is not one of auto, fp32, bf16",
+                         "set [render] precision = \"auto\"")
     if cfg.n_seeds < 0 or cfg.n_views < 1 or cfg.n_steps < 0 or cfg.batch_targets < 1:
         raise AtlasError("render: n_seeds ≥ 0, n_views ≥ 1, n_steps ≥ 0 and batch_targets ≥ 1 are needed",
                          "fix the [render] section of your config")

@@ -264,8 +264,11 @@ def test_bad_feature_lists_are_user_errors(store_dir):
         for spec in ("1,x", f"{N_FEATURES}", "top:z", "some"):
             with pytest.raises(AtlasError):
                 render.run(small_cfg(features=spec), store)
-        with pytest.raises(AtlasError):
-            render.run(small_cfg(pairs=("1,1",)), store)
+        for bad in (dict(pairs=("1,1",)), dict(pairs=("1",)), dict(param="paint"), dict(precision="fp8"),
+                    dict(image_ids=(999,))):
+            with pytest.raises(AtlasError):
+                render.run(small_cfg(**bad), store)
+        assert store.count("renders") == 0
 
 
 def test_reset_keeps_renders_and_tidies(store_dir):
