@@ -193,11 +193,15 @@ _stage_command("probe", "Run the probe sweeps from the config (sizes, counts, re
 @app.command()
 @handles_errors
 def render(out: OutOpt = Path("build"), features: Annotated[Optional[str], typer.Option(
-               "--features", help="Comma-separated feature ids to render, e.g. 1,2,3 (default: the config's "
-                                  "render.features).")] = None,
+               "--features", help="Feature ids to render, e.g. 1,2,3: just those (n_seeds each), no images, "
+                                  "pairs or ablation; other renders are kept. Also all | top:N | auto. Default: "
+                                  "the config's render.features.")] = None,
            config: ConfigOpt = None, preset: PresetOpt = None, force: ForceOpt = False, quiet: QuietOpt = False,
            device: DeviceOpt = None):
     """Generate pictures by inversion: features, image embeddings, sums, slerps, orthogonalised pairs, ablation.
+
+    Resumable and incremental: renders already in the store (same settings) are skipped; --force does not
+    redo them (delete their files to redo them).
 
     Example: atlasgen render --features 1,2,3 --out build/
     """
