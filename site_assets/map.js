@@ -14,6 +14,7 @@
   var tilesBase = root.getAttribute("data-tiles");
   var CLICK_SLOP = 6;          // px a pointer may move and still count as a click
   var FEATURE_CELL_SCREEN = 160; // px a cell gets when the view jumps to one feature
+  var FIT_SHARE = 0.94;        // the whole-map view leaves a thin margin around the map
 
   var index = null, byCell = null, byId = null;
   var view = { x: 0, y: 0, z: 0 };      // centre in cells, zoom level (float)
@@ -43,7 +44,7 @@
   function size() { return { w: root.clientWidth, h: root.clientHeight }; }
   function fitZoom() {
     var s = size();
-    return topZ() + Math.log2(Math.max(1, Math.min(s.w, s.h)) / index.full_px);
+    return topZ() + Math.log2(Math.max(1, FIT_SHARE * Math.min(s.w, s.h)) / index.full_px);
   }
   function fitLimits() {
     zMin = Math.min(fitZoom(), topZ()) - 1;
