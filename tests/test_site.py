@@ -411,6 +411,6 @@ def test_tiny_build_site_crawls_clean(tiny_build):
     assert crawl(site_dir) == {"broken": [], "external": [], "absolute": []}
     with Store.open(tiny_build, read_only=True) as store:
         n_features = store.count("features")
-        fid = store.scalar("SELECT feature_id FROM renders WHERE kind = 'feature' LIMIT 1")
+        fid = store.scalar("SELECT feature_a FROM renders WHERE kind = 'feature' LIMIT 1")
     assert len(list((site_dir / "features").glob("[0-9]*.html"))) == n_features
     assert "<img" in (site_dir / "features" / f"{fid}.html").read_text()
