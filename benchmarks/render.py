@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,6 +47,7 @@ def main() -> None:
                     help="torch threads (0 = time one step with all cores and with one, keep the faster: on a "
                          "busy machine one thread can be several times faster)")
     ap.add_argument("--cos-targets", type=int, default=4, help="targets in the final-cosine run")
+    ap.add_argument("--no-timing", action="store_true", help="only the final-cosine run")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,27 +74,33 @@ def main() -> None:
             print("threads: " + ", ".join(f"{n}: {t:.2f} s/step" for n, t in timings.items()))
         print(f"ViT-S/16 random weights, 224 px, {views} views/target/step, transformer+aug, "
               f"{torch.get_num_threads()} threads")
-        rows = []
-        for precision, model in models.items():
+        rows = [] if not args.no_timing else [(p, 1, 1.0) for p in reversed(list(models))]
+        for precision, model in (models.items() if not args.no_timing else ()):
             for n in (1, batch):
                 sec = seconds_per_step(model, n, settings, n_timed)
                 rows.append((precision, n, sec / n))
                 print(f"  {precision} {n:3d} target(s): {sec:.2f} s/step  {sec / n:.3f} s/step/target", flush=True)
         base = rows[0][2]
-        print(f"\nper target, at n_steps={defaults.n_steps} (default):")
-        print(f"{'precision':>9} {'batch':>5} {'s/step/target':>14} {'targets/hour':>13} {'speed-up':>9}")
-        for precision, n, per in rows:
-            print(f"{precision:>9} {n:>5} {per:>14.3f} {3600 / (per * defaults.n_steps):>13.1f} {base / per:>8.2f}x")
+        if not args.no_timing:
+            print(f"\nper target, at n_steps={defaults.n_steps} (default):")
+            print(f"{'precision':>9} {'batch':>5} {'s/step/target':>14} {'targets/hour':>13} {'speed-up':>9}")
+            for precision, n, per in rows:
+                print(f"{precision:>9} {n:>5} {per:>14.3f} {3600 / (per * defaults.n_steps):>13.1f} "
+                      f"{base / per:>8.2f}x")
 
         best = min(rows, key=lambda r: r[2])
         model = models[best[0]]
         n_cos = min(args.cos_targets, best[1]) if args.quick else args.cos_targets
-        dirs = torch.randn(n_cos, model.dim, generator=torch.Generator().manual_seed(1))
+        # Targets the model can reach: embeddings of random blocky pictures (like inverting corpus images);
+        # random directions are mostly outside a random network's narrow embedding cone.
+        blocks = torch.rand(n_cos, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            dirs = model(F.interpolate(blocks, size=model.image_size, mode="nearest"))
         t0 = time.perf_counter()
         result = invert(model, dirs, list(range(n_cos)),
                         InversionSettings(**{**settings.__dict__, "n_steps": cos_steps}))
         start = invert(model, dirs, list(range(n_cos)), InversionSettings(**{**settings.__dict__, "n_steps": 0}))
-        print(f"\nfinal cosine to random directions after {cos_steps} steps ({best[0]}, {n_cos} targets, "
+        print(f"\nfinal cosine to picture embeddings after {cos_steps} steps ({best[0]}, {n_cos} targets, "
               f"{time.perf_counter() - t0:.0f} s): mean {result.cosine_b.mean():.3f} "
               f"(at init {start.cosine_b.mean():.3f})")
 
