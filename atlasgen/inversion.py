@@ -162,9 +162,14 @@ def draw_augmentations(gens: list[torch.Generator], n_views: int) -> torch.Tenso
 
 def augment_views(images_b3hw: torch.Tensor, u_bvk: torch.Tensor, out_size: int) -> torch.Tensor:
     """DINO-like views of each picture, (B·V, 3, out, out), from uniforms (B, V, N_AUG), in one batched
-    grid_sample: the first ceil(V/2) views are global crops, the rest local crops; all are resized to
+    grid_sample: view 0 is the whole picture, views up to ceil(V/2) are global crops, the rest local crops; all are resized to
     `out_size`, randomly flipped and jittered, then colour-jittered and blurred."""
     b, v, _ = u_bvk.shape
+    # View 0 is the whole picture, unchanged (all draws at their neutral value): without it the optimiser
+    # over-fits the crops (training loss keeps falling while the whole picture's cosine drops).
+    u_bvk = u_bvk.clone()
+    u_bvk[:, 0] = 0.5
+    u_bvk[:, 0, 0] = 1.0
     u = u_bvk.to(images_b3hw.device).reshape(b * v, N_AUG)
     n_global = math.ceil(v / 2)
     is_global = (torch.arange(v, device=u.device) < n_global).repeat(b)

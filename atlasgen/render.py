@@ -36,7 +36,7 @@ from .sae import SparseAutoencoder, load_latest_sae
 from .store import Store, now
 
 # Bump when the engine changes what a render looks like, so old renders are superseded.
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3
 # "auto" on a CPU renders this many of the most frequent features.
 CPU_AUTO_FEATURES = 64
 ABLATION_VARIANTS = (("pixels", False), ("pixels", True), ("transformer", True))
