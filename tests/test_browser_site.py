@@ -117,8 +117,10 @@ def test_combinations_slider_changes_picture(page, synthetic_url):
     assert caption.inner_text() != before_caption and re.match(r"\d+% #\d+ \+ \d+% #\d+", caption.inner_text())
     page.keyboard.press("End")
     assert caption.inner_text().startswith("0% ")
-    page.wait_for_load_state("networkidle")
-    assert page.evaluate("() => document.querySelector('section.pair:not([hidden]) img.slerp-picture').naturalWidth") > 0
+    # The new picture loads after the src change; wait for it rather than racing it.
+    page.wait_for_function(
+        "() => { const img = document.querySelector('section.pair:not([hidden]) img.slerp-picture');"
+        " return img.complete && img.naturalWidth > 0; }", timeout=10_000)
     page.watch.assert_clean()
 
 
