@@ -7,11 +7,9 @@ so an interrupted run resumes with the images that have no embedding yet.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from .errors import StageInputError
 from .model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_to_array
 from .progress import bar, say
 from .store import Store
+from .threads import ThreadTuner, restore_torch_threads
 
 STAGE = "embed"
 
@@ -41,67 +40,6 @@ def embed_batch(model: EmbeddingModel, arrays_bhw3: np.ndarray) -> np.ndarray:
     device = next(model.backbone.parameters()).device
     with torch.inference_mode():
         return model(arrays_to_batch(arrays_bhw3).to(device)).cpu().numpy()
-
-
-def n_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-class ThreadTuner:
-    """Picks the torch thread count by timing real batches, and re-checks now and then.
-
-    All cores is right on an idle machine, but when other processes share the cores, OpenMP's barriers
-    wait on descheduled threads and one thread can be several times faster (measured: 4x for ViT-S
-    on 2 busy cores). Candidates are tried from fewest threads up, so at most one timed batch runs with
-    the possibly slow all-core setting; batch 0 is a warm-up with the first candidate. Every
-    `retune_every` batches the candidates are timed again, since the load on a shared machine changes."""
-
-    def __init__(self, n_threads: int, n_batches: int, retune_every: int = 200):
-        cores = n_cores()
-        if n_threads > 0 or "OMP_NUM_THREADS" in os.environ:
-            self.candidates = [n_threads if n_threads > 0 else torch.get_num_threads()]
-        else:
-            self.candidates = sorted({1, max(1, cores // 2), cores})
-        if n_batches < len(self.candidates) + 2:  # too little work to be worth measuring
-            self.candidates = self.candidates[-1:]
-        self.retune_every = retune_every
-        self.timings: dict[int, float] = {}
-        self.chosen: int | None = self.candidates[0] if len(self.candidates) == 1 else None
-        self.last_chosen: int | None = self.chosen  # what the run mostly used (for the summary)
-        self._n_seen = 0
-        self._trial = -1  # -1: warm-up batch
-        self._since_choice = 0
-
-    def before_batch(self) -> None:
-        if self.chosen is not None and len(self.candidates) > 1 and self._since_choice >= self.retune_every:
-            self.last_chosen, self.chosen, self.timings, self._trial = self.chosen, None, {}, 0
-        if self.chosen is not None:
-            torch.set_num_threads(self.chosen)
-        else:
-            torch.set_num_threads(self.candidates[max(0, self._trial)])
-
-    def after_batch(self, seconds: float, n_images: int) -> None:
-        if self.chosen is not None:
-            self._since_choice += 1
-            return
-        if self._trial >= 0:
-            self.timings[self.candidates[self._trial]] = seconds / max(1, n_images)
-        self._trial += 1
-        if self._trial == len(self.candidates):
-            self.chosen = self.last_chosen = min(self.timings, key=self.timings.get)
-            self._since_choice = 0
-
-
-@contextmanager
-def _restore_torch_threads():
-    before = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _todo(store: Store) -> list[tuple[int, str]]:
@@ -139,7 +77,7 @@ def run(cfg: EmbedConfig, store: Store) -> dict:
 
     chunks = [todo[i:i + cfg.chunk_size] for i in range(0, len(todo), cfg.chunk_size)]
     tuner = ThreadTuner(cfg.n_threads, -(-len(todo) // cfg.batch_size))
-    with _restore_torch_threads(), ThreadPoolExecutor(max(1, cfg.n_workers), thread_name_prefix="embed-decode") as pool, \
+    with restore_torch_threads(), ThreadPoolExecutor(max(1, cfg.n_workers), thread_name_prefix="embed-decode") as pool, \
             bar(total=n_total, desc="embed", unit="img") as progress:
         progress.update(n_done_before)
         # Decoding runs ahead of the model by up to two batches, across chunk boundaries.

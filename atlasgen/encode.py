@@ -109,7 +109,7 @@ def _group_starts(n_per_group: np.ndarray) -> np.ndarray:
 def feature_stats(feat_a: np.ndarray, val_a: np.ndarray, n_features: int, n_images: int) -> dict[str, object]:
     """One row per feature. Dead features: n_active 0 and 0 for every statistic."""
     order = np.lexsort((val_a, feat_a))  # by feature, then ascending value
-    f_s, v_s = feat_a[order], val_a[order].astype(np.float64)
+    v_s = val_a[order].astype(np.float64)
     n_active = np.bincount(feat_a, minlength=n_features).astype(np.int64)
     live = n_active > 0
     starts = _group_starts(n_active)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from . import inversion
 from .config import RenderConfig
-from .embed import ThreadTuner, _restore_torch_threads
+from .threads import ThreadTuner, restore_torch_threads
 from .errors import AtlasError, StageInputError
 from .inversion import InversionSettings
 from .model import load_embedding_model, resolve_device
@@ -271,7 +271,7 @@ def run(cfg: RenderConfig, store: Store) -> dict:
     batches = list(_batches(todo, cfg.batch_targets))
     # Thread count is tuned on whole optimisation steps (it changes speed, not results).
     tuner = ThreadTuner(cfg.n_threads, len(batches) * cfg.n_steps) if device.type == "cpu" else None
-    with _restore_torch_threads(), bar(total=len(todo), desc="render", unit="target") as progress:
+    with restore_torch_threads(), bar(total=len(todo), desc="render", unit="target") as progress:
         for batch in batches:
             tg0 = batch[0]
             inv_settings = InversionSettings(param=tg0.param, augment=tg0.augment, n_views=cfg.n_views,

@@ -20,6 +20,7 @@ from .config import ToyConfig
 from .paths import atomic_path
 from .pipeline import clear_dirs
 from .progress import bar
+from .threads import restore_torch_threads
 
 FRAMES_FILE = "frames.json"
 FINAL_SVG_FILE = "final.svg"
@@ -143,12 +144,9 @@ def final_svg(result: dict, side: int = 480) -> str:
 
 def run(cfg: ToyConfig, store) -> dict:
     # The network is tiny: extra threads only fight over shared cores (10× slower on a busy 2-core box).
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with restore_torch_threads():
+        torch.set_num_threads(1)
         result = train_toy(cfg)
-    finally:
-        torch.set_num_threads(n_threads)
     toy_dir = store.paths.toy_dir
     toy_dir.mkdir(parents=True, exist_ok=True)
     payload = {"n_steps": cfg.n_steps, "frame_every": cfg.frame_every, "labels": result["labels"],

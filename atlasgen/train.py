@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -30,6 +29,7 @@ from .model import bf16_is_fast, resolve_device
 from .pipeline import clear_dirs, clear_tables
 from .sae import SparseAutoencoder
 from .store import Store, now
+from .threads import n_cores, restore_torch_threads
 
 # Inputs scored (per-example reconstruction loss) when choosing where to resample dead features.
 N_RESAMPLE_CANDIDATES = 65_536
@@ -107,13 +107,10 @@ def _check_config(cfg: TrainConfig) -> None:
 def _threads_for(cfg: TrainConfig, d_in: int):
     """All cores for a real-size SAE; one thread for small ones, where thread hand-offs cost more than
     the tiny matrix products (6x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
     big = cfg.batch_size * cfg.expansion * d_in >= MIN_PARALLEL_ENTRIES
-    torch.set_num_threads((os.cpu_count() or before) if big else 1)
-    try:
+    with restore_torch_threads():
+        torch.set_num_threads(n_cores() if big else 1)
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def fit_normalization(emb_nd: np.ndarray) -> tuple[np.ndarray, float]:

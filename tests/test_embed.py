@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from atlasgen import embed
+from atlasgen import embed, threads
 from atlasgen.config import load_config
 from atlasgen.model import arrays_to_batch, pil_to_array, resize_tensor
 from atlasgen.pipeline import run_stages
@@ -164,10 +164,10 @@ def test_loader_resize_matches_differentiable_resize(mode):
 
 def test_thread_tuner_keeps_the_fastest(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(embed, "n_cores", lambda: 4)
+    monkeypatch.setattr(threads, "n_cores", lambda: 4)
     before = torch.get_num_threads()
     try:
-        tuner = embed.ThreadTuner(0, n_batches=100, retune_every=5)
+        tuner = threads.ThreadTuner(0, n_batches=100, retune_every=5)
         assert tuner.candidates == [1, 2, 4]
         seconds_per_image = {1: 1.0, 2: 0.4, 4: 2.0}  # a busy machine: all cores is the slowest
         used = []
@@ -179,7 +179,7 @@ def test_thread_tuner_keeps_the_fastest(monkeypatch):
         assert used[4:] == [2] * 5 and tuner.last_chosen == 2
         tuner.before_batch()
         assert torch.get_num_threads() == 1, "after retune_every batches the candidates are timed again"
-        assert embed.ThreadTuner(3, n_batches=100).candidates == [3], "an explicit n_threads is kept"
-        assert embed.ThreadTuner(0, n_batches=3).candidates == [4], "too few batches to tune: all cores"
+        assert threads.ThreadTuner(3, n_batches=100).candidates == [3], "an explicit n_threads is kept"
+        assert threads.ThreadTuner(0, n_batches=3).candidates == [4], "too few batches to tune: all cores"
     finally:
         torch.set_num_threads(before)

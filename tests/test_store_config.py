@@ -1,7 +1,6 @@
 """The store's schema/version handling, config layering and hashing, and the CLI's error handling."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import duckdb
 import numpy as np
