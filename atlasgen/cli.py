@@ -181,13 +181,6 @@ _stage_command("embed", "Embed every ingested image with DINOv3 (CLS pooler_outp
 _stage_command("train", "Train the sparse autoencoder on the embeddings.", "atlasgen train --out build/")
 _stage_command("encode", "Encode embeddings with the SAE: activations, feature stats, top images, labels, "
                "co-activation.", "atlasgen encode --out build/")
-_stage_command("layout", "Lay features out with UMAP on co-activation, assign the map grid, cut map tiles.",
-               "atlasgen layout --out build/")
-_stage_command("toy", "Train the 2-D bottleneck digits toy (superposition demo) and write its frames.",
-               "atlasgen toy --out build/")
-_stage_command("site", "Write the static site into OUT/site from the store.", "atlasgen site --out build/")
-_stage_command("probe", "Run the probe sweeps from the config (sizes, counts, readouts) and record activations.",
-               "atlasgen probe --config probes.toml --out build/")
 
 
 @app.command()
@@ -207,6 +200,15 @@ def render(out: OutOpt = Path("build"), features: Annotated[Optional[str], typer
     """
     extra = {"render": {"features": features}} if features else None
     _run(["render"], out, preset, config, None, None, None, device, force, quiet, extra)
+
+
+_stage_command("layout", "Lay features out with UMAP on co-activation, assign the map grid, cut map tiles.",
+               "atlasgen layout --out build/")
+_stage_command("probe", "Run the probe sweeps from the config (sizes, counts, readouts) and record activations.",
+               "atlasgen probe --config probes.toml --out build/")
+_stage_command("toy", "Train the 2-D bottleneck digits toy (superposition demo) and write its frames.",
+               "atlasgen toy --out build/")
+_stage_command("site", "Write the static site into OUT/site from the store.", "atlasgen site --out build/")
 
 
 @app.command()
