@@ -1,0 +1,29 @@
+"""The README keeps up with the code: every table of the schema, every command, the CI's test command."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer.main
+
+from atlasgen.cli import app
+from atlasgen.store import SCHEMA_SQL
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_holds_the_schema_as_in_the_code():
+    missing = [line.strip() for line in SCHEMA_SQL.strip().splitlines() if line.strip() not in README]
+    assert not missing, f"README 'The store' is out of date; missing lines: {missing[:5]}"
+
+
+def test_readme_lists_every_command():
+    commands = typer.main.get_command(app).commands
+    missing = [name for name in commands if f"`atlasgen {name}" not in README]
+    assert not missing, f"commands not in the README: {missing}"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    test_command = "python -m pytest -q tests"
+    assert test_command in README and test_command in ci
