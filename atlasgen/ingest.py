@@ -12,9 +12,6 @@ import csv
 import io
 import json
 import os
-import socket
-import urllib.error
-import urllib.request
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import tinyset
+from . import hub, tinyset
 from .config import IngestConfig
 from .errors import AtlasError, DataLoadError
 from .paths import atomic_path
@@ -39,7 +36,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", "
                     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico"}
 # OS clutter that is never an input and never worth a "skipped" line.
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
-HF_PROBE_TIMEOUT_S = 5.0
 
 
 class SkipInput(Exception):
@@ -310,32 +306,14 @@ def _check_hub_reachable(dataset: str) -> bool:
         return False  # a local dataset folder: datasets reads it without the hub
     hint = ("use --images FOLDER for local images, or --preset tiny for the built-in set; if the dataset is in "
             "your Hugging Face cache, set HF_HUB_OFFLINE=1")
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if hub.offline_mode("HF_DATASETS_OFFLINE"):
         if not _in_hf_cache(dataset):
             raise DataLoadError(f"could not fetch the Hugging Face dataset {dataset}: offline mode (HF_HUB_OFFLINE) "
                                 "and it is not in the local cache", hint.rsplit(";", 1)[0])
         return True
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = f"{endpoint}/api/datasets/{dataset}"
-    request = urllib.request.Request(url, method="HEAD")
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        urllib.request.urlopen(request, timeout=HF_PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise DataLoadError(f"the Hugging Face dataset {dataset} does not exist (or is private)",
-                                "check the name (e.g. frgfm/imagenette), or set HF_TOKEN for a private one") from None
-        if e.code in (401, 403):
-            raise DataLoadError(f"the Hugging Face dataset {dataset} is gated or private (HTTP {e.code})",
-                                "accept its terms on the hub and set HF_TOKEN") from None
-        # Other HTTP answers mean the hub is reachable; let datasets try.
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise DataLoadError(f"could not fetch the Hugging Face dataset {dataset}: cannot reach {endpoint} ({reason})",
-                            hint) from None
+    hub.probe("datasets", dataset, "dataset", DataLoadError, unreachable_hint=hint,
+              missing_hint="check the name (e.g. frgfm/imagenette), or set HF_TOKEN for a private one",
+              gated_hint="accept its terms on the hub and set HF_TOKEN")
     return False
 
 

@@ -192,7 +192,9 @@ def load_embedding_model(model_ref: str, device: str | torch.device = "cpu", pre
                 raise ModelLoadError(f"{path} has no config.json, so it is not a transformers checkpoint",
                                      "pass a folder written by save_pretrained, or a hub id")
     try:
-        backbone = AutoModel.from_pretrained(ref)
+        backbone = _from_pretrained(AutoModel, ref, is_hub_id=path is None)
+    except ModelLoadError:
+        raise
     except Exception as e:  # transformers raises OSError/HTTP/gated errors of many kinds
         raise _model_error(model_ref, e) from None
     if not hasattr(backbone, "config") or getattr(backbone.config, "model_type", "") not in ("dinov3_vit",):
@@ -201,6 +203,28 @@ def load_embedding_model(model_ref: str, device: str | torch.device = "cpu", pre
     spec = read_preprocess_spec(path, backbone.config)
     dtype = resolve_dtype(precision, device)
     return EmbeddingModel(backbone, spec, dtype).to(device)
+
+
+def _from_pretrained(auto_cls, ref: str, is_hub_id: bool):
+    """A hub id is read from the local cache when it is there; otherwise the hub is probed first, so an
+    unreachable hub or the gated DINOv3 without a token is one clear line within seconds."""
+    if not is_hub_id:
+        return auto_cls.from_pretrained(ref)
+    try:
+        return auto_cls.from_pretrained(ref, local_files_only=True)
+    except Exception:  # not cached (or incompletely): fetch it
+        pass
+    from . import hub
+    offline_hint = ("pass --model PATH to a downloaded checkpoint (the DINOv3 weights are gated: accept the "
+                    "licence on the hub and set HF_TOKEN to download them), or use --preset tiny")
+    if hub.offline_mode():
+        raise ModelLoadError(f"could not fetch the model {ref}: offline mode (HF_HUB_OFFLINE) and it is not in the "
+                             "local cache", offline_hint)
+    hub.probe("models", ref, "model", ModelLoadError, unreachable_hint=offline_hint,
+              missing_hint="check the model id, or pass --model PATH to a local checkpoint",
+              gated_hint="accept the model's licence on the hub and set HF_TOKEN, or pass --model PATH, "
+                         "or use --preset tiny")
+    return auto_cls.from_pretrained(ref)
 
 
 def _model_error(model_ref: str, e: Exception) -> ModelLoadError:
