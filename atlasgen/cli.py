@@ -18,6 +18,19 @@ app = typer.Typer(
     help="Build a static feature atlas of DINOv3: embeddings, a sparse autoencoder, feature pictures, a map "
          "and a web site, all backed by one DuckDB store.\n\nExample: atlasgen build --preset tiny --out build/")
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        typer.echo(f"atlasgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
+    pass
+
+
 # --- shared options (each documented here, where it is declared) -----------------------------------
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder: holds atlas.duckdb, pictures and site/.")]
 ImagesOpt = Annotated[Optional[Path], typer.Option(

@@ -20,4 +20,6 @@ def test_wheel_carries_templates_assets_and_presets(tmp_path):
         if asset.is_file() and asset.suffix in (".css", ".js"):
             assert f"atlasgen/site_assets/{asset.name}" in names
     assert "atlasgen/presets/tiny.toml" in names
+    for module in (REPO / "atlasgen").glob("*.py"):
+        assert f"atlasgen/{module.name}" in names, f"{module.name} is not in the wheel"
     assert any(n.startswith("atlasgen/templates/") and n.endswith(".html") for n in names), "no templates shipped"
