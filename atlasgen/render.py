@@ -26,7 +26,6 @@ from PIL import Image
 
 from . import inversion
 from .config import RenderConfig
-from .threads import ThreadTuner, restore_torch_threads
 from .errors import AtlasError, StageInputError
 from .inversion import InversionSettings
 from .model import load_embedding_model, resolve_device
@@ -34,6 +33,7 @@ from .paths import atomic_path
 from .progress import bar, say
 from .sae import SparseAutoencoder, load_latest_sae
 from .store import Store, now
+from .threads import ThreadTuner, restore_torch_threads
 
 # Bump when the engine changes what a render looks like, so old renders are superseded.
 ENGINE_VERSION = 3
