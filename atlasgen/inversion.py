@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .config import RenderConfig
 from .model import EmbeddingModel
 
 PARAMS = ("transformer", "pixels", "fourier")
@@ -37,19 +38,23 @@ _COLOR_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 GEN_DIM, GEN_LAYERS, GEN_HEADS, GEN_PATCH = 64, 2, 4, 8
 
 
+_DEFAULTS = RenderConfig()
+
+
 @dataclass(frozen=True)
 class InversionSettings:
-    param: str = "transformer"
-    augment: bool = True
-    n_views: int = 8
-    n_steps: int = 200
-    lr: float = 0.01
-    tv_weight: float = 0.05
-    # Picture side in px (0 = the model's input size).
-    size: int = 0
-    # At most this many views go through the model in one forward/backward pass (memory only: per-target
-    # gradients are independent, so chunking does not change the result beyond float rounding).
-    max_views_per_pass: int = 64
+    """The engine's share of `RenderConfig` (documented there; its defaults are the single source)."""
+
+    param: str = _DEFAULTS.param
+    augment: bool = _DEFAULTS.augment
+    n_views: int = _DEFAULTS.n_views
+    n_steps: int = _DEFAULTS.n_steps
+    lr: float = _DEFAULTS.lr
+    tv_weight: float = _DEFAULTS.tv_weight
+    size: int = _DEFAULTS.size
+    # Chunking views bounds memory only: per-target gradients are independent, so the result is the same
+    # beyond float rounding.
+    max_views_per_pass: int = _DEFAULTS.max_views_per_pass
 
     def __post_init__(self):
         assert self.param in PARAMS, f"unknown parameterisation {self.param!r}"
