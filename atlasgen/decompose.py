@@ -6,7 +6,6 @@ Also the shared "embed PIL images with the store's model" helpers used by the pr
 from __future__ import annotations
 
 import base64
-import json
 import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,11 @@ BAR_WIDTH = 30
 
 def stage_config(store, stage: str) -> dict:
     """The config a finished stage ran with (from `stage_runs.config_json`)."""
-    # fetchall, not fetchone: DuckDB 2 keeps a half-read result open and refuses the next relation query.
-    rows = store.query("SELECT config_json, status FROM stage_runs WHERE stage = ?", [stage])
-    row = rows[0] if rows else None
-    if row is None or row[1] != "done" or not row[0]:
+    config = store.stage_config(stage)
+    if config is None:
         raise StageInputError(f"the store has no finished {stage} stage",
                               f"run `atlasgen build` (or `atlasgen {stage}`) with the same --out first")
-    return json.loads(row[0])
+    return config
 
 
 def load_store_model(store, device: str = "auto") -> EmbeddingModel:

@@ -219,11 +219,11 @@ def plan(cfg: RenderConfig, store: Store, sae: SparseAutoencoder, device: torch.
 
 # --- the stage --------------------------------------------------------------------------------------------
 def load_render_model(cfg: RenderConfig, store: Store):
-    row = store.con.execute("SELECT config_json FROM stage_runs WHERE stage = 'embed' AND status = 'done'").fetchone()
-    if row is None:
+    embed_cfg = store.stage_config("embed")
+    if embed_cfg is None:
         raise StageInputError("render needs the embed stage, which has not run in this output folder",
                               "run `atlasgen build` (or embed, train, encode) with the same --out first")
-    model_ref = json.loads(row[0])["model"]
+    model_ref = embed_cfg["model"]
     model = load_embedding_model(model_ref, cfg.device, cfg.precision, models_dir=store.paths.models_dir)
     return model, model_ref
 

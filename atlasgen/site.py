@@ -262,14 +262,6 @@ def _safe_tag(text: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "", text or "")[:12] or "build"
 
 
-def _stage_config(store, stage: str) -> dict:
-    row = store.con.execute("SELECT config_json FROM stage_runs WHERE stage = ?", [stage]).fetchone()
-    try:
-        return json.loads(row[0]) if row and row[0] else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 class SiteData:
     """Everything the pages need, read with a handful of bulk queries."""
 
@@ -289,7 +281,7 @@ class SiteData:
             f"SELECT {', '.join(cols)} FROM features ORDER BY feature_id").fetchall()]
         self.by_id = {f["feature_id"]: f for f in self.features}
         grid = [max(f["grid_x"], f["grid_y"]) for f in self.features if f["grid_x"] is not None and f["grid_y"] is not None]
-        self.map_side = int(_stage_config(store, "layout").get("grid_side") or (max(grid) + 1 if grid else 0))
+        self.map_side = int((store.stage_config("layout") or {}).get("grid_side") or (max(grid) + 1 if grid else 0))
 
         self.image_labels = dict(con.execute("SELECT image_id, label FROM images").fetchall())
 
@@ -541,7 +533,7 @@ def _write_overview(writer: SiteWriter, data: SiteData) -> None:
         key=lambda f: -(f["strength"] or 0))[:cfg.n_gallery]]
     n_live = sum(1 for f in data.features if (f["n_active"] or 0) > 0)
     writer.render("index.html", "index.html", {
-        "model": _stage_config(store, "embed").get("model"), "n_images": data.n_images, "labels": labels,
+        "model": (store.stage_config("embed") or {}).get("model"), "n_images": data.n_images, "labels": labels,
         "n_skipped": store.count("skipped_inputs"), "sae": sae, "curves": curves, "gallery": gallery,
         "n_features": len(data.features), "n_live": n_live, "n_renders": sum(len(v) for v in data.renders.values()),
         "n_pairs": len({(r["feature_a"], r["feature_b"]) for r in data.pair_renders if r["kind"] == "sum"})})

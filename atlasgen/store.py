@@ -236,11 +236,18 @@ class Store:
 
     # --- stage bookkeeping ---------------------------------------------------------------------
     def stage_row(self, stage: str) -> dict | None:
-        row = self.con.execute(
-            "SELECT config_hash, status, summary_json, finished_at FROM stage_runs WHERE stage = ?", [stage]).fetchone()
-        if row is None:
+        rows = self.con.execute("SELECT config_hash, status, summary_json, finished_at, config_json FROM stage_runs "
+                                "WHERE stage = ?", [stage]).fetchall()
+        if not rows:
             return None
-        return {"config_hash": row[0], "status": row[1], "summary": json.loads(row[2] or "{}"), "finished_at": row[3]}
+        row = rows[0]
+        return {"config_hash": row[0], "status": row[1], "summary": json.loads(row[2] or "{}"), "finished_at": row[3],
+                "config": json.loads(row[4] or "{}")}
+
+    def stage_config(self, stage: str) -> dict | None:
+        """The config a finished stage ran with, or None when it has not finished."""
+        row = self.stage_row(stage)
+        return row["config"] if row and row["status"] == "done" else None
 
     def stage_is_done(self, stage: str, config_hash: str) -> bool:
         row = self.stage_row(stage)
