@@ -55,43 +55,23 @@ def load_image(path: Path) -> Image.Image:
 
 
 def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> Image.Image:
-    """The picture as ingest + embed see it: EXIF rotation, RGB (alpha on white), shorter side down to
-    `ingest.corpus_side`, JPEGs decoded with the same DCT-domain draft. Ingest's JPEG re-encode of the
-    corpus copy is a storage step and is skipped, so a corpus file decomposes to exactly its stored rows."""
-    import warnings
+    """The picture as ingest + embed see it (ingest's `decode_rgb`: EXIF rotation, RGB with alpha on white,
+    shorter side down to `ingest.corpus_side`, the same JPEG drafts). Ingest's JPEG re-encode of the corpus
+    copy is a storage step and is skipped, so a corpus file decomposes to exactly its stored rows."""
     from .config import IngestConfig
-    from .ingest import to_rgb
+    from .ingest import SkipInput, decode_rgb
     ingest_cfg = stage_config(store, "ingest")
     max_pixels = int(ingest_cfg.get("max_pixels", IngestConfig().max_pixels))
     corpus_side = int(ingest_cfg.get("corpus_side", IngestConfig().corpus_side))
     path = Path(path)
-    hint = "pass a JPEG, PNG, WebP or other image file Pillow can read"
     if not path.is_file():
         raise DataLoadError(f"{path} does not exist or is not a file", "pass the path of an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            w, h = image.size
-            if w * h > max_pixels:
-                raise DataLoadError(f"{path} has {w}×{h} pixels, more than ingest.max_pixels = {max_pixels:,}",
-                                    "shrink the picture first, or raise ingest.max_pixels")
-            if image.format == "JPEG":
-                # Corpus-sized JPEGs: the embed stage's draft at the model size; bigger ones: ingest's draft.
-                side = model_side if model_side and min(w, h) <= corpus_side else corpus_side
-                image.draft("RGB" if image.mode == "RGB" else None, (side, side))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = to_rgb(image)
-    except DataLoadError:
-        raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataLoadError(f"{path} is not a readable image ({text.replace(repr(str(path)), '').strip()})", hint) from None
-    w, h = rgb.size
-    if min(w, h) > corpus_side:
-        scale = corpus_side / min(w, h)
-        rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+        rgb, _, _ = decode_rgb(path, max_pixels, corpus_side, small_draft_side=model_side)
+    except SkipInput as e:
+        hint = ("shrink the picture first, or raise ingest.max_pixels" if "max_pixels" in str(e) else
+                "pass a JPEG, PNG, WebP or other image file Pillow can read")
+        raise DataLoadError(f"{path} is not a readable image ({e})", hint) from None
     return rgb
 
 

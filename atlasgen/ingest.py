@@ -99,6 +99,17 @@ def _greyscale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
 
 def decode_image(data: bytes | Path, max_pixels: int, corpus_side: int) -> Decoded:
     """Decode one input into a normalised JPEG, or raise SkipInput with the reason."""
+    rgb, width, height = decode_rgb(data, max_pixels, corpus_side)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=JPEG_QUALITY)
+    return Decoded(width, height, buf.getvalue())
+
+
+def decode_rgb(data: bytes | Path, max_pixels: int, corpus_side: int,
+               small_draft_side: int | None = None) -> tuple[Image.Image, int, int]:
+    """Decode one input into (RGB picture with shorter side ≤ corpus_side, width, height after EXIF
+    rotation), or raise SkipInput with the reason. `small_draft_side`: a JPEG that is already corpus-sized
+    is drafted at this side instead (what the embed stage does when it reads a corpus copy)."""
     if isinstance(data, Path):
         try:
             if data.stat().st_size == 0:
@@ -119,7 +130,9 @@ def decode_image(data: bytes | Path, max_pixels: int, corpus_side: int) -> Decod
                                 f"ingest.max_pixels = {max_pixels:,}")
             if image.format == "JPEG":
                 # Decode big JPEGs at a reduced scale straight away (DCT scaling): much faster, same result.
-                image.draft("RGB" if image.mode == "RGB" else None, (corpus_side, corpus_side))
+                small = small_draft_side and min(width, height) <= corpus_side
+                side = small_draft_side if small else corpus_side
+                image.draft("RGB" if image.mode == "RGB" else None, (side, side))
             image.load()
     except SkipInput:
         raise
@@ -147,9 +160,7 @@ def decode_image(data: bytes | Path, max_pixels: int, corpus_side: int) -> Decod
     if short > corpus_side:
         scale = corpus_side / short
         rgb = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
-    buf = io.BytesIO()
-    rgb.save(buf, "JPEG", quality=JPEG_QUALITY)
-    return Decoded(width, height, buf.getvalue())
+    return rgb, width, height
 
 
 # --- sources -------------------------------------------------------------------------------------
