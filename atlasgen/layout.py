@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from .config import LayoutConfig, config_hash
 from .errors import AtlasError, StageInputError
+from .paths import atomic_dir
 from .progress import bar, say
 
 MAP_INDEX_NAME = "index.json"
@@ -300,11 +301,7 @@ def _cell_image(path: Path | None, cell_px: int) -> np.ndarray:
 
 def write_map(store, cfg: LayoutConfig, placed_ids: np.ndarray, cells_m2: np.ndarray, labels: list) -> dict:
     """Cut the mosaic into the tile pyramid and write index.json, into a temp folder renamed to map/."""
-    final_dir = store.paths.map_dir
-    tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
+    with atomic_dir(store.paths.map_dir) as tmp_dir:
         stats = _write_tiles(tmp_dir, store, cfg, placed_ids, cells_m2)
         index = {
             "version": 1,
@@ -321,10 +318,6 @@ def write_map(store, cfg: LayoutConfig, placed_ids: np.ndarray, cells_m2: np.nda
                 for f, c, lab in zip(placed_ids, cells_m2, labels)],
         }
         (tmp_dir / MAP_INDEX_NAME).write_text(json.dumps(index, separators=(",", ":")))
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(tmp_dir, final_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return {"n_levels": len(stats["levels"]), "n_tiles": stats["n_tiles"], "n_pictures": stats["n_pictures"]}
 
 

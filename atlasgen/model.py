@@ -5,8 +5,6 @@ shared by embed, render, probe and decompose.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ModelLoadError
+from .paths import atomic_dir
 
 DEFAULT_MODEL_ID = "facebook/dinov3-vits16-pretrain-lvd1689m"
 TINY_MODEL_REF = "tiny"
@@ -45,12 +44,8 @@ def ensure_random_model(path: Path, config, seed: int = 0) -> Path:
         return path
     torch.manual_seed(seed)
     model = DINOv3ViTModel(config)
-    tmp_path = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp_path, ignore_errors=True)
-    model.save_pretrained(tmp_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp_path, path)
+    with atomic_dir(path) as tmp_path:
+        model.save_pretrained(tmp_path)
     return path
 
 

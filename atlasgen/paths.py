@@ -119,3 +119,23 @@ def atomic_path(final_path: Path):
                 shutil.rmtree(tmp_path)
             else:
                 tmp_path.unlink()
+
+
+@contextmanager
+def atomic_dir(final_dir: Path):
+    """Yield a fresh empty temp folder beside `final_dir`; if the block succeeds, swap it into place
+    (the old folder, if any, is moved aside first and then removed), else remove it."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp{os.getpid()}")
+    old_dir = final_dir.with_name(f".{final_dir.name}.old{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir
+        if final_dir.exists():
+            os.replace(final_dir, old_dir)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

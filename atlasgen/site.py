@@ -382,19 +382,8 @@ def run(cfg: SiteConfig, store, page_providers: tuple[str, ...] = PAGE_PROVIDERS
         if getattr(cfg, name) < (1 if name in ("features_per_page", "chunk_size") else 0):
             raise AtlasError(f"[site] {name} = {getattr(cfg, name)} is out of range",
                              f"set [site] {name} to a positive number (default {getattr(SiteConfig(), name)})")
-    site_dir = store.paths.site_dir
-    tmp_dir = site_dir.with_name(f".{site_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
+    with paths_mod.atomic_dir(store.paths.site_dir) as tmp_dir:
         summary = _build(cfg, store, tmp_dir, page_providers)
-        old_dir = site_dir.with_name(f".{site_dir.name}.old{os.getpid()}")
-        if site_dir.exists():
-            os.replace(site_dir, old_dir)
-        os.replace(tmp_dir, site_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     return summary
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from .paths import atomic_dir
 
 # Bump when the drawing changes, so cached sources are regenerated.
 TINYSET_VERSION = 2
@@ -182,16 +182,11 @@ def generate(out_dir: Path, n_images: int, seed: int = 0) -> Path:
     marker_path = out_dir / ".tinyset.json"  # hidden: ingest ignores it
     if marker_path.exists() and json.loads(marker_path.read_text()) == marker:
         return out_dir
-    tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    for index in range(n_images):
-        label, image = example(index, seed)
-        path = tmp_dir / label / f"{index:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, "PNG")
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    (tmp_dir / ".tinyset.json").write_text(json.dumps(marker))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp_dir, out_dir)
+    with atomic_dir(out_dir) as tmp_dir:
+        for index in range(n_images):
+            label, image = example(index, seed)
+            path = tmp_dir / label / f"{index:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, "PNG")
+        (tmp_dir / ".tinyset.json").write_text(json.dumps(marker))
     return out_dir

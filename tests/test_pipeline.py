@@ -30,3 +30,21 @@ def test_unchanged_stages_are_skipped_and_changes_propagate(tmp_path):
         assert not changed["ingest"].get("skipped") and not changed["embed"].get("skipped")
         assert store.count("images") == 16
         assert store.count("embeddings") == 16
+
+
+def test_atomic_dir_swaps_in_on_success_and_keeps_the_old_folder_on_failure(tmp_path):
+    import pytest
+    from atlasgen.paths import atomic_dir
+    final = tmp_path / "site"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (final / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("half-built")
+    assert (final / "a.txt").read_text() == "one", "a failed build must leave the old folder as it was"
+    with atomic_dir(final) as tmp:
+        (tmp / "b.txt").write_text("three")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"], "no temp or old folders left behind"
