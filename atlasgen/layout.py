@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import scipy.sparse as sp
 
 from .config import LayoutConfig, config_hash
 from .errors import AtlasError, StageInputError
-from .paths import atomic_dir
+from .paths import atomic_dir, link_or_copy
 from .progress import bar, say
 
 MAP_INDEX_NAME = "index.json"
@@ -397,11 +396,7 @@ def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
     shutil.rmtree(dst, ignore_errors=True)
     if not index_path.exists():
         return [("map.html", "map.html", {"map": None})]
-    try:
-        shutil.copytree(src, dst, copy_function=os.link)
-    except OSError:  # another file system, or links not allowed: plain copies
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst)
+    shutil.copytree(src, dst, copy_function=link_or_copy)
     index = json.loads(index_path.read_text())
     context = {"map": {"grid_side": index["grid_side"], "n_placed": len(index["features"]),
                        "n_levels": len(index["levels"]), "cell_px": index["cell_px"],

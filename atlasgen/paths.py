@@ -139,3 +139,14 @@ def atomic_dir(final_dir: Path):
         shutil.rmtree(old_dir, ignore_errors=True)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link `src` to `dst` (pictures are immutable, so the site can share them); copy when links are
+    not possible (another file system, or not allowed). True if linked."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        shutil.copy2(src, dst)
+        return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import re
 import shutil
 import struct
@@ -246,11 +245,9 @@ class PictureCopier:
         if dst.parent not in self._made_dirs:
             dst.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(dst.parent)
-        try:
-            os.link(src, dst)
+        if paths_mod.link_or_copy(src, dst):
             self.n_linked += 1
-        except OSError:  # another file system, or links not allowed: copy
-            shutil.copy2(src, dst)
+        else:
             self.n_copied += 1
         pic = Picture(rel_dst, int(size[0]), int(size[1]))
         self._done[rel_dst] = pic
