@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import AtlasError, DataLoadError, StageInputError
-from .model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_to_array
+from .model import EmbeddingModel, load_embedding_model, pil_to_array
 from .paths import atomic_path, site_assets_dir, templates_dir
 from .sae import SparseAutoencoder, load_latest_sae
 
@@ -75,15 +75,14 @@ def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> I
     return rgb
 
 
-@torch.no_grad()
 def embed_pil(model: EmbeddingModel, images: list[Image.Image], batch_size: int = 16) -> np.ndarray:
     """RGB PIL images → embeddings (N, D) float32, with the same CPU preprocessing as the embed stage."""
+    from .embed import embed_batch
     out = []
-    device = next(model.buffers()).device
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         arrays_bhw3 = np.stack([pil_to_array(im, model.image_size, model.spec.resize_mode) for im in chunk])
-        out.append(model(arrays_to_batch(arrays_bhw3).to(device)).cpu().numpy())
+        out.append(embed_batch(model, arrays_bhw3))
     return np.concatenate(out, axis=0) if out else np.zeros((0, model.dim), np.float32)
 
 
