@@ -59,7 +59,7 @@ def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> I
     shorter side down to `ingest.corpus_side`, the same JPEG drafts). Ingest's JPEG re-encode of the corpus
     copy is a storage step and is skipped, so a corpus file decomposes to exactly its stored rows."""
     from .config import IngestConfig
-    from .ingest import SkipInput, decode_rgb
+    from .stages.ingest import SkipInput, decode_rgb
     ingest_cfg = stage_config(store, "ingest")
     max_pixels = int(ingest_cfg.get("max_pixels", IngestConfig().max_pixels))
     corpus_side = int(ingest_cfg.get("corpus_side", IngestConfig().corpus_side))
@@ -77,7 +77,7 @@ def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> I
 
 def embed_pil(model: EmbeddingModel, images: list[Image.Image], batch_size: int = 16) -> np.ndarray:
     """RGB PIL images → embeddings (N, D) float32, with the same CPU preprocessing as the embed stage."""
-    from .embed import embed_batch
+    from .stages.embed import embed_batch
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -176,7 +176,7 @@ def _site_env():
     """The site's Jinja environment (its filters and the `_decomposition.html` partial), or a plain one if
     the site module is missing. Our own instance: `url` must pass data: URIs through untouched."""
     try:
-        from .site import make_env, url_path
+        from .stages.site import make_env, url_path
     except ImportError:
         import jinja2
         return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())), autoescape=True), False

@@ -20,7 +20,7 @@ from .store import Store
 
 def stage_module(name: str):
     assert name in STAGE_ORDER, f"unknown stage {name}"
-    return importlib.import_module(f"atlasgen.{name}")
+    return importlib.import_module(f"atlasgen.stages.{name}")
 
 
 def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False) -> dict[str, dict]:

@@ -2,7 +2,7 @@
 
 Naive baseline: the Hugging Face DINOv3ViTModel called batch by batch in fp32 on PIL-preprocessed images
 (open, resize, normalise in the main thread; no overlap), with torch's default thread count.
-Ours: `atlasgen.embed.run` (decode threads overlapping the model, bf16 where the CPU is fast at it,
+Ours: `atlasgen.stages.embed.run` (decode threads overlapping the model, bf16 where the CPU is fast at it,
 thread count tuned on the first batches), reading the ingested corpus.
 
 Random weights (`vits16_config()` written with save_pretrained into a temp dir); generated 320×240 JPEGs.
@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atlasgen import embed, ingest  # noqa: E402
+from atlasgen.stages import embed, ingest  # noqa: E402
 from atlasgen.config import EmbedConfig, IngestConfig  # noqa: E402
 from atlasgen.model import IMAGENET_MEAN, IMAGENET_STD, ensure_random_model, vits16_config  # noqa: E402
 from atlasgen.progress import set_quiet  # noqa: E402

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlasgen.config import LayoutConfig  # noqa: E402
-from atlasgen.layout import (assign_grid, coactivation_profiles, insert_synthetic, synthetic_activity,  # noqa: E402
+from atlasgen.stages.layout import (assign_grid, coactivation_profiles, insert_synthetic, synthetic_activity,  # noqa: E402
                              umap_layout, write_map)
 from atlasgen.progress import set_quiet  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
 def dense_assignment_seconds(xy_m2: np.ndarray, side: int) -> float:
     """The naive solve: every point × every cell, one dense linear_sum_assignment."""
     from scipy.optimize import linear_sum_assignment
-    from atlasgen.layout import _fit_to_grid
+    from atlasgen.stages.layout import _fit_to_grid
     t0 = time.perf_counter()
     pts = _fit_to_grid(xy_m2, side)
     cx, cy = np.meshgrid(np.arange(side), np.arange(side))

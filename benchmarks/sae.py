@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from atlasgen import train
+from atlasgen.stages import train
 from atlasgen.sae import SparseAutoencoder
 from atlasgen.model import bf16_is_fast
 

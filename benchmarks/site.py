@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="build into this folder and keep it")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from atlasgen import site
+    from atlasgen.stages import site
     from atlasgen.config import SiteConfig
     from atlasgen.progress import set_quiet
     from atlasgen.store import Store

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasgen import site
+from atlasgen.stages import site
 from atlasgen.config import SiteConfig
 from atlasgen.progress import set_quiet
 from atlasgen.store import Store

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from atlasgen import embed, threads
+from atlasgen import threads
+from atlasgen.stages import embed
 from atlasgen.config import load_config
 from atlasgen.model import arrays_to_batch, pil_to_array, resize_tensor
 from atlasgen.pipeline import run_stages

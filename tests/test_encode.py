@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from atlasgen import encode, train
+from atlasgen.stages import encode, train
 from atlasgen.config import EncodeConfig, TrainConfig
 from atlasgen.sae import SparseAutoencoder, load_latest_sae
 from atlasgen.store import Store

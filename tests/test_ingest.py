@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from atlasgen import ingest, tinyset
+from atlasgen import tinyset
+from atlasgen.stages import ingest
 from atlasgen.cli import app
 from atlasgen.config import load_config
 from atlasgen.errors import AtlasError, DataLoadError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atlasgen import layout
+from atlasgen.stages import layout
 from atlasgen.config import LayoutConfig
 from atlasgen.errors import AtlasError, StageInputError
 from atlasgen.progress import set_quiet

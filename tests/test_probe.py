@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from atlasgen import probe
+from atlasgen.stages import probe
 from atlasgen.config import ProbeConfig, config_json, load_config
 from atlasgen.errors import AtlasError
 from atlasgen.store import Store, now

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from atlasgen import inversion, render
+from atlasgen import inversion
+from atlasgen.stages import render
 from atlasgen.config import RenderConfig, load_config
 from atlasgen.inversion import InversionSettings
 from atlasgen.model import arrays_to_batch

@@ -1,4 +1,4 @@
-"""SAE training (atlasgen.train) on planted sparse directions, plus the SAE module itself."""
+"""SAE training (atlasgen.stages.train) on planted sparse directions, plus the SAE module itself."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlasgen import train
+from atlasgen.stages import train
 from atlasgen.config import TrainConfig
 from atlasgen.errors import AtlasError
 from atlasgen.sae import SparseAutoencoder, load_latest_sae

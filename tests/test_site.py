@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 from typer.testing import CliRunner
 
-from atlasgen import site
+from atlasgen.stages import site
 from atlasgen.cli import app
 from atlasgen.config import SiteConfig
 from atlasgen.progress import set_quiet
@@ -289,14 +289,14 @@ def test_placeholders_and_site_pages_hooks(synthetic_out, tmp_path, monkeypatch)
     """A module's site_pages output is rendered with the site's env; a missing one gets a placeholder."""
     import types
     out = shutil.copytree(synthetic_out, tmp_path / "build")
-    fake = types.ModuleType("atlasgen.fakestage")
+    fake = types.ModuleType("atlasgen.stages.fakestage")
 
     def site_pages(store, site_dir):
         (site_dir / "fake").mkdir()
         (site_dir / "fake" / "x.txt").write_text("hi")
         return [("not_built.html", "map.html", {"section": "Custom map", "stage": "layout"})]
     fake.site_pages = site_pages
-    monkeypatch.setitem(sys.modules, "atlasgen.fakestage", fake)
+    monkeypatch.setitem(sys.modules, "atlasgen.stages.fakestage", fake)
     with Store.open(out) as store:
         site.run(SiteConfig(search_index=False), store, page_providers=("fakestage",))
     site_dir = out / "site"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from atlasgen import toy
+from atlasgen.stages import toy
 from atlasgen.config import ToyConfig, load_config
 from atlasgen.store import Store
 

@@ -30,11 +30,11 @@ import numpy as np
 from markupsafe import Markup, escape
 from PIL import Image, ImageColor
 
-from .config import ProbeConfig
-from .errors import AtlasError
-from .paths import atomic_path
-from .pipeline import clear_dirs, clear_tables
-from .progress import bar, say
+from ..config import ProbeConfig
+from ..errors import AtlasError
+from ..paths import atomic_path
+from ..pipeline import clear_dirs, clear_tables
+from ..progress import bar, say
 
 KINDS = ("size", "count", "readout")
 CUTS = ("", "sliced", "half")
@@ -64,7 +64,7 @@ class Sweep:
 
 # --- pictures ------------------------------------------------------------------------------------
 def _colour(text: str, where: str) -> tuple[int, int, int]:
-    from . import tinyset
+    from .. import tinyset
     if text in getattr(tinyset, "COLOURS", {}):
         return tinyset.COLOURS[text]
     try:
@@ -83,7 +83,7 @@ def _crop_to_alpha(obj: Image.Image) -> Image.Image:
 def load_object(spec: str, key: str = "", where: str = "probe") -> Image.Image:
     """An RGBA object cropped to its visible box: `shape:KIND:COLOUR` (drawn by tinyset) or an image file."""
     if spec.startswith("shape:"):
-        from .tinyset import OBJECT_KINDS, draw_object
+        from ..tinyset import OBJECT_KINDS, draw_object
         parts = spec.split(":", 2)
         if len(parts) != 3 or parts[1] not in OBJECT_KINDS:
             raise AtlasError(f"{where}: object {spec!r} is not shape:KIND:COLOUR",
@@ -93,7 +93,7 @@ def load_object(spec: str, key: str = "", where: str = "probe") -> Image.Image:
     if not path.is_file():
         raise AtlasError(f"{where}: object {spec!r} is neither shape:KIND:COLOUR nor an existing image file",
                          "give a path (relative to the working folder) or e.g. shape:circle:red")
-    from .decompose import load_image
+    from ..decompose import load_image
     if key:
         rgb = np.asarray(load_image(path), dtype=np.int16)
         dist = np.abs(rgb - np.asarray(_colour(key, where), np.int16)).max(axis=2)
@@ -111,8 +111,8 @@ def load_object(spec: str, key: str = "", where: str = "probe") -> Image.Image:
 def make_background(spec: str, canvas: int, where: str = "probe") -> Image.Image:
     path = Path(spec).expanduser()
     if spec and not spec.startswith("#") and path.is_file():
-        from .decompose import load_image
-        from .model import pil_to_array
+        from ..decompose import load_image
+        from ..model import pil_to_array
         return Image.fromarray(pil_to_array(load_image(path), canvas, "center"))
     return Image.new("RGB", (canvas, canvas), _colour(spec or "#f0f0f0", where))
 
@@ -244,8 +244,8 @@ def parse_sweep(raw: dict, cfg: ProbeConfig, n_features: int | None = None) -> t
             if cut not in CUTS:
                 raise AtlasError(f"{where}: cut {cut!r} is not one of sliced, half", 'e.g. cut = "sliced"')
             if "image" in item:
-                from .decompose import load_image
-                from .model import pil_to_array
+                from ..decompose import load_image
+                from ..model import pil_to_array
                 img = Image.fromarray(pil_to_array(load_image(Path(str(item["image"])).expanduser()), canvas, "center"))
             else:
                 bg = make_background(str(item["background"]), canvas, where) if "background" in item else background
@@ -270,8 +270,8 @@ def step_image_path(paths, sweep: str, step: int) -> Path:
 
 
 def run(cfg: ProbeConfig, store) -> dict:
-    from .decompose import embed_pil, encode, load_store_model
-    from .sae import load_latest_sae
+    from ..decompose import embed_pil, encode, load_store_model
+    from ..sae import load_latest_sae
     sae = load_latest_sae(store)
     sweeps = parse_sweeps(cfg, sae.n_features)
     if not sweeps:
@@ -402,7 +402,7 @@ def bars_svg(sweep_name: str, labels: list[str], series: list[dict], width: int 
 
 def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
     """Copy probe pictures into the site and return the probes page (template, output path, context)."""
-    from .decompose import feature_labels
+    from ..decompose import feature_labels
     rows = store.query("SELECT config_json, summary_json FROM stage_runs WHERE stage = 'probe' AND status = 'done'")
     row = rows[0] if rows else None
     if row is None:

@@ -24,16 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import inversion
-from .config import RenderConfig
-from .errors import AtlasError, StageInputError
-from .inversion import InversionSettings
-from .model import load_embedding_model, resolve_device
-from .paths import atomic_path
-from .progress import bar, say
-from .sae import SparseAutoencoder, load_latest_sae
-from .store import Store, now
-from .threads import ThreadTuner, restore_torch_threads
+from .. import inversion
+from ..config import RenderConfig
+from ..errors import AtlasError, StageInputError
+from ..inversion import InversionSettings
+from ..model import load_embedding_model, resolve_device
+from ..paths import atomic_path
+from ..progress import bar, say
+from ..sae import SparseAutoencoder, load_latest_sae
+from ..store import Store, now
+from ..threads import ThreadTuner, restore_torch_threads
 
 # Bump when the engine changes what a render looks like, so old renders are superseded.
 ENGINE_VERSION = 3

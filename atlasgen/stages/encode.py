@@ -15,13 +15,13 @@ import pyarrow as pa
 import torch
 from PIL import Image, ImageOps
 
-from . import progress
-from .config import EncodeConfig
-from .errors import AtlasError, StageInputError
-from .paths import atomic_path
-from .pipeline import clear_dirs, clear_tables
-from .sae import SparseAutoencoder, load_latest_sae
-from .store import Store
+from .. import progress
+from ..config import EncodeConfig
+from ..errors import AtlasError, StageInputError
+from ..paths import atomic_path
+from ..pipeline import clear_dirs, clear_tables
+from ..sae import SparseAutoencoder, load_latest_sae
+from ..store import Store
 
 N_HIST_BINS = 20
 QUANTILES = (0.5, 0.9, 0.99)

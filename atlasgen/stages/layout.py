@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from .config import LayoutConfig, config_hash
-from .errors import AtlasError, StageInputError
-from .paths import atomic_dir, link_or_copy
-from .progress import bar, say
+from ..config import LayoutConfig, config_hash
+from ..errors import AtlasError, StageInputError
+from ..paths import atomic_dir, link_or_copy
+from ..progress import bar, say
 
 MAP_INDEX_NAME = "index.json"
 # Cells without a feature and the placeholder of a feature that has no picture yet.

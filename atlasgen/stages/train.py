@@ -22,14 +22,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from . import progress
-from .config import TrainConfig, config_hash, config_json
-from .errors import AtlasError, StageInputError
-from .model import bf16_is_fast, resolve_device
-from .pipeline import clear_dirs, clear_tables
-from .sae import SparseAutoencoder
-from .store import Store, now
-from .threads import n_cores, restore_torch_threads
+from .. import progress
+from ..config import TrainConfig, config_hash, config_json
+from ..errors import AtlasError, StageInputError
+from ..model import bf16_is_fast, resolve_device
+from ..pipeline import clear_dirs, clear_tables
+from ..sae import SparseAutoencoder
+from ..store import Store, now
+from ..threads import n_cores, restore_torch_threads
 
 # Inputs scored (per-example reconstruction loss) when choosing where to resample dead features.
 N_RESAMPLE_CANDIDATES = 65_536

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from markupsafe import Markup
 
-from .config import ToyConfig
-from .paths import atomic_path
-from .pipeline import clear_dirs
-from .progress import bar
-from .threads import restore_torch_threads
+from ..config import ToyConfig
+from ..paths import atomic_path
+from ..pipeline import clear_dirs
+from ..progress import bar
+from ..threads import restore_torch_threads
 
 FRAMES_FILE = "frames.json"
 FINAL_SVG_FILE = "final.svg"

@@ -25,9 +25,9 @@ from urllib.parse import quote
 from jinja2 import Environment, FileSystemLoader, TemplateNotFound
 from markupsafe import Markup, escape
 
-from . import paths as paths_mod
-from .config import SiteConfig
-from .progress import bar, say
+from .. import paths as paths_mod
+from ..config import SiteConfig
+from ..progress import bar, say
 
 # (nav label, page path relative to the site root); every one of these pages always exists.
 NAV = (("Overview", "index.html"), ("Features", "features/index.html"), ("Map", "map.html"),
@@ -374,7 +374,7 @@ class SiteWriter:
 
 def run(cfg: SiteConfig, store, page_providers: tuple[str, ...] = PAGE_PROVIDERS) -> dict:
     """Write the whole site into a temp folder beside `store.paths.site_dir`, then swap it into place."""
-    from .errors import AtlasError
+    from ..errors import AtlasError
     for name in ("features_per_page", "chunk_size", "n_gallery", "n_decompose_auto", "n_coactive"):
         if getattr(cfg, name) < (1 if name in ("features_per_page", "chunk_size") else 0):
             raise AtlasError(f"[site] {name} = {getattr(cfg, name)} is out of range",
@@ -625,9 +625,9 @@ def _write_provider_pages(writer: SiteWriter, store, site_dir: Path, providers: 
     """Pages from layout/probe/toy (`site_pages`), and a "not built" page wherever one is missing."""
     for name in providers:
         try:
-            module = importlib.import_module(f"atlasgen.{name}")
+            module = importlib.import_module(f"atlasgen.stages.{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"atlasgen.{name}":
+            if e.name != f"atlasgen.stages.{name}":
                 raise
             continue
         site_pages = getattr(module, "site_pages", None)
@@ -647,7 +647,7 @@ def _index_search(site_dir: Path) -> None:
     """Pagefind over the feature pages (the ones marked data-pagefind-body); bundle in site/pagefind/."""
     import subprocess
     import sys
-    from .errors import AtlasError
+    from ..errors import AtlasError
     result = subprocess.run([sys.executable, "-m", "pagefind", "--site", str(site_dir), "--output-subdir",
                              "pagefind", "--force-language", "en", "--silent"], capture_output=True, text=True)
     if result.returncode != 0 or not (site_dir / "pagefind" / "pagefind-ui.js").exists():

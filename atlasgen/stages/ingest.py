@@ -22,13 +22,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import hub, tinyset
-from .config import IngestConfig
-from .errors import AtlasError, DataLoadError
-from .paths import atomic_path
-from .pipeline import clear_dirs
-from .progress import bar, say
-from .store import Store, now
+from .. import hub, tinyset
+from ..config import IngestConfig
+from ..errors import AtlasError, DataLoadError
+from ..paths import atomic_path
+from ..pipeline import clear_dirs
+from ..progress import bar, say
+from ..store import Store, now
 
 STAGE = "ingest"
 JPEG_QUALITY = 92

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import EmbedConfig
-from .errors import StageInputError
-from .model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_to_array
-from .progress import bar, say
-from .store import Store
-from .threads import ThreadTuner, restore_torch_threads
+from ..config import EmbedConfig
+from ..errors import StageInputError
+from ..model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_to_array
+from ..progress import bar, say
+from ..store import Store
+from ..threads import ThreadTuner, restore_torch_threads
 
 STAGE = "embed"
 
