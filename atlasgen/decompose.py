@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import AtlasError, DataLoadError, StageInputError
 from .model import EmbeddingModel, load_embedding_model, pil_to_array
 from .paths import atomic_path, site_assets_dir, templates_dir
-from .sae import SparseAutoencoder, load_latest_sae
+from .sae import SparseAutoencoder, load_stage_sae
 
 BAR_WIDTH = 30
 
@@ -104,7 +104,7 @@ class Decomposer:
     def __init__(self, store, device: str = "auto"):
         self.store = store
         self.model = load_store_model(store, device)
-        self.sae = load_latest_sae(store)
+        self.sae, self.sae_run_id = load_stage_sae(store)
         self.top_k = int(stage_config(store, "encode").get("top_k", 32))
 
     def __call__(self, image_path: Path) -> Decomposition:

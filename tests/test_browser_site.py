@@ -3,13 +3,13 @@
 and Pagefind finds a feature by its label. Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
 from atlasgen.stages import site
+from atlasgen.testing import make_synthetic_store
 from atlasgen.config import SiteConfig
 from atlasgen.progress import set_quiet
 from atlasgen.store import Store
@@ -28,14 +28,11 @@ PAGES = ("index.html", "features/index.html", "features/page-002.html", f"featur
 @pytest.fixture(scope="module")
 def synthetic_url(tmp_path_factory, serve_dir) -> str:
     """A synthetic store's site (search included) served on 127.0.0.1; feature 5 is labelled 'strawberry'."""
-    spec = importlib.util.spec_from_file_location("bench_site", REPO / "benchmarks" / "site.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     set_quiet(True)
-    out = bench.make_synthetic_store(tmp_path_factory.mktemp("browser") / "build", n_features=300, n_images=200,
+    out = make_synthetic_store(tmp_path_factory.mktemp("browser") / "build", n_features=300, n_images=200,
                                      n_pairs=3, slerp_steps=5)
     with Store.open(out) as store:
-        store.con.execute("UPDATE features SET label = ?, label_name = ? WHERE feature_id = ?",
+        store.con.execute("UPDATE feature_stats SET label = ?, label_name = ? WHERE feature_id = ?",
                           [f"{UNIQUE_LABEL} (11/16)", UNIQUE_LABEL, UNIQUE_FEATURE])
         site.run(SiteConfig(features_per_page=60, chunk_size=100), store, page_providers=())
     return serve_dir(out / "site")

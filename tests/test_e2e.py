@@ -4,7 +4,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from atlasgen.cli import app
-from atlasgen.config import STAGE_ORDER
+from atlasgen.stages import REGISTRY
 from atlasgen.store import Store
 
 runner = CliRunner()
@@ -12,7 +12,7 @@ runner = CliRunner()
 
 def test_tiny_build_fills_every_stage_and_the_site(tiny_build):
     with Store.open(tiny_build, read_only=True) as store:
-        for stage in STAGE_ORDER:
+        for stage in REGISTRY.names:
             row = store.stage_row(stage)
             assert row is not None and row["status"] == "done", f"stage {stage} did not finish"
         assert store.count("images") >= 100
@@ -30,12 +30,12 @@ def test_rerun_skips_every_stage_and_query_answers(tiny_build, tmp_path):
     out = tmp_path / "build"
     shutil.copytree(tiny_build, out)
     with Store.open(out, read_only=True) as store:
-        before = {s: store.stage_row(s)["finished_at"] for s in STAGE_ORDER}
+        before = {s: store.stage_row(s)["finished_at"] for s in REGISTRY.names}
     result = runner.invoke(app, ["build", "--out", str(out)])  # remembers --preset tiny
     assert result.exit_code == 0, result.output
     assert "site:" in result.output
     with Store.open(out, read_only=True) as store:
-        after = {s: store.stage_row(s)["finished_at"] for s in STAGE_ORDER}
+        after = {s: store.stage_row(s)["finished_at"] for s in REGISTRY.names}
     assert after == before, "a stage reran although nothing changed"
     result = runner.invoke(app, ["query", "SELECT count(*) AS n FROM images", "--out", str(out)])
     assert result.exit_code == 0 and "n" in result.output

@@ -2,7 +2,6 @@
 command, netlify.toml, and a crawl of the tiny build's site."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -17,6 +16,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 from typer.testing import CliRunner
 
+from atlasgen import testing
 from atlasgen.stages import site
 from atlasgen.cli import app
 from atlasgen.config import SiteConfig
@@ -26,16 +26,8 @@ from atlasgen.store import Store
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_site", REPO / "benchmarks" / "site.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench_module()
-make_synthetic_store = bench.make_synthetic_store
-HOSTILE = bench.HOSTILE_LABEL
+make_synthetic_store = testing.make_synthetic_store
+HOSTILE = testing.HOSTILE_LABEL
 N_FEATURES = 64
 SMALL_PAGES = SiteConfig(features_per_page=16, chunk_size=20)
 

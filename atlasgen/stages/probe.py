@@ -33,8 +33,8 @@ from PIL import Image, ImageColor
 from ..config import ProbeConfig
 from ..errors import AtlasError
 from ..paths import atomic_path
-from ..pipeline import clear_dirs, clear_tables
 from ..progress import bar, say
+from .base import Stage
 
 KINDS = ("size", "count", "readout")
 CUTS = ("", "sliced", "half")
@@ -271,8 +271,8 @@ def step_image_path(paths, sweep: str, step: int) -> Path:
 
 def run(cfg: ProbeConfig, store) -> dict:
     from ..decompose import embed_pil, encode, load_store_model
-    from ..sae import load_latest_sae
-    sae = load_latest_sae(store)
+    from ..sae import load_stage_sae
+    sae, sae_run_id = load_stage_sae(store)
     sweeps = parse_sweeps(cfg, sae.n_features)
     if not sweeps:
         say("probe: no [[probe.sweeps]] in the config, nothing to do")
@@ -301,16 +301,13 @@ def run(cfg: ProbeConfig, store) -> dict:
             cols["value"] += acts_sf[i, ids].tolist()
         chosen[sweep.name] = sweep.features or top_features(acts_sf, cfg.n_auto_features)
         n_steps += len(sweep.steps)
-    with store.transaction():
-        store.con.execute("DELETE FROM probes")
-        if cols["probe"]:
-            import pyarrow as pa
-            store.insert_frame("probes", {
-                "probe": cols["probe"], "step": pa.array(cols["step"], pa.int32()),
-                "step_value": pa.array(cols["step_value"], pa.float64()), "step_label": cols["step_label"],
-                "image_path": cols["image_path"], "feature_id": pa.array(cols["feature_id"], pa.int32()),
-                "value": pa.array(cols["value"], pa.float32())})
-    return {"n_sweeps": len(sweeps), "n_steps": n_steps, "n_rows": len(cols["probe"]), "features": chosen}
+    import pyarrow as pa
+    store.replace_probes({
+        "probe": cols["probe"], "step": pa.array(cols["step"], pa.int32()),
+        "step_value": pa.array(cols["step_value"], pa.float64()), "step_label": cols["step_label"],
+        "image_path": cols["image_path"], "feature_id": pa.array(cols["feature_id"], pa.int32()),
+        "value": pa.array(cols["value"], pa.float32())})
+    return {"sae_run_id": sae_run_id, "n_sweeps": len(sweeps), "n_steps": n_steps, "n_rows": len(cols["probe"]), "features": chosen}
 
 
 def top_features(acts_sf: np.ndarray, n: int) -> list[int]:
@@ -318,11 +315,6 @@ def top_features(acts_sf: np.ndarray, n: int) -> list[int]:
     peak_f = acts_sf.max(axis=0)
     order = np.lexsort((np.arange(len(peak_f)), -peak_f))
     return [int(f) for f in order[:n] if peak_f[f] > 0]
-
-
-def reset(store) -> None:
-    clear_tables(store, ["probes"])
-    clear_dirs(store.paths.probes_dir)
 
 
 # --- site --------------------------------------------------------------------------------------------
@@ -455,3 +447,7 @@ def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
         sweeps.append(entry)
     # A finished probe stage without sweeps still gets its page, which says how to add some.
     return [("probes.html", "probes.html", {"page_title": "Probes", "sweeps": sweeps})]
+
+
+SPEC = Stage("probe", ProbeConfig, run, inputs=("encode",), tables=("probes",), folders=("probes_dir",),
+             pages=("probes.html",))

@@ -28,6 +28,7 @@ from markupsafe import Markup, escape
 from .. import paths as paths_mod
 from ..config import SiteConfig
 from ..progress import bar, say
+from .base import Stage
 
 # (nav label, page path relative to the site root); every one of these pages always exists.
 NAV = (("Overview", "index.html"), ("Features", "features/index.html"), ("Map", "map.html"),
@@ -374,11 +375,6 @@ class SiteWriter:
 
 def run(cfg: SiteConfig, store, page_providers: tuple[str, ...] = PAGE_PROVIDERS) -> dict:
     """Write the whole site into a temp folder beside `store.paths.site_dir`, then swap it into place."""
-    from ..errors import AtlasError
-    for name in ("features_per_page", "chunk_size", "n_gallery", "n_decompose_auto", "n_coactive"):
-        if getattr(cfg, name) < (1 if name in ("features_per_page", "chunk_size") else 0):
-            raise AtlasError(f"[site] {name} = {getattr(cfg, name)} is out of range",
-                             f"set [site] {name} to a positive number (default {getattr(SiteConfig(), name)})")
     with paths_mod.atomic_dir(store.paths.site_dir) as tmp_dir:
         summary = _build(cfg, store, tmp_dir, page_providers)
     return summary
@@ -654,3 +650,6 @@ def _index_search(site_dir: Path) -> None:
         message = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise AtlasError(f"the Pagefind search index failed: {message[0]}",
                          "check that `python -m pagefind --help` works, or set [site] search_index = false")
+
+
+SPEC = Stage("site", SiteConfig, run, inputs=("layout", "probe", "toy"), folders=("site_dir",), reset=reset)

@@ -18,9 +18,9 @@ from markupsafe import Markup
 
 from ..config import ToyConfig
 from ..paths import atomic_path
-from ..pipeline import clear_dirs
 from ..progress import bar
 from ..threads import restore_torch_threads
+from .base import Stage
 
 FRAMES_FILE = "frames.json"
 FINAL_SVG_FILE = "final.svg"
@@ -162,10 +162,6 @@ def run(cfg: ToyConfig, store) -> dict:
             "n_codes": len(result["labels"]), "n_train": result["n_train"], "n_test": result["n_test"]}
 
 
-def reset(store) -> None:
-    clear_dirs(store.paths.toy_dir)
-
-
 def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
     """The toy page: (template, output path relative to the site, context). Empty if the toy has not run."""
     frames_path = store.paths.toy_dir / FRAMES_FILE
@@ -194,3 +190,6 @@ def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
         },
     }
     return [("toy.html", "toy.html", context)]
+
+
+SPEC = Stage("toy", ToyConfig, run, folders=("toy_dir",), pages=("toy.html",))
