@@ -322,6 +322,13 @@ class Store:
     RENDER_COLUMNS = ("render_id", "kind", "feature_a", "feature_b", "image_id", "t", "seed", "variant", "path",
                       "cosine", "self_activation", "self_rank")
 
+    def _grouped(self, sql: str, params: list | None = None) -> dict:
+        """Rows grouped by their first column, in row order: key → [the rest of each row, as a tuple]."""
+        out: dict = {}
+        for key, *rest in self.con.execute(sql, params or []).fetchall():
+            out.setdefault(key, []).append(tuple(rest))
+        return out
+
     def feature_rows(self) -> list[dict]:
         """Every feature's stats, label and map cell (FEATURE_PAGE_COLUMNS), by feature id."""
         cols = self.FEATURE_PAGE_COLUMNS
@@ -369,39 +376,25 @@ class Store:
 
     def top_images_by_feature(self) -> dict[int, list[tuple[int, float]]]:
         """feature id → [(image id, activation)], strongest first."""
-        out: dict[int, list[tuple[int, float]]] = {}
-        for fid, image_id, value in self.con.execute(
-                "SELECT feature_id, image_id, value FROM top_images ORDER BY feature_id, rank").fetchall():
-            out.setdefault(fid, []).append((image_id, value))
-        return out
+        return self._grouped("SELECT feature_id, image_id, value FROM top_images ORDER BY feature_id, rank")
 
     def similar_by_feature(self) -> dict[int, list[tuple[int, float]]]:
         """feature id → [(other feature id, decoder cosine)], most similar first."""
-        out: dict[int, list[tuple[int, float]]] = {}
-        for fid, other, cosine in self.con.execute(
-                "SELECT feature_id, other_id, cosine FROM similar_features ORDER BY feature_id, rank").fetchall():
-            out.setdefault(fid, []).append((other, cosine))
-        return out
+        return self._grouped("SELECT feature_id, other_id, cosine FROM similar_features ORDER BY feature_id, rank")
 
     def top_coactive_by_feature(self, n: int) -> dict[int, list[tuple[int, int]]]:
         """feature id → its `n` most co-activating features [(other feature id, images where both fire)]."""
-        out: dict[int, list[tuple[int, int]]] = {}
-        for fid, other, n_images in self.con.execute("""
+        return self._grouped("""
                 SELECT f, other, n FROM (
                     SELECT feature_a AS f, feature_b AS other, n_images AS n FROM coactivation
                     UNION ALL SELECT feature_b, feature_a, n_images FROM coactivation)
                 QUALIFY row_number() OVER (PARTITION BY f ORDER BY n DESC, other) <= ?
-                ORDER BY f, n DESC, other""", [int(n)]).fetchall():
-            out.setdefault(fid, []).append((other, n_images))
-        return out
+                ORDER BY f, n DESC, other""", [int(n)])
 
     def probe_peaks_by_feature(self) -> dict[int, list[tuple[str, float]]]:
         """feature id → [(probe sweep, its largest activation along the sweep)], by sweep name."""
-        out: dict[int, list[tuple[str, float]]] = {}
-        for probe, fid, peak in self.con.execute(
-                "SELECT probe, feature_id, max(value) FROM probes GROUP BY probe, feature_id ORDER BY probe").fetchall():
-            out.setdefault(fid, []).append((probe, peak))
-        return out
+        return self._grouped("SELECT feature_id, probe, max(value) FROM probes GROUP BY probe, feature_id "
+                             "ORDER BY probe")
 
     def image_labels(self) -> dict[int, str | None]:
         """image id → class label (None when unlabelled), for every image."""
@@ -443,14 +436,10 @@ class Store:
     def activations_by_image(self, image_ids: list[int]) -> dict[int, list[tuple[int, float]]]:
         """image id → [(feature id, activation)], strongest first, for the given images."""
         ids = [int(i) for i in image_ids]
-        out: dict[int, list[tuple[int, float]]] = {}
         if not ids:
-            return out
-        for image_id, fid, value in self.con.execute(
-                f"SELECT image_id, feature_id, value FROM activations WHERE image_id IN ({','.join(map(str, ids))}) "
-                "ORDER BY image_id, value DESC, feature_id").fetchall():
-            out.setdefault(image_id, []).append((fid, value))
-        return out
+            return {}
+        return self._grouped(f"SELECT image_id, feature_id, value FROM activations WHERE image_id IN "
+                             f"({','.join(map(str, ids))}) ORDER BY image_id, value DESC, feature_id")
 
     def image_sources(self, image_ids: list[int]) -> dict[int, tuple[str, str | None, str]]:
         """image id → (corpus_path, label, source), for the given images."""
@@ -461,12 +450,8 @@ class Store:
 
     def probe_steps(self) -> dict[str, list[tuple[int, float, str, str]]]:
         """probe sweep → its steps [(step, step_value, step_label, image_path)], by sweep and step."""
-        out: dict[str, list[tuple[int, float, str, str]]] = {}
-        for probe, step, value, label, image_path in self.con.execute(
-                "SELECT probe, step, any_value(step_value), any_value(step_label), any_value(image_path) "
-                "FROM probes GROUP BY probe, step ORDER BY probe, step").fetchall():
-            out.setdefault(probe, []).append((step, value, label, image_path))
-        return out
+        return self._grouped("SELECT probe, step, any_value(step_value), any_value(step_label), any_value(image_path) "
+                             "FROM probes GROUP BY probe, step ORDER BY probe, step")
 
     def probe_strongest_features(self, probe: str, n: int) -> list[int]:
         """The `n` features with the largest activation along one probe sweep (ties: lower id)."""
