@@ -396,9 +396,9 @@ class Store:
         return self._grouped("SELECT feature_id, probe, max(value) FROM probes GROUP BY probe, feature_id "
                              "ORDER BY probe")
 
-    def image_labels(self) -> dict[int, str | None]:
-        """image id → class label (None when unlabelled), for every image."""
-        return dict(self.con.execute("SELECT image_id, label FROM images").fetchall())
+    def image_labels(self) -> dict[int, str]:
+        """image_id → label, for labelled images."""
+        return dict(self.query("SELECT image_id, label FROM images WHERE label IS NOT NULL"))
 
     def label_counts(self) -> list[tuple[str, int]]:
         """(label, number of images), most common first."""
