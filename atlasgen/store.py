@@ -407,6 +407,86 @@ class Store:
     def corpus_paths(self) -> dict[int, str]:
         """image_id → its normalised corpus copy, relative to the output folder."""
         return {int(i): p for i, p in self.query("SELECT image_id, corpus_path FROM images")}
+    # --- site reads ------------------------------------------------------------------------------
+    # What the site pages, the map tiles and `decompose` read; typed, and named for what they return.
+    FEATURE_PAGE_COLUMNS = ("feature_id", "n_active", "frequency", "max_value", "mean_value", "q50", "q90", "q99",
+                            "histogram", "label", "label_name", "label_purity", "strength", "grid_x", "grid_y")
+    RENDER_COLUMNS = ("render_id", "kind", "feature_a", "feature_b", "image_id", "t", "seed", "variant", "path",
+                      "cosine", "self_activation", "self_rank")
+
+    def _grouped(self, sql: str, params: list | None = None) -> dict:
+        """Rows grouped by their first column, in row order: key → [the rest of each row, as a tuple]."""
+        out: dict = {}
+        for key, *rest in self.con.execute(sql, params or []).fetchall():
+            out.setdefault(key, []).append(tuple(rest))
+        return out
+
+    def feature_rows(self) -> list[dict]:
+        """Every feature's stats, label and map cell (FEATURE_PAGE_COLUMNS), by feature id."""
+        cols = self.FEATURE_PAGE_COLUMNS
+        return [dict(zip(cols, r)) for r in self.con.execute(
+            f"SELECT {', '.join(cols)} FROM features ORDER BY feature_id").fetchall()]
+
+    def feature_labels(self, feature_ids: list[int]) -> dict[int, str | None]:
+        """feature id → its automatic label, for the given ids."""
+        ids = [int(f) for f in feature_ids]
+        if not ids:
+            return {}
+        rows = self.con.execute(f"SELECT feature_id, label FROM features WHERE feature_id IN "
+                                f"({','.join(map(str, ids))})").fetchall()
+        return {int(f): label for f, label in rows}
+
+    def feature_pictures(self, feature_ids) -> dict[int, Path]:
+        """THE picture of each feature (the map tiles, every page of the site and `decompose` show this one):
+        its best 'feature' render (one that re-activates the feature first, then the highest cosine, then
+        the lowest seed), else the thumbnail of its top image; only files that exist. Features with
+        neither are left out."""
+        wanted = {int(f) for f in feature_ids}
+        if not wanted:
+            return {}
+        out: dict[int, Path] = {}
+        rows = self.con.execute("""
+            SELECT feature_a, path FROM renders WHERE kind = 'feature' AND feature_a IS NOT NULL
+            ORDER BY feature_a, coalesce(self_activation, 0) > 0 DESC, coalesce(cosine, -2.0) DESC,
+                     seed NULLS LAST, render_id""").fetchall()
+        for fid, rel in rows:
+            fid = int(fid)
+            if fid in wanted and fid not in out and (self.paths.out_dir / rel).is_file():
+                out[fid] = self.paths.out_dir / rel
+        for fid, image_id in self.con.execute("SELECT feature_id, image_id FROM top_images WHERE rank = 0").fetchall():
+            fid = int(fid)
+            if fid in wanted and fid not in out and self.paths.thumb(int(image_id)).is_file():
+                out[fid] = self.paths.thumb(int(image_id))
+        return out
+
+    def picture_renders(self) -> list[dict]:
+        """Renders the site shows (kinds feature, sum, slerp, orth; RENDER_COLUMNS), by kind, features, t, seed."""
+        cols = self.RENDER_COLUMNS
+        return [dict(zip(cols, r)) for r in self.con.execute(
+            f"SELECT {', '.join(cols)} FROM renders WHERE kind IN ('feature', 'sum', 'slerp', 'orth') "
+            "ORDER BY kind, feature_a, feature_b, t, seed").fetchall()]
+
+    def top_images_by_feature(self) -> dict[int, list[tuple[int, float]]]:
+        """feature id → [(image id, activation)], strongest first."""
+        return self._grouped("SELECT feature_id, image_id, value FROM top_images ORDER BY feature_id, rank")
+
+    def similar_by_feature(self) -> dict[int, list[tuple[int, float]]]:
+        """feature id → [(other feature id, decoder cosine)], most similar first."""
+        return self._grouped("SELECT feature_id, other_id, cosine FROM similar_features ORDER BY feature_id, rank")
+
+    def top_coactive_by_feature(self, n: int) -> dict[int, list[tuple[int, int]]]:
+        """feature id → its `n` most co-activating features [(other feature id, images where both fire)]."""
+        return self._grouped("""
+                SELECT f, other, n FROM (
+                    SELECT feature_a AS f, feature_b AS other, n_images AS n FROM coactivation
+                    UNION ALL SELECT feature_b, feature_a, n_images FROM coactivation)
+                QUALIFY row_number() OVER (PARTITION BY f ORDER BY n DESC, other) <= ?
+                ORDER BY f, n DESC, other""", [int(n)])
+
+    def probe_peaks_by_feature(self) -> dict[int, list[tuple[str, float]]]:
+        """feature id → [(probe sweep, its largest activation along the sweep)], by sweep name."""
+        return self._grouped("SELECT feature_id, probe, max(value) FROM probes GROUP BY probe, feature_id "
+                             "ORDER BY probe")
 
     def image_labels(self) -> dict[int, str]:
         """image_id → label, for labelled images."""
@@ -476,3 +556,69 @@ class Store:
             con.execute("DELETE FROM probes")
             if len(columns["probe"]):
                 self.insert_frame("probes", columns)
+    def label_counts(self) -> list[tuple[str, int]]:
+        """(label, number of images), most common first."""
+        return self.con.execute("SELECT label, count(*) n FROM images WHERE label IS NOT NULL GROUP BY label "
+                                "ORDER BY n DESC, label").fetchall()
+
+    def sae_quality(self, used_by: str = "encode") -> dict | None:
+        """Size and final quality (run_id, n_features, n_steps, mse, fvu, l0, dead_fraction, n_resampled, d_in)
+        of the SAE run a stage used (by default the one whose activations the store holds), or None."""
+        run = self.sae_run_used_by(used_by)
+        if run is None:
+            return None
+        cols = ("run_id", "n_features", "n_steps", "mse", "fvu", "l0", "dead_fraction", "n_resampled", "d_in")
+        row = self.con.execute(f"SELECT {', '.join(cols)} FROM sae_runs WHERE run_id = ?", [run["run_id"]]).fetchone()
+        return dict(zip(cols, row)) if row else None
+
+    def sae_training_curve(self, run_id: str) -> list[tuple[int, float, float, float, float]]:
+        """(step, fvu, mse, l0, dead_fraction) of one SAE run's logged windows, by step."""
+        return self.con.execute("SELECT step, fvu, mse, l0, dead_fraction FROM sae_metrics WHERE run_id = ? "
+                                "ORDER BY step", [run_id]).fetchall()
+
+    def known_image_ids(self, image_ids: list[int]) -> set[int]:
+        """The given image ids that are in the store."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return set()
+        return {r[0] for r in self.con.execute(
+            f"SELECT image_id FROM images WHERE image_id IN ({','.join(map(str, ids))})").fetchall()}
+
+    def example_image_ids(self, n: int) -> list[int]:
+        """`n` encoded images spanning the corpus: one per label in turn (the lowest id of each)."""
+        return [r[0] for r in self.con.execute("""
+            SELECT image_id FROM (
+                SELECT image_id, label, row_number() OVER (PARTITION BY label ORDER BY image_id) AS r
+                FROM images WHERE image_id IN (SELECT DISTINCT image_id FROM activations))
+            ORDER BY r, label NULLS LAST, image_id LIMIT ?""", [int(n)]).fetchall()]
+
+    def activations_by_image(self, image_ids: list[int]) -> dict[int, list[tuple[int, float]]]:
+        """image id → [(feature id, activation)], strongest first, for the given images."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return {}
+        return self._grouped(f"SELECT image_id, feature_id, value FROM activations WHERE image_id IN "
+                             f"({','.join(map(str, ids))}) ORDER BY image_id, value DESC, feature_id")
+
+    def image_sources(self, image_ids: list[int]) -> dict[int, tuple[str, str | None, str]]:
+        """image id → (corpus_path, label, source), for the given images."""
+        ids = [int(i) for i in image_ids] or [-1]
+        return {r[0]: tuple(r[1:]) for r in self.con.execute(
+            f"SELECT image_id, corpus_path, label, source FROM images WHERE image_id IN "
+            f"({','.join(map(str, ids))})").fetchall()}
+
+    def probe_steps(self) -> dict[str, list[tuple[int, float, str, str]]]:
+        """probe sweep → its steps [(step, step_value, step_label, image_path)], by sweep and step."""
+        return self._grouped("SELECT probe, step, any_value(step_value), any_value(step_label), any_value(image_path) "
+                             "FROM probes GROUP BY probe, step ORDER BY probe, step")
+
+    def probe_strongest_features(self, probe: str, n: int) -> list[int]:
+        """The `n` features with the largest activation along one probe sweep (ties: lower id)."""
+        return [int(r[0]) for r in self.con.execute(
+            "SELECT feature_id FROM probes WHERE probe = ? GROUP BY feature_id ORDER BY max(value) DESC, feature_id "
+            "LIMIT ?", [probe, int(n)]).fetchall()]
+
+    def probe_values(self, probe: str) -> dict[tuple[int, int], float]:
+        """(feature id, step) → activation, for one probe sweep (absent = 0)."""
+        return {(int(f), int(s)): float(v) for f, s, v in self.con.execute(
+            "SELECT feature_id, step, value FROM probes WHERE probe = ?", [probe]).fetchall()}

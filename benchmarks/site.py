@@ -63,7 +63,7 @@ def main() -> None:
     print(f"synthetic store: {n_features:,} features, {n_images:,} images in {time.perf_counter() - t0:.1f}s")
     with Store.open(work) as store:
         t0 = time.perf_counter()
-        summary = site.run(SiteConfig(search_index=not args.no_search), store, page_providers=())
+        summary = site.run(SiteConfig(search_index=not args.no_search), store)
         seconds = time.perf_counter() - t0
         n_files, size = _dir_size(store.paths.site_dir)
         html = list(store.paths.site_dir.rglob("*.html"))

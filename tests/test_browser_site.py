@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from atlasgen.site.pages import NAV
 from atlasgen.stages import site
 from atlasgen.testing import make_synthetic_store
 from atlasgen.config import SiteConfig
@@ -34,7 +35,7 @@ def synthetic_url(tmp_path_factory, serve_dir) -> str:
     with Store.open(out) as store:
         store.con.execute("UPDATE feature_stats SET label = ?, label_name = ? WHERE feature_id = ?",
                           [f"{UNIQUE_LABEL} (11/16)", UNIQUE_LABEL, UNIQUE_FEATURE])
-        site.run(SiteConfig(features_per_page=60, chunk_size=100), store, page_providers=())
+        site.run(SiteConfig(features_per_page=60, chunk_size=100), store)
     return serve_dir(out / "site")
 
 
@@ -52,7 +53,7 @@ def _broken_images(page) -> list[str]:
 @pytest.mark.parametrize("rel", PAGES)
 def test_page_loads_clean(page, synthetic_url, rel):
     _open(page, synthetic_url + rel)
-    assert page.locator("header.site-header nav a").count() == len(site.NAV)
+    assert page.locator("header.site-header nav a").count() == len(NAV)
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # pull in lazy pictures too
     page.wait_for_load_state("networkidle")
     assert not _broken_images(page)

@@ -218,14 +218,15 @@ def test_bad_input_is_a_user_error(tmp_path):
     store.close()
 
 
-def test_reset_clears_columns_and_map_and_site_pages_copy_it(tmp_path, synthetic):
+def test_reset_clears_columns_and_map_and_the_map_page_copies_it(tmp_path, synthetic):
+    from atlasgen.site.assets import SiteFiles
+    from atlasgen.site.pages.feature_map import map_context
     store = _store_with(tmp_path / "out", synthetic)
     cfg = LayoutConfig(n_map_features=30, grid_side=8, n_neighbors=10, cell_px=16, tile_px=32)
     layout.run(cfg, store)
     site_dir = tmp_path / "site"
-    pages = layout.site_pages(store, site_dir)
-    assert [p[:2] for p in pages] == [("map.html", "map.html")]
-    assert pages[0][2]["map"]["n_placed"] == 30 and pages[0][2]["map"]["grid_side"] == 8
+    context = map_context(store, SiteFiles(store.paths.out_dir, site_dir))
+    assert context["map"]["n_placed"] == 30 and context["map"]["grid_side"] == 8
     src_files = sorted(p.relative_to(store.paths.map_dir) for p in store.paths.map_dir.rglob("*") if p.is_file())
     dst_files = sorted(p.relative_to(site_dir / "map") for p in (site_dir / "map").rglob("*") if p.is_file())
     assert src_files == dst_files and len(src_files) > 3

@@ -153,11 +153,12 @@ def test_probe_values_match_a_direct_encode(probed):
         assert value == pytest.approx(acts_f[fid], rel=1e-3, abs=1e-4)
 
 
-def test_probe_site_pages_have_charts(probed, tmp_path):
+def test_probe_site_page_has_charts(probed, tmp_path):
+    from atlasgen.site.assets import SiteFiles
+    from atlasgen.site.pages.probes import probes_context
     store, _, _ = probed
-    pages = probe.site_pages(store, tmp_path)
-    assert [p[:2] for p in pages] == [("probes.html", "probes.html")]
-    sweeps = pages[0][2]["sweeps"]
+    context = probes_context(store, SiteFiles(store.paths.out_dir, tmp_path))
+    sweeps = context["sweeps"]
     assert [s["name"] for s in sweeps] == ["circle-size", "circle-count", "circle-readout"]
     for s in sweeps[:2]:
         assert "<polyline" in s["chart"] and "probe-marker" in s["chart"]

@@ -100,6 +100,9 @@ class Registry:
                     raise TypeError(f"page {page} is contributed by {pages[page]} and {stage.name}")
                 pages[page] = stage.name
             seen.add(stage.name)
+        # Every page a stage provides must have a writer in the site's page table: checked here, at import.
+        from ..site.pages import PAGES, check_stage_pages
+        check_stage_pages(PAGES, {s.name: s.pages for s in self.stages if s.pages})
         self._by_name = {s.name: s for s in self.stages}
         self.table_writers = writers
         self.page_stages = pages

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from ..config import LayoutConfig, config_hash
 from ..errors import AtlasError, StageInputError
-from ..paths import atomic_dir, link_or_copy
+from ..paths import atomic_dir
 from ..progress import bar, say
 from .base import Stage
 
@@ -233,22 +233,6 @@ def pyramid_levels(full_px: int, tile_px: int) -> list[dict]:
     return levels
 
 
-def feature_pictures(store, feature_ids) -> dict[int, Path]:
-    """feature id → path of its first picture (kind 'feature', lowest seed), for those that have one."""
-    rows = store.query("""SELECT feature_a, path FROM (
-                              SELECT feature_a, path, row_number() OVER (
-                                  PARTITION BY feature_a ORDER BY seed NULLS LAST, created_at, render_id) AS r
-                              FROM renders WHERE kind = 'feature' AND feature_a IS NOT NULL) WHERE r = 1""")
-    wanted = {int(f) for f in feature_ids}
-    out = {}
-    for fid, rel in rows:
-        if int(fid) in wanted:
-            path = store.paths.out_dir / rel
-            if path.exists():
-                out[int(fid)] = path
-    return out
-
-
 def _cell_image(path: Path | None, cell_px: int) -> np.ndarray:
     from PIL import Image
     if path is not None:
@@ -296,7 +280,7 @@ def _write_tiles(out_dir: Path, store, cfg: LayoutConfig, placed_ids, cells_m2) 
     full = side * cell
     levels = pyramid_levels(full, tile)
     max_z = len(levels) - 1
-    pictures = feature_pictures(store, placed_ids)
+    pictures = store.feature_pictures(placed_ids)
     at_cell = {(int(c[0]), int(c[1])): int(f) for f, c in zip(placed_ids, cells_m2)}
     cache: dict[int, np.ndarray] = {}
     n_tiles = 0
@@ -351,23 +335,6 @@ def _halve(arr: np.ndarray) -> np.ndarray:
     a = arr.astype(np.uint16)
     out = (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) // 4
     return out.astype(np.uint8)
-
-
-# --- site ---------------------------------------------------------------------------------------------
-def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
-    """Copy map/ into the site (hard links where possible) and name the page the site stage renders."""
-    src = store.paths.map_dir
-    index_path = src / MAP_INDEX_NAME
-    dst = Path(site_dir) / "map"
-    shutil.rmtree(dst, ignore_errors=True)
-    if not index_path.exists():
-        return [("map.html", "map.html", {"map": None})]
-    shutil.copytree(src, dst, copy_function=link_or_copy)
-    index = json.loads(index_path.read_text())
-    context = {"map": {"grid_side": index["grid_side"], "n_placed": len(index["features"]),
-                       "n_levels": len(index["levels"]), "cell_px": index["cell_px"],
-                       "index_url": f"map/{MAP_INDEX_NAME}", "tiles_url": "map/", "overview_url": "map/0/0_0.webp"}}
-    return [("map.html", "map.html", context)]
 
 
 # The map is a published folder: its reset swaps, it never leaves readers without one (see `reset`).
