@@ -314,3 +314,19 @@ class Store:
         if row is None:
             return None
         return {"run_id": row[0], "weights_path": self.paths.out_dir / row[1], "d_in": row[2], "n_features": row[3]}
+
+    # --- renders ---
+    def render_files(self) -> list[tuple[str, str]]:
+        """(render_id, path) of every render row."""
+        return self.query("SELECT render_id, path FROM renders")
+
+    def replace_renders(self, columns: dict[str, list]) -> None:
+        """Insert render rows (column → values) in one transaction, replacing rows with the same render_id (a
+        row left by a run that crashed between file and row write is replaced, not duplicated)."""
+        import pyarrow as pa
+        types = {"feature_a": pa.int32(), "feature_b": pa.int32(), "image_id": pa.int32(), "t": pa.float64(),
+                 "seed": pa.int32(), "cosine": pa.float64(), "self_activation": pa.float64(),
+                 "self_rank": pa.int32(), "created_at": pa.timestamp("us")}
+        with self.transaction():
+            self.con.execute("DELETE FROM renders WHERE render_id IN (SELECT unnest(?))", [columns["render_id"]])
+            self.insert_frame("renders", {k: pa.array(v, type=types.get(k)) for k, v in columns.items()})

@@ -226,23 +226,25 @@ def test_planned_pair_directions(store_dir, sae_and_emb):
 
 def test_interrupted_render_resumes_without_redoing(store_dir, monkeypatch):
     cfg = small_cfg(features="top:6", n_seeds=2)
-    real_invert = inversion.invert
+    real_render_unit = render.render_unit
     calls = []
 
-    def invert_then_crash(*args, **kwargs):
+    def render_unit_then_crash(*args, **kwargs):
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
-        return real_invert(*args, **kwargs)
+        return real_render_unit(*args, **kwargs)
 
     with Store.open(store_dir) as store:
-        monkeypatch.setattr(inversion, "invert", invert_then_crash)
+        monkeypatch.setattr(render, "render_unit", render_unit_then_crash)
         with pytest.raises(KeyboardInterrupt):
             render.run(cfg, store)
+        # The first unit (one unit = batch_targets targets on a CPU) was saved by the writer thread before
+        # the interrupt propagated.
         first = _rows(store)
         assert len(first) == cfg.batch_targets
         mtimes = {rid: os.stat(store_dir / row[1]).st_mtime_ns for rid, row in first.items()}
-        monkeypatch.setattr(inversion, "invert", real_invert)
+        monkeypatch.setattr(render, "render_unit", real_render_unit)
         summary = render.run(cfg, store)
         assert summary["n_rendered"] == summary["n_planned"] - cfg.batch_targets
         rows = _rows(store)
