@@ -25,6 +25,7 @@ so a compiled model (`compile=True`) compiles once.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -98,6 +99,8 @@ class InversionResult:
     steps_b: torch.Tensor             # Adam steps each target took (≤ n_steps)
     cos0_sb: torch.Tensor             # whole-picture cosine before each step (view 0), (n_steps, B); NaN after
     pixels_bhw3: np.ndarray | None = None  # uint8 pictures, when asked for instead of images_b3hw
+    # Wall ms per target-step over the stretches where every slot was busy (no start-up, no tail), or None.
+    steady_ms_per_target_step: float | None = None
 
     @property
     def n_target_steps(self) -> int:
@@ -349,8 +352,9 @@ class BatchedAdam:
         self.steps_s.index_fill_(0, slots, 0.0)
 
     @torch.no_grad()
-    def step(self, active_s: torch.Tensor) -> None:
-        """One Adam step for the slots where active_s (float 0/1) is 1; the others keep their weights."""
+    def step(self, active_s: torch.Tensor, all_active: bool = False) -> None:
+        """One Adam step for the slots where active_s (float 0/1) is 1; the others keep their weights and
+        moments. `all_active` (the caller knows it without looking at the GPU) skips the masking."""
         b1, b2 = self.betas
         self.steps_s += active_s
         t_s = self.steps_s.clamp_min(1.0)
@@ -360,10 +364,16 @@ class BatchedAdam:
             if p.grad is None:
                 continue
             shape = (-1,) + (1,) * (p.ndim - 1)
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (v.sqrt() / bc2_sqrt_s.view(shape)).add_(self.eps)
-            p.sub_(step_size_s.view(shape) * m / denom)
+            g = p.grad
+            if all_active:
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            else:
+                a = active_s.view(shape)
+                m.lerp_(g, (1 - b1) * a)
+                v.mul_(1 - (1 - b2) * a).addcmul_(g, g * ((1 - b2) * a))
+            denom = v.sqrt().div_(bc2_sqrt_s.view(shape)).add_(self.eps)
+            p.addcdiv_(m * step_size_s.view(shape), denom, value=-1.0)
 
 
 def make_chunk_loss(model: EmbeddingModel, settings: InversionSettings) -> Callable:
@@ -528,22 +538,36 @@ class _Run:
 
     # --- the loop ------------------------------------------------------------------------------------
     def go(self) -> InversionResult:
+        full_s = full_steps = 0.0
         if self.n:
             self._setup()
-            global_step = 0
             while True:
+                # Wall time of a window (checkpoint + steps) where every slot was busy: the steady speed.
+                t0 = self._clock()
                 self._checkpoint()
                 if not any(self.slot_live):
                     break
+                full, n_target_steps = all(self.slot_live), 0
                 # Run to the next checkpoint (fewer steps when every live target reaches n_steps first).
                 for _ in range(STOP_CHECK_EVERY):
                     active = [k for k in range(self.n_slots) if self.slot_live[k] and self.slot_steps[k] < self.n_max]
                     if not active:
                         break
+                    full &= len(active) == self.n_slots
                     self._step(active)
-                    global_step += 1
+                    n_target_steps += len(active)
+                if full and n_target_steps:
+                    full_s += self._clock() - t0
+                    full_steps += n_target_steps
+        steady = 1000 * full_s / full_steps if full_steps else None
         return InversionResult(self.out_images, self.out_cos, self.out_emb, self.out_loss, self.out_steps,
-                               self.out_cos0, self.out_pixels)
+                               self.out_cos0, self.out_pixels, steady)
+
+    def _clock(self) -> float:
+        # Once per checkpoint: bounds how far the host runs ahead of the GPU, and makes the time true.
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        return time.perf_counter()
 
     def _checkpoint(self) -> None:
         """Finish targets that reached n_steps or whose cosine stopped improving; refill their slots."""
@@ -658,7 +682,7 @@ class _Run:
             better_s = cos0_s > self.best_cos
             self.best_cos = torch.where(better_s, cos0_s, self.best_cos)
             self.best_img = torch.where(better_s.view(-1, 1, 1, 1), images, self.best_img)
-        self.adam.step(self.active_s)
+        self.adam.step(self.active_s, all_active=len(active) == self.n_slots)
         for k in active:
             self.slot_steps[k] += 1
         if self.on_step is not None:
@@ -716,7 +740,7 @@ def invert(model: EmbeddingModel, directions_bd: torch.Tensor, seeds: list[int],
 # long enough that the generator, the optimiser and Python add little, and the tail of a unit (slots
 # emptying) wastes at most one pass per step.
 AUTO_VIEWS_PER_PASS = 512
-AUTO_PASSES_PER_STEP = 4
+AUTO_PASSES_PER_STEP = 2
 # Share of the free GPU memory the estimate may fill (the estimate is rough; an out-of-memory step halves
 # the views per pass and retries).
 AUTO_MEMORY_FRACTION = 0.6
