@@ -35,7 +35,8 @@ fi
 export PYTHONPATH="$REPO:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH" HF_HUB_OFFLINE=1
 # Compiled kernels are shared by the benchmark and the build (the build's render then loads them).
 export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"
-atlasgen() { $PY -c 'import sys; from atlasgen.cli import main; sys.argv[0] = "atlasgen"; main()' "$@"; }
+# `timeout` runs programs, not shell functions: the CLI is called as a command line.
+ATLASGEN=($PY -c 'import sys; from atlasgen.cli import main; sys.argv[0] = "atlasgen"; main()')
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 $PY - <<'EOF'
 import sys, torch, transformers
@@ -67,11 +68,28 @@ path = model.ensure_random_model(Path(sys.argv[1]), getattr(model, sys.argv[2])(
 print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
 EOF
 
+# GPU_CHECK_PARTS picks parts (default all): render (the render benchmark), ingest (ingest and embed
+# benchmarks), build (the short build).
+PARTS=${GPU_CHECK_PARTS:-render,ingest,build}
+if [[ ",$PARTS," == *",render,"* ]]; then
 section "3. render benchmark (timeout ${BENCH_TIMEOUT} s)"
 # shellcheck disable=SC2086
 timeout --signal=INT --kill-after=10 "$BENCH_TIMEOUT" \
     $PY benchmarks/render.py --device "$DEVICE" $BENCH_ARGS ${OUT:+--json "$OUT/render_bench.json"}
 echo "render benchmark exit code $?"
+fi
+
+if [[ ",$PARTS," == *",ingest,"* ]] && [ -f benchmarks/ingest.py ]; then
+section "3b. ingest and embed benchmarks (timeout 100 s each)"
+N_BENCH=${GPU_CHECK_BENCH_IMAGES:-4000}
+[ "$SMOKE" = 1 ] && N_BENCH=64
+timeout --signal=INT --kill-after=10 100 $PY benchmarks/ingest.py --n-images "$N_BENCH"
+echo "ingest benchmark exit code $?"
+timeout --signal=INT --kill-after=10 100 $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH"
+echo "embed benchmark exit code $?"
+fi
+
+if [[ ",$PARTS," == *",build,"* ]]; then
 
 section "4. short build at the $SHAPE shape on generated JPEGs (timeout ${BUILD_TIMEOUT} s)"
 $PY - "$WORK/images" "$N_IMAGES" <<'EOF'
@@ -160,7 +178,7 @@ EOF
 fi
 T_BUILD=$(date +%s)
 timeout --signal=INT --kill-after=10 "$BUILD_TIMEOUT" \
-    atlasgen build --device "$DEVICE" --images "$WORK/images" --model "$WORK/model" --config "$WORK/atlas.toml" \
+    "${ATLASGEN[@]}" build --device "$DEVICE" --images "$WORK/images" --model "$WORK/model" --config "$WORK/atlas.toml" \
     --out "$WORK/build"
 echo "build exit code $?, $(( $(date +%s) - T_BUILD )) s"
 $PY - "$WORK/build" <<'EOF'
@@ -180,5 +198,7 @@ with store:
         brief = ", ".join(f"{k}={s[k]}" for k in keys if k in s)
         print(f"{stage:<8} {status:<8} {s.get('seconds', float('nan')):>8.1f}  {brief}")
 EOF
+
+fi
 
 section "done: total $(( $(date +%s) - T_START )) s; log in $LOG"
