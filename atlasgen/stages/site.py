@@ -393,6 +393,10 @@ def _build(cfg: SiteConfig, store, site_dir: Path, page_providers: tuple[str, ..
     env = make_env()
     writer = SiteWriter(env, site_dir, cfg)
     _copy_assets(site_dir / "assets")
+    from .. import site_query  # the Query page: decided first so every page's nav can link it
+    query_page = site_query.prepare(cfg, store, site_dir)
+    if query_page is not None:
+        env.globals["nav"] = NAV + (query_page.nav,)
     pictures = PictureCopier(store.paths.out_dir, site_dir)
     data = SiteData(store, cfg, pictures)
     data.tile_body = env.get_template("_macros.html").module.tile_body
@@ -405,6 +409,7 @@ def _build(cfg: SiteConfig, store, site_dir: Path, page_providers: tuple[str, ..
     _write_combinations(writer, data)
     _write_provider_pages(writer, store, site_dir, page_providers)
     writer.render("search.html", "search.html", {"search_index": cfg.search_index})
+    query_summary = query_page.write(writer, data) if query_page is not None else {"query_page": False}
     t_pages = time.perf_counter() - t0
 
     if cfg.search_index:
@@ -413,7 +418,7 @@ def _build(cfg: SiteConfig, store, site_dir: Path, page_providers: tuple[str, ..
     return {"n_pages": writer.n_pages, "n_feature_pages": len(data.features), "n_pictures": len(pictures._done),
             "n_missing_pictures": pictures.n_missing, "n_copied_pictures": pictures.n_copied,
             "seconds_data": round(t_data, 2), "seconds_pages": round(t_pages, 2),
-            "seconds_search": round(t_search, 2), "search_index": cfg.search_index}
+            "seconds_search": round(t_search, 2), "search_index": cfg.search_index, **query_summary}
 
 
 def _copy_assets(assets_dir: Path) -> None:
