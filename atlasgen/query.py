@@ -156,7 +156,8 @@ def _first_line(e: Exception) -> str:
 def syntax_error(e: Exception) -> AtlasError:
     """A ParserException → the message and a hint saying where it failed (line, column, the line itself)."""
     text = str(e)
-    message = f"syntax error: {_first_line(e)}"
+    first = _first_line(e)
+    message = first if first.lower().startswith("syntax error") else f"syntax error: {first}"
     m = re.search(r"^(LINE (\d+): )(.*)\n(\s*)\^", text, flags=re.M)
     if m:
         column = len(m.group(4)) - len(m.group(1)) + 1
@@ -192,7 +193,9 @@ def explain_error(e: duckdb.Error, store) -> AtlasError:
         return AtlasError(f'refused: reading the file "{m.group(1)}": atlasgen query has no file, network or '
                           "extension access", "query the store's tables; `atlasgen export --to DIR` writes them as Parquet")
     if isinstance(e, duckdb.CatalogException) and re.search(r"Table with name|Table .* does not exist", text):
-        return AtlasError(f"query failed: {first}", f"the store's tables: {', '.join(tables)}")
+        guess = re.search(r'Did you mean "([^"]+)"', text)
+        return AtlasError(f"query failed: {first}", (f"did you mean {guess.group(1)}? " if guess else "")
+                          + f"the store's tables: {', '.join(tables)}")
     m = re.search(r'column "?([^"\s]+)"? not found', text, flags=re.I)
     if isinstance(e, duckdb.BinderException) and m:
         hint = "DESCRIBE a table to see its columns, e.g. atlasgen query \"DESCRIBE features\""

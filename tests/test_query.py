@@ -151,7 +151,8 @@ def test_missing_table_lists_tables_and_missing_column_lists_columns(sandbox):
     result = query(out, "SELECT * FROM featurez")
     assert result.exit_code == 2 and "featurez" in result.output
     hint = result.output.strip().splitlines()[-1]
-    assert hint.startswith("hint: the store's tables:") and "features" in hint and "activations" in hint
+    assert hint.startswith("hint: did you mean features? the store's tables:"), hint
+    assert "features" in hint and "activations" in hint
     result = query(out, "SELECT lable FROM features")
     assert result.exit_code == 2
     hint = result.output.strip().splitlines()[-1]
