@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths as paths_mod
-from .export import SCHEMA_FILE, table_schema
+from .export import SCHEMA_FILE, write_tables
 from .progress import say
 
 PAGE = "query.html"
@@ -125,7 +125,6 @@ class QueryPage:
         engine_bytes = self._copy_engine(site_dir / ENGINE_DIR)
         data_dir = site_dir / DATA_DIR
         data_dir.mkdir(parents=True, exist_ok=True)
-        from .export import write_tables
         known = set(store.table_names())
         tables = {t: [c for c, _ in store.table_columns(t) if c not in dropped]
                   for t, dropped in SITE_TABLES.items() if t in known}

@@ -76,7 +76,7 @@ function formatValue(value) {
     return Math.abs(value) >= 1e-3 && Math.abs(value) < 1e6 ? String(+value.toPrecision(5)) : value.toExponential(3);
   }
   if (typeof value === "bigint") return value.toString();
-  if (value instanceof Date) return value.toISOString();
+  if (value instanceof Date) return value.toISOString().replace("T", " ").replace(/\.000Z$|Z$/, "");
   if (typeof value.toArray === "function") return "[" + Array.from(value.toArray(), formatValue).join(", ") + "]";
   if (typeof value === "object") return JSON.stringify(value, (k, v) => (typeof v === "bigint" ? v.toString() : v));
   return String(value);
@@ -116,10 +116,21 @@ function pictureCell(td, id, pic, href) {
   td.append(wrap);
 }
 
+// Arrow hands timestamps and dates over as milliseconds: show them as dates.
+function isTime(type) {
+  const { DataType } = globalThis.Arrow;
+  return DataType.isTimestamp(type) || DataType.isDate(type);
+}
+
 async function render(result, seconds) {
   const columns = result.schema.fields.map((f) => f.name);
+  const times = result.schema.fields.map((f) => isTime(f.type));
   const rows = result.toArray();
-  const shown = rows.slice(0, MAX_ROWS).map((row) => columns.map((c) => row[c]));
+  const dates = result.schema.fields.map((f) => globalThis.Arrow.DataType.isDate(f.type));
+  const shown = rows.slice(0, MAX_ROWS).map((row) => columns.map((c, i) => {
+    if (!times[i] || typeof row[c] !== "number") return row[c];
+    return dates[i] ? new Date(row[c]).toISOString().slice(0, 10) : new Date(row[c]);
+  }));
   const featureIds = new Set();
   const imageIds = new Set();
   columns.forEach((c, i) => {
