@@ -107,6 +107,9 @@ def refusal(text: str, type_name: str) -> AtlasError | None:
             (words[0] if words else type_name)
         return AtlasError(f"refused: {name}: the store is read-only here",
                           "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
+    if re.search(r"\b(force_)?checkpoint\s*\(", _strip_comments(text), flags=re.I):
+        return AtlasError("refused: checkpoint(): the store is read-only here",
+                          "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
     if type_name == "PRAGMA":
         name = words[1].lower() if len(words) > 1 else ""
         if name not in _INFO_PRAGMAS or "=" in text:

@@ -97,6 +97,7 @@ REFUSED = [
     ("ALTER TABLE images ADD COLUMN x INTEGER", "ALTER"),
     ("TRUNCATE images", "TRUNCATE"),
     ("CHECKPOINT", "CHECKPOINT"),
+    ("CALL checkpoint()", "checkpoint"),
     ("VACUUM", "VACUUM"),
     ("BEGIN TRANSACTION", "BEGIN"),
     ("PREPARE p AS SELECT 1", "PREPARE"),
