@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -245,50 +243,48 @@ def decompose(images: Annotated[list[Path], typer.Argument(help="Image file(s) t
 
 @app.command()
 @handles_errors
-def query(sql: Annotated[str, typer.Argument(help="A read-only SQL query over the store.")],
+def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store (several statements: the last "
+                                                   "one's rows are printed).")],
           out: OutOpt = Path("build"),
-          fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+          fmt: Annotated[str, typer.Option("--format", help="table | csv | json | markdown")] = "table",
           limit: Annotated[int, typer.Option("--limit", help="Print at most this many rows (0 = all).")] = 100):
     """Run read-only SQL against the store and print the result.
 
+    Only reads run: COPY, ATTACH/DETACH, INSTALL/LOAD, EXPORT/IMPORT DATABASE, SET/RESET, setting PRAGMAs
+    and anything that writes are refused (exit 2), and no file, URL or extension outside the store is opened.
+
     Example: atlasgen query "SELECT feature_id, label, frequency FROM features ORDER BY frequency DESC LIMIT 10"
     """
-    import duckdb
-    with _open_store(out, read_only=True) as store:
-        try:
-            cursor = store.con.execute(sql)
-        except duckdb.Error as e:
-            raise AtlasError(f"query failed: {str(e).splitlines()[0]}",
-                             "the store is read-only here; see README 'The store' for tables and columns") from None
-        if cursor.description is None:
-            return
-        columns = [d[0] for d in cursor.description]
-        rows = cursor.fetchall() if limit == 0 else cursor.fetchmany(limit)
-    _print_rows(columns, rows, fmt)
+    from .query import check_format, format_rows, run_query
+    check_format(fmt)
+    result = run_query(out, sql, limit)
+    if result is None:
+        return
+    typer.echo(format_rows(result, fmt))
+    if result.truncated:
+        typer.echo(f"(the first {limit} rows; --limit 0 prints all)", err=True)
 
 
-def _print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
-    if fmt == "json":
-        typer.echo(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
-    elif fmt == "csv":
-        import csv
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
-    elif fmt == "table":
-        def cell(v):
-            if isinstance(v, float):
-                return f"{v:.4g}"
-            text = str(v)
-            return text if len(text) <= 60 else text[:57] + "..."
-        cells = [[cell(v) for v in r] for r in rows]
-        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-        typer.echo("  ".join("-" * w for w in widths))
-        for r in cells:
-            typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+@app.command()
+@handles_errors
+def export(to: Annotated[Path, typer.Option("--to", help="Folder to write (new, empty, or an earlier export, "
+                                                         "which is replaced).")],
+           out: OutOpt = Path("build")):
+    """Export the store as open files: every table as Parquet, schema.json (columns, types, descriptions) and
+    the SAE in the SAELens format (sae/cfg.json, sae/sae_weights.safetensors; input normalisation folded in).
+
+    Example: atlasgen export --out build/ --to atlas-export/
+    """
+    from .export import export_store
+    schema = export_store(out, to)
+    n_rows = sum(t["n_rows"] for t in schema["tables"].values())
+    sae = schema["sae"]
+    typer.echo(f"exported {len(schema['tables'])} tables ({n_rows:,} rows) to {to}/*.parquet, {to}/schema.json")
+    if sae:
+        typer.echo(f"SAE ({sae['architecture']}, {sae['d_in']} -> {sae['d_sae']}"
+                   + (f", k={sae['k']}" if sae.get("k") else "") + f") in the SAELens format: {to}/{sae['folder']}/")
     else:
-        raise AtlasError(f"--format {fmt} is not one of table, csv, json", "use --format table")
+        typer.echo("no trained SAE in the store: sae/ left out (run `atlasgen train`)")
 
 
 @app.command()

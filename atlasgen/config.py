@@ -249,6 +249,9 @@ class SiteConfig:
     chunk_size: int = 2048
     # Most co-activating features listed on each feature page.
     n_coactive: int = 10
+    # The Query page (query.html): the store's tables as Parquet in site/data/ and DuckDB-WASM (~35 MB, from
+    # vendor/duckdb-wasm via npm) so readers run SQL in their browser. false leaves the page and its files out.
+    sql: bool = True
 
 
 @dataclass(frozen=True)

@@ -673,3 +673,37 @@ class Store:
         with self.transaction():
             self.con.execute("DELETE FROM renders WHERE render_id IN (SELECT unnest(?))", [columns["render_id"]])
             self.insert_frame("renders", {k: pa.array(v, type=types.get(k)) for k, v in columns.items()})
+    # --- query and export (the store as a product) ---------------------------------------------
+    def lock_down(self) -> None:
+        """From here on this connection opens no file, URL or extension and no setting can change: what
+        `atlasgen query` runs users' SQL on. DuckDB refuses `read_text('/etc/hostname')`, COPY, ATTACH,
+        INSTALL/LOAD and SET of these settings itself; the temp folder beside the store is its only other file."""
+        assert self.read_only, "lock_down is for read-only stores"
+        for setting in ("autoinstall_known_extensions = false", "autoload_known_extensions = false",
+                        "allow_community_extensions = false", "enable_external_access = false",
+                        "lock_configuration = true"):
+            self.con.execute(f"SET {setting}")
+
+    def table_names(self) -> list[str]:
+        """The store's tables (main schema), by name."""
+        return [r[0] for r in self.con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+            "AND table_type = 'BASE TABLE' ORDER BY table_name").fetchall()]
+
+    def table_columns(self, table: str) -> list[tuple[str, str]]:
+        """(column name, DuckDB type) of `table`, in column order."""
+        return [(r[0], r[1]) for r in self.con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = 'main' "
+            "AND table_name = ? ORDER BY ordinal_position", [table]).fetchall()]
+
+    def copy_to_parquet(self, table: str, path: Path, columns: list[str] | None = None) -> int:
+        """Write `table` (all columns, or just `columns`) to the Parquet file `path`; returns its row count."""
+        known = {c for c, _ in self.table_columns(table)}
+        assert known, f"no table {table}"
+        cols = columns or [c for c, _ in self.table_columns(table)]
+        assert set(cols) <= known, f"{table} has no column(s) {set(cols) - known}"
+        select = ", ".join(f'"{c}"' for c in cols)
+        target = str(path).replace("'", "''")
+        self.con.execute(f"COPY (SELECT {select} FROM \"{table}\") TO '{target}' "
+                         "(FORMAT parquet, COMPRESSION zstd)")
+        return self.count(f'"{table}"')
