@@ -133,7 +133,7 @@ def write_saelens(store, folder: Path) -> dict | None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(saelens_weights(sae), str(folder / SAELENS_WEIGHTS_FILE))
     (folder / SAELENS_CFG_FILE).write_text(json.dumps(cfg, indent=2))
-    freq = dict(store.query("SELECT feature_id, frequency FROM features"))
+    freq = store.feature_frequencies()
     if freq:
         frequency = np.array([freq.get(i) or 0.0 for i in range(sae.n_features)], np.float64)
         save_file({"sparsity": np.log10(frequency + 1e-10).astype(np.float32)}, str(folder / SAELENS_SPARSITY_FILE))
@@ -174,7 +174,7 @@ def export_store(out_dir: Path, to_dir: Path) -> dict:
             sae_entry = write_saelens(store, tmp_dir / SAE_FOLDER)
             schema = {"format": EXPORT_FORMAT, "atlasgen_version": __version__,
                       "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      "store_schema_version": int(store.scalar("SELECT value FROM meta WHERE key = 'schema_version'")),
+                      "store_schema_version": store.schema_version(),
                       "tables": table_entries, "sae": sae_entry}
             with atomic_path(tmp_dir / SCHEMA_FILE) as tmp:
                 tmp.write_text(json.dumps(schema, indent=1))

@@ -707,3 +707,11 @@ class Store:
         self.con.execute(f"COPY (SELECT {select} FROM \"{table}\") TO '{target}' "
                          "(FORMAT parquet, COMPRESSION zstd)")
         return self.count(f'"{table}"')
+
+    # --- exports -----------------------------------------------------------------------------------------
+    def feature_frequencies(self) -> dict[int, float]:
+        """feature_id → frequency (share of images where it is active)."""
+        return {int(f): float(v) for f, v in self.query("SELECT feature_id, frequency FROM features")}
+
+    def schema_version(self) -> int:
+        return int(self.scalar("SELECT value FROM meta WHERE key = 'schema_version'"))

@@ -77,7 +77,7 @@ def test_no_importlib_and_no_sql_outside_the_store_in_stage_code():
     for path in sorted((REPO / "atlasgen").rglob("*.py")):
         text = path.read_text()
         assert "import_module" not in text and "__import__" not in text, f"dynamic import in {path}"
-        if path.name in ("store.py", "testing.py", "cli.py"):
+        if path.name in ("store.py", "testing.py", "query.py"):
             continue  # the store writes SQL; testing fakes stores; `atlasgen query` runs the user's SQL
         # (A hint that shows the user a query to run is not the stage writing SQL.)
         hits = [line.strip() for line in text.splitlines() if sql.search(line) and "atlasgen query" not in line]
