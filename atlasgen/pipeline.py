@@ -4,6 +4,8 @@
 Every stage is a module `atlasgen.<stage>` with
   run(cfg, store) -> dict     the work; returns a small summary (counts, timings) kept in stage_runs
   reset(store) -> None        deletes what the stage wrote (called when its hash changed or --force)
+The stages in EXECUTOR_STAGES take `run(cfg, store, executor=...)`: the executor [run] asks for
+(`atlasgen.executor`), which runs their units here or on Ray.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .config import STAGE_INPUTS, STAGE_ORDER, AtlasConfig, config_hash, config_json
+from .executor import make_executor
 from .progress import say
 from .store import Store
 
@@ -23,12 +26,28 @@ def stage_module(name: str):
     return importlib.import_module(f"atlasgen.stages.{name}")
 
 
-def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False) -> dict[str, dict]:
+# Stages whose units an executor runs (embed: chunks of images; render: batches of targets).
+EXECUTOR_STAGES = ("embed", "render")
+
+
+def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False,
+               executor=None) -> dict[str, dict]:
     """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped).
 
     A stage's hash covers its config and the identity of each input as it is in the store now (that
     stage's config hash and when it finished), so any rerun of an input, even a forced one with the same
-    config, makes the stages that read it run again."""
+    config, makes the stages that read it run again. `executor`: one to use instead of the one cfg.run
+    asks for (then the caller closes it)."""
+    own_executor = executor is None
+    executor = make_executor(cfg.run) if own_executor else executor
+    try:
+        return _run_stages(cfg, store, stages, force, executor)
+    finally:
+        if own_executor:
+            executor.close()
+
+
+def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool, executor) -> dict[str, dict]:
     summaries: dict[str, dict] = {}
     wanted = [s for s in STAGE_ORDER if s in set(stages)]
     for name in wanted:
@@ -46,7 +65,8 @@ def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: boo
         store.mark_stage_started(name, stage_hash, config_json(cfg.stage(name)))
         t0 = time.perf_counter()
         say(f"{name}: running")
-        summary = dict(module.run(cfg.stage(name), store) or {})
+        extra = {"executor": executor} if name in EXECUTOR_STAGES else {}
+        summary = dict(module.run(cfg.stage(name), store, **extra) or {})
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         store.mark_stage_done(name, summary)
         say(f"{name}: done in {summary['seconds']:.1f}s " + _brief(summary))

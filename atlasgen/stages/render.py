@@ -17,8 +17,9 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ from PIL import Image
 from .. import inversion
 from ..config import RenderConfig
 from ..errors import AtlasError, StageInputError
+from ..executor import LocalExecutor, PackedModel, PackedSAE, resolve_precision
 from ..inversion import InversionSettings
-from ..model import load_embedding_model, resolve_device
+from ..model import EmbeddingModel, load_embedding_model, resolve_device
 from ..paths import atomic_path
 from ..progress import bar, say
 from ..sae import SparseAutoencoder, load_latest_sae
@@ -217,6 +219,79 @@ def plan(cfg: RenderConfig, store: Store, sae: SparseAutoencoder, device: torch.
     return targets
 
 
+# --- one unit of work (pure: no store, no files; what an executor runs, here or on a Ray worker) ----------
+@dataclass
+class RenderUnit:
+    """A batch of targets of one variant, rendered together, with the engine settings for them."""
+
+    targets: list[Target]
+    settings: InversionSettings
+
+    @property
+    def unit_id(self) -> str:
+        return self.targets[0].render_id
+
+
+@dataclass
+class RenderUnitResult:
+    pictures_bhw3: np.ndarray              # uint8 final pictures
+    cosine_b: np.ndarray                   # float64 cosine of each un-augmented picture to its target
+    embeddings_bd: np.ndarray              # float32 raw model embedding of each picture
+    self_activation_b: list[float | None]  # feature targets: the SAE activation of their feature
+    self_rank_b: list[int | None]          # feature targets: its rank among all features (0 = top)
+    final_loss_b: list[float | None]       # last step's training loss (None without steps)
+
+
+@dataclass
+class RenderWorker:
+    """What a worker needs for every unit (the executor's payload; `setup_render_worker` builds it)."""
+
+    model: EmbeddingModel | PackedModel    # packed when it travels to a Ray worker
+    sae: SparseAutoencoder | PackedSAE
+    device: str
+
+
+def setup_render_worker(worker: RenderWorker) -> RenderWorker:
+    if isinstance(worker.model, PackedModel):
+        device = resolve_device(worker.device)
+        return RenderWorker(worker.model.build(device), worker.sae.build(device), worker.device)
+    return worker
+
+
+def inversion_settings(cfg: RenderConfig, target: Target) -> InversionSettings:
+    return InversionSettings(param=target.param, augment=target.augment, n_views=cfg.n_views, n_steps=cfg.n_steps,
+                             lr=cfg.lr, tv_weight=cfg.tv_weight, size=cfg.size,
+                             max_views_per_pass=cfg.max_views_per_pass)
+
+
+def render_unit(worker: RenderWorker, unit: RenderUnit,
+                on_step: Callable[[int], None] | None = None) -> RenderUnitResult:
+    """Render one batch: invert every target, then measure each feature picture against the SAE."""
+    model, sae = worker.model, worker.sae
+    batch = unit.targets
+    centre_d = sae.input_mean.detach().float()
+    dirs_bd = torch.from_numpy(np.stack([tg.direction_d for tg in batch])).float()
+    centres_bd = torch.stack([centre_d if tg.space == "sae" else torch.zeros_like(centre_d) for tg in batch])
+    result = inversion.invert(model, dirs_bd, [tg.rng_seed for tg in batch], unit.settings,
+                              centres_bd=centres_bd, on_step=on_step)
+    with torch.no_grad():
+        acts_bf = sae.encode_embeddings(result.embeddings_bd.to(sae.W_dec.device)).cpu()
+    self_act: list[float | None] = []
+    self_rank: list[int | None] = []
+    for k, tg in enumerate(batch):
+        if tg.kind == "feature":
+            acts_f = acts_bf[k]
+            self_act.append(float(acts_f[tg.feature_a]))
+            self_rank.append(int((acts_f > acts_f[tg.feature_a]).sum()))
+        else:
+            self_act.append(None)
+            self_rank.append(None)
+    final_loss_b = result.loss_sb[-1] if len(result.loss_sb) else torch.full((len(batch),), float("nan"))
+    return RenderUnitResult(inversion.to_uint8(result.images_b3hw), result.cosine_b.double().numpy(),
+                            result.embeddings_bd.float().numpy(), self_act, self_rank,
+                            [None if math.isnan(float(x)) else float(x) for x in final_loss_b])
+
+
 # --- the stage --------------------------------------------------------------------------------------------
 def load_render_model(cfg: RenderConfig, store: Store):
     embed_cfg = store.stage_config("embed")
@@ -237,7 +312,7 @@ def write_webp(path: Path, array_hw3: np.ndarray) -> None:
         Image.fromarray(array_hw3).save(tmp, format="WEBP", quality=WEBP_QUALITY, method=4)
 
 
-def run(cfg: RenderConfig, store: Store) -> dict:
+def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
     if cfg.param not in inversion.PARAMS:
         raise AtlasError(f"render.param {cfg.param!r} is not one of {', '.join(inversion.PARAMS)}",
                          "set [render] param = \"transformer\"")
@@ -251,9 +326,20 @@ def run(cfg: RenderConfig, store: Store) -> dict:
     if run_info is None:
         raise StageInputError("render needs a trained SAE", "run `atlasgen train` and `atlasgen encode` first")
     sae = load_latest_sae(store)
-    device = resolve_device(cfg.device)
-    model, model_ref = load_render_model(cfg, store)
-    sae = sae.to(device)
+    executor = executor if executor is not None else LocalExecutor()
+    if executor.remote:
+        # Workers render in the precision resolved for their hardware (asked of a worker), which is also what
+        # the settings (and so the render ids) record; this process loads the model only to send it.
+        device_type, bf16_fast = executor.unit_hardware(cfg.device)
+        device = torch.device(device_type)
+        model, model_ref = load_render_model(
+            replace(cfg, device="cpu", precision=resolve_precision(cfg.precision, bf16_fast)), store)
+        payload = RenderWorker(PackedModel.pack(model), PackedSAE.pack(sae), cfg.device)
+    else:
+        device = resolve_device(cfg.device)
+        model, model_ref = load_render_model(cfg, store)
+        sae = sae.to(device)
+        payload = RenderWorker(model, sae, cfg.device)
     settings = settings_for(cfg, model_ref, model.dtype, run_info["run_id"])
     settings_hash = _hash(settings)
     targets = plan(cfg, store, sae, device)
@@ -267,42 +353,39 @@ def run(cfg: RenderConfig, store: Store) -> dict:
     if len(todo) < len(targets):
         say(f"render: {len(targets) - len(todo)} of {len(targets)} renders already exist, {len(todo)} to do")
 
-    centre_d = sae.input_mean.detach().float()
-    batches = list(_batches(todo, cfg.batch_targets))
+    units = [RenderUnit(batch, inversion_settings(cfg, batch[0])) for batch in _batches(todo, cfg.batch_targets)]
     # Thread count is tuned on whole optimisation steps (it changes speed, not results).
-    tuner = ThreadTuner(cfg.n_threads, len(batches) * cfg.n_steps) if device.type == "cpu" else None
+    tuner = ThreadTuner(cfg.n_threads, len(units) * cfg.n_steps) \
+        if device.type == "cpu" and not executor.remote else None
+    clock = [time.perf_counter()]
+    shown: dict[str, int] = {}  # targets of a unit already on the progress bar
+
+    def on_step(unit: RenderUnit, step: int) -> None:
+        n_targets = len(unit.targets)
+        if tuner is not None:
+            t = time.perf_counter()
+            tuner.after_batch(t - clock[0], n_targets)
+            tuner.before_batch()
+            clock[0] = t
+        # Whole targets only, so the bar shows counts, not fractions; the rate and ETA stay smooth.
+        reached = (step + 1) * n_targets // cfg.n_steps
+        progress.update(reached - shown.get(unit.unit_id, 0))
+        shown[unit.unit_id] = reached
+
     with restore_torch_threads(), bar(total=len(todo), desc="render", unit="target") as progress:
-        for batch in batches:
-            tg0 = batch[0]
-            inv_settings = InversionSettings(param=tg0.param, augment=tg0.augment, n_views=cfg.n_views,
-                                             n_steps=cfg.n_steps, lr=cfg.lr, tv_weight=cfg.tv_weight, size=cfg.size,
-                                             max_views_per_pass=cfg.max_views_per_pass)
-            dirs_bd = torch.from_numpy(np.stack([tg.direction_d for tg in batch])).float()
-            centres_bd = torch.stack([centre_d if tg.space == "sae" else torch.zeros_like(centre_d) for tg in batch])
-            clock = [time.perf_counter()]
-            shown = [0]
-
-            def on_step(step: int, n_targets: int = len(batch)) -> None:
-                if tuner is not None:
-                    t = time.perf_counter()
-                    tuner.after_batch(t - clock[0], n_targets)
-                    tuner.before_batch()
-                    clock[0] = t
-                # Whole targets only, so the bar shows counts, not fractions; the rate and ETA stay smooth.
-                reached = (step + 1) * n_targets // cfg.n_steps
-                progress.update(reached - shown[0])
-                shown[0] = reached
-
-            if tuner is not None:
-                tuner.before_batch()
-            result = inversion.invert(model, dirs_bd, [tg.rng_seed for tg in batch], inv_settings,
-                                      centres_bd=centres_bd, on_step=on_step)
-            progress.update(len(batch) - shown[0])
-            _save_batch(store, batch, result, sae, settings, settings_hash)
+        if tuner is not None:
+            tuner.before_batch()
+        for unit, result in executor.map_units(setup_render_worker, payload, render_unit, units,
+                                               unit_id=lambda u: u.unit_id, device=cfg.device, on_step=on_step):
+            progress.update(len(unit.targets) - shown.pop(unit.unit_id, 0))
+            _save_batch(store, unit.targets, result, settings, settings_hash)
+            clock[0] = time.perf_counter()
 
     summary = _summary(store, targets, len(todo), n_superseded, settings_hash)
     if tuner is not None and tuner.chosen:
         summary["n_threads"] = tuner.chosen
+    if executor.remote:
+        summary.update(executor=executor.name, n_workers=executor.n_workers)
     return summary
 
 
@@ -318,32 +401,23 @@ def _batches(todo: list[Target], size: int):
         yield batch
 
 
-def _save_batch(store: Store, batch: list[Target], result, sae: SparseAutoencoder, settings: dict,
+def _save_batch(store: Store, batch: list[Target], result: RenderUnitResult, settings: dict,
                 settings_hash: str) -> None:
-    device = sae.W_dec.device
-    with torch.no_grad():
-        acts_bf = sae.encode_embeddings(result.embeddings_bd.to(device)).cpu()
-    pixels_bhw3 = inversion.to_uint8(result.images_b3hw)
     rows: dict[str, list] = {k: [] for k in ("render_id", "kind", "feature_a", "feature_b", "image_id", "t", "seed",
                                                "variant", "path", "cosine", "self_activation", "self_rank",
                                                "params_json", "settings_hash", "created_at")}
-    final_loss_b = result.loss_sb[-1] if len(result.loss_sb) else torch.full((len(batch),), float("nan"))
     for k, tg in enumerate(batch):
         path = render_path(store, tg.kind, tg.render_id)
-        write_webp(path, pixels_bhw3[k])
-        self_act = self_rank = None
-        if tg.kind == "feature":
-            acts_f = acts_bf[k]
-            self_act = float(acts_f[tg.feature_a])
-            self_rank = int((acts_f > acts_f[tg.feature_a]).sum())
+        write_webp(path, result.pictures_bhw3[k])
+        final_loss = result.final_loss_b[k]
         params = {**settings, "param": tg.param, "augment": tg.augment, "space": tg.space, "rng_seed": tg.rng_seed,
-                  "final_loss": None if math.isnan(float(final_loss_b[k])) else round(float(final_loss_b[k]), 5)}
+                  "final_loss": None if final_loss is None else round(final_loss, 5)}
         for name, value in (("render_id", tg.render_id), ("kind", tg.kind), ("feature_a", tg.feature_a),
                             ("feature_b", tg.feature_b), ("image_id", tg.image_id), ("t", tg.t), ("seed", tg.seed),
                             ("variant", tg.variant),
                             ("path", path.relative_to(store.paths.out_dir).as_posix()),
-                            ("cosine", float(result.cosine_b[k])), ("self_activation", self_act),
-                            ("self_rank", self_rank), ("params_json", json.dumps(params)),
+                            ("cosine", float(result.cosine_b[k])), ("self_activation", result.self_activation_b[k]),
+                            ("self_rank", result.self_rank_b[k]), ("params_json", json.dumps(params)),
                             ("settings_hash", settings_hash), ("created_at", now())):
             rows[name].append(value)
     import pyarrow as pa
