@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Sequence
@@ -146,6 +147,8 @@ class RayExecutor:
             raise AtlasError("--executor ray needs Ray, which is not installed", RAY_INSTALL_HINT)
         assert cfg.ray_cpus_per_worker > 0 and cfg.ray_gpus_per_worker >= 0 and cfg.ray_max_retries >= 0, \
             "run.ray_cpus_per_worker > 0, ray_gpus_per_worker ≥ 0, ray_max_retries ≥ 0"
+        if cfg.ray_address:
+            _check_reachable(cfg.ray_address)  # before any stage runs, not when the first one needs Ray
         self.cfg = cfg
         self.shared_corpus = cfg.shared_corpus
         self._started_ray = False
@@ -186,12 +189,12 @@ class RayExecutor:
         return has_gpus and self.cfg.ray_gpus_per_worker > 0
 
     def workers(self, device: str = "auto", n_units: int | None = None) -> list:
-        """The actor pool for units on `device` (made on first use; remade if GPU-ness changes)."""
+        """The actor pool for units on `device`: as many workers as the cluster allows (or ray_n_workers), at
+        most `n_units`; made on first use, grown when more units come, remade if GPU-ness changes."""
         ray = self._ray()
         use_gpu = self._units_use_gpu(device)
-        if self._workers and self._workers_use_gpu == use_gpu:
-            return self._workers
-        self._kill_workers()
+        if self._workers_use_gpu != use_gpu:
+            self._kill_workers()
         resources = ray.cluster_resources()
         if self.cfg.ray_n_workers > 0:
             n = self.cfg.ray_n_workers
@@ -200,12 +203,13 @@ class RayExecutor:
         else:
             n = int(resources.get("CPU", 1) // self.cfg.ray_cpus_per_worker)
         n = max(1, min(n, n_units) if n_units else n)
-        actor_cls = ray.remote(_UnitWorker).options(
-            num_cpus=self.cfg.ray_cpus_per_worker, num_gpus=self.cfg.ray_gpus_per_worker if use_gpu else 0,
-            max_restarts=self.cfg.ray_max_retries, max_task_retries=self.cfg.ray_max_retries)
-        n_threads = max(1, int(self.cfg.ray_cpus_per_worker))
-        self._workers = [actor_cls.remote(n_threads) for _ in range(n)]
-        self._workers_use_gpu = use_gpu
+        if len(self._workers) < n:
+            actor_cls = ray.remote(_UnitWorker).options(
+                num_cpus=self.cfg.ray_cpus_per_worker, num_gpus=self.cfg.ray_gpus_per_worker if use_gpu else 0,
+                max_restarts=self.cfg.ray_max_retries, max_task_retries=self.cfg.ray_max_retries)
+            n_threads = max(1, int(self.cfg.ray_cpus_per_worker))
+            self._workers += [actor_cls.remote(n_threads) for _ in range(n - len(self._workers))]
+            self._workers_use_gpu = use_gpu
         return self._workers
 
     @property
@@ -218,7 +222,8 @@ class RayExecutor:
         return ray.get([w.pid.remote() for w in self._workers])
 
     def unit_hardware(self, device: str) -> tuple[str, bool]:
-        workers = self.workers(device)
+        """Asked of one worker (the first of the pool), so the answer is the hardware units run on."""
+        workers = self.workers(device, n_units=1)
         return tuple(self._get(workers[0].hardware.remote(device)))
 
     # -- the work
@@ -280,11 +285,12 @@ class RayExecutor:
             if isinstance(getattr(e, "cause", None), AtlasError):
                 raise e.cause from None
             raise
-        except RayActorError as e:
-            raise AtlasError(f"a Ray worker died more than {self.cfg.ray_max_retries} time(s) running {what}: "
+        except RayActorError as e:  # the worker died (again after ray_max_retries restarts) or never started
+            raise AtlasError(f"a Ray worker failed running {what}: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                             "check the workers' memory and logs (/tmp/ray/session_latest/logs on each node); "
-                             "run the same command again to resume (finished units are kept)") from None
+                             "every node needs atlasgen installed (pip install 'atlasgen[ray]', the driver's "
+                             "version) and enough memory; see the logs in /tmp/ray/session_latest/logs on the "
+                             "nodes; the same command resumes (finished units are kept)") from None
 
     def _kill_workers(self) -> None:
         if self._workers:
@@ -305,6 +311,20 @@ class RayExecutor:
             import ray
             ray.shutdown()
         self._connected = False
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT that nobody answers on is one clear line now (ray.init would retry for minutes)."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise AtlasError(f"no Ray cluster answers at {address}: {e.strerror if isinstance(e, OSError) and e.strerror else e}",
+                         "start one with `ray start --head` (it prints the address to join), check "
+                         "--ray-address / [run] ray_address, or omit it to start a local Ray") from None
 
 
 class _UnitWorker:

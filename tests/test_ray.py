@@ -205,9 +205,16 @@ def test_executor_without_ray_installed_is_one_clear_line(tmp_path, monkeypatch)
         assert store.stage_row("ingest") is None, "it fails before any stage runs"
 
 
-def test_run_options_are_checked_and_leave_the_stage_hashes_alone(tmp_path):
+def test_run_options_are_checked_and_leave_the_stage_hashes_alone(tmp_path, monkeypatch):
+    from atlasgen import executor
     bad = CliRunner().invoke(app, ["render", "--out", str(tmp_path), "--executor", "local", "--ray-address", "auto"])
     assert bad.exit_code == 2 and "--ray-address needs --executor ray" in bad.output
+    # Nobody listens there: one line at once, before any stage (not minutes of Ray retrying).
+    monkeypatch.setattr(executor, "ray_available", lambda: True)
+    bad = CliRunner().invoke(app, ["build", "--preset", "tiny", "--out", str(tmp_path), "--ray-address", "127.0.0.1:1"])
+    assert bad.exit_code == 2 and "no Ray cluster answers at 127.0.0.1:1" in bad.output
+    with Store.open(tmp_path, read_only=True) as store:
+        assert store.stage_row("ingest") is None
     bad = CliRunner().invoke(app, ["embed", "--preset", "tiny", "--out", str(tmp_path), "--executor", "spark"])
     assert bad.exit_code == 2 and "run.executor" in bad.output and "Traceback" not in bad.output
     user = tmp_path / "atlas.toml"

@@ -1,0 +1,117 @@
+"""The tiny render with the local executor, with Ray on one 1-CPU worker and with Ray on two 1-CPU workers, in
+one run on this machine: Ray's overhead against local (goal ≤ 15 %) and the two-worker speed-up (goal ≥ 1.7×).
+
+Each run renders the same plan into its own copy of one tiny atlas built (ingest → encode) at the start. Local
+renders with one torch thread (as a 1-CPU worker does); Ray starts once, locally, with 2 CPUs (its start is
+printed apart: on a cluster it is paid once, when the cluster comes up). A Ray run's time includes what every
+stage pays on a running cluster: starting its workers, sending the model and SAE through the object store and
+building them on each worker. `--batch-targets` sets the unit size (it does not change the pictures): the
+default 32 makes 14 full units of the tiny plan's 447 targets, so two workers can share them evenly (the
+preset's 64 gives 7 full units, so at best 7/4 = 1.75×).
+
+    python benchmarks/ray.py              # the tiny render (447 targets of 24 steps), 3 runs of ~1.5 min each
+    python benchmarks/ray.py --quick      # 64 features × 1 seed, 8 steps: a few minutes in all
+    python benchmarks/ray.py --repeats 3  # medians of 3 rounds
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+# This file is named ray.py: its own folder (sys.path[0]) would shadow the ray package, so the repo root
+# takes its place.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from atlasgen.config import RunConfig, load_config  # noqa: E402
+from atlasgen.executor import RayExecutor  # noqa: E402
+from atlasgen.pipeline import run_stages  # noqa: E402
+from atlasgen.progress import set_quiet  # noqa: E402
+from atlasgen.store import Store  # noqa: E402
+
+
+def render_seconds(encoded: Path, work: Path, name: str, cfg, executor=None) -> tuple[float, dict]:
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(encoded, out)
+    with Store.open(out) as store:
+        t0 = time.perf_counter()
+        summary = run_stages(cfg, store, ["render"], executor=executor)["render"]
+        seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="64 features × 1 seed, 8 steps, no pairs/images/ablation")
+    ap.add_argument("--batch-targets", type=int, default=32, help="targets per unit (the preset has 64)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of the three runs; medians are printed")
+    ap.add_argument("--keep", type=Path, default=None, help="build the tiny atlas here (reused if it exists)")
+    args = ap.parse_args()
+    set_quiet(True)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    torch.set_num_threads(1)
+
+    cfg = load_config("tiny")
+    render_cfg = replace(cfg.render, batch_targets=args.batch_targets, n_threads=1)
+    if args.quick:
+        render_cfg = replace(render_cfg, features="top:64", n_seeds=1, n_steps=8, n_auto_pairs=0,
+                             n_auto_images=0, ablation=False)
+    cfg = replace(cfg, render=render_cfg)
+
+    with tempfile.TemporaryDirectory(prefix="rb", dir="/tmp") as tmp:
+        work = Path(tmp)
+        encoded = args.keep or work / "encoded"
+        t0 = time.perf_counter()
+        with Store.open(encoded) as store:
+            run_stages(cfg, store, ["ingest", "embed", "train", "encode"])
+        print(f"tiny atlas through encode: {time.perf_counter() - t0:.1f} s")
+
+        import ray
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, _temp_dir=str(work / "r"), include_dashboard=False, log_to_driver=False)
+        print(f"Ray start (local, 2 CPUs): {time.perf_counter() - t0:.1f} s (paid once per cluster, not per stage)")
+
+        times: dict[str, list[float]] = {"local": [], "ray1": [], "ray2": []}
+        n_planned = None
+        for round_ in range(args.repeats):
+            seconds, summary = render_seconds(encoded, work, "local", cfg)
+            times["local"].append(seconds)
+            n_planned = summary["n_planned"]
+            for n_workers in (1, 2):
+                executor = RayExecutor(RunConfig(executor="ray", ray_n_workers=n_workers, ray_cpus_per_worker=1))
+                try:
+                    seconds, summary = render_seconds(encoded, work, f"ray{n_workers}", cfg, executor)
+                finally:
+                    executor.close()
+                assert summary["n_rendered"] == n_planned and summary["n_workers"] == n_workers
+                times[f"ray{n_workers}"].append(seconds)
+            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+        ray.shutdown()
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    overhead = med["ray1"] / med["local"] - 1
+    speedup = med["ray1"] / med["ray2"]
+    print(f"\nthe tiny render{' (--quick)' if args.quick else ''}: {n_planned} targets, {render_cfg.n_steps} steps, "
+          f"units of {render_cfg.batch_targets} targets; {os.cpu_count()} CPUs; "
+          f"median of {args.repeats} round(s)")
+    print(f"| run | seconds | vs local |")
+    print(f"|---|---|---|")
+    print(f"| local executor, 1 thread | {med['local']:.1f} | 1.00× |")
+    print(f"| Ray, one 1-CPU worker | {med['ray1']:.1f} | {med['local'] / med['ray1']:.2f}× |")
+    print(f"| Ray, two 1-CPU workers | {med['ray2']:.1f} | {med['local'] / med['ray2']:.2f}× |")
+    print(f"Ray overhead against local (one worker): {overhead * 100:+.1f} %  (goal ≤ 15 %)")
+    print(f"two-worker speed-up over one: {speedup:.2f}×  (goal ≥ 1.7×)")
+
+
+if __name__ == "__main__":
+    main()
