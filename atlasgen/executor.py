@@ -163,9 +163,12 @@ class RayExecutor:
             return ray
         if not ray.is_initialized():
             address = self.cfg.ray_address or None
+            # A local Ray we start runs its workers at normal priority, as the local executor runs (Ray nices
+            # them to 15 by default, which on a machine shared with other jobs starves them).
+            local_only = {} if address else {"_system_config": {"worker_niceness": 0}}
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                         logging_level=logging.WARNING, **local_only)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {address}" if address else "a local Ray"
                 raise AtlasError(f"could not start or join {where}: {str(e).splitlines()[0] if str(e) else e!r}",

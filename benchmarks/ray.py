@@ -2,8 +2,9 @@
 one run on this machine: Ray's overhead against local (goal ≤ 15 %) and the two-worker speed-up (goal ≥ 1.7×).
 
 Each run renders the same plan into its own copy of one tiny atlas built (ingest → encode) at the start. Local
-renders with one torch thread (as a 1-CPU worker does); Ray starts once, locally, with 2 CPUs (its start is
-printed apart: on a cluster it is paid once, when the cluster comes up). A Ray run's time includes what every
+renders with one torch thread (as a 1-CPU worker does); Ray starts once, locally, with 2 CPUs and its workers
+at normal priority like the local run (its start is printed apart: on a cluster it is paid once, when the
+cluster comes up). A Ray run's time includes what every
 stage pays on a running cluster: starting its workers, sending the model and SAE through the object store and
 building them on each worker. `--batch-targets` sets the unit size (it does not change the pictures): the
 default 32 makes 14 full units of the tiny plan's 447 targets, so two workers can share them evenly (the
@@ -78,7 +79,10 @@ def main() -> None:
 
         import ray
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, _temp_dir=str(work / "r"), include_dashboard=False, log_to_driver=False)
+        # Workers at the local run's priority: Ray nices them to 15 by default, which on a shared machine
+        # would measure the other jobs, not Ray.
+        ray.init(num_cpus=2, _temp_dir=str(work / "r"), include_dashboard=False, log_to_driver=False,
+                 _system_config={"worker_niceness": 0})
         print(f"Ray start (local, 2 CPUs): {time.perf_counter() - t0:.1f} s (paid once per cluster, not per stage)")
 
         times: dict[str, list[float]] = {"local": [], "ray1": [], "ray2": []}
@@ -87,6 +91,7 @@ def main() -> None:
             seconds, summary = render_seconds(encoded, work, "local", cfg)
             times["local"].append(seconds)
             n_planned = summary["n_planned"]
+            print(f"local: {seconds:.1f} s", flush=True)
             for n_workers in (1, 2):
                 executor = RayExecutor(RunConfig(executor="ray", ray_n_workers=n_workers, ray_cpus_per_worker=1))
                 try:
@@ -95,6 +100,7 @@ def main() -> None:
                     executor.close()
                 assert summary["n_rendered"] == n_planned and summary["n_workers"] == n_workers
                 times[f"ray{n_workers}"].append(seconds)
+                print(f"ray, {n_workers} worker(s): {seconds:.1f} s", flush=True)
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
         ray.shutdown()
 

@@ -56,8 +56,9 @@ def ray_cluster():
     import ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets live under it
+    # Workers at normal priority (Ray's default nice 15 starves them on a busy CI machine).
     ray.init(num_cpus=2, _temp_dir=temp_dir, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 1024 ** 2)
+             object_store_memory=256 * 1024 ** 2, _system_config={"worker_niceness": 0})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
