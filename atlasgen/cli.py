@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import PRESETS, STAGE_INPUTS, STAGE_ORDER, AtlasConfig, load_config
+from .config import PRESETS, AtlasConfig, load_config
 from .errors import AtlasError, StageInputError
 from .progress import say, set_quiet
 
@@ -104,16 +104,15 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
             raise AtlasError(f"--device {device} is not one of auto, cpu, cuda", "use --device auto")
         for stage in ("embed", "train", "render", "probe"):
             overrides.setdefault(stage, {})["device"] = device
-    remembered = _remembered(store)
+    remembered = store.remembered_build()
     if preset is None and config is None and remembered:
         preset = remembered["preset"]
         config = Path(remembered["config"]) if remembered.get("config") else None
         overrides = _merge_overrides(remembered.get("overrides", {}), overrides)
     load_config(preset or "imagenette", config, overrides)  # validate before remembering
     if not store.read_only:
-        store.con.execute("INSERT OR REPLACE INTO meta VALUES ('build_config', ?)", [json.dumps(
-            {"preset": preset or "imagenette", "config": str(config.resolve()) if config else None,
-             "overrides": overrides})])
+        store.remember_build({"preset": preset or "imagenette", "config": str(config.resolve()) if config else None,
+                              "overrides": overrides})
     # One-off options (e.g. `render --features`) apply to this run only and are not remembered.
     return load_config(preset or "imagenette", config, _merge_overrides(overrides, extra or {}))
 
@@ -139,15 +138,11 @@ def _merge_overrides(old: dict, new: dict) -> dict:
     return out
 
 
-def _remembered(store) -> dict | None:
-    row = store.scalar("SELECT value FROM meta WHERE key = 'build_config'")
-    return json.loads(row) if row else None
-
-
 def _check_inputs(store, stages: list[str]) -> None:
     """A stage run on its own needs its inputs built first (build runs them all in order)."""
+    from .stages import REGISTRY
     for name in stages:
-        for upstream in STAGE_INPUTS[name]:
+        for upstream in REGISTRY[name].inputs:
             if upstream in stages:
                 continue
             row = store.stage_row(upstream)
@@ -194,7 +189,8 @@ def build(out: OutOpt = Path("build"), images: ImagesOpt = None, dataset: Datase
 
     Example: atlasgen build --preset tiny --out build/  (on a Ray cluster: add --executor ray --ray-address auto)
     """
-    _run(list(STAGE_ORDER), out, preset, config, images, dataset, model, device, force, quiet,
+    from .stages import REGISTRY
+    _run(list(REGISTRY.names), out, preset, config, images, dataset, model, device, force, quiet,
          run_options(executor, ray_address))
     site_index = out / "site" / "index.html"
     typer.echo(f"site: {site_index.resolve()}  (serve it with: atlasgen serve --out {out})")
@@ -334,16 +330,19 @@ def info(out: OutOpt = Path("build")):
 
     Example: atlasgen info --out build/
     """
+    from .stages import REGISTRY
     from .store import OUTPUT_TABLES_ALL
     with _open_store(out, read_only=True) as store:
         typer.echo(f"store: {store.paths.store_path}")
-        for name in STAGE_ORDER:
+        for name in REGISTRY.names:
             row = store.stage_row(name)
             if row is None:
                 typer.echo(f"  {name:8s} not run")
                 continue
             brief = ", ".join(f"{k}={v}" for k, v in row["summary"].items() if isinstance(v, (int, float, str)))
-            typer.echo(f"  {name:8s} {row['status']:8s} config {row['config_hash']}  {brief}")
+            typer.echo(f"  {name:8s} {row['status']:11s} config {row['config_hash']}  {brief}")
+            if row["error"]:
+                typer.echo(f"  {'':8s} error: {row['error']}")
         typer.echo("tables:")
         for table in OUTPUT_TABLES_ALL:
             typer.echo(f"  {table:18s} {store.count(table):>10,d} rows")

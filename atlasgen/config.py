@@ -11,10 +11,11 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import AtlasError
 
@@ -264,18 +265,6 @@ class RunConfig:
 EXECUTORS = ("local", "ray")
 
 
-STAGE_CONFIGS = {
-    "ingest": IngestConfig, "embed": EmbedConfig, "train": TrainConfig, "encode": EncodeConfig,
-    "render": RenderConfig, "layout": LayoutConfig, "probe": ProbeConfig, "toy": ToyConfig, "site": SiteConfig,
-}
-STAGE_ORDER = ("ingest", "embed", "train", "encode", "render", "layout", "probe", "toy", "site")
-# What each stage reads (its hash includes theirs, so an upstream change reruns it).
-STAGE_INPUTS = {
-    "ingest": (), "embed": ("ingest",), "train": ("embed",), "encode": ("train",), "render": ("encode",),
-    "layout": ("encode", "render"), "probe": ("encode",), "toy": (), "site": ("layout", "probe", "toy"),
-}
-
-
 @dataclass(frozen=True)
 class AtlasConfig:
     preset: str
@@ -292,6 +281,13 @@ class AtlasConfig:
 
     def stage(self, name: str):
         return getattr(self, name)
+
+
+def section_classes() -> dict[str, type]:
+    """Every config section ([ingest], [embed], ...) and its dataclass, from AtlasConfig's fields (the stage
+    registry checks that each stage's declared config class is the one here)."""
+    hints = typing.get_type_hints(AtlasConfig)
+    return {f.name: hints[f.name] for f in fields(AtlasConfig) if f.name != "preset"}
 
 
 PRESETS = ("tiny", "imagenette", "imagenet")
@@ -323,13 +319,120 @@ def _build_stage(cls, values: dict, where: str):
     if unknown:
         raise AtlasError(f"unknown option(s) {', '.join(unknown)} in [{where}]",
                          f"known options: {', '.join(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        default = known[name].default if known[name].default is not dataclasses.MISSING else None
-        if isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _typed(value, hints[name], f"{where}.{name}") for name, value in values.items()}
+    section = cls(**kwargs)
+    for name, rule in RULES.get(cls, {}).items():
+        problem = rule(getattr(section, name))
+        if problem:
+            raise AtlasError(f"[{where}] {name} = {getattr(section, name)!r}: {problem}",
+                             f"fix {name} in the [{where}] section (default {getattr(cls(), name)!r})")
+    return section
+
+
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a table"}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the declared type `hint` (TOML lists become tuples, ints pass as floats), or an AtlasError
+    that names the option, the bad value and what is allowed."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise AtlasError(f"{where} = {value!r} is not a list", f"write {where.split('.')[-1]} = [...]")
+        args = typing.get_args(hint)
+        item_hint = args[0] if args else Any
+        return tuple(_typed(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if not ok:
+        raise AtlasError(f"{where} = {value!r} is {type(value).__name__}, not {_TYPE_WORDS.get(hint, hint.__name__)}",
+                         f"set {where} to {_TYPE_WORDS.get(hint, hint.__name__)}")
+    return value
+
+
+# --- value rules: each returns None when the value is fine, else what is wrong ---------------------------
+Rule = Callable[[Any], "str | None"]
+
+
+def at_least(low: float) -> Rule:
+    return lambda v: None if v >= low else f"must be ≥ {low}"
+
+
+def between(low: float, high: float) -> Rule:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def one_of(*choices: str) -> Rule:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _source_rule(v: str) -> str | None:
+    kind, sep, rest = v.partition(":")
+    ok = v == "tiny" or (sep and kind in ("folder", "hf") and rest)
+    return None if ok else "must be tiny, folder:PATH or hf:DATASET[:SPLIT] (or use --images / --dataset)"
+
+
+def _render_features_rule(v: str) -> str | None:
+    v = v.strip()
+    if v in ("all", "auto"):
+        return None
+    if v.startswith("top:"):
+        return None if v[4:].strip().isdigit() else "N in top:N must be a whole number, e.g. top:64"
+    parts = [x.strip() for x in v.split(",") if x.strip()]
+    if parts and all(x.isdigit() for x in parts):
+        return None
+    return "must be all, auto, top:N or a list of feature ids such as 1,2,3"
+
+
+def _pairs_rule(pairs: tuple) -> str | None:
+    for text in pairs:
+        parts = str(text).split(",")
+        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts) or parts[0].strip() == parts[1].strip():
+            return f"entry {text!r} is not two different feature ids \"a,b\""
+    return None
+
+
+def _even_at_least(low: int) -> Rule:
+    return lambda v: None if v >= low and v % 2 == 0 else f"must be an even number ≥ {low}"
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+RENDER_PARAMS = ("transformer", "pixels", "fourier")
+
+RULES: dict[type, dict[str, Rule]] = {
+    IngestConfig: {"source": _source_rule, "limit": at_least(0), "max_pixels": at_least(1),
+                   "corpus_side": at_least(16), "n_tiny_images": at_least(1), "n_workers": at_least(1)},
+    EmbedConfig: {"precision": one_of(*PRECISIONS), "device": one_of(*DEVICES), "batch_size": at_least(1),
+                  "n_workers": at_least(1), "chunk_size": at_least(1), "n_threads": at_least(0)},
+    TrainConfig: {"expansion": at_least(1), "l1_coeff": at_least(0), "lr": lambda v: None if v > 0 else "must be > 0",
+                  "warmup_steps": at_least(0), "n_steps": at_least(1), "batch_size": at_least(1),
+                  "dead_window": at_least(1), "resample_every": at_least(0), "resample_until": between(0, 1),
+                  "log_every": at_least(1), "precision": one_of(*PRECISIONS), "device": one_of(*DEVICES)},
+    EncodeConfig: {"top_k": at_least(1), "n_top_images": at_least(1), "n_similar": at_least(0),
+                   "thumb_side": at_least(8), "batch_size": at_least(1)},
+    RenderConfig: {"features": _render_features_rule, "n_seeds": at_least(0), "n_pair_seeds": at_least(0),
+                   "param": one_of(*RENDER_PARAMS), "n_views": at_least(1), "n_steps": at_least(0),
+                   "lr": lambda v: None if v > 0 else "must be > 0", "tv_weight": at_least(0),
+                   "batch_targets": at_least(0), "size": at_least(0), "pairs": _pairs_rule, "n_auto_pairs": at_least(0),
+                   "slerp_steps": at_least(0), "n_auto_images": at_least(0), "precision": one_of(*PRECISIONS),
+                   "device": one_of(*DEVICES), "max_views_per_pass": at_least(0), "n_threads": at_least(0)},
+    LayoutConfig: {"n_map_features": at_least(1), "grid_side": at_least(1), "n_neighbors": at_least(2),
+                   "min_dist": at_least(0), "svd_dims": at_least(0), "cell_px": at_least(4),
+                   "tile_px": _even_at_least(16)},
+    ProbeConfig: {"canvas": at_least(16), "n_auto_features": at_least(0), "device": one_of(*DEVICES)},
+    ToyConfig: {"n_steps": at_least(1), "frame_every": at_least(1), "hidden": at_least(0),
+                "lr": lambda v: None if v > 0 else "must be > 0", "test_fraction": between(0.05, 0.95),
+                "n_codes": at_least(1)},
+    SiteConfig: {"n_decompose_auto": at_least(0), "n_gallery": at_least(0), "features_per_page": at_least(1),
+                 "chunk_size": at_least(1), "n_coactive": at_least(0)},
+    RunConfig: {"executor": one_of(*EXECUTORS), "ray_cpus_per_worker": lambda v: None if v > 0 else "must be > 0",
+                "ray_gpus_per_worker": at_least(0), "ray_n_workers": at_least(0), "ray_max_retries": at_least(0)},
+}
 
 
 def load_config(preset: str = "imagenette", config_path: Path | None = None,
@@ -342,16 +445,25 @@ def load_config(preset: str = "imagenette", config_path: Path | None = None,
         user = _read_toml(Path(config_path))
         data = _merge(data, user)
     data = _merge(data, overrides or {})
-    unknown = sorted(set(data) - set(STAGE_CONFIGS) - {"preset", "run"})
+    sections = section_classes()
+    unknown = sorted(set(data) - set(sections) - {"preset"})
     if unknown:
         raise AtlasError(f"unknown section(s) {', '.join(unknown)} in the config",
-                         f"sections: {', '.join(STAGE_CONFIGS)}, run")
-    stages = {name: _build_stage(cls, data.get(name, {}), name) for name, cls in STAGE_CONFIGS.items()}
-    run = _build_stage(RunConfig, data.get("run", {}), "run")
-    if run.executor not in EXECUTORS:
-        raise AtlasError(f"run.executor {run.executor!r} is not one of {', '.join(EXECUTORS)}",
-                         "set [run] executor = \"local\" (or pass --executor local)")
-    return AtlasConfig(preset=preset, **stages, run=run)
+                         f"sections: {', '.join(sections)}")
+    for name in sections:
+        if not isinstance(data.get(name, {}), dict):
+            raise AtlasError(f"[{name}] in the config is not a table", f"write it as a section: [{name}]")
+    built = {name: _build_stage(cls, data.get(name, {}), name) for name, cls in sections.items()}
+    _check_across(built)
+    return AtlasConfig(preset=preset, **built)
+
+
+def _check_across(sections: dict) -> None:
+    """Rules that tie options of one section together, or need a stage's own parser."""
+    # Probe sweeps are small TOML tables with their own grammar: parsed (not run) here, so a typo fails at
+    # load. Imported here because the probe stage imports this module.
+    from .stages.probe import parse_sweeps
+    parse_sweeps(sections["probe"])
 
 
 def config_json(cfg) -> str:

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import AtlasError, DataLoadError, StageInputError
 from .model import EmbeddingModel, load_embedding_model, pil_to_array
 from .paths import atomic_path, site_assets_dir, templates_dir
-from .sae import SparseAutoencoder, load_latest_sae
+from .sae import SparseAutoencoder, load_stage_sae
 
 BAR_WIDTH = 30
 
@@ -104,7 +104,7 @@ class Decomposer:
     def __init__(self, store, device: str = "auto"):
         self.store = store
         self.model = load_store_model(store, device)
-        self.sae = load_latest_sae(store)
+        self.sae, self.sae_run_id = load_stage_sae(store)
         self.top_k = int(stage_config(store, "encode").get("top_k", 32))
 
     def __call__(self, image_path: Path) -> Decomposition:
@@ -112,33 +112,11 @@ class Decomposer:
         acts_f = encode(self.sae, embed_pil(self.model, [image]), self.top_k)[0]
         ids = np.flatnonzero(acts_f > 0)
         ids = ids[np.argsort(-acts_f[ids], kind="stable")]
-        labels = feature_labels(self.store, ids.tolist())
-        pictures = feature_pictures(self.store, ids.tolist())
+        labels = self.store.feature_labels(ids.tolist())
+        pictures = self.store.feature_pictures(ids.tolist())
         return Decomposition(Path(image_path), [
             {"feature_id": int(i), "label": labels.get(int(i)) or "", "value": float(acts_f[i]),
              "picture": pictures.get(int(i))} for i in ids])
-
-
-def feature_labels(store, ids: list[int]) -> dict[int, str]:
-    if not ids:
-        return {}
-    rows = store.query(f"SELECT feature_id, label FROM features WHERE feature_id IN ({','.join(map(str, ids))})")
-    return {int(r[0]): r[1] for r in rows}
-
-
-def feature_pictures(store, ids: list[int]) -> dict[int, Path]:
-    """One rendered picture per feature (lowest seed of the 'feature' renders), if the render stage made one."""
-    if not ids:
-        return {}
-    rows = store.query(
-        "SELECT feature_a, arg_min(path, seed) FROM renders WHERE kind = 'feature' AND feature_a IN "
-        f"({','.join(map(str, ids))}) GROUP BY feature_a")
-    out = {}
-    for fid, rel in rows:
-        path = store.paths.out_dir / rel
-        if path.exists():
-            out[int(fid)] = path
-    return out
 
 
 def format_table(dec: Decomposition, top: int | None = None) -> str:
@@ -174,9 +152,9 @@ def image_data_uri(image: Image.Image, side: int = 384) -> str:
 
 def _site_env():
     """The site's Jinja environment (its filters and the `_decomposition.html` partial), or a plain one if
-    the site module is missing. Our own instance: `url` must pass data: URIs through untouched."""
+    the site package is missing. Our own instance: `url` must pass data: URIs through untouched."""
     try:
-        from .stages.site import make_env, url_path
+        from .site.core import make_env, url_path
     except ImportError:
         import jinja2
         return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())), autoescape=True), False

@@ -43,9 +43,14 @@ class BuildPaths:
     def tiny_model_dir(self) -> Path:
         return self.models_dir / "tiny-dinov3"
 
+    @property
+    def sae_root(self) -> Path:
+        """Every training run's weights: `sae/<run_id>/`."""
+        return self.out_dir / "sae"
+
     def sae_dir(self, run_id: str) -> Path:
         """`sae/<run_id>/` holds `sae.safetensors` and `sae.json` for one training run."""
-        return self.out_dir / "sae" / run_id
+        return self.sae_root / run_id
 
     @property
     def thumbs_dir(self) -> Path:

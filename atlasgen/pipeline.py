@@ -1,45 +1,38 @@
-"""Runs stages in order: skips a stage whose config and inputs are unchanged (config hash in
-`stage_runs`), resumes one that was interrupted under the same hash, and resets one whose hash changed.
+"""Runs stages in order: skips a stage whose config and inputs are unchanged (config hash in `stage_runs`),
+resumes one that was interrupted or failed under the same hash, and resets one whose hash changed.
 
-Every stage is a module `atlasgen.<stage>` with
-  run(cfg, store) -> dict     the work; returns a small summary (counts, timings) kept in stage_runs
-  reset(store) -> None        deletes what the stage wrote (called when its hash changed or --force)
-The stages in EXECUTOR_STAGES take `run(cfg, store, executor=...)`: the executor [run] asks for
-(`atlasgen.executor`), which runs their units here or on Ray.
+The stages and everything about them (order, inputs, outputs, reset) come from `atlasgen.stages.REGISTRY`.
+A stage that raises is recorded `failed` with its error (`interrupted` for Ctrl-C), so `atlasgen info`
+shows what happened; the error itself goes on to the CLI, which prints it as one line.
+Stages declared with `executor=True` (embed, render) get `run(cfg, store, executor=...)`: the executor
+`[run]` asks for (`atlasgen.executor`), which runs their units here or on Ray.
 """
 from __future__ import annotations
 
-import importlib
-import shutil
 import time
-from pathlib import Path
 from typing import Iterable
 
-from .config import STAGE_INPUTS, STAGE_ORDER, AtlasConfig, config_hash, config_json
+from .config import AtlasConfig, config_hash, config_json
+from .errors import AtlasError
 from .executor import make_executor
 from .progress import say
+from .stages import REGISTRY
 from .store import Store
 
 
-def stage_module(name: str):
-    assert name in STAGE_ORDER, f"unknown stage {name}"
-    return importlib.import_module(f"atlasgen.stages.{name}")
-
-
-# Stages whose units an executor runs (embed: chunks of images; render: batches of targets).
-EXECUTOR_STAGES = ("embed", "render")
+def stage_hash(cfg: AtlasConfig, store: Store, name: str) -> str:
+    """A stage's hash covers its config and the identity of each input as it is in the store now (that
+    stage's config hash and when it finished), so any rerun of an input, even a forced one with the same
+    config, makes the stages that read it run again."""
+    return config_hash(cfg.stage(name), _input_identities(store, name))
 
 
 def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False,
                executor=None) -> dict[str, dict]:
     """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped).
-
-    A stage's hash covers its config and the identity of each input as it is in the store now (that
-    stage's config hash and when it finished), so any rerun of an input, even a forced one with the same
-    config, makes the stages that read it run again. `executor`: one to use instead of the one cfg.run
-    asks for (then the caller closes it)."""
+    `executor`: one to use instead of the one cfg.run asks for (then the caller closes it)."""
     own_executor = executor is None
-    executor = make_executor(cfg.run) if own_executor else executor
+    executor = make_executor(cfg.run) if own_executor else executor  # Ray connects when a stage needs it
     try:
         return _run_stages(cfg, store, stages, force, executor)
     finally:
@@ -49,24 +42,33 @@ def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: boo
 
 def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool, executor) -> dict[str, dict]:
     summaries: dict[str, dict] = {}
-    wanted = [s for s in STAGE_ORDER if s in set(stages)]
-    for name in wanted:
-        stage_hash = config_hash(cfg.stage(name), _input_identities(store, name))
-        if not force and store.stage_is_done(name, stage_hash):
-            say(f"{name}: up to date (config {stage_hash}), skipped")
+    for stage in REGISTRY.ordered(stages):
+        name = stage.name
+        this_hash = stage_hash(cfg, store, name)
+        if not force and store.stage_is_done(name, this_hash):
+            say(f"{name}: up to date (config {this_hash}), skipped")
             summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
             continue
-        module = stage_module(name)
         row = store.stage_row(name)
-        if force or row is None or row["config_hash"] != stage_hash:
-            module.reset(store)
-        elif row["status"] == "running":
-            say(f"{name}: resuming an interrupted run")
-        store.mark_stage_started(name, stage_hash, config_json(cfg.stage(name)))
+        if force or row is None or row["config_hash"] != this_hash:
+            stage.reset_outputs(store)
+        elif row["status"] in ("running", "failed", "interrupted"):
+            say(f"{name}: resuming an unfinished run ({row['status']})")
+        store.mark_stage_started(name, this_hash, config_json(cfg.stage(name)))
         t0 = time.perf_counter()
         say(f"{name}: running")
-        extra = {"executor": executor} if name in EXECUTOR_STAGES else {}
-        summary = dict(module.run(cfg.stage(name), store, **extra) or {})
+        try:
+            extra = {"executor": executor} if stage.executor else {}
+            summary = dict(stage.run(cfg.stage(name), store, **extra) or {})
+        except KeyboardInterrupt:
+            _record_end(store, name, "interrupted", "interrupted by the user")
+            raise
+        except AtlasError as e:
+            _record_end(store, name, "failed", e.message)
+            raise
+        except BaseException as e:
+            _record_end(store, name, "failed", f"{type(e).__name__}: {e}")
+            raise
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         store.mark_stage_done(name, summary)
         say(f"{name}: done in {summary['seconds']:.1f}s " + _brief(summary))
@@ -74,9 +76,17 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
     return summaries
 
 
+def _record_end(store: Store, name: str, status: str, error: str) -> None:
+    # The store may itself be what failed (a dead connection, a full disk): never mask the real error.
+    try:
+        store.mark_stage_failed(name, error, status)
+    except Exception:
+        pass
+
+
 def _input_identities(store: Store, name: str) -> tuple[str, ...]:
     identities = []
-    for upstream in STAGE_INPUTS[name]:
+    for upstream in REGISTRY[name].inputs:
         row = store.stage_row(upstream)
         identities.append(f"{row['config_hash']}@{row['finished_at']}" if row else f"{upstream}:absent")
     return tuple(identities)
@@ -85,15 +95,3 @@ def _input_identities(store: Store, name: str) -> tuple[str, ...]:
 def _brief(summary: dict) -> str:
     items = [f"{k}={v}" for k, v in summary.items() if k != "seconds" and isinstance(v, (int, float, str))]
     return "(" + ", ".join(items[:6]) + ")" if items else ""
-
-
-def clear_tables(store: Store, tables: Iterable[str]) -> None:
-    """The usual reset: empty the stage's tables in one transaction."""
-    with store.transaction() as con:
-        for table in tables:
-            con.execute(f"DELETE FROM {table}")
-
-
-def clear_dirs(*dirs: Path) -> None:
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)

@@ -94,9 +94,16 @@ class SparseAutoencoder(torch.nn.Module):
         return sae.eval().requires_grad_(False)
 
 
-def load_latest_sae(store) -> SparseAutoencoder:
-    """The SAE of the store's latest train run."""
-    run = store.latest_sae_run()
+def load_stage_sae(store, used_by: str = "encode") -> tuple[SparseAutoencoder, str]:
+    """(SAE, run id) of the training run a finished stage used, as its summary records it: "train" for the
+    run it made, "encode" (the default) for the run whose activations the store holds, which is the one
+    render, probe, decompose and the site must use."""
+    run = store.sae_run_used_by(used_by)
     if run is None:
-        raise StageInputError("the store has no trained SAE", "run `atlasgen train` (or `atlasgen build`) first")
-    return SparseAutoencoder.load(Path(run["weights_path"]))
+        raise StageInputError(f"the store has no trained SAE used by the {used_by} stage",
+                              f"run `atlasgen {used_by}` (or `atlasgen build`) first")
+    weights_path = Path(run["weights_path"])
+    if not weights_path.exists() or not (weights_path.parent / CONFIG_FILE).exists():
+        raise StageInputError(f"the SAE weights of run {run['run_id']} are missing ({weights_path})",
+                              "retrain it: `atlasgen train --force --out DIR` (then build again)")
+    return SparseAutoencoder.load(weights_path), run["run_id"]

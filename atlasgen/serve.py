@@ -9,7 +9,7 @@ import mimetypes
 from pathlib import Path
 
 from .errors import AtlasError
-from .stages.site import SECURITY_HEADERS
+from .site.core import SECURITY_HEADERS
 
 # Types Python's table may lack; with nosniff the browser refuses scripts and wasm sent with a wrong type.
 mimetypes.add_type("application/wasm", ".wasm")

@@ -17,7 +17,9 @@ import numpy as np
 from .errors import AtlasError, StoreVersionError
 from .paths import BuildPaths
 
-SCHEMA_VERSION = 1
+# 2: features split into feature_stats (encode) + feature_map (layout) behind a `features` view;
+#    stage_runs.error; the SAE run a stage used is in its summary.
+SCHEMA_VERSION = 2
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -27,11 +29,12 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS stage_runs (
     stage VARCHAR PRIMARY KEY,          -- ingest, embed, train, encode, render, layout, probe, toy, site
     config_hash VARCHAR NOT NULL,       -- hash of the stage config and of its inputs' hashes
-    status VARCHAR NOT NULL,            -- running | done
+    status VARCHAR NOT NULL,            -- running | done | failed | interrupted
     config_json VARCHAR,
-    summary_json VARCHAR,               -- what the stage reports (counts, timings)
+    summary_json VARCHAR,               -- what the stage reports (counts, timings; sae_run_id where it used one)
     started_at TIMESTAMP,
-    finished_at TIMESTAMP
+    finished_at TIMESTAMP,
+    error VARCHAR                       -- the error a failed stage ended with (NULL otherwise)
 );
 CREATE TABLE IF NOT EXISTS images (
     image_id INTEGER PRIMARY KEY,
@@ -82,7 +85,7 @@ CREATE TABLE IF NOT EXISTS activations (
     feature_id INTEGER NOT NULL,
     value FLOAT NOT NULL                -- SAE activation (top-k capped, > 0)
 );
-CREATE TABLE IF NOT EXISTS features (
+CREATE TABLE IF NOT EXISTS feature_stats (    -- written by encode
     feature_id INTEGER PRIMARY KEY,
     n_active INTEGER,                   -- images where the feature is among the active ones
     frequency DOUBLE,                   -- n_active / number of images
@@ -93,10 +96,17 @@ CREATE TABLE IF NOT EXISTS features (
     label VARCHAR,                      -- automatic label, e.g. 'strawberry (11/16)'
     label_name VARCHAR,                 -- just the class name of the label
     label_purity DOUBLE,                -- share of the top images that carry label_name
-    strength DOUBLE,                    -- frequency * mean_value: the map's ranking measure
-    umap_x DOUBLE, umap_y DOUBLE,       -- co-activation UMAP (NULL for dead features)
+    strength DOUBLE                     -- frequency * mean_value: the map's ranking measure
+);
+CREATE TABLE IF NOT EXISTS feature_map (      -- written by layout
+    feature_id INTEGER PRIMARY KEY,
+    umap_x DOUBLE, umap_y DOUBLE,       -- co-activation UMAP (no row for dead features)
     grid_x INTEGER, grid_y INTEGER      -- cell on the map grid (NULL when not on the map)
 );
+-- One row per feature: its stats and, where the layout has placed it, its map position.
+CREATE OR REPLACE VIEW features AS
+    SELECT s.*, m.umap_x, m.umap_y, m.grid_x, m.grid_y
+    FROM feature_stats s LEFT JOIN feature_map m USING (feature_id);
 CREATE TABLE IF NOT EXISTS top_images (
     feature_id INTEGER NOT NULL,
     rank INTEGER NOT NULL,              -- 0 = strongest
@@ -143,7 +153,8 @@ CREATE TABLE IF NOT EXISTS probes (
 """
 
 OUTPUT_TABLES_ALL = ("images", "skipped_inputs", "embeddings", "sae_runs", "sae_metrics", "activations",
-                     "features", "top_images", "similar_features", "coactivation", "renders", "probes")
+                     "feature_stats", "feature_map", "top_images", "similar_features", "coactivation", "renders",
+                     "probes")
 
 
 def now() -> datetime:
@@ -236,13 +247,18 @@ class Store:
 
     # --- stage bookkeeping ---------------------------------------------------------------------
     def stage_row(self, stage: str) -> dict | None:
-        rows = self.con.execute("SELECT config_hash, status, summary_json, finished_at, config_json FROM stage_runs "
-                                "WHERE stage = ?", [stage]).fetchall()
+        rows = self.con.execute("SELECT config_hash, status, summary_json, finished_at, config_json, error, "
+                                "started_at FROM stage_runs WHERE stage = ?", [stage]).fetchall()
         if not rows:
             return None
         row = rows[0]
         return {"config_hash": row[0], "status": row[1], "summary": json.loads(row[2] or "{}"), "finished_at": row[3],
-                "config": json.loads(row[4] or "{}")}
+                "config": json.loads(row[4] or "{}"), "error": row[5], "started_at": row[6]}
+
+    def stage_rows(self) -> dict[str, dict]:
+        """Every stage's row, by stage name."""
+        names = [r[0] for r in self.con.execute("SELECT stage FROM stage_runs").fetchall()]
+        return {name: self.stage_row(name) for name in names}
 
     def stage_config(self, stage: str) -> dict | None:
         """The config a finished stage ran with, or None when it has not finished."""
@@ -255,12 +271,36 @@ class Store:
 
     def mark_stage_started(self, stage: str, config_hash: str, config_json: str) -> None:
         self.con.execute(
-            "INSERT OR REPLACE INTO stage_runs VALUES (?, ?, 'running', ?, NULL, ?, NULL)",
+            "INSERT OR REPLACE INTO stage_runs VALUES (?, ?, 'running', ?, NULL, ?, NULL, NULL)",
             [stage, config_hash, config_json, now()])
 
     def mark_stage_done(self, stage: str, summary: dict) -> None:
-        self.con.execute("UPDATE stage_runs SET status = 'done', summary_json = ?, finished_at = ? WHERE stage = ?",
-                         [json.dumps(summary, default=str), now(), stage])
+        self.con.execute("UPDATE stage_runs SET status = 'done', summary_json = ?, finished_at = ?, error = NULL "
+                         "WHERE stage = ?", [json.dumps(summary, default=str), now(), stage])
+
+    def mark_stage_failed(self, stage: str, error: str, status: str = "failed") -> None:
+        """A stage that ended with an error (or was interrupted): `info` shows it; a rerun with the same
+        config resumes it, keeping what it had committed."""
+        assert status in ("failed", "interrupted"), status
+        self.con.execute("UPDATE stage_runs SET status = ?, error = ?, finished_at = ? WHERE stage = ?",
+                         [status, error[:2000], now(), stage])
+
+    def clear_stage_outputs(self, stage: str, tables: tuple[str, ...], skips: bool) -> None:
+        """A stage's default reset: empty the tables it writes (and its skipped inputs), in one transaction."""
+        with self.transaction() as con:
+            for table in tables:
+                con.execute(f"DELETE FROM {table}")
+            if skips:
+                con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [stage])
+
+    # --- the build's remembered config -----------------------------------------------------------------
+    def remembered_build(self) -> dict | None:
+        """What `build` was last run with ({preset, config, overrides}), or None."""
+        row = self.scalar("SELECT value FROM meta WHERE key = 'build_config'")
+        return json.loads(row) if row else None
+
+    def remember_build(self, build: dict) -> None:
+        self.con.execute("INSERT OR REPLACE INTO meta VALUES ('build_config', ?)", [json.dumps(build)])
 
     # --- arrays ----------------------------------------------------------------------------------
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
@@ -308,9 +348,277 @@ class Store:
         finally:
             self.con.unregister("_frame")
 
-    def latest_sae_run(self) -> dict | None:
-        row = self.con.execute(
-            "SELECT run_id, weights_path, d_in, n_features FROM sae_runs ORDER BY created_at DESC LIMIT 1").fetchone()
+    # --- the SAE runs ----------------------------------------------------------------------------------
+    def sae_run(self, run_id: str) -> dict | None:
+        row = self.con.execute("SELECT run_id, weights_path, d_in, n_features FROM sae_runs WHERE run_id = ?",
+                               [run_id]).fetchone()
         if row is None:
             return None
         return {"run_id": row[0], "weights_path": self.paths.out_dir / row[1], "d_in": row[2], "n_features": row[3]}
+
+    def sae_run_used_by(self, stage: str = "encode") -> dict | None:
+        """The SAE run a finished stage used, as recorded in its summary (`run_id` for train, `sae_run_id` for
+        the stages after it). `encode` is the default: its activations are what the store shows."""
+        row = self.stage_row(stage)
+        if row is None or row["status"] != "done":
+            return None
+        run_id = row["summary"].get("run_id" if stage == "train" else "sae_run_id")
+        return self.sae_run(run_id) if run_id else None
+
+    def save_sae_run(self, run: dict, history: list[dict]) -> None:
+        """One training run's row and its metric history, replacing any earlier copy of that run."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM sae_metrics WHERE run_id = ?", [run["run_id"]])
+            con.execute("DELETE FROM sae_runs WHERE run_id = ?", [run["run_id"]])
+            if history:
+                self.insert_frame("sae_metrics", {"run_id": [run["run_id"]] * len(history),
+                                                  **{k: [row[k] for row in history] for k in history[0]}})
+            columns = ("run_id", "d_in", "n_features", "config_json", "weights_path", "n_steps", "mse", "fvu", "l0",
+                       "dead_fraction", "n_resampled", "created_at")
+            con.execute(f"INSERT INTO sae_runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                        [run[c] if c != "created_at" else now() for c in columns])
+
+    # --- images (ingest) -------------------------------------------------------------------------------
+    def replace_images(self, images: dict[str, Any], skipped: list[tuple[str, str]], stage: str = "ingest") -> None:
+        """All ingested images (columns of `images`) and the inputs skipped, in one transaction; a rerun
+        after an interrupt rewrites everything (image ids are deterministic)."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM images")
+            con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [stage])
+            if len(images["image_id"]):
+                self.insert_frame("images", images)
+            self._insert_skips(stage, skipped)
+
+    def replace_skips(self, stage: str, skipped: list[tuple[str, str]]) -> None:
+        """A stage's skipped inputs (source, reason), replacing the ones it recorded before."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [stage])
+            self._insert_skips(stage, skipped)
+
+    def _insert_skips(self, stage: str, skipped: list[tuple[str, str]]) -> None:
+        import pyarrow as pa
+        if skipped:
+            stamp = now()
+            self.insert_frame("skipped_inputs", {
+                "source": pa.array([s for s, _ in skipped], pa.string()), "stage": pa.array([stage] * len(skipped)),
+                "reason": pa.array([r for _, r in skipped], pa.string()),
+                "skipped_at": pa.array([stamp] * len(skipped), pa.timestamp("us"))})
+
+    def corpus_paths(self) -> dict[int, str]:
+        """image_id → its normalised corpus copy, relative to the output folder."""
+        return {int(i): p for i, p in self.query("SELECT image_id, corpus_path FROM images")}
+    # --- site reads ------------------------------------------------------------------------------
+    # What the site pages, the map tiles and `decompose` read; typed, and named for what they return.
+    FEATURE_PAGE_COLUMNS = ("feature_id", "n_active", "frequency", "max_value", "mean_value", "q50", "q90", "q99",
+                            "histogram", "label", "label_name", "label_purity", "strength", "grid_x", "grid_y")
+    RENDER_COLUMNS = ("render_id", "kind", "feature_a", "feature_b", "image_id", "t", "seed", "variant", "path",
+                      "cosine", "self_activation", "self_rank")
+
+    def _grouped(self, sql: str, params: list | None = None) -> dict:
+        """Rows grouped by their first column, in row order: key → [the rest of each row, as a tuple]."""
+        out: dict = {}
+        for key, *rest in self.con.execute(sql, params or []).fetchall():
+            out.setdefault(key, []).append(tuple(rest))
+        return out
+
+    def feature_rows(self) -> list[dict]:
+        """Every feature's stats, label and map cell (FEATURE_PAGE_COLUMNS), by feature id."""
+        cols = self.FEATURE_PAGE_COLUMNS
+        return [dict(zip(cols, r)) for r in self.con.execute(
+            f"SELECT {', '.join(cols)} FROM features ORDER BY feature_id").fetchall()]
+
+    def feature_labels(self, feature_ids: list[int]) -> dict[int, str | None]:
+        """feature id → its automatic label, for the given ids."""
+        ids = [int(f) for f in feature_ids]
+        if not ids:
+            return {}
+        rows = self.con.execute(f"SELECT feature_id, label FROM features WHERE feature_id IN "
+                                f"({','.join(map(str, ids))})").fetchall()
+        return {int(f): label for f, label in rows}
+
+    def feature_pictures(self, feature_ids) -> dict[int, Path]:
+        """THE picture of each feature (the map tiles, every page of the site and `decompose` show this one):
+        its best 'feature' render (one that re-activates the feature first, then the highest cosine, then
+        the lowest seed), else the thumbnail of its top image; only files that exist. Features with
+        neither are left out."""
+        wanted = {int(f) for f in feature_ids}
+        if not wanted:
+            return {}
+        out: dict[int, Path] = {}
+        rows = self.con.execute("""
+            SELECT feature_a, path FROM renders WHERE kind = 'feature' AND feature_a IS NOT NULL
+            ORDER BY feature_a, coalesce(self_activation, 0) > 0 DESC, coalesce(cosine, -2.0) DESC,
+                     seed NULLS LAST, render_id""").fetchall()
+        for fid, rel in rows:
+            fid = int(fid)
+            if fid in wanted and fid not in out and (self.paths.out_dir / rel).is_file():
+                out[fid] = self.paths.out_dir / rel
+        for fid, image_id in self.con.execute("SELECT feature_id, image_id FROM top_images WHERE rank = 0").fetchall():
+            fid = int(fid)
+            if fid in wanted and fid not in out and self.paths.thumb(int(image_id)).is_file():
+                out[fid] = self.paths.thumb(int(image_id))
+        return out
+
+    def picture_renders(self) -> list[dict]:
+        """Renders the site shows (kinds feature, sum, slerp, orth; RENDER_COLUMNS), by kind, features, t, seed."""
+        cols = self.RENDER_COLUMNS
+        return [dict(zip(cols, r)) for r in self.con.execute(
+            f"SELECT {', '.join(cols)} FROM renders WHERE kind IN ('feature', 'sum', 'slerp', 'orth') "
+            "ORDER BY kind, feature_a, feature_b, t, seed").fetchall()]
+
+    def top_images_by_feature(self) -> dict[int, list[tuple[int, float]]]:
+        """feature id → [(image id, activation)], strongest first."""
+        return self._grouped("SELECT feature_id, image_id, value FROM top_images ORDER BY feature_id, rank")
+
+    def similar_by_feature(self) -> dict[int, list[tuple[int, float]]]:
+        """feature id → [(other feature id, decoder cosine)], most similar first."""
+        return self._grouped("SELECT feature_id, other_id, cosine FROM similar_features ORDER BY feature_id, rank")
+
+    def top_coactive_by_feature(self, n: int) -> dict[int, list[tuple[int, int]]]:
+        """feature id → its `n` most co-activating features [(other feature id, images where both fire)]."""
+        return self._grouped("""
+                SELECT f, other, n FROM (
+                    SELECT feature_a AS f, feature_b AS other, n_images AS n FROM coactivation
+                    UNION ALL SELECT feature_b, feature_a, n_images FROM coactivation)
+                QUALIFY row_number() OVER (PARTITION BY f ORDER BY n DESC, other) <= ?
+                ORDER BY f, n DESC, other""", [int(n)])
+
+    def probe_peaks_by_feature(self) -> dict[int, list[tuple[str, float]]]:
+        """feature id → [(probe sweep, its largest activation along the sweep)], by sweep name."""
+        return self._grouped("SELECT feature_id, probe, max(value) FROM probes GROUP BY probe, feature_id "
+                             "ORDER BY probe")
+
+    def image_labels(self) -> dict[int, str]:
+        """image_id → label, for labelled images."""
+        return dict(self.query("SELECT image_id, label FROM images WHERE label IS NOT NULL"))
+
+    # --- embeddings (embed) ----------------------------------------------------------------------------
+    def images_without_embedding(self) -> list[tuple[int, str]]:
+        """(image_id, corpus_path) of images without an embedding, in id order; rows for image ids that
+        ingest no longer has (it was rerun on a changed folder) are dropped first."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM embeddings WHERE image_id NOT IN (SELECT image_id FROM images)")
+        return self.query("""SELECT i.image_id, i.corpus_path FROM images i
+                             LEFT JOIN embeddings e USING (image_id)
+                             WHERE e.image_id IS NULL ORDER BY i.image_id""")
+
+    def add_embeddings(self, image_ids: np.ndarray, emb_nd: np.ndarray) -> None:
+        """One committed chunk of embeddings (the unit an interrupted embed resumes from)."""
+        with self.transaction():
+            self.insert_embeddings(image_ids, emb_nd)
+
+    # --- activations and features (encode) -------------------------------------------------------------
+    def replace_encoding(self, activations: dict, feature_stats: dict, top_images: dict, similar: dict,
+                         coactivation: dict, skipped: list[tuple[str, str]]) -> None:
+        """Everything encode derives from one SAE run, in one transaction."""
+        with self.transaction() as con:
+            for table in ("activations", "feature_stats", "top_images", "similar_features", "coactivation"):
+                con.execute(f"DELETE FROM {table}")
+            con.execute("DELETE FROM skipped_inputs WHERE stage = 'encode'")
+            self.insert_frame("activations", activations)
+            self.insert_frame("feature_stats", feature_stats)
+            self.insert_frame("top_images", top_images)
+            self.insert_frame("similar_features", similar)
+            self.insert_frame("coactivation", coactivation)
+            self._insert_skips("encode", skipped)
+
+    def feature_ranking(self) -> dict[str, Any]:
+        """Every feature's id, n_active, strength and label (columns as arrays/lists), by feature id."""
+        table = self.arrow("SELECT feature_id, n_active, strength, label FROM feature_stats ORDER BY feature_id")
+        return {"feature_id": table.column("feature_id").to_numpy().astype(np.int64),
+                "n_active": table.column("n_active").fill_null(0).to_numpy().astype(np.int64),
+                "strength": table.column("strength").fill_null(0.0).to_numpy().astype(np.float64),
+                "label": table.column("label").to_pylist()}
+
+    def most_frequent_features(self, n: int) -> list[int]:
+        """The n features that fire most often (live ones only), ties by id."""
+        rows = self.query("SELECT feature_id FROM feature_stats WHERE n_active > 0 "
+                          "ORDER BY n_active DESC, feature_id LIMIT ?", [max(0, n)])
+        return [int(r[0]) for r in rows]
+
+    def coactivation_counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(feature_a, feature_b, n_images) of every co-activating pair."""
+        table = self.arrow("SELECT feature_a, feature_b, n_images FROM coactivation WHERE n_images > 0")
+        return (table.column("feature_a").to_numpy().astype(np.int64),
+                table.column("feature_b").to_numpy().astype(np.int64),
+                table.column("n_images").to_numpy().astype(np.float64))
+
+    # --- the map (layout) ------------------------------------------------------------------------------
+    def replace_feature_map(self, frame: dict) -> None:
+        """Every live feature's UMAP position and grid cell (NULL when not on the map)."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM feature_map")
+            self.insert_frame("feature_map", frame)
+
+    # --- probes ----------------------------------------------------------------------------------------
+    def replace_probes(self, columns: dict) -> None:
+        with self.transaction() as con:
+            con.execute("DELETE FROM probes")
+            if len(columns["probe"]):
+                self.insert_frame("probes", columns)
+    def label_counts(self) -> list[tuple[str, int]]:
+        """(label, number of images), most common first."""
+        return self.con.execute("SELECT label, count(*) n FROM images WHERE label IS NOT NULL GROUP BY label "
+                                "ORDER BY n DESC, label").fetchall()
+
+    def sae_quality(self, used_by: str = "encode") -> dict | None:
+        """Size and final quality (run_id, n_features, n_steps, mse, fvu, l0, dead_fraction, n_resampled, d_in)
+        of the SAE run a stage used (by default the one whose activations the store holds), or None."""
+        run = self.sae_run_used_by(used_by)
+        if run is None:
+            return None
+        cols = ("run_id", "n_features", "n_steps", "mse", "fvu", "l0", "dead_fraction", "n_resampled", "d_in")
+        row = self.con.execute(f"SELECT {', '.join(cols)} FROM sae_runs WHERE run_id = ?", [run["run_id"]]).fetchone()
+        return dict(zip(cols, row)) if row else None
+
+    def sae_training_curve(self, run_id: str) -> list[tuple[int, float, float, float, float]]:
+        """(step, fvu, mse, l0, dead_fraction) of one SAE run's logged windows, by step."""
+        return self.con.execute("SELECT step, fvu, mse, l0, dead_fraction FROM sae_metrics WHERE run_id = ? "
+                                "ORDER BY step", [run_id]).fetchall()
+
+    def known_image_ids(self, image_ids: list[int]) -> set[int]:
+        """The given image ids that are in the store."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return set()
+        return {r[0] for r in self.con.execute(
+            f"SELECT image_id FROM images WHERE image_id IN ({','.join(map(str, ids))})").fetchall()}
+
+    def example_image_ids(self, n: int) -> list[int]:
+        """`n` encoded images spanning the corpus: one per label in turn (the lowest id of each)."""
+        return [r[0] for r in self.con.execute("""
+            SELECT image_id FROM (
+                SELECT image_id, label, row_number() OVER (PARTITION BY label ORDER BY image_id) AS r
+                FROM images WHERE image_id IN (SELECT DISTINCT image_id FROM activations))
+            ORDER BY r, label NULLS LAST, image_id LIMIT ?""", [int(n)]).fetchall()]
+
+    def activations_by_image(self, image_ids: list[int]) -> dict[int, list[tuple[int, float]]]:
+        """image id → [(feature id, activation)], strongest first, for the given images."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return {}
+        return self._grouped(f"SELECT image_id, feature_id, value FROM activations WHERE image_id IN "
+                             f"({','.join(map(str, ids))}) ORDER BY image_id, value DESC, feature_id")
+
+    def image_sources(self, image_ids: list[int]) -> dict[int, tuple[str, str | None, str]]:
+        """image id → (corpus_path, label, source), for the given images."""
+        ids = [int(i) for i in image_ids] or [-1]
+        return {r[0]: tuple(r[1:]) for r in self.con.execute(
+            f"SELECT image_id, corpus_path, label, source FROM images WHERE image_id IN "
+            f"({','.join(map(str, ids))})").fetchall()}
+
+    def probe_steps(self) -> dict[str, list[tuple[int, float, str, str]]]:
+        """probe sweep → its steps [(step, step_value, step_label, image_path)], by sweep and step."""
+        return self._grouped("SELECT probe, step, any_value(step_value), any_value(step_label), any_value(image_path) "
+                             "FROM probes GROUP BY probe, step ORDER BY probe, step")
+
+    def probe_strongest_features(self, probe: str, n: int) -> list[int]:
+        """The `n` features with the largest activation along one probe sweep (ties: lower id)."""
+        return [int(r[0]) for r in self.con.execute(
+            "SELECT feature_id FROM probes WHERE probe = ? GROUP BY feature_id ORDER BY max(value) DESC, feature_id "
+            "LIMIT ?", [probe, int(n)]).fetchall()]
+
+    def probe_values(self, probe: str) -> dict[tuple[int, int], float]:
+        """(feature id, step) → activation, for one probe sweep (absent = 0)."""
+        return {(int(f), int(s)): float(v) for f, s, v in self.con.execute(
+            "SELECT feature_id, step, value FROM probes WHERE probe = ?", [probe]).fetchall()}

@@ -94,7 +94,7 @@ def main() -> None:
             naive, ours, naive_same, chosen, dtype = [], [], [], default_threads, ""
             for _ in range(args.rounds):
                 naive.append(naive_rate(model_path, paths, args.batch_size, None))
-                embed.reset(store)
+                embed.SPEC.reset_outputs(store)
                 summary = embed.run(EmbedConfig(model=str(model_path), precision="auto",
                                                 batch_size=args.batch_size, device="cpu"), store)
                 ours.append(summary["images_per_s"])

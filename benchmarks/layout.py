@@ -21,7 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlasgen.config import LayoutConfig  # noqa: E402
-from atlasgen.stages.layout import (assign_grid, coactivation_profiles, insert_synthetic, synthetic_activity,  # noqa: E402
+from atlasgen.testing import insert_synthetic, synthetic_activity  # noqa: E402
+from atlasgen.stages.layout import (assign_grid, coactivation_profiles,  # noqa: E402
                              umap_layout, write_map)
 from atlasgen.progress import set_quiet  # noqa: E402
 from atlasgen.store import Store  # noqa: E402

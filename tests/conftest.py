@@ -94,11 +94,16 @@ def chromium_path() -> str | None:
 @pytest.fixture(scope="session")
 def browser():
     """Headless Chromium through Playwright: Debian's chromium (or $ATLASGEN_CHROMIUM), else Playwright's own."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Error as PlaywrightError, sync_playwright
     with sync_playwright() as p:
         path = chromium_path()
-        b = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True) if path else \
-            p.chromium.launch(args=CHROMIUM_ARGS, headless=True)
+        try:
+            b = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True) if path else \
+                p.chromium.launch(args=CHROMIUM_ARGS, headless=True)
+        except PlaywrightError as e:
+            # One line for every browser test instead of a page of Playwright's own install advice.
+            pytest.skip(f"no usable Chromium ({str(e).splitlines()[0][:80]}): run `make test`, which installs "
+                        "Debian's chromium, or `apt-get install -y chromium`, or set ATLASGEN_CHROMIUM=/path")
         yield b
         b.close()
 

@@ -3,13 +3,14 @@
 and Pagefind finds a feature by its label. Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
+from atlasgen.site.pages import NAV
 from atlasgen.stages import site
+from atlasgen.testing import make_synthetic_store
 from atlasgen.config import SiteConfig
 from atlasgen.progress import set_quiet
 from atlasgen.store import Store
@@ -28,16 +29,13 @@ PAGES = ("index.html", "features/index.html", "features/page-002.html", f"featur
 @pytest.fixture(scope="module")
 def synthetic_url(tmp_path_factory, serve_dir) -> str:
     """A synthetic store's site (search included) served on 127.0.0.1; feature 5 is labelled 'strawberry'."""
-    spec = importlib.util.spec_from_file_location("bench_site", REPO / "benchmarks" / "site.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     set_quiet(True)
-    out = bench.make_synthetic_store(tmp_path_factory.mktemp("browser") / "build", n_features=300, n_images=200,
+    out = make_synthetic_store(tmp_path_factory.mktemp("browser") / "build", n_features=300, n_images=200,
                                      n_pairs=3, slerp_steps=5)
     with Store.open(out) as store:
-        store.con.execute("UPDATE features SET label = ?, label_name = ? WHERE feature_id = ?",
+        store.con.execute("UPDATE feature_stats SET label = ?, label_name = ? WHERE feature_id = ?",
                           [f"{UNIQUE_LABEL} (11/16)", UNIQUE_LABEL, UNIQUE_FEATURE])
-        site.run(SiteConfig(features_per_page=60, chunk_size=100), store, page_providers=())
+        site.run(SiteConfig(features_per_page=60, chunk_size=100), store)
     return serve_dir(out / "site")
 
 
@@ -55,7 +53,7 @@ def _broken_images(page) -> list[str]:
 @pytest.mark.parametrize("rel", PAGES)
 def test_page_loads_clean(page, synthetic_url, rel):
     _open(page, synthetic_url + rel)
-    assert page.locator("header.site-header nav a").count() == len(site.NAV)
+    assert page.locator("header.site-header nav a").count() == len(NAV)
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # pull in lazy pictures too
     page.wait_for_load_state("networkidle")
     assert not _broken_images(page)

@@ -93,7 +93,7 @@ def test_resume_after_interrupt(ingested, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             run_stages(_cfg(precision="fp32"), store, ["embed"])
         ids_before, emb_before = store.embeddings()
-        assert store.stage_row("embed")["status"] == "running"
+        assert store.stage_row("embed")["status"] == "interrupted"
     assert list(ids_before) == list(range(16))
 
     calls["n"] = 0

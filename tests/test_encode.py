@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from atlasgen.stages import encode, train
+from atlasgen.stages import encode
 from atlasgen.config import EncodeConfig, TrainConfig
-from atlasgen.sae import SparseAutoencoder, load_latest_sae
+from atlasgen.sae import SparseAutoencoder, load_stage_sae
+from atlasgen.testing import record_sae, run_stage
 from atlasgen.store import Store
 
 D_IN, N_IMAGES, TOP_K = 24, 240, 6
@@ -42,23 +43,23 @@ def make_store(out_dir, labelled: bool = True, seed: int = 0) -> Store:
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
     store = make_store(tmp_path_factory.mktemp("enc") / "out")
-    train.run(TrainConfig(expansion=3, l1_coeff=0.02, lr=3e-3, warmup_steps=20, n_steps=200, batch_size=64,
-                          dead_window=100, resample_every=0, log_every=50, precision="fp32", device="cpu"), store)
+    run_stage(store, TrainConfig(expansion=3, l1_coeff=0.02, lr=3e-3, warmup_steps=20, n_steps=200, batch_size=64,
+                                 dead_window=100, resample_every=0, log_every=50, precision="fp32", device="cpu"))
     # Make one feature certainly dead, to check dead features still get a row.
-    run = store.latest_sae_run()
+    run = store.sae_run_used_by("train")
     sae = SparseAutoencoder.load(run["weights_path"])
     with torch.no_grad():
         sae.b_enc[DEAD_FEATURE] = -1e4
     sae.save(run["weights_path"].parent)
     cfg = EncodeConfig(top_k=TOP_K, n_top_images=8, n_similar=4, thumb_side=32, batch_size=50)
-    summary = encode.run(cfg, store)
+    summary = run_stage(store, cfg)
     yield store, summary, cfg
     store.close()
 
 
 def dense_acts(store) -> tuple[np.ndarray, np.ndarray]:
     ids, emb = store.embeddings()
-    return ids, load_latest_sae(store).encode_embeddings(torch.from_numpy(emb), TOP_K).numpy()
+    return ids, load_stage_sae(store, "train")[0].encode_embeddings(torch.from_numpy(emb), TOP_K).numpy()
 
 
 def test_activations_match_direct_encoding(encoded):
@@ -78,7 +79,7 @@ def test_activations_match_direct_encoding(encoded):
 
 def test_feature_stats_agree_with_sql(encoded):
     store, summary, _ = encoded
-    n_features = load_latest_sae(store).n_features
+    n_features = load_stage_sae(store, "train")[0].n_features
     assert store.count("features") == n_features
     mismatches = store.query("""
         WITH a AS (SELECT feature_id, count(*) n, max(value) mx, avg(value) mean,
@@ -140,7 +141,7 @@ def test_labels_from_top_images(encoded):
 
 def test_similar_features_by_decoder_cosine(encoded):
     store, _, cfg = encoded
-    dirs = load_latest_sae(store).feature_directions().numpy()
+    dirs = load_stage_sae(store, "train")[0].feature_directions().numpy()
     cos = dirs @ dirs.T
     np.fill_diagonal(cos, -np.inf)
     rows = store.query("SELECT feature_id, rank, other_id, cosine FROM similar_features ORDER BY feature_id, rank")
@@ -180,16 +181,14 @@ def test_thumbnails_are_webp(encoded):
 def test_unlabelled_corpus_missing_images_and_reset(tmp_path):
     store = make_store(tmp_path / "out", labelled=False, seed=1)
     sae = SparseAutoencoder(D_IN, 48)
-    sae.save(store.paths.sae_dir("handmade"))
-    store.con.execute("INSERT INTO sae_runs (run_id, d_in, n_features, weights_path, created_at) "
-                      "VALUES ('handmade', ?, 48, 'sae/handmade/sae.safetensors', now())", [D_IN])
+    record_sae(store, sae, "handmade", used_by=("train",))
     victim = store.scalar("SELECT min(image_id) FROM images")
     store.paths.corpus_image(victim).unlink()  # its thumbnail cannot be made: skipped and recorded
-    summary = encode.run(EncodeConfig(top_k=4, n_top_images=300, n_similar=2, thumb_side=16), store)
+    summary = run_stage(store, EncodeConfig(top_k=4, n_top_images=300, n_similar=2, thumb_side=16))
     assert store.scalar("SELECT count(*) FROM features WHERE label IS NOT NULL OR label_name IS NOT NULL") == 0
     assert summary["n_thumb_failures"] == 1
     assert store.query("SELECT stage FROM skipped_inputs") == [("encode",)]
-    encode.reset(store)
+    encode.SPEC.reset_outputs(store)
     assert all(store.count(t) == 0 for t in encode.TABLES)
     assert not store.paths.thumbs_dir.exists()
     store.close()
@@ -199,5 +198,5 @@ def test_encode_without_sae_is_a_user_error(tmp_path):
     from atlasgen.errors import StageInputError
     store = make_store(tmp_path / "out")
     with pytest.raises(StageInputError, match="no trained SAE"):
-        encode.run(EncodeConfig(), store)
+        run_stage(store, EncodeConfig())
     store.close()

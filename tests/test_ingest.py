@@ -195,7 +195,7 @@ def test_flat_folder_limit_and_missing_folder(tmp_path):
             [str(folder / f"img{i}.png") for i in range(3)]
     with pytest.raises(DataLoadError, match="does not exist"):
         _ingest(tmp_path / "out2", f"folder:{tmp_path / 'nowhere'}")
-    with pytest.raises(AtlasError, match="is not tiny, folder:PATH or hf:"):
+    with pytest.raises(AtlasError, match="must be tiny, folder:PATH or hf:"):
         _ingest(tmp_path / "out3", "s3://bucket")
 
 

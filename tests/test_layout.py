@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from atlasgen.stages import layout
-from atlasgen.config import LayoutConfig
+from atlasgen.testing import insert_synthetic, synthetic_activity
+from atlasgen.config import load_config, LayoutConfig
 from atlasgen.errors import AtlasError, StageInputError
 from atlasgen.progress import set_quiet
 from atlasgen.store import Store
@@ -24,12 +25,12 @@ CFG = LayoutConfig(n_map_features=120, grid_side=14, n_neighbors=10, cell_px=24,
 @pytest.fixture(scope="module")
 def synthetic():
     set_quiet(True)
-    return layout.synthetic_activity(N_FEATURES, N_IMAGES, N_CLUSTERS, seed=7)
+    return synthetic_activity(N_FEATURES, N_IMAGES, N_CLUSTERS, seed=7)
 
 
 def _store_with(tmp_path: Path, data: dict) -> Store:
     store = Store.open(tmp_path)
-    layout.insert_synthetic(store, data)
+    insert_synthetic(store, data)
     return store
 
 
@@ -191,7 +192,7 @@ def test_cells_show_the_first_feature_render_or_a_placeholder(tmp_path, syntheti
 
 
 def test_few_live_features_fall_back_and_still_place_them(tmp_path):
-    data = layout.synthetic_activity(12, 60, 2, top_k=4, dead_fraction=0.0, seed=2)
+    data = synthetic_activity(12, 60, 2, top_k=4, dead_fraction=0.0, seed=2)
     store = _store_with(tmp_path, data)
     summary = layout.run(LayoutConfig(n_map_features=10, grid_side=4, n_neighbors=15, cell_px=8, tile_px=16), store)
     assert summary["n_placed"] == 10
@@ -206,25 +207,26 @@ def test_bad_input_is_a_user_error(tmp_path):
     store = Store.open(tmp_path / "empty")
     with pytest.raises(StageInputError, match="no features"):
         layout.run(CFG, store)
-    layout.insert_synthetic(store, layout.synthetic_activity(20, 50, 2, seed=0))
+    insert_synthetic(store, synthetic_activity(20, 50, 2, seed=0))
     with pytest.raises(AtlasError, match="tile_px"):
-        layout.run(LayoutConfig(tile_px=15), store)
+        load_config("tiny", overrides={"layout": {"tile_px": 15}})
     with pytest.raises(AtlasError, match="grid_side"):
-        layout.run(LayoutConfig(grid_side=0), store)
-    store.con.execute("UPDATE features SET n_active = 0")
+        load_config("tiny", overrides={"layout": {"grid_side": 0}})
+    store.con.execute("UPDATE feature_stats SET n_active = 0")
     with pytest.raises(StageInputError, match="no live features"):
         layout.run(CFG, store)
     store.close()
 
 
-def test_reset_clears_columns_and_map_and_site_pages_copy_it(tmp_path, synthetic):
+def test_reset_clears_columns_and_map_and_the_map_page_copies_it(tmp_path, synthetic):
+    from atlasgen.site.assets import SiteFiles
+    from atlasgen.site.pages.feature_map import map_context
     store = _store_with(tmp_path / "out", synthetic)
     cfg = LayoutConfig(n_map_features=30, grid_side=8, n_neighbors=10, cell_px=16, tile_px=32)
     layout.run(cfg, store)
     site_dir = tmp_path / "site"
-    pages = layout.site_pages(store, site_dir)
-    assert [p[:2] for p in pages] == [("map.html", "map.html")]
-    assert pages[0][2]["map"]["n_placed"] == 30 and pages[0][2]["map"]["grid_side"] == 8
+    context = map_context(store, SiteFiles(store.paths.out_dir, site_dir))
+    assert context["map"]["n_placed"] == 30 and context["map"]["grid_side"] == 8
     src_files = sorted(p.relative_to(store.paths.map_dir) for p in store.paths.map_dir.rglob("*") if p.is_file())
     dst_files = sorted(p.relative_to(site_dir / "map") for p in (site_dir / "map").rglob("*") if p.is_file())
     assert src_files == dst_files and len(src_files) > 3

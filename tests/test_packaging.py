@@ -20,6 +20,9 @@ def test_wheel_carries_templates_assets_and_presets(tmp_path):
         if asset.is_file() and asset.suffix in (".css", ".js"):
             assert f"atlasgen/site_assets/{asset.name}" in names
     assert "atlasgen/presets/tiny.toml" in names
-    for module in (REPO / "atlasgen").glob("*.py"):
-        assert f"atlasgen/{module.name}" in names, f"{module.name} is not in the wheel"
+    modules = [m.relative_to(REPO).as_posix() for m in (REPO / "atlasgen").rglob("*.py")]
+    for package in ("atlasgen/stages/", "atlasgen/site/", "atlasgen/site/pages/"):
+        assert f"{package}__init__.py" in modules, package
+    for module in modules:  # sub-packages (stages, site, site/pages) too: each must be listed in pyproject.toml
+        assert module in names, f"{module} is not in the wheel"
     assert any(n.startswith("atlasgen/templates/") and n.endswith(".html") for n in names), "no templates shipped"

@@ -11,7 +11,8 @@ from scipy import ndimage
 from atlasgen.stages import probe
 from atlasgen.config import ProbeConfig, config_json, load_config
 from atlasgen.errors import AtlasError
-from atlasgen.store import Store, now
+from atlasgen.testing import record_sae
+from atlasgen.store import Store
 
 BG = (230, 230, 230)
 
@@ -30,14 +31,11 @@ def fake_store(out_dir, n_features: int = 192) -> Store:
     load_embedding_model("tiny", "cpu", "fp32", models_dir=store.paths.models_dir)
     torch.manual_seed(0)
     sae = SparseAutoencoder(96, n_features)
-    run_dir = store.paths.sae_dir("run0")
-    sae.save(run_dir)
-    store.con.execute("INSERT INTO sae_runs (run_id, d_in, n_features, weights_path, created_at) VALUES (?, ?, ?, ?, ?)",
-                      ["run0", 96, n_features, str((run_dir / "sae.safetensors").relative_to(out_dir)), now()])
     for stage, cfg in (("ingest", {"corpus_side": 256}), ("embed", {"model": "tiny", "precision": "fp32"}),
                        ("encode", {"top_k": 32})):
         store.mark_stage_started(stage, "h", json.dumps(cfg))
         store.mark_stage_done(stage, {})
+    record_sae(store, sae, "run0")
     return store
 
 
@@ -143,11 +141,11 @@ def test_probe_stage_records_every_step(probed):
 
 def test_probe_values_match_a_direct_encode(probed):
     from atlasgen.decompose import embed_pil, encode, load_store_model
-    from atlasgen.sae import load_latest_sae
+    from atlasgen.sae import load_stage_sae
     from PIL import Image
     store, _, _ = probed
     path = store.scalar("SELECT image_path FROM probes WHERE probe = 'circle-count' AND step = 4 LIMIT 1")
-    acts_f = encode(load_latest_sae(store), embed_pil(load_store_model(store, "cpu"),
+    acts_f = encode(load_stage_sae(store, "train")[0], embed_pil(load_store_model(store, "cpu"),
                                                        [Image.open(store.paths.out_dir / path).convert("RGB")]), None)[0]
     stored = dict(store.query("SELECT feature_id, value FROM probes WHERE probe = 'circle-count' AND step = 4"))
     assert set(stored) == set(np.flatnonzero(acts_f > 0).tolist())
@@ -155,11 +153,12 @@ def test_probe_values_match_a_direct_encode(probed):
         assert value == pytest.approx(acts_f[fid], rel=1e-3, abs=1e-4)
 
 
-def test_probe_site_pages_have_charts(probed, tmp_path):
+def test_probe_site_page_has_charts(probed, tmp_path):
+    from atlasgen.site.assets import SiteFiles
+    from atlasgen.site.pages.probes import probes_context
     store, _, _ = probed
-    pages = probe.site_pages(store, tmp_path)
-    assert [p[:2] for p in pages] == [("probes.html", "probes.html")]
-    sweeps = pages[0][2]["sweeps"]
+    context = probes_context(store, SiteFiles(store.paths.out_dir, tmp_path))
+    sweeps = context["sweeps"]
     assert [s["name"] for s in sweeps] == ["circle-size", "circle-count", "circle-readout"]
     for s in sweeps[:2]:
         assert "<polyline" in s["chart"] and "probe-marker" in s["chart"]
@@ -169,7 +168,8 @@ def test_probe_site_pages_have_charts(probed, tmp_path):
     for s in sweeps:
         for st in s["steps"]:
             assert (tmp_path / st["src"]).exists()
-    assert probe.reset(store) is None and store.count("probes") == 0 and not store.paths.probes_dir.exists()
+    probe.SPEC.reset_outputs(store)
+    assert store.count("probes") == 0 and not store.paths.probes_dir.exists()
 
 
 def test_tiny_build_probes_page_has_charts(tiny_build):

@@ -217,7 +217,7 @@ def test_run_options_are_checked_and_leave_the_stage_hashes_alone(tmp_path, monk
     with Store.open(tmp_path, read_only=True) as store:
         assert store.stage_row("ingest") is None
     bad = CliRunner().invoke(app, ["embed", "--preset", "tiny", "--out", str(tmp_path), "--executor", "spark"])
-    assert bad.exit_code == 2 and "run.executor" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "[run] executor = 'spark'" in bad.output and "Traceback" not in bad.output
     user = tmp_path / "atlas.toml"
     user.write_text('[run]\nexecutor = "ray"\nray_address = "10.0.0.5:6379"\nray_n_workers = 3\n')
     on_ray, local = load_config("tiny", user), load_config("tiny")

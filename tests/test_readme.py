@@ -23,7 +23,13 @@ def test_readme_lists_every_command():
     assert not missing, f"commands not in the README: {missing}"
 
 
-def test_ci_runs_the_readme_test_command():
-    ci = (REPO / ".ci" / "run").read_text()
+def test_ci_runs_the_readme_set_up_and_test_commands():
+    """README starts with the two set-up commands; CI runs the second, which runs the README's test command."""
+    ci_lines = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines() if not l.strip().startswith("#")]
+    makefile = (REPO / "Makefile").read_text()
+    test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
     test_command = "python -m pytest -q tests"
-    assert test_command in README and test_command in ci
+    assert "make test" in ci_lines
+    assert test_command in test_recipe and test_command in README
+    quick_start = README.split("\n## ", 2)[1]
+    assert "make tiny" in quick_start and "make test" in quick_start, "README must start with the two commands"

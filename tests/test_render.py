@@ -16,7 +16,8 @@ from atlasgen.inversion import InversionSettings
 from atlasgen.model import arrays_to_batch
 from atlasgen.progress import set_quiet
 from atlasgen.sae import SparseAutoencoder
-from atlasgen.store import Store, now
+from atlasgen.testing import record_sae
+from atlasgen.store import Store
 
 N_IMAGES, N_FEATURES = 24, 192
 
@@ -63,12 +64,10 @@ def make_store(out_dir: Path, sae: SparseAutoencoder, emb_nd: torch.Tensor) -> P
         store.insert_embeddings(np.arange(n), emb_nd.numpy())
         store.mark_stage_started("embed", "h", json.dumps({"model": "tiny", "precision": "fp32"}))
         store.mark_stage_done("embed", {})
-        sae.save(store.paths.sae_dir("run0"))
-        store.con.execute("INSERT INTO sae_runs (run_id, d_in, n_features, weights_path, created_at) "
-                          "VALUES ('run0', ?, ?, 'sae/run0/sae.safetensors', ?)", [sae.d_in, sae.n_features, now()])
+        record_sae(store, sae, "run0")
         acts_nf = sae.encode_embeddings(emb_nd).detach().numpy()
         n_active = (acts_nf > 0).sum(0)
-        store.insert_frame("features", {"feature_id": list(range(N_FEATURES)), "n_active": n_active.tolist()})
+        store.insert_frame("feature_stats", {"feature_id": list(range(N_FEATURES)), "n_active": n_active.tolist()})
         store.insert_frame("coactivation", {"feature_a": [3, 5], "feature_b": [7, 9], "n_images": [10, 4]})
         store.insert_frame("similar_features", {"feature_id": [11, 12], "rank": [0, 0], "other_id": [12, 11],
                                                 "cosine": [0.5, 0.5]})
@@ -260,13 +259,16 @@ def test_explicit_features_render_just_those_and_keep_others(store_dir):
 
 
 def test_bad_feature_lists_are_user_errors(store_dir):
+    from atlasgen.config import load_config
     from atlasgen.errors import AtlasError
+    # Wrong syntax fails when the config loads, before any stage runs ...
+    for bad in (dict(features="1,x"), dict(features="top:z"), dict(features="some"), dict(pairs=["1,1"]),
+                dict(pairs=["1"]), dict(param="paint"), dict(precision="fp8")):
+        with pytest.raises(AtlasError):
+            load_config("tiny", overrides={"render": bad})
+    # ... ids the store does not have fail when render sees the store.
     with Store.open(store_dir) as store:
-        for spec in ("1,x", f"{N_FEATURES}", "top:z", "some"):
-            with pytest.raises(AtlasError):
-                render.run(small_cfg(features=spec), store)
-        for bad in (dict(pairs=("1,1",)), dict(pairs=("1",)), dict(param="paint"), dict(precision="fp8"),
-                    dict(image_ids=(999,))):
+        for bad in (dict(features=f"{N_FEATURES}"), dict(image_ids=(999,))):
             with pytest.raises(AtlasError):
                 render.run(small_cfg(**bad), store)
         assert store.count("renders") == 0

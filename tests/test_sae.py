@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from atlasgen.stages import train
-from atlasgen.config import TrainConfig
+from atlasgen.testing import disable_features, run_stage
+from atlasgen.config import TrainConfig, load_config
 from atlasgen.errors import AtlasError
-from atlasgen.sae import SparseAutoencoder, load_latest_sae
+from atlasgen.sae import SparseAutoencoder, load_stage_sae
 from atlasgen.store import Store
 
 D_IN, N_TRUE, N_SAMPLES = 32, 64, 8192
@@ -47,14 +48,14 @@ def planted_run(tmp_path_factory):
     """One training run through `train.run` on planted data, shared by the checks below."""
     emb_nd, dirs_td = planted_data()
     store = store_with(tmp_path_factory.mktemp("planted"), emb_nd)
-    summary = train.run(small_config(), store)
+    summary = run_stage(store, small_config())
     yield store, summary, emb_nd, dirs_td
     store.close()
 
 
 def test_recovers_planted_directions(planted_run):
     store, summary, _, dirs_td = planted_run
-    sae = load_latest_sae(store)
+    sae = load_stage_sae(store, "train")[0]
     cos_tf = torch.from_numpy(dirs_td) @ sae.feature_directions().t()
     best_t = cos_tf.max(dim=1).values
     recovered = float((best_t > 0.9).float().mean())
@@ -83,13 +84,13 @@ def test_mse_falls_and_metrics_are_logged(planted_run):
 
 def test_decoder_rows_unit_norm_and_normalisation(planted_run):
     store, _, emb_nd, _ = planted_run
-    sae = load_latest_sae(store)
+    sae = load_stage_sae(store, "train")[0]
     norms = sae.W_dec.detach().norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
     x = sae.normalize(torch.from_numpy(emb_nd))
     assert abs(float(x.pow(2).sum(dim=1).mean()) - D_IN) < 0.01 * D_IN
     assert float(x.mean(dim=0).abs().max()) < 1e-3
-    config = json.loads((store.paths.sae_dir(store.latest_sae_run()["run_id"]) / "sae.json").read_text())
+    config = json.loads((store.paths.sae_dir(store.sae_run_used_by("train")["run_id"]) / "sae.json").read_text())
     assert config["train_config"]["expansion"] == 4 and len(config["normalization"]["mean"]) == D_IN
 
 
@@ -133,7 +134,7 @@ def test_resampling_revives_dead_features(tmp_path):
     emb_nd, _ = planted_data(seed=1, n=4096)
     forced = torch.arange(0, 128, 2)  # half the dictionary starts unable to fire
     cfg = small_config(n_steps=400, dead_window=100, resample_every=150, resample_until=0.5)
-    sae, history, info = train.train_sae(cfg, emb_nd, torch.device("cpu"), force_dead=forced)
+    sae, history, info = train.train_sae(cfg, emb_nd, torch.device("cpu"), on_init=disable_features(forced))
     assert info["n_resampled"] >= len(forced)
     assert sum(r["n_resampled"] for r in history) == info["n_resampled"]
     with torch.no_grad():
@@ -142,7 +143,7 @@ def test_resampling_revives_dead_features(tmp_path):
     assert float(fired.float().mean()) > 0.5, f"only {int(fired.sum())}/{len(forced)} forced-dead features fire"
     # Without resampling they stay dead: the check above can fail.
     sae0, _, info0 = train.train_sae(small_config(n_steps=400, resample_every=0), emb_nd, torch.device("cpu"),
-                                     force_dead=forced)
+                                     on_init=disable_features(forced))
     with torch.no_grad():
         acts0 = sae0(sae0.normalize(torch.from_numpy(emb_nd)))[1]
     assert info0["n_resampled"] == 0 and not bool((acts0[:, forced] > 0).any())
@@ -167,14 +168,14 @@ def test_seeded_runs_are_identical_and_reset_clears(tmp_path):
     emb_nd, _ = planted_data(seed=3, n=1024)
     store = store_with(tmp_path, emb_nd)
     cfg = small_config(n_steps=60, log_every=20)
-    s1 = train.run(cfg, store)
-    w1 = load_latest_sae(store).W_dec.detach().clone()
-    s2 = train.run(cfg, store)
-    assert s1["run_id"] == s2["run_id"] and torch.equal(w1, load_latest_sae(store).W_dec.detach())
+    s1 = run_stage(store, cfg)
+    w1 = load_stage_sae(store, "train")[0].W_dec.detach().clone()
+    s2 = run_stage(store, cfg)
+    assert s1["run_id"] == s2["run_id"] and torch.equal(w1, load_stage_sae(store, "train")[0].W_dec.detach())
     assert store.count("sae_runs") == 1 and store.count("sae_metrics") == 3
     lrs = [r[0] for r in store.query("SELECT lr FROM sae_metrics ORDER BY step")]
     assert lrs == pytest.approx([3e-3 * 20 / 50, 3e-3 * 40 / 50, 3e-3])  # linear warm-up over 50 steps
-    train.reset(store)
+    train.SPEC.reset_outputs(store)
     assert store.count("sae_runs") == 0 and store.count("sae_metrics") == 0
     assert not (store.paths.out_dir / "sae").exists()
     store.close()
@@ -183,14 +184,14 @@ def test_seeded_runs_are_identical_and_reset_clears(tmp_path):
 def test_empty_store_and_bad_config_are_user_errors(tmp_path):
     store = Store.open(tmp_path / "out")
     with pytest.raises(AtlasError, match="no embeddings"):
-        train.run(small_config(), store)
+        run_stage(store, small_config())
     with store.transaction():
         store.insert_embeddings(np.arange(4), np.ones((4, 8), np.float32))
     with pytest.raises(AtlasError, match="identical"):
-        train.run(small_config(), store)
-    with pytest.raises(AtlasError, match="precision"):
-        train.run(small_config(precision="fp8"), store)
+        run_stage(store, small_config())
     store.close()
+    with pytest.raises(AtlasError, match="precision"):
+        load_config("tiny", overrides={"train": {"precision": "fp8"}})
 
 
 def test_bf16_training_as_good_as_fp32(planted_run):

@@ -2,7 +2,6 @@
 command, netlify.toml, and a crawl of the tiny build's site."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -17,25 +16,20 @@ from urllib.parse import unquote, urlparse
 import pytest
 from typer.testing import CliRunner
 
-from atlasgen.stages import site
+from atlasgen import site, testing
 from atlasgen.cli import app
 from atlasgen.config import SiteConfig
 from atlasgen.progress import set_quiet
+from atlasgen.site import pages
+from atlasgen.site.data import safe_tag
+from atlasgen.stages import site as site_stage
 from atlasgen.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_site", REPO / "benchmarks" / "site.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench_module()
-make_synthetic_store = bench.make_synthetic_store
-HOSTILE = bench.HOSTILE_LABEL
+make_synthetic_store = testing.make_synthetic_store
+HOSTILE = testing.HOSTILE_LABEL
 N_FEATURES = 64
 SMALL_PAGES = SiteConfig(features_per_page=16, chunk_size=20)
 
@@ -54,7 +48,7 @@ def built(synthetic_out, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("built") / "build"
     shutil.copytree(synthetic_out, out)
     with Store.open(out) as store:
-        summary = site.run(SMALL_PAGES, store, page_providers=())
+        summary = site_stage.run(SMALL_PAGES, store)
     return out / "site", summary
 
 
@@ -227,7 +221,7 @@ def test_pictures_have_sizes_and_are_hard_linked(built):
     assert img and (int(img.group(2)), int(img.group(3))) == (48, 48)
     assert (site_dir / img.group(1)).stat().st_nlink >= 2 or summary["n_copied_pictures"] > 0
     thumbs = list((site_dir / "thumbs").rglob("*.webp"))
-    assert thumbs and all(p.parent.name == site._safe_tag("synthetic-encode") for p in thumbs), "thumbs sit under the encode hash"
+    assert thumbs and all(p.parent.name == safe_tag("synthetic-encode") for p in thumbs), "thumbs sit under the encode hash"
 
 
 def test_overview_and_svg_plots(built):
@@ -285,25 +279,101 @@ def test_combinations_page(built, synthetic_out):
     assert first.count("⊥") == 2
 
 
-def test_placeholders_and_site_pages_hooks(synthetic_out, tmp_path, monkeypatch):
-    """A module's site_pages output is rendered with the site's env; a missing one gets a placeholder."""
-    import types
-    out = shutil.copytree(synthetic_out, tmp_path / "build")
-    fake = types.ModuleType("atlasgen.stages.fakestage")
+def test_page_table_gives_the_nav_and_every_stage_page_has_a_writer():
+    assert pages.NAV == (("Overview", "index.html"), ("Features", "features/index.html"), ("Map", "map.html"),
+                         ("Combinations", "combinations.html"), ("Decompositions", "decompositions.html"),
+                         ("Probes", "probes.html"), ("Toy", "toy.html"), ("Search", "search.html"))
+    written_by = {p.path: p.write for p in pages.PAGES}
+    assert {path for provided in pages.stage_pages().values() for path in provided} <= set(written_by)
+    with pytest.raises(LookupError, match="query.html"):
+        pages.check_stage_pages(pages.PAGES, {**pages.stage_pages(), "query": ("query.html",)})
 
-    def site_pages(store, site_dir):
-        (site_dir / "fake").mkdir()
-        (site_dir / "fake" / "x.txt").write_text("hi")
-        return [("not_built.html", "map.html", {"section": "Custom map", "stage": "layout"})]
-    fake.site_pages = site_pages
-    monkeypatch.setitem(sys.modules, "atlasgen.stages.fakestage", fake)
-    with Store.open(out) as store:
-        site.run(SiteConfig(search_index=False), store, page_providers=("fakestage",))
-    site_dir = out / "site"
-    assert "Custom map" in (site_dir / "map.html").read_text() and (site_dir / "fake" / "x.txt").is_file()
+
+def test_a_stage_page_without_a_writer_fails_at_import():
+    """The registry checks, when it is built (at import), that every page a stage declares has a writer."""
+    import dataclasses
+    from atlasgen.stages import REGISTRY, Registry
+    toy = dataclasses.replace(REGISTRY["toy"], pages=("toy.html", "query.html"))
+    with pytest.raises(LookupError, match="query.html"):
+        Registry(tuple(toy if s.name == "toy" else s for s in REGISTRY))
+
+
+def test_stage_pages_are_written_once_their_stage_has_run(built):
+    """In the synthetic store every stage has run: the probe sweep gets its chart; the toy left no frames and
+    the layout no map, so those pages say so."""
+    site_dir, _ = built
+    probes = (site_dir / "probes.html").read_text()
+    assert 'id="probe-shrink"' in probes and 'class="probe-chart"' in probes
     assert "was not built" in (site_dir / "toy.html").read_text()
+    assert "has not written a map yet" in (site_dir / "map.html").read_text()
+
+
+def test_stage_pages_are_placeholders_until_their_stage_has_run(synthetic_out, tmp_path):
+    out = shutil.copytree(synthetic_out, tmp_path / "build")
+    with Store.open(out) as store:
+        store.con.execute("DELETE FROM stage_runs WHERE stage IN ('layout', 'probe', 'toy')")
+        site_stage.run(SiteConfig(search_index=False), store)
+    site_dir = out / "site"
+    for page, stage in (("map.html", "layout"), ("probes.html", "probe"), ("toy.html", "toy")):
+        text = (site_dir / page).read_text()
+        assert "was not built" in text and f"atlasgen {stage} --out" in text, page
+    assert not (site_dir / "probes").exists()
     assert not (site_dir / "pagefind").exists() and 'id="search"' not in (site_dir / "search.html").read_text()
     assert crawl(site_dir)["broken"] == []
+
+
+def test_one_picture_per_feature_on_the_map_and_the_site(synthetic_out, tmp_path):
+    """The store's one picture rule (a render that re-activates the feature first, then the highest cosine,
+    then the lowest seed; missing files skipped; else the top image's thumbnail) is what the map's tiles and
+    the site's feature tiles show."""
+    import numpy as np
+    from PIL import Image
+    from atlasgen.config import LayoutConfig
+    from atlasgen.stages import layout
+    out = shutil.copytree(synthetic_out, tmp_path / "build")
+    with Store.open(out) as store:
+        def render(fid: int, seed: int, self_activation: float, cosine: float, rgb: tuple) -> Path:
+            rel = store.scalar("SELECT path FROM renders WHERE kind = 'feature' AND feature_a = ? AND seed = ?",
+                               [fid, seed])
+            store.con.execute("UPDATE renders SET self_activation = ?, cosine = ? WHERE path = ?",
+                              [self_activation, cosine, rel])
+            Image.new("RGB", (48, 48), rgb).save(out / rel, "WEBP", quality=90)
+            return out / rel
+        r = {(1, 0): render(1, 0, 0.0, 0.9, (200, 30, 30)),    # the lowest seed, but it does not re-activate
+             (1, 1): render(1, 1, 0.2, 0.3, (30, 200, 30)),
+             (2, 0): render(2, 0, 0.1, 0.3, (30, 30, 200)),
+             (2, 1): render(2, 1, 0.1, 0.7, (200, 200, 30)),   # both re-activate: the better cosine
+             (3, 0): render(3, 0, 0.1, 0.5, (30, 200, 200)),   # a tie: the lowest seed
+             (3, 1): render(3, 1, 0.1, 0.5, (200, 30, 200)),
+             (5, 0): render(5, 0, 0.1, 0.4, (120, 120, 250)),
+             (5, 1): render(5, 1, 0.3, 0.8, (250, 250, 250))}
+        r[5, 1].unlink()  # the best one is missing: the next
+        store.con.execute("DELETE FROM renders WHERE kind = 'feature' AND feature_a = 4")  # none: its top image
+        top_image = store.scalar("SELECT image_id FROM top_images WHERE feature_id = 4 AND rank = 0")
+        assert top_image is not None
+        expected = {1: r[1, 1], 2: r[2, 1], 3: r[3, 0], 4: store.paths.thumb(top_image), 5: r[5, 0]}
+        assert store.feature_pictures([*expected, N_FEATURES + 5]) == expected
+
+        placed = np.array(list(expected))
+        cells = np.array([[0, 0], [1, 0], [2, 0], [3, 0], [0, 1]])
+        cell_px = 16
+        layout.write_map(store, LayoutConfig(grid_side=4, cell_px=cell_px, tile_px=64), placed, cells, [""] * 5)
+        site_stage.run(SiteConfig(search_index=False), store)
+
+    site_dir = out / "site"
+    mosaic = np.asarray(Image.open(site_dir / "map" / "0" / "0_0.webp").convert("RGB"), np.float64)
+    for fid, (x, y) in zip(placed, cells):
+        cell = mosaic[y * cell_px:(y + 1) * cell_px, x * cell_px:(x + 1) * cell_px]
+        errors = {path: np.abs(cell - layout._cell_image(path, cell_px)).mean()
+                  for path in [expected[fid]] + [p for (f, _), p in r.items() if f == fid and p.exists()]}
+        assert min(errors, key=errors.get) == expected[fid] and errors[expected[fid]] < 20, (fid, errors)
+    rows = {row[0]: row[5] for chunk in sorted((site_dir / "features").glob("data-*.json"))
+            for row in json.loads(chunk.read_text())}
+    for fid, path in expected.items():
+        src = (f"thumbs/{safe_tag('synthetic-encode')}/{path.name}" if path.parent.name == "thumbs"
+               else path.relative_to(out).as_posix())
+        assert rows[fid] == src, fid
+        assert (site_dir / src).is_file()
 
 
 def test_odd_file_names_are_encoded(synthetic_out, tmp_path):
@@ -315,7 +385,7 @@ def test_odd_file_names_are_encoded(synthetic_out, tmp_path):
         odd = "renders/feature/we ird\"<b>'#1.webp"
         (out / path).rename(out / odd)
         store.con.execute("UPDATE renders SET path = ? WHERE render_id = ?", [odd, render_id])
-        site.run(SiteConfig(search_index=False), store, page_providers=())
+        site_stage.run(SiteConfig(search_index=False), store)
     text = (out / "site" / "features" / "3.html").read_text()
     assert "we%20ird%22%3Cb%3E%27%231.webp" in text and "<b>" not in text
     assert crawl(out / "site")["broken"] == []
@@ -324,13 +394,13 @@ def test_odd_file_names_are_encoded(synthetic_out, tmp_path):
 def test_rerun_replaces_the_site_and_reset_removes_it(synthetic_out, tmp_path):
     out = shutil.copytree(synthetic_out, tmp_path / "build")
     with Store.open(out) as store:
-        site.run(SiteConfig(search_index=False), store, page_providers=())
+        site_stage.run(SiteConfig(search_index=False), store)
         stale = out / "site" / "features" / "stale.html"
         stale.write_text("old")
-        site.run(SiteConfig(search_index=False, title="Second <title>"), store, page_providers=())
+        site_stage.run(SiteConfig(search_index=False, title="Second <title>"), store)
         assert not stale.exists()
         assert "Second &lt;title&gt;" in (out / "site" / "index.html").read_text()
-        site.reset(store)
+        site_stage.reset(store)
         assert not (out / "site").exists()
 
 

@@ -1,4 +1,4 @@
-"""The superposition toy: documented accuracy (seeded), frame count and 2-D codes, final SVG."""
+"""The superposition toy: documented accuracy (seeded), frame count and 2-D codes, the site's final SVG."""
 from __future__ import annotations
 
 import json
@@ -47,11 +47,18 @@ def test_frames_are_2d_and_counted(toy_store):
     assert len(payload["arrows"]) == 10
 
 
-def test_final_svg_has_class_arrows(toy_store):
+def test_final_svg_has_class_arrows(toy_store, tmp_path):
+    """The site's toy page draws the last frame (inline, and as site/toy/final.svg) with one arrow per class."""
+    from atlasgen.site.assets import SiteFiles
+    from atlasgen.site.pages.toy import toy_context
     out, _, _ = toy_store
-    svg = (out / "toy" / "final.svg").read_text()
-    assert svg.startswith("<svg")
-    assert svg.count("marker-end=") == 10
+    with Store.open(out, read_only=True) as store:
+        context = toy_context(store, SiteFiles(out, tmp_path))
+    svg = (tmp_path / "toy" / "final.svg").read_text()
+    assert svg.startswith("<svg") and svg == str(context["toy"]["final_svg"])
+    assert svg.count("marker-end=") == 10 and svg.count("<circle") > 100
+    assert (tmp_path / "toy" / "frames.json").read_text() == (out / "toy" / "frames.json").read_text()
+    assert not (out / "toy" / "final.svg").exists(), "the toy stage writes data; the site draws it"
 
 
 def test_toy_is_seeded():

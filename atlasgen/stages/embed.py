@@ -30,6 +30,7 @@ from ..model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_t
 from ..progress import bar, say
 from ..store import Store
 from ..threads import ThreadTuner, restore_torch_threads
+from .base import Stage
 
 STAGE = "embed"
 
@@ -49,13 +50,6 @@ def embed_batch(model: EmbeddingModel, arrays_bhw3: np.ndarray) -> np.ndarray:
     device = next(model.backbone.parameters()).device
     with torch.inference_mode():
         return model(arrays_to_batch(arrays_bhw3).to(device)).cpu().numpy()
-
-
-def _todo(store: Store) -> list[tuple[int, str]]:
-    """(image_id, corpus_path) of images without an embedding, in id order."""
-    return store.query("""SELECT i.image_id, i.corpus_path FROM images i
-                          LEFT JOIN embeddings e USING (image_id)
-                          WHERE e.image_id IS NULL ORDER BY i.image_id""")
 
 
 @dataclass
@@ -168,10 +162,7 @@ def run(cfg: EmbedConfig, store: Store, executor=None) -> dict:
     if n_total == 0:
         raise StageInputError("there are no ingested images to embed",
                               "run `atlasgen ingest` first (or `atlasgen build`) with the same --out")
-    # Rows for image ids that ingest no longer has (it was rerun on a changed folder) are dropped.
-    with store.transaction() as con:
-        con.execute("DELETE FROM embeddings WHERE image_id NOT IN (SELECT image_id FROM images)")
-    todo = _todo(store)
+    todo = store.images_without_embedding()
     n_done_before = n_total - len(todo)
     if n_done_before:
         say(f"embed: {n_done_before} of {n_total} images already embedded, resuming")
@@ -208,16 +199,12 @@ def run(cfg: EmbedConfig, store: Store, executor=None) -> dict:
                                                unit_id=lambda u: u.image_ids[0], device=cfg.device, ship=ship,
                                                on_step=on_step):
             if len(result.image_ids):
-                with store.transaction():
-                    store.insert_embeddings(result.image_ids, result.emb_nd)
+                store.add_embeddings(result.image_ids, result.emb_nd)
                 n_embedded += len(result.image_ids)
             skipped.extend(result.skipped)
             progress.update(len(unit.image_ids) - shown.pop(unit.image_ids[0], 0))
     if skipped:
-        with store.transaction() as con:
-            con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [STAGE])
-            for source, reason in skipped:
-                store.record_skip(source, STAGE, reason)
+        store.replace_skips(STAGE, skipped)
         say(f"embed: {len(skipped)} corpus image(s) could not be read (see skipped_inputs)")
     seconds = time.perf_counter() - t0
     summary = {"n_embedded": n_embedded, "n_resumed": n_done_before, "n_embeddings": store.count("embeddings"),
@@ -234,7 +221,4 @@ def _split(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def reset(store: Store) -> None:
-    with store.transaction() as con:
-        con.execute("DELETE FROM embeddings")
-        con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [STAGE])
+SPEC = Stage("embed", EmbedConfig, run, inputs=("ingest",), tables=("embeddings",), skips=True, executor=True)

@@ -17,36 +17,30 @@ from PIL import Image, ImageOps
 
 from .. import progress
 from ..config import EncodeConfig
-from ..errors import AtlasError, StageInputError
+from ..errors import StageInputError
 from ..paths import atomic_path
-from ..pipeline import clear_dirs, clear_tables
-from ..sae import SparseAutoencoder, load_latest_sae
+from ..sae import SparseAutoencoder, load_stage_sae
 from ..store import Store
+from .base import Stage
 
 N_HIST_BINS = 20
 QUANTILES = (0.5, 0.9, 0.99)
 # Rows of the decoder cosine matrix computed at once (bounds memory at 12k features).
 SIMILAR_CHUNK = 2048
-TABLES = ("activations", "features", "top_images", "similar_features", "coactivation")
-
-
-def reset(store: Store) -> None:
-    clear_tables(store, TABLES)
-    clear_dirs(store.paths.thumbs_dir)
+TABLES = ("activations", "feature_stats", "top_images", "similar_features", "coactivation")
 
 
 def run(cfg: EncodeConfig, store: Store) -> dict:
-    _check_config(cfg)
     ids_n, emb_nd = store.embeddings()
     if len(ids_n) == 0:
         raise StageInputError("the store has no embeddings to encode", "run `atlasgen embed` (or `atlasgen build`) first")
-    sae = load_latest_sae(store)
+    sae, sae_run_id = load_stage_sae(store, used_by="train")
     if emb_nd.shape[1] != sae.d_in:
         raise StageInputError(f"the embeddings have {emb_nd.shape[1]} dims but the latest SAE expects {sae.d_in}",
                               "retrain it: `atlasgen train --force`")
     img_a, feat_a, val_a = encode_sparse(sae, ids_n, emb_nd, cfg.top_k, cfg.batch_size)
     n_images, n_features = len(ids_n), sae.n_features
-    labels = image_labels(store)
+    labels = store.image_labels()
     stats = feature_stats(feat_a, val_a, n_features, n_images)
     top = top_images(img_a, feat_a, val_a, cfg.n_top_images)
     label_cols = feature_labels(top, labels, n_features)
@@ -54,28 +48,12 @@ def run(cfg: EncodeConfig, store: Store) -> dict:
     co_a, co_b, co_n = coactivation(img_a, feat_a, ids_n, n_features)
     failures = write_thumbnails(store, np.unique(top["image_id"]), cfg.thumb_side)
 
-    with store.transaction() as con:
-        for table in TABLES:
-            con.execute(f"DELETE FROM {table}")
-        store.insert_frame("activations", {"image_id": img_a, "feature_id": feat_a, "value": val_a})
-        store.insert_frame("features", {**stats, **label_cols})
-        store.insert_frame("top_images", top)
-        store.insert_frame("similar_features", similar)
-        store.insert_frame("coactivation", {"feature_a": co_a, "feature_b": co_b, "n_images": co_n})
-        for source, reason in failures:
-            store.record_skip(source, "encode", reason)
+    store.replace_encoding({"image_id": img_a, "feature_id": feat_a, "value": val_a}, {**stats, **label_cols}, top,
+                           similar, {"feature_a": co_a, "feature_b": co_b, "n_images": co_n}, failures)
     n_live = int((stats["n_active"] > 0).sum())
-    return {"n_activations": int(len(val_a)), "n_live_features": n_live, "n_features": n_features,
+    return {"sae_run_id": sae_run_id, "n_activations": int(len(val_a)), "n_live_features": n_live, "n_features": n_features,
             "mean_l0": round(len(val_a) / n_images, 3), "n_coactivation_pairs": int(len(co_n)),
             "n_thumbs": int(len(np.unique(top["image_id"])) - len(failures)), "n_thumb_failures": len(failures)}
-
-
-def _check_config(cfg: EncodeConfig) -> None:
-    for ok, message in ((cfg.top_k >= 1, "top_k must be ≥ 1"), (cfg.n_top_images >= 1, "n_top_images must be ≥ 1"),
-                        (cfg.n_similar >= 0, "n_similar must be ≥ 0"), (cfg.thumb_side >= 8, "thumb_side must be ≥ 8"),
-                        (cfg.batch_size >= 1, "batch_size must be ≥ 1")):
-        if not ok:
-            raise AtlasError(f"[encode] {message}", "fix the [encode] section of your config")
 
 
 @torch.no_grad()
@@ -150,10 +128,6 @@ def top_images(img_a: np.ndarray, feat_a: np.ndarray, val_a: np.ndarray, n_top: 
     keep = rank < n_top
     return {"feature_id": f_s[keep].astype(np.int32), "rank": rank[keep].astype(np.int32),
             "image_id": img_a[order][keep].astype(np.int32), "value": val_a[order][keep].astype(np.float32)}
-
-
-def image_labels(store: Store) -> dict[int, str]:
-    return dict(store.query("SELECT image_id, label FROM images WHERE label IS NOT NULL"))
 
 
 def feature_labels(top: dict[str, np.ndarray], labels: dict[int, str], n_features: int) -> dict[str, list]:
@@ -231,7 +205,7 @@ def write_thumbnails(store: Store, image_ids: np.ndarray, side: int) -> list[tup
     Existing thumbnails are kept, so a rerun after an interruption only writes the missing ones."""
     paths = store.paths
     wanted = {int(i) for i in image_ids}
-    rows = {int(i): p for i, p in store.query("SELECT image_id, corpus_path FROM images")}
+    rows = store.corpus_paths()
     failures: list[tuple[str, str]] = []
     jobs = []
     for image_id in sorted(wanted):
@@ -262,3 +236,6 @@ def write_thumbnails(store: Store, image_ids: np.ndarray, side: int) -> list[tup
             bar.update(1)
     bar.close()
     return failures
+
+
+SPEC = Stage("encode", EncodeConfig, run, inputs=("train",), tables=TABLES, folders=("thumbs_dir",), skips=True)

@@ -26,9 +26,9 @@ from .. import hub, tinyset
 from ..config import IngestConfig
 from ..errors import AtlasError, DataLoadError
 from ..paths import atomic_path
-from ..pipeline import clear_dirs
 from ..progress import bar, say
-from ..store import Store, now
+from ..store import Store
+from .base import Stage
 
 STAGE = "ingest"
 JPEG_QUALITY = 92
@@ -416,22 +416,11 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     label_ids = {name: i for i, name in enumerate(sorted({l for l in rows["label"] if l is not None}))}
     rows["label_id"] = [label_ids[l] if l is not None else None for l in rows["label"]]
     import pyarrow as pa
-    with store.transaction() as con:
-        # A rerun after an interrupt (same config) rewrites everything: ids are deterministic.
-        con.execute("DELETE FROM images")
-        con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [STAGE])
-        if rows["image_id"]:
-            store.insert_frame("images", {
-                "image_id": pa.array(rows["image_id"], pa.int32()), "source": pa.array(rows["source"], pa.string()),
-                "label": pa.array(rows["label"], pa.string()), "label_id": pa.array(rows["label_id"], pa.int32()),
-                "width": pa.array(rows["width"], pa.int32()), "height": pa.array(rows["height"], pa.int32()),
-                "corpus_path": pa.array(rows["corpus_path"], pa.string())})
-        if skipped:
-            stamp = now()
-            store.insert_frame("skipped_inputs", {
-                "source": pa.array([s for s, _ in skipped], pa.string()), "stage": pa.array([STAGE] * len(skipped)),
-                "reason": pa.array([r for _, r in skipped], pa.string()),
-                "skipped_at": pa.array([stamp] * len(skipped), pa.timestamp("us"))})
+    store.replace_images({
+        "image_id": pa.array(rows["image_id"], pa.int32()), "source": pa.array(rows["source"], pa.string()),
+        "label": pa.array(rows["label"], pa.string()), "label_id": pa.array(rows["label_id"], pa.int32()),
+        "width": pa.array(rows["width"], pa.int32()), "height": pa.array(rows["height"], pa.int32()),
+        "corpus_path": pa.array(rows["corpus_path"], pa.string())}, skipped, STAGE)
     n_images = len(rows["image_id"])
     if n_images == 0:
         raise DataLoadError(f"none of the {len(skipped)} inputs in {description} could be read",
@@ -468,8 +457,4 @@ def _read_all(candidates: Iterable[Candidate], work, rows: dict[str, list], skip
                 break
 
 
-def reset(store: Store) -> None:
-    with store.transaction() as con:
-        con.execute("DELETE FROM images")
-        con.execute("DELETE FROM skipped_inputs WHERE stage = ?", [STAGE])
-    clear_dirs(store.paths.corpus_dir)
+SPEC = Stage("ingest", IngestConfig, run, tables=("images",), folders=("corpus_dir",), skips=True)

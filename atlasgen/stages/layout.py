@@ -24,8 +24,9 @@ import scipy.sparse as sp
 
 from ..config import LayoutConfig, config_hash
 from ..errors import AtlasError, StageInputError
-from ..paths import atomic_dir, link_or_copy
+from ..paths import atomic_dir
 from ..progress import bar, say
+from .base import Stage
 
 MAP_INDEX_NAME = "index.json"
 # Cells without a feature and the placeholder of a feature that has no picture yet.
@@ -36,7 +37,6 @@ WEBP_QUALITY = 82
 
 # --- the stage ------------------------------------------------------------------------------------
 def run(cfg: LayoutConfig, store) -> dict:
-    _check_config(cfg)
     t0 = time.perf_counter()
     feats = _read_features(store)
     live = feats["n_active"] > 0
@@ -57,24 +57,16 @@ def run(cfg: LayoutConfig, store) -> dict:
     cells_m2 = assign_grid(xy_n2[order], cfg.grid_side)
     t_grid = time.perf_counter() - t1
 
-    with store.transaction() as con:
-        con.execute("UPDATE features SET umap_x = NULL, umap_y = NULL, grid_x = NULL, grid_y = NULL")
-        grid_x = np.full(len(live_ids), -1, np.int64)
-        grid_y = np.full(len(live_ids), -1, np.int64)
-        grid_x[order], grid_y[order] = cells_m2[:, 0], cells_m2[:, 1]
-        frame = pa.table({
-            "feature_id": pa.array(live_ids.astype(np.int32)),
-            "umap_x": pa.array(xy_n2[:, 0].astype(np.float64)),
-            "umap_y": pa.array(xy_n2[:, 1].astype(np.float64)),
-            "grid_x": pa.array(grid_x, mask=grid_x < 0).cast(pa.int32()),
-            "grid_y": pa.array(grid_y, mask=grid_y < 0).cast(pa.int32()),
-        })
-        con.register("_layout", frame)
-        try:
-            con.execute("""UPDATE features SET umap_x = l.umap_x, umap_y = l.umap_y, grid_x = l.grid_x,
-                           grid_y = l.grid_y FROM _layout l WHERE features.feature_id = l.feature_id""")
-        finally:
-            con.unregister("_layout")
+    grid_x = np.full(len(live_ids), -1, np.int64)
+    grid_y = np.full(len(live_ids), -1, np.int64)
+    grid_x[order], grid_y[order] = cells_m2[:, 0], cells_m2[:, 1]
+    store.replace_feature_map({
+        "feature_id": pa.array(live_ids.astype(np.int32)),
+        "umap_x": pa.array(xy_n2[:, 0].astype(np.float64)),
+        "umap_y": pa.array(xy_n2[:, 1].astype(np.float64)),
+        "grid_x": pa.array(grid_x, mask=grid_x < 0).cast(pa.int32()),
+        "grid_y": pa.array(grid_y, mask=grid_y < 0).cast(pa.int32()),
+    })
 
     t2 = time.perf_counter()
     placed_ids = live_ids[order]
@@ -87,48 +79,22 @@ def run(cfg: LayoutConfig, store) -> dict:
 
 
 def reset(store) -> None:
-    with store.transaction() as con:
-        con.execute("UPDATE features SET umap_x = NULL, umap_y = NULL, grid_x = NULL, grid_y = NULL")
+    store.clear_stage_outputs("layout", ("feature_map",), skips=False)
     shutil.rmtree(store.paths.map_dir, ignore_errors=True)
 
 
-def _check_config(cfg: LayoutConfig) -> None:
-    problems = []
-    if cfg.grid_side < 1:
-        problems.append(("grid_side must be at least 1", "e.g. grid_side = 120"))
-    if cfg.n_map_features < 1:
-        problems.append(("n_map_features must be at least 1", "e.g. n_map_features = 2500"))
-    if cfg.n_neighbors < 2:
-        problems.append(("n_neighbors must be at least 2", "UMAP's usual range is 5–50; 15 is a good start"))
-    if cfg.cell_px < 4:
-        problems.append(("cell_px must be at least 4", "e.g. cell_px = 64"))
-    if cfg.tile_px < 16 or cfg.tile_px % 2:
-        problems.append(("tile_px must be an even number ≥ 16", "e.g. tile_px = 256"))
-    if problems:
-        message, hint = problems[0]
-        raise AtlasError(f"[layout] {message}", hint)
-
-
 def _read_features(store) -> dict:
-    table = store.arrow("SELECT feature_id, n_active, strength, label FROM features ORDER BY feature_id")
-    if table.num_rows == 0:
+    feats = store.feature_ranking()
+    if len(feats["feature_id"]) == 0:
         raise StageInputError("the store has no features", "run `atlasgen encode --out DIR` first")
-    return {
-        "feature_id": table.column("feature_id").to_numpy().astype(np.int64),
-        "n_active": table.column("n_active").fill_null(0).to_numpy().astype(np.int64),
-        "strength": table.column("strength").fill_null(0.0).to_numpy().astype(np.float64),
-        "label": table.column("label").to_pylist(),
-    }
+    return feats
 
 
 # --- co-activation profiles and UMAP -------------------------------------------------------------
 def coactivation_profiles(store, live_ids: np.ndarray, n_active: np.ndarray) -> sp.csr_matrix:
     """(n_live, n_live) CSR: symmetric co-activation counts with n_active on the diagonal, each row summing to 1."""
     n_live = len(live_ids)
-    table = store.arrow("SELECT feature_a, feature_b, n_images FROM coactivation WHERE n_images > 0")
-    a = table.column("feature_a").to_numpy().astype(np.int64)
-    b = table.column("feature_b").to_numpy().astype(np.int64)
-    w = table.column("n_images").to_numpy().astype(np.float64)
+    a, b, w = store.coactivation_counts()
     # Map feature ids to rows; pairs with a dead feature (cannot happen with consistent counts) are dropped.
     row_of = np.full(int(max(live_ids.max(), a.max(initial=0), b.max(initial=0))) + 1, -1, np.int64)
     row_of[live_ids] = np.arange(n_live)
@@ -267,22 +233,6 @@ def pyramid_levels(full_px: int, tile_px: int) -> list[dict]:
     return levels
 
 
-def feature_pictures(store, feature_ids) -> dict[int, Path]:
-    """feature id → path of its first picture (kind 'feature', lowest seed), for those that have one."""
-    rows = store.query("""SELECT feature_a, path FROM (
-                              SELECT feature_a, path, row_number() OVER (
-                                  PARTITION BY feature_a ORDER BY seed NULLS LAST, created_at, render_id) AS r
-                              FROM renders WHERE kind = 'feature' AND feature_a IS NOT NULL) WHERE r = 1""")
-    wanted = {int(f) for f in feature_ids}
-    out = {}
-    for fid, rel in rows:
-        if int(fid) in wanted:
-            path = store.paths.out_dir / rel
-            if path.exists():
-                out[int(fid)] = path
-    return out
-
-
 def _cell_image(path: Path | None, cell_px: int) -> np.ndarray:
     from PIL import Image
     if path is not None:
@@ -330,7 +280,7 @@ def _write_tiles(out_dir: Path, store, cfg: LayoutConfig, placed_ids, cells_m2) 
     full = side * cell
     levels = pyramid_levels(full, tile)
     max_z = len(levels) - 1
-    pictures = feature_pictures(store, placed_ids)
+    pictures = store.feature_pictures(placed_ids)
     at_cell = {(int(c[0]), int(c[1])): int(f) for f, c in zip(placed_ids, cells_m2)}
     cache: dict[int, np.ndarray] = {}
     n_tiles = 0
@@ -387,71 +337,6 @@ def _halve(arr: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-# --- site ---------------------------------------------------------------------------------------------
-def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
-    """Copy map/ into the site (hard links where possible) and name the page the site stage renders."""
-    src = store.paths.map_dir
-    index_path = src / MAP_INDEX_NAME
-    dst = Path(site_dir) / "map"
-    shutil.rmtree(dst, ignore_errors=True)
-    if not index_path.exists():
-        return [("map.html", "map.html", {"map": None})]
-    shutil.copytree(src, dst, copy_function=link_or_copy)
-    index = json.loads(index_path.read_text())
-    context = {"map": {"grid_side": index["grid_side"], "n_placed": len(index["features"]),
-                       "n_levels": len(index["levels"]), "cell_px": index["cell_px"],
-                       "index_url": f"map/{MAP_INDEX_NAME}", "tiles_url": "map/", "overview_url": "map/0/0_0.webp"}}
-    return [("map.html", "map.html", context)]
-
-
-# --- synthetic co-activation (tests and benchmarks) --------------------------------------------------
-def synthetic_activity(n_features: int, n_images: int, n_clusters: int, top_k: int = 32, in_cluster: float = 0.8,
-                       dead_fraction: float = 0.05, seed: int = 0) -> dict:
-    """Planted clusters: each image picks a cluster and activates ~in_cluster of its top_k features from it,
-    the rest at random. Returns feature stats, the cluster of every feature and co-activation counts."""
-    rng = np.random.default_rng(seed)
-    cluster_f = rng.integers(0, n_clusters, n_features)
-    dead = rng.random(n_features) < dead_fraction
-    # Zipf-like popularity inside clusters, so frequencies (and strengths) spread like real features'.
-    pop = (1.0 / rng.permutation(np.arange(1, n_features + 1)) ** 0.6) * ~dead
-    members = [np.flatnonzero((cluster_f == c) & ~dead) for c in range(n_clusters)]
-    all_live = np.flatnonzero(~dead)
-    top_k = min(top_k, len(all_live))
-    rows, cols = [], []
-    img_cluster = rng.integers(0, n_clusters, n_images)
-    n_in = int(round(top_k * in_cluster))
-    for i in range(n_images):
-        mem = members[img_cluster[i]]
-        take_in = min(n_in, len(mem))
-        chosen = set()
-        if take_in:
-            p = pop[mem] / pop[mem].sum()
-            chosen.update(rng.choice(mem, take_in, replace=False, p=p).tolist())
-        while len(chosen) < top_k:
-            chosen.update(rng.choice(all_live, top_k - len(chosen)).tolist())
-        rows.extend([i] * len(chosen))
-        cols.extend(chosen)
-    acts = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_images, n_features))
-    co = (acts.T @ acts).tocoo()
-    upper = co.row < co.col
-    n_active = np.asarray(acts.sum(axis=0)).ravel().astype(np.int64)
-    mean_value = np.where(n_active > 0, rng.uniform(0.5, 3.0, n_features), np.nan)
-    frequency = n_active / n_images
-    return {
-        "feature_id": np.arange(n_features), "cluster": cluster_f, "n_active": n_active, "frequency": frequency,
-        "mean_value": mean_value, "strength": np.nan_to_num(frequency * mean_value),
-        "feature_a": co.row[upper].astype(np.int64), "feature_b": co.col[upper].astype(np.int64),
-        "n_images": co.data[upper].astype(np.int64),
-    }
-
-
-def insert_synthetic(store, data: dict) -> None:
-    """Write synthetic_activity() output into the features and coactivation tables (labels 'cluster C')."""
-    with store.transaction():
-        store.insert_frame("features", {
-            "feature_id": data["feature_id"].astype(np.int32), "n_active": data["n_active"].astype(np.int32),
-            "frequency": data["frequency"], "mean_value": data["mean_value"], "strength": data["strength"],
-            "label": [f"cluster {c}" for c in data["cluster"]]})
-        store.insert_frame("coactivation", {
-            "feature_a": data["feature_a"].astype(np.int32), "feature_b": data["feature_b"].astype(np.int32),
-            "n_images": data["n_images"].astype(np.int32)})
+# The map is a published folder: its reset swaps, it never leaves readers without one (see `reset`).
+SPEC = Stage("layout", LayoutConfig, run, inputs=("encode", "render"), tables=("feature_map",),
+             folders=("map_dir",), reset=reset, pages=("map.html",))

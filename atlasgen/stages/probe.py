@@ -19,28 +19,22 @@ Sweeps are TOML tables under `[[probe.sweeps]]` (schema in README "Probes" and `
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from markupsafe import Markup, escape
 from PIL import Image, ImageColor
 
 from ..config import ProbeConfig
 from ..errors import AtlasError
 from ..paths import atomic_path
-from ..pipeline import clear_dirs, clear_tables
 from ..progress import bar, say
+from .base import Stage
 
 KINDS = ("size", "count", "readout")
 CUTS = ("", "sliced", "half")
-# Feature line colours on the charts (Tableau 10).
-PALETTE = ("#4e79a7", "#e15759", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f",
-           "#bab0ac")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # Objects are drawn this large, cropped to their visible box and scaled down (smooth edges at any size).
 _DRAW_PX = 512
@@ -271,8 +265,8 @@ def step_image_path(paths, sweep: str, step: int) -> Path:
 
 def run(cfg: ProbeConfig, store) -> dict:
     from ..decompose import embed_pil, encode, load_store_model
-    from ..sae import load_latest_sae
-    sae = load_latest_sae(store)
+    from ..sae import load_stage_sae
+    sae, sae_run_id = load_stage_sae(store)
     sweeps = parse_sweeps(cfg, sae.n_features)
     if not sweeps:
         say("probe: no [[probe.sweeps]] in the config, nothing to do")
@@ -301,16 +295,13 @@ def run(cfg: ProbeConfig, store) -> dict:
             cols["value"] += acts_sf[i, ids].tolist()
         chosen[sweep.name] = sweep.features or top_features(acts_sf, cfg.n_auto_features)
         n_steps += len(sweep.steps)
-    with store.transaction():
-        store.con.execute("DELETE FROM probes")
-        if cols["probe"]:
-            import pyarrow as pa
-            store.insert_frame("probes", {
-                "probe": cols["probe"], "step": pa.array(cols["step"], pa.int32()),
-                "step_value": pa.array(cols["step_value"], pa.float64()), "step_label": cols["step_label"],
-                "image_path": cols["image_path"], "feature_id": pa.array(cols["feature_id"], pa.int32()),
-                "value": pa.array(cols["value"], pa.float32())})
-    return {"n_sweeps": len(sweeps), "n_steps": n_steps, "n_rows": len(cols["probe"]), "features": chosen}
+    import pyarrow as pa
+    store.replace_probes({
+        "probe": cols["probe"], "step": pa.array(cols["step"], pa.int32()),
+        "step_value": pa.array(cols["step_value"], pa.float64()), "step_label": cols["step_label"],
+        "image_path": cols["image_path"], "feature_id": pa.array(cols["feature_id"], pa.int32()),
+        "value": pa.array(cols["value"], pa.float32())})
+    return {"sae_run_id": sae_run_id, "n_sweeps": len(sweeps), "n_steps": n_steps, "n_rows": len(cols["probe"]), "features": chosen}
 
 
 def top_features(acts_sf: np.ndarray, n: int) -> list[int]:
@@ -320,138 +311,5 @@ def top_features(acts_sf: np.ndarray, n: int) -> list[int]:
     return [int(f) for f in order[:n] if peak_f[f] > 0]
 
 
-def reset(store) -> None:
-    clear_tables(store, ["probes"])
-    clear_dirs(store.paths.probes_dir)
-
-
-# --- site --------------------------------------------------------------------------------------------
-def _nice_max(v: float) -> float:
-    if v <= 0:
-        return 1.0
-    exp = 10 ** math.floor(math.log10(v))
-    for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
-        if m * exp >= v:
-            return m * exp
-    return 10 * exp
-
-
-def line_chart_svg(sweep_name: str, labels: list[str], series: list[dict], width: int = 640, height: int = 260
-                   ) -> tuple[Markup, list[float]]:
-    """Inline SVG line chart: one line per feature along the sweep's steps, plus a step marker that
-    probes.js moves. Returns the SVG and the x position of every step (for the marker)."""
-    ml, mr, mt, mb = 48, 36, 12, 44
-    n = len(labels)
-    y_max = _nice_max(max([max(s["values"]) for s in series] + [0.0]))
-    xs = [ml + (width - ml - mr) * (i / (n - 1) if n > 1 else 0.5) for i in range(n)]
-
-    def y(v: float) -> float:
-        return mt + (height - mt - mb) * (1 - v / y_max)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="probe-chart" viewBox="0 0 {width} {height}" '
-           f'role="img" aria-label="feature activations along the {escape(sweep_name)} sweep">']
-    for k in range(5):
-        v = y_max * k / 4
-        out.append(f'<line class="grid" x1="{ml}" x2="{width - mr}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e4e4e4"/>')
-        out.append(f'<text x="{ml - 6}" y="{y(v) + 4:.1f}" text-anchor="end" font-size="11" fill="#555">{v:.3g}</text>')
-    every = max(1, math.ceil(n / 9))
-    for i, label in enumerate(labels):
-        if i % every == 0 or i == n - 1:
-            out.append(f'<text x="{xs[i]:.1f}" y="{height - mb + 16}" text-anchor="middle" font-size="11" '
-                       f'fill="#555">{escape(label)}</text>')
-    out.append(f'<line x1="{ml}" x2="{width - mr}" y1="{height - mb}" y2="{height - mb}" stroke="#888"/>')
-    for s in series:
-        pts = " ".join(f"{xs[i]:.1f},{y(v):.1f}" for i, v in enumerate(s["values"]))
-        out.append(f'<polyline class="probe-line" data-feature="{s["feature_id"]}" points="{pts}" fill="none" '
-                   f'stroke="{s["colour"]}" stroke-width="2"/>')
-        for i, v in enumerate(s["values"]):
-            out.append(f'<circle cx="{xs[i]:.1f}" cy="{y(v):.1f}" r="3" fill="{s["colour"]}"><title>feature '
-                       f'{s["feature_id"]} at {escape(labels[i])}: {v:.3f}</title></circle>')
-    out.append(f'<line class="probe-marker" x1="{xs[0]:.1f}" x2="{xs[0]:.1f}" y1="{mt}" y2="{height - mb}" '
-               f'stroke="#222" stroke-width="1.5" stroke-dasharray="4 3"/>')
-    out.append(f'<text x="{(ml + width - mr) / 2}" y="{height - 6}" text-anchor="middle" font-size="12" '
-               f'fill="#333">{escape(sweep_name)}</text>')
-    out.append("</svg>")
-    return Markup("".join(out)), xs
-
-
-def bars_svg(sweep_name: str, labels: list[str], series: list[dict], width: int = 640) -> Markup:
-    """Grouped horizontal bars: one group per readout item, one bar per feature."""
-    bar_h, group_gap, ml, mr = 14, 14, 110, 60
-    n_f = max(1, len(series))
-    group_h = n_f * bar_h + group_gap
-    height = len(labels) * group_h + 10
-    v_max = _nice_max(max([max(s["values"]) for s in series] + [0.0]))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="probe-bars" viewBox="0 0 {width} {height}" '
-           f'role="img" aria-label="feature activations for the {escape(sweep_name)} readout">']
-    for i, label in enumerate(labels):
-        top = 5 + i * group_h
-        out.append(f'<text x="{ml - 8}" y="{top + n_f * bar_h / 2 + 4:.1f}" text-anchor="end" font-size="12" '
-                   f'fill="#222">{escape(label)}</text>')
-        for j, s in enumerate(series):
-            v = s["values"][i]
-            w = (width - ml - mr) * v / v_max
-            yy = top + j * bar_h
-            out.append(f'<rect class="probe-bar" x="{ml}" y="{yy}" width="{w:.1f}" height="{bar_h - 3}" '
-                       f'fill="{s["colour"]}"><title>feature {s["feature_id"]}: {v:.3f}</title></rect>')
-            out.append(f'<text x="{ml + w + 4:.1f}" y="{yy + bar_h - 4}" font-size="10" fill="#333">'
-                       f'{s["feature_id"]}: {v:.3f}</text>')
-    out.append("</svg>")
-    return Markup("".join(out))
-
-
-def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
-    """Copy probe pictures into the site and return the probes page (template, output path, context)."""
-    from ..decompose import feature_labels
-    rows = store.query("SELECT config_json, summary_json FROM stage_runs WHERE stage = 'probe' AND status = 'done'")
-    row = rows[0] if rows else None
-    if row is None:
-        return []
-    cfg = json.loads(row[0] or "{}")
-    summary = json.loads(row[1] or "{}")
-    named = {s["name"]: s for s in cfg.get("sweeps", [])}
-    chosen_by_sweep = summary.get("features", {})
-    site_dir = Path(site_dir)
-    rows = store.query("SELECT probe, step, any_value(step_value), any_value(step_label), any_value(image_path) "
-                       "FROM probes GROUP BY probe, step ORDER BY probe, step")
-    steps_by_sweep: dict[str, list] = {}
-    for probe, step, value, label, image_path in rows:
-        steps_by_sweep.setdefault(probe, []).append((step, value, label, image_path))
-    sweeps = []
-    order = [n for n in named if n in steps_by_sweep] + sorted(set(steps_by_sweep) - set(named))
-    for name in order:
-        spec = named.get(name, {})
-        steps = steps_by_sweep[name]
-        n_auto = int(cfg.get("n_auto_features", 4))
-        feature_ids = spec.get("features") or chosen_by_sweep.get(name) or [
-            int(r[0]) for r in store.query("SELECT feature_id FROM probes WHERE probe = ? GROUP BY feature_id "
-                                           "ORDER BY max(value) DESC, feature_id LIMIT ?", [name, n_auto])]
-        values = {(int(f), int(s)): float(v) for f, s, v in store.query(
-            "SELECT feature_id, step, value FROM probes WHERE probe = ?", [name])}
-        labels_by_feature = feature_labels(store, [int(f) for f in feature_ids])
-        series = [{"feature_id": int(f), "label": labels_by_feature.get(int(f)) or "",
-                   "colour": PALETTE[k % len(PALETTE)], "href": f"features/{int(f)}.html",
-                   "values": [values.get((int(f), s[0]), 0.0) for s in steps]} for k, f in enumerate(feature_ids)]
-        srcs = []
-        for step, _, _, image_path in steps:
-            src_path = store.paths.out_dir / image_path
-            rel = Path("probes") / name / Path(image_path).name
-            (site_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            if src_path.exists():
-                shutil.copyfile(src_path, site_dir / rel)
-            srcs.append(rel.as_posix())
-        step_labels = [s[2] or "" for s in steps]
-        kind = spec.get("kind", "size")
-        entry = {"name": name, "kind": kind, "title": spec.get("title") or name.replace("-", " ").replace("_", " "),
-                 "features": series, "steps": [{"label": l, "src": src} for l, src in zip(step_labels, srcs)],
-                 "srcs_json": json.dumps(srcs), "labels_json": json.dumps(step_labels),
-                 "values_json": json.dumps([[round(s["values"][i], 4) for s in series] for i in range(len(steps))])}
-        if kind == "readout":
-            entry["chart"] = bars_svg(entry["title"], step_labels, series)
-            entry["xs_json"] = "[]"
-        else:
-            entry["chart"], xs = line_chart_svg(entry["title"], step_labels, series)
-            entry["xs_json"] = json.dumps([round(x, 1) for x in xs])
-        sweeps.append(entry)
-    # A finished probe stage without sweeps still gets its page, which says how to add some.
-    return [("probes.html", "probes.html", {"page_title": "Probes", "sweeps": sweeps})]
+SPEC = Stage("probe", ProbeConfig, run, inputs=("encode",), tables=("probes",), folders=("probes_dir",),
+             pages=("probes.html",))

@@ -33,9 +33,10 @@ from ..inversion import InversionSettings
 from ..model import EmbeddingModel, load_embedding_model, resolve_device
 from ..paths import atomic_path
 from ..progress import bar, say
-from ..sae import SparseAutoencoder, load_latest_sae
+from ..sae import SparseAutoencoder, load_stage_sae
 from ..store import Store, now
 from ..threads import ThreadTuner, restore_torch_threads
+from .base import Stage
 
 # Bump when the engine changes what a render looks like, so old renders are superseded.
 ENGINE_VERSION = 3
@@ -107,9 +108,7 @@ def parse_features(spec: str, store: Store, n_features: int, device: torch.devic
         except ValueError:
             raise AtlasError(f"render.features {spec!r}: N in top:N must be a number",
                              "e.g. features = \"top:64\"") from None
-        rows = store.query("SELECT feature_id FROM features WHERE n_active > 0 "
-                           "ORDER BY n_active DESC, feature_id LIMIT ?", [max(0, n)])
-        return [int(r[0]) for r in rows], False
+        return store.most_frequent_features(n), False
     try:
         ids = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
@@ -313,19 +312,7 @@ def write_webp(path: Path, array_hw3: np.ndarray) -> None:
 
 
 def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
-    if cfg.param not in inversion.PARAMS:
-        raise AtlasError(f"render.param {cfg.param!r} is not one of {', '.join(inversion.PARAMS)}",
-                         "set [render] param = \"transformer\"")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise AtlasError(f"render.precision {cfg.precision!r} is not one of auto, fp32, bf16",
-                         "set [render] precision = \"auto\"")
-    if cfg.n_seeds < 0 or cfg.n_views < 1 or cfg.n_steps < 0 or cfg.batch_targets < 1:
-        raise AtlasError("render: n_seeds ≥ 0, n_views ≥ 1, n_steps ≥ 0 and batch_targets ≥ 1 are needed",
-                         "fix the [render] section of your config")
-    run_info = store.latest_sae_run()
-    if run_info is None:
-        raise StageInputError("render needs a trained SAE", "run `atlasgen train` and `atlasgen encode` first")
-    sae = load_latest_sae(store)
+    sae, sae_run_id = load_stage_sae(store)
     executor = executor if executor is not None else LocalExecutor()
     if executor.remote:
         # Workers render in the precision resolved for their hardware (asked of a worker), which is also what
@@ -340,7 +327,7 @@ def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
         model, model_ref = load_render_model(cfg, store)
         sae = sae.to(device)
         payload = RenderWorker(model, sae, cfg.device)
-    settings = settings_for(cfg, model_ref, model.dtype, run_info["run_id"])
+    settings = settings_for(cfg, model_ref, model.dtype, sae_run_id)
     settings_hash = _hash(settings)
     targets = plan(cfg, store, sae, device)
     for tg in targets:
@@ -381,7 +368,7 @@ def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
             _save_batch(store, unit.targets, result, settings, settings_hash)
             clock[0] = time.perf_counter()
 
-    summary = _summary(store, targets, len(todo), n_superseded, settings_hash)
+    summary = {"sae_run_id": sae_run_id, **_summary(store, targets, len(todo), n_superseded, settings_hash)}
     if tuner is not None and tuner.chosen:
         summary["n_threads"] = tuner.chosen
     if executor.remote:
@@ -489,3 +476,8 @@ def reset(store: Store) -> None:
     for path in renders_dir.rglob("*"):
         if path.is_file() and (".tmp" in path.name or path.resolve() not in known):
             path.unlink(missing_ok=True)
+
+
+# Renders are immutable artefacts keyed by their own id: its reset only tidies (see `reset`).
+SPEC = Stage("render", RenderConfig, run, inputs=("encode",), tables=("renders",), folders=("renders_dir",),
+             reset=reset, executor=True)

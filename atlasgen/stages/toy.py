@@ -1,29 +1,25 @@
 """The superposition toy from the seed study: the 10 classes of scikit-learn's bundled 8×8 digits
 squeezed through a 2-D bottleneck (64 → hidden → 2 → 10), trained with full-batch Adam (seeded).
 
-Writes `toy/frames.json` (the 2-D codes of a fixed subset of digits every `frame_every` steps,
-rounded to 3 decimals; labels once) and `toy/final.svg` (the final codes plus one arrow per class
-along its mean code direction). The site's toy page animates the frames.
+Writes `toy/frames.json`: the 2-D codes of a fixed subset of digits every `frame_every` steps (rounded
+to 3 decimals), their labels and colours, one arrow per class along its mean code, and the accuracies.
+The site's toy page animates the frames and draws the last one (`atlasgen.site.charts.toy_final_svg`).
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
-from markupsafe import Markup
 
 from ..config import ToyConfig
 from ..paths import atomic_path
-from ..pipeline import clear_dirs
 from ..progress import bar
 from ..threads import restore_torch_threads
+from .base import Stage
 
 FRAMES_FILE = "frames.json"
-FINAL_SVG_FILE = "final.svg"
 # Ten distinguishable colours (Tableau 10), one per digit class; shared with toy.js through the JSON.
 CLASS_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
                  "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
@@ -103,45 +99,6 @@ def train_toy(cfg: ToyConfig) -> dict:
             "final_loss": round(losses[-1], 4), "n_train": int(len(train_idx)), "n_test": int(n_test)}
 
 
-def final_svg(result: dict, side: int = 480) -> str:
-    """The last frame's codes as dots, and one arrow per class from the origin to its mean code."""
-    codes = np.asarray(result["frames"][-1]["codes"], dtype=np.float64)
-    arrows = result["arrows"]
-    # A robust extent (98th percentile), so a few outlying digits do not shrink the clusters to a dot.
-    extent = max(float(np.quantile(np.abs(codes), 0.98)) * 1.15 if len(codes) else 1.0,
-                 max(max(abs(a["x"]), abs(a["y"])) for a in arrows) * 1.3, 1e-6)
-    half = side / 2
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return half + x / extent * (half - 12), half - y / extent * (half - 12)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {side} {side}" width="{side}" height="{side}" '
-             f'class="toy-final-plot" role="img" aria-label="final 2-D codes of the digits with one arrow per class">',
-             '<defs>' + "".join(
-                 f'<marker id="toy-head-{c}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-                 f'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="{CLASS_COLOURS[c]}"/></marker>'
-                 for c in range(10)) + '</defs>',
-             f'<rect width="{side}" height="{side}" fill="#fff"/>',
-             f'<line x1="0" y1="{half}" x2="{side}" y2="{half}" stroke="#ddd"/>',
-             f'<line x1="{half}" y1="0" x2="{half}" y2="{side}" stroke="#ddd"/>']
-    for (x, y), label in zip(codes, result["labels"]):
-        if max(abs(x), abs(y)) > extent:
-            continue
-        cx, cy = px(x, y)
-        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="2.2" fill="{CLASS_COLOURS[label]}" fill-opacity="0.6"/>')
-    for a in arrows:
-        ex, ey = px(a["x"], a["y"])
-        colour = CLASS_COLOURS[a["label"]]
-        parts.append(f'<line x1="{half}" y1="{half}" x2="{ex:.1f}" y2="{ey:.1f}" stroke="{colour}" stroke-width="2.5" '
-                     f'marker-end="url(#toy-head-{a["label"]})"/>')
-        tx, ty = px(a["x"] * 1.12, a["y"] * 1.12)
-        parts.append(f'<text x="{tx:.1f}" y="{ty:.1f}" font-size="15" font-weight="bold" text-anchor="middle" '
-                     f'dominant-baseline="middle" fill="{colour}" stroke="#fff" stroke-width="3" '
-                     f'paint-order="stroke">{a["label"]}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
 def run(cfg: ToyConfig, store) -> dict:
     # The network is tiny: extra threads only fight over shared cores (10× slower on a busy 2-core box).
     with restore_torch_threads():
@@ -155,42 +112,9 @@ def run(cfg: ToyConfig, store) -> dict:
                "frames": result["frames"]}
     with atomic_path(toy_dir / FRAMES_FILE) as tmp:
         tmp.write_text(json.dumps(payload, separators=(",", ":")))
-    with atomic_path(toy_dir / FINAL_SVG_FILE) as tmp:
-        tmp.write_text(final_svg(result))
     return {"train_accuracy": result["train_accuracy"], "test_accuracy": result["test_accuracy"],
             "final_loss": result["final_loss"], "n_frames": len(result["frames"]),
             "n_codes": len(result["labels"]), "n_train": result["n_train"], "n_test": result["n_test"]}
 
 
-def reset(store) -> None:
-    clear_dirs(store.paths.toy_dir)
-
-
-def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
-    """The toy page: (template, output path relative to the site, context). Empty if the toy has not run."""
-    frames_path = store.paths.toy_dir / FRAMES_FILE
-    svg_path = store.paths.toy_dir / FINAL_SVG_FILE
-    if not frames_path.exists() or not svg_path.exists():
-        return []
-    out_dir = Path(site_dir) / "toy"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(frames_path, out_dir / FRAMES_FILE)
-    shutil.copyfile(svg_path, out_dir / FINAL_SVG_FILE)
-    payload = json.loads(frames_path.read_text())
-    context = {
-        "page_title": "Superposition toy",
-        "toy": {
-            "frames_url": f"toy/{FRAMES_FILE}",
-            "final_svg": Markup(svg_path.read_text()),
-            "n_frames": len(payload["frames"]),
-            "n_steps": payload["n_steps"],
-            "last_step": payload["frames"][-1]["step"],
-            "frame_every": payload["frame_every"],
-            "n_codes": len(payload["labels"]),
-            "train_accuracy": payload["train_accuracy"],
-            "test_accuracy": payload["test_accuracy"],
-            "arrows": payload["arrows"],
-            "colours": payload["colours"],
-        },
-    }
-    return [("toy.html", "toy.html", context)]
+SPEC = Stage("toy", ToyConfig, run, folders=("toy_dir",), pages=("toy.html",))

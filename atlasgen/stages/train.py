@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import math
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,10 +27,10 @@ from .. import progress
 from ..config import TrainConfig, config_hash, config_json
 from ..errors import AtlasError, StageInputError
 from ..model import bf16_is_fast, resolve_device
-from ..pipeline import clear_dirs, clear_tables
 from ..sae import SparseAutoencoder
-from ..store import Store, now
+from ..store import Store
 from ..threads import n_cores, restore_torch_threads
+from .base import Stage
 
 # Inputs scored (per-example reconstruction loss) when choosing where to resample dead features.
 N_RESAMPLE_CANDIDATES = 65_536
@@ -41,13 +42,7 @@ MIN_PARALLEL_ENTRIES = 1 << 20
 EVAL_BATCH = 4096
 
 
-def reset(store: Store) -> None:
-    clear_tables(store, ("sae_metrics", "sae_runs"))
-    clear_dirs(store.paths.out_dir / "sae")
-
-
 def run(cfg: TrainConfig, store: Store) -> dict:
-    _check_config(cfg)
     ids_n, emb_nd = store.embeddings()
     if len(ids_n) == 0:
         raise StageInputError("the store has no embeddings to train the SAE on",
@@ -70,15 +65,10 @@ def run(cfg: TrainConfig, store: Store) -> dict:
         "normalization": {"mean": sae.input_mean.tolist(), "scale": float(sae.input_scale),
                           "rule": "x = (embedding - mean) * scale, with E|x|^2 = d_in on the training corpus"}})
     weights_path = (folder / "sae.safetensors").relative_to(store.paths.out_dir).as_posix()
-    with store.transaction() as con:
-        con.execute("DELETE FROM sae_metrics WHERE run_id = ?", [run_id])
-        con.execute("DELETE FROM sae_runs WHERE run_id = ?", [run_id])
-        if history:
-            store.insert_frame("sae_metrics", {"run_id": [run_id] * len(history),
-                                               **{k: [row[k] for row in history] for k in history[0]}})
-        con.execute("INSERT INTO sae_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-            run_id, sae.d_in, sae.n_features, config_json(cfg), weights_path, cfg.n_steps, final["mse"],
-            final["fvu"], final["l0"], final["dead_fraction"], info["n_resampled"], now()])
+    store.save_sae_run({"run_id": run_id, "d_in": sae.d_in, "n_features": sae.n_features,
+                        "config_json": config_json(cfg), "weights_path": weights_path, "n_steps": cfg.n_steps,
+                        "n_resampled": info["n_resampled"], **{k: final[k] for k in ("mse", "fvu", "l0", "dead_fraction")}},
+                       history)
     return {"run_id": run_id, "n_examples": int(len(emb_nd)), "n_features": sae.n_features,
             "precision": info["precision"], "examples_per_s": info["examples_per_s"],
             "n_resampled": info["n_resampled"], **{k: round(v, 5) for k, v in final.items()}}
@@ -88,19 +78,6 @@ def make_run_id(cfg: TrainConfig, emb_nd: np.ndarray) -> str:
     """Config hash chained with a digest of the embeddings it was trained on."""
     digest = hashlib.sha256(np.ascontiguousarray(emb_nd, dtype=np.float32).tobytes()).hexdigest()[:16]
     return config_hash(cfg, (digest, str(len(emb_nd))))
-
-
-def _check_config(cfg: TrainConfig) -> None:
-    problems = [(cfg.expansion >= 1, "expansion must be ≥ 1"), (cfg.n_steps >= 1, "n_steps must be ≥ 1"),
-                (cfg.batch_size >= 1, "batch_size must be ≥ 1"), (cfg.lr > 0, "lr must be > 0"),
-                (cfg.l1_coeff >= 0, "l1_coeff must be ≥ 0"), (cfg.log_every >= 1, "log_every must be ≥ 1"),
-                (cfg.dead_window >= 1, "dead_window must be ≥ 1"),
-                (cfg.resample_every >= 0, "resample_every must be ≥ 0"),
-                (0 <= cfg.resample_until <= 1, "resample_until must be in [0, 1]"),
-                (cfg.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16")]
-    for ok, message in problems:
-        if not ok:
-            raise AtlasError(f"[train] {message}", "fix the [train] section of your config")
 
 
 @contextmanager
@@ -254,17 +231,17 @@ def init_sae(d_in: int, n_features: int, generator: torch.Generator) -> SparseAu
 
 
 def train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
-              force_dead: torch.Tensor | None = None) -> tuple[SparseAutoencoder, list[dict], dict]:
+              on_init: Callable[[SparseAutoencoder], None] | None = None) -> tuple[SparseAutoencoder, list[dict], dict]:
     """Train an SAE; returns it (normalisation set), the per-window metrics and a small info dict.
 
-    `force_dead` (tests only): feature ids whose encoder is disabled at the start, so they cannot fire
-    until resampling revives them."""
+    `on_init` may change the freshly initialised SAE (under no_grad) before training starts, e.g. to start
+    from chosen weights; `atlasgen.testing.disable_features` uses it to make features dead on purpose."""
     with _threads_for(cfg, emb_nd.shape[1]):
-        return _train_sae(cfg, emb_nd, device, force_dead)
+        return _train_sae(cfg, emb_nd, device, on_init)
 
 
 def _train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
-               force_dead: torch.Tensor | None) -> tuple[SparseAutoencoder, list[dict], dict]:
+               on_init: Callable[[SparseAutoencoder], None] | None) -> tuple[SparseAutoencoder, list[dict], dict]:
     import time
     n, d_in = emb_nd.shape
     n_features = cfg.expansion * d_in
@@ -274,9 +251,8 @@ def _train_sae(cfg: TrainConfig, emb_nd: np.ndarray, device: torch.device,
     with torch.no_grad():
         sae.input_mean.copy_(torch.from_numpy(mean_d))
         sae.input_scale.fill_(scale)
-        if force_dead is not None:
-            sae.W_enc[:, force_dead] = 0.0
-            sae.b_enc[force_dead] = -1.0
+        if on_init is not None:
+            on_init(sae)
     sae.to(device)
     x_nd = sae.normalize(torch.from_numpy(emb_nd).to(device)).detach()
     dtype = choose_dtype(cfg.precision, device, cfg.batch_size, n_features)
@@ -343,3 +319,7 @@ def evaluate(sae: SparseAutoencoder, emb_nd: np.ndarray, device: torch.device) -
     n, d_in = emb_nd.shape
     return {"mse": sq_err / (n * d_in), "fvu": sq_err / max(sq_norm, 1e-12), "l0": n_active / n,
             "dead_fraction": float((~fired_f).float().mean())}
+
+
+SPEC = Stage("train", TrainConfig, run, inputs=("embed",), tables=("sae_runs", "sae_metrics"),
+             folders=("sae_root",))

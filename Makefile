@@ -1,0 +1,40 @@
+# The two set-up commands on a fresh clone (README "Quick start"):
+#   make tiny    install atlasgen into a virtual environment (.venv) and build the tiny atlas, offline
+#   make test    install what the tests need (Debian's Chromium included) into .venv and run the suite
+# Both are safe to rerun: installs are skipped when nothing changed. VENV=... picks another environment.
+PYTHON ?= python3
+VENV ?= .venv
+OUT ?= build
+# The CPU build of torch; on a GPU machine install the CUDA build of this version into $(VENV) first.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: tiny test chromium
+
+tiny: $(VENV)/.installed
+	$(BIN)/atlasgen build --preset tiny --out $(OUT)
+	@echo
+	@echo "The tiny atlas is in $(OUT)/site. Open it with:"
+	@echo "  $(BIN)/atlasgen serve --out $(OUT)     then visit http://127.0.0.1:8000"
+
+test: $(VENV)/.installed-test chromium
+	$(BIN)/python -m pytest -q tests
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q '$(TORCH)'
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# Playwright cannot download its own browser on our machines: the browser tests use Debian's Chromium.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || [ -n "$$ATLASGEN_CHROMIUM" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	  echo "chromium is missing and this user cannot install it: the browser tests will be skipped" \
+	       "(apt-get install -y chromium as root, or set ATLASGEN_CHROMIUM=/path/to/chromium)"; exit 0; fi; \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null

@@ -1,0 +1,83 @@
+"""The feature pages (`features/<id>.html`) and the feature listing (`features/index.html`, static
+`page-NNN.html` pages and the `data-NNN.json` chunks that features.js sorts and filters)."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+from ...progress import bar
+from ..core import SiteWriter
+from ..data import SiteData
+
+
+def _feature_page_context(data: SiteData, index: int, sums: list[dict]) -> dict:
+    f = data.features[index]
+    fid = f["feature_id"]
+    renders = []
+    for r in data.renders.get(fid, ()):
+        pic = data.render_picture(r)
+        renders.append({**r, "pic": pic, "reactivates": (r["self_activation"] or 0) > 0})
+    top = [{"image_id": i, "value": v, "label": data.image_labels.get(i), "pic": data.thumb(i)}
+           for i, v in data.top_images.get(fid, ())]
+    similar = [data.tile(o, f"cos {c:.2f}", "../") for o, c in data.similar.get(fid, ())]
+    coactive = [data.tile(o, f"{n:,} images", "../") for o, n in data.coactive.get(fid, ())]
+    combos = []
+    for r in sums:
+        if fid in (r["feature_a"], r["feature_b"]):
+            combos.append({"a": r["feature_a"], "b": r["feature_b"], "pic": data.render_picture(r),
+                           "a_label": data.by_id.get(r["feature_a"], {}).get("label"),
+                           "b_label": data.by_id.get(r["feature_b"], {}).get("label")})
+    prev_id = data.features[index - 1]["feature_id"] if index > 0 else None
+    next_id = data.features[index + 1]["feature_id"] if index + 1 < len(data.features) else None
+    return {"f": f, "renders": renders, "top": top, "similar": similar, "coactive": coactive, "combos": combos,
+            "probes": data.probes_of.get(fid, []), "prev_id": prev_id, "next_id": next_id,
+            "on_map": f["grid_x"] is not None, "picture": data.best.get(fid), "map_side": data.map_side}
+
+
+def write_feature_pages(writer: SiteWriter, data: SiteData) -> None:
+    # Pairs are few; index them once so a feature page does not scan them all.
+    sums_by_feature: dict[int, list[dict]] = defaultdict(list)
+    for r in data.pair_renders:
+        if r["kind"] == "sum":
+            sums_by_feature[r["feature_a"]].append(r)
+            if r["feature_b"] != r["feature_a"]:
+                sums_by_feature[r["feature_b"]].append(r)
+    template = writer.env.get_template("feature.html")
+    for index in bar(range(len(data.features)), desc="feature pages", unit="page"):
+        fid = data.features[index]["feature_id"]
+        ctx = _feature_page_context(data, index, sums_by_feature.get(fid, []))
+        out_rel = f"features/{fid}.html"
+        writer.write_html(out_rel, template.render({"root": "../", "page_path": out_rel,
+                                                    "site_title": writer.cfg.title, **ctx}))
+
+
+def write_listing(writer: SiteWriter, data: SiteData) -> None:
+    """features/index.html (first page, sort/filter script), page-NNN.html (static pages), data-NNN.json."""
+    cfg = writer.cfg
+    per_page = max(1, int(cfg.features_per_page))
+    chunk = max(1, int(cfg.chunk_size))
+    feats = data.features
+    n_pages = max(1, math.ceil(len(feats) / per_page))
+    n_chunks = math.ceil(len(feats) / chunk)
+    (writer.site_dir / "features").mkdir(parents=True, exist_ok=True)
+    for c in range(n_chunks):
+        rows = []
+        for f in feats[c * chunk:(c + 1) * chunk]:
+            pic = data.best.get(f["feature_id"])
+            rows.append([f["feature_id"], f["label"] or "", round(f["frequency"] or 0.0, 6),
+                         round(f["strength"] or 0.0, 6), f["n_active"] or 0,
+                         pic.src if pic else None, pic.width if pic else 0, pic.height if pic else 0])
+        (writer.site_dir / "features" / f"data-{c:03d}.json").write_text(
+            json.dumps(rows, separators=(",", ":"), ensure_ascii=False), encoding="utf-8")
+
+    def page_name(p: int) -> str:
+        return "index.html" if p == 1 else f"page-{p:03d}.html"
+    pages = [{"number": p, "href": page_name(p)} for p in range(1, n_pages + 1)]
+    n_live = sum(1 for f in feats if (f["n_active"] or 0) > 0)
+    for p in range(1, n_pages + 1):
+        tiles = [dict(data.tile(f["feature_id"], root="../"), frequency=f["frequency"], strength=f["strength"])
+                 for f in feats[(p - 1) * per_page:p * per_page]]
+        writer.render("features.html", f"features/{page_name(p)}", {
+            "tiles": tiles, "pages": pages, "page_number": p, "n_pages": n_pages, "n_features": len(feats),
+            "n_live": n_live, "n_chunks": n_chunks, "per_page": per_page, "is_first": p == 1})

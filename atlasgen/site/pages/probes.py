@@ -1,0 +1,62 @@
+"""The probes page (`probes.html`): one chart per probe sweep (lines along a size/count sweep, bars for a
+readout) with the sweep's pictures (`OUT/probes/` → `site/probes/`); probes.js drives the sliders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..assets import SiteFiles
+from ..charts import PALETTE, probe_bars_svg, probe_line_svg
+from ..core import SiteWriter
+from ..data import SiteData
+
+
+def probes_context(store, files: SiteFiles) -> dict | None:
+    """Put the probe pictures into the site; the page's context, or None when the probe stage has not run."""
+    row = store.stage_row("probe")
+    if row is None or row["status"] != "done":
+        return None
+    cfg, summary = row["config"], row["summary"]
+    named = {s["name"]: s for s in cfg.get("sweeps", [])}
+    chosen_by_sweep = summary.get("features", {})
+    steps_by_sweep = store.probe_steps()
+    sweeps = []
+    order = [n for n in named if n in steps_by_sweep] + sorted(set(steps_by_sweep) - set(named))
+    for name in order:
+        spec = named.get(name, {})
+        steps = steps_by_sweep[name]
+        n_auto = int(cfg.get("n_auto_features", 4))
+        feature_ids = spec.get("features") or chosen_by_sweep.get(name) or store.probe_strongest_features(name, n_auto)
+        values = store.probe_values(name)
+        labels_by_feature = store.feature_labels([int(f) for f in feature_ids])
+        series = [{"feature_id": int(f), "label": labels_by_feature.get(int(f)) or "",
+                   "colour": PALETTE[k % len(PALETTE)], "href": f"features/{int(f)}.html",
+                   "values": [values.get((int(f), s[0]), 0.0) for s in steps]} for k, f in enumerate(feature_ids)]
+        srcs = []
+        for step, _, _, image_path in steps:
+            src_path = store.paths.out_dir / image_path
+            rel = (Path("probes") / name / Path(image_path).name).as_posix()
+            if src_path.exists():
+                files.put(src_path, rel)
+            srcs.append(rel)
+        step_labels = [s[2] or "" for s in steps]
+        kind = spec.get("kind", "size")
+        entry = {"name": name, "kind": kind, "title": spec.get("title") or name.replace("-", " ").replace("_", " "),
+                 "features": series, "steps": [{"label": l, "src": src} for l, src in zip(step_labels, srcs)],
+                 "srcs_json": json.dumps(srcs), "labels_json": json.dumps(step_labels),
+                 "values_json": json.dumps([[round(s["values"][i], 4) for s in series] for i in range(len(steps))])}
+        if kind == "readout":
+            entry["chart"] = probe_bars_svg(entry["title"], step_labels, series)
+            entry["xs_json"] = "[]"
+        else:
+            entry["chart"], xs = probe_line_svg(entry["title"], step_labels, series)
+            entry["xs_json"] = json.dumps([round(x, 1) for x in xs])
+        sweeps.append(entry)
+    # A finished probe stage without sweeps still gets its page, which says how to add some.
+    return {"page_title": "Probes", "sweeps": sweeps}
+
+
+def write_probes(writer: SiteWriter, data: SiteData) -> None:
+    context = probes_context(data.store, data.files)
+    if context is not None:
+        writer.render("probes.html", "probes.html", context)
