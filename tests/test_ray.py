@@ -196,6 +196,45 @@ def test_driver_sigkilled_mid_render_resumes_without_redoing(ray_cluster, tiny_e
 
 
 # --- without a cluster ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_model_and_sae_rebuild_the_same_functions(tiny_model, precision):
+    """What travels through Ray's object store (numpy weights, bf16 as its bit patterns) builds back the same
+    model and SAE: equal outputs, not just close ones."""
+    from atlasgen.executor import PackedModel, PackedSAE
+    from atlasgen.model import EmbeddingModel
+    from atlasgen.sae import SparseAutoencoder
+    model = EmbeddingModel(tiny_model.backbone, tiny_model.spec, getattr(torch, {"fp32": "float32",
+                                                                               "bf16": "bfloat16"}[precision]))
+    rebuilt = PackedModel.pack(model).build(torch.device("cpu"))
+    assert rebuilt.dtype == model.dtype
+    pixels = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(pixels), model(pixels))
+    sae = SparseAutoencoder(96, 40)
+    sae.reset_parameters(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.input_mean.normal_()
+        emb = torch.randn(5, 96)
+        assert torch.equal(PackedSAE.pack(sae).build(torch.device("cpu")).encode_embeddings(emb),
+                           sae.encode_embeddings(emb))
+
+
+def test_embed_unit_reads_bytes_as_it_reads_files(tiny_encoded, tiny_model):
+    """A worker that gets the JPEG bytes (no shared corpus) embeds exactly what one reading the files does."""
+    from atlasgen.stages.embed import EmbedUnit, EmbedWorker, _with_bytes, embed_unit
+    with Store.open(tiny_encoded, read_only=True) as store:
+        rows = store.query("SELECT image_id, corpus_path FROM images ORDER BY image_id LIMIT 6")
+    unit = EmbedUnit([r[0] for r in rows], [r[1] for r in rows], str(tiny_encoded))
+    unit.image_ids.append(999)
+    unit.corpus_paths.append("corpus/missing.jpg")  # unreadable: skipped either way, with the same reason
+    worker = EmbedWorker(tiny_model, "cpu", batch_size=4, n_decode_threads=2)
+    from_files = embed_unit(worker, unit)
+    from_bytes = embed_unit(worker, _with_bytes(unit))
+    assert list(from_files.image_ids) == list(from_bytes.image_ids) == [r[0] for r in rows]
+    assert np.array_equal(from_files.emb_nd, from_bytes.emb_nd)
+    assert from_files.skipped == from_bytes.skipped and "corpus/missing.jpg" in from_files.skipped[0][1]
+
+
 def test_executor_without_ray_installed_is_one_clear_line(tmp_path, monkeypatch):
     from atlasgen import executor
     monkeypatch.setattr(executor, "ray_available", lambda: False)
