@@ -21,10 +21,10 @@ workers of one node), rebuilt on the worker's device.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Sequence
@@ -132,7 +132,11 @@ class LocalExecutor:
 
 
 def ray_available() -> bool:
-    return importlib.util.find_spec("ray") is not None
+    try:
+        import ray  # noqa: F401  (only asked when --executor ray is)
+    except ImportError:
+        return False
+    return True
 
 
 class RayExecutor:
@@ -223,6 +227,11 @@ class RayExecutor:
         """Process ids of the workers (for tests that kill one)."""
         ray = self._ray()
         return ray.get([w.pid.remote() for w in self._workers])
+
+    def worker_cpu_seconds(self) -> list[float]:
+        """CPU seconds each worker process has used so far, all threads (for benchmarks)."""
+        ray = self._ray()
+        return ray.get([w.cpu_seconds.remote() for w in self._workers])
 
     def unit_hardware(self, device: str) -> tuple[str, bool]:
         """Asked of one worker (the first of the pool), so the answer is the hardware units run on."""
@@ -345,6 +354,9 @@ class _UnitWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def cpu_seconds(self) -> float:
+        return time.process_time()
 
     def run(self, setup, payload_box: list, fn, unit):
         import ray
