@@ -95,6 +95,21 @@ class PackedSAE:
         return sae.to(device)
 
 
+@dataclass(frozen=True)
+class UnitHardware:
+    """Where units run, as a worker sees it: for precision = "auto" and for sizing work to free GPU memory."""
+
+    device_type: str                # "cpu" | "cuda"
+    bf16_fast: bool                 # bf16 is fast there (what precision = "auto" picks)
+    free_bytes: int | None = None   # free memory of the worker's GPU (None on a CPU)
+
+
+def hardware_of(device: str) -> UnitHardware:
+    resolved = resolve_device(device)
+    free_bytes = int(torch.cuda.mem_get_info(resolved)[0]) if resolved.type == "cuda" else None
+    return UnitHardware(resolved.type, bf16_is_fast(resolved), free_bytes)
+
+
 def resolve_precision(precision: str, bf16_fast: bool) -> str:
     """precision "auto" → "bf16" where the units' hardware is fast at it, else "fp32"; others as they are."""
     if precision != "auto":
@@ -111,10 +126,9 @@ class LocalExecutor:
     shared_corpus = True   # units can read the output folder's corpus/ themselves
     n_workers = 1
 
-    def unit_hardware(self, device: str) -> tuple[str, bool]:
-        """(device type units run on, whether bf16 is fast there), for resolving precision = "auto"."""
-        resolved = resolve_device(device)
-        return resolved.type, bf16_is_fast(resolved)
+    def unit_hardware(self, device: str) -> UnitHardware:
+        """The hardware units run on (this machine's)."""
+        return hardware_of(device)
 
     def map_units(self, setup: Callable[[Any], Any], payload: Any, fn: Callable[..., Any], units: Sequence,
                   *, unit_id: Callable[[Any], Hashable], device: str = "auto",
@@ -233,10 +247,10 @@ class RayExecutor:
         ray = self._ray()
         return ray.get([w.cpu_seconds.remote() for w in self._workers])
 
-    def unit_hardware(self, device: str) -> tuple[str, bool]:
+    def unit_hardware(self, device: str) -> UnitHardware:
         """Asked of one worker (the first of the pool), so the answer is the hardware units run on."""
         workers = self.workers(device, n_units=1)
-        return tuple(self._get(workers[0].hardware.remote(device)))
+        return self._get(workers[0].hardware.remote(device))
 
     # -- the work
     def map_units(self, setup, payload, fn, units: Sequence, *, unit_id, device: str = "auto", ship=None,
@@ -348,9 +362,8 @@ class _UnitWorker:
         self._payload_key: str | None = None
         self._state = None
 
-    def hardware(self, device: str) -> tuple[str, bool]:
-        resolved = resolve_device(device)
-        return resolved.type, bf16_is_fast(resolved)
+    def hardware(self, device: str) -> UnitHardware:
+        return hardware_of(device)
 
     def pid(self) -> int:
         return os.getpid()

@@ -114,15 +114,15 @@ def test_ray_store_equals_local_even_with_a_worker_killed_mid_render(ray_cluster
             # render on the workers, SIGKILLing one of them as soon as the first unit is committed (both have
             # a unit running and one queued then): Ray restarts it and retries its units
             saves = Counter()
-            real_save = render._save_batch
+            real_save = render.save_unit
 
-            def save_then_kill_one(store_, batch, *args, **kwargs):
-                saves[batch[0].render_id] += 1
-                real_save(store_, batch, *args, **kwargs)
+            def save_then_kill_one(store_, unit, *args, **kwargs):
+                saves[unit[0].render_id] += 1
+                real_save(store_, unit, *args, **kwargs)
                 if sum(saves.values()) == 1:
                     os.kill(pids_before[0], signal.SIGKILL)
 
-            monkeypatch.setattr(render, "_save_batch", save_then_kill_one)
+            monkeypatch.setattr(render, "save_unit", save_then_kill_one)
             ray_summary = run_stages(cfg, store, ["render"], executor=executor)["render"]
         pids_after = executor.worker_pids()
     finally:

@@ -170,8 +170,7 @@ def run(cfg: EmbedConfig, store: Store, executor=None) -> dict:
     executor = executor if executor is not None and todo else LocalExecutor()
     if executor.remote:
         # Every worker uses the precision resolved for the hardware the units run on (asked of a worker).
-        _, bf16_fast = executor.unit_hardware(cfg.device)
-        precision = resolve_precision(cfg.precision, bf16_fast)
+        precision = resolve_precision(cfg.precision, executor.unit_hardware(cfg.device).bf16_fast)
         model = load_embedding_model(cfg.model, "cpu", precision, models_dir=store.paths.models_dir)
         payload = EmbedWorker(PackedModel.pack(model), cfg.device, cfg.batch_size, cfg.n_workers)
         tuner = None
