@@ -255,6 +255,38 @@ class SiteConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """[run]: where embed and render do their work. Not a stage: none of these options changes a result, so
+    none is part of any stage hash (a build started on one machine can be resumed on a cluster and back)."""
+
+    # "local": in this process, as always. "ray": units of work (a chunk of images, a batch of render targets)
+    # run as calls on Ray actors, on a local Ray started with this machine's resources or on the cluster at
+    # ray_address; this process stays the only writer of the store and of the pictures. Needs Ray
+    # (pip install 'atlasgen[ray]') here and on every node.
+    executor: str = "local"
+    # Address of a running Ray cluster to join ("auto", "10.0.0.5:6379", "ray://head:10001"); "" starts a
+    # local Ray with this machine's resources (executor = "ray" only).
+    ray_address: str = ""
+    # CPUs each Ray worker asks for (its torch threads and, for embed, its JPEG decoding).
+    ray_cpus_per_worker: float = 1.0
+    # GPUs each Ray worker asks for when units run on GPUs (the stage's device is "cuda", or "auto" and the
+    # cluster has GPUs): 1 = one worker per GPU, 0.5 = two per GPU.
+    ray_gpus_per_worker: float = 1.0
+    # Ray workers (actors, each keeps the model loaded between units); 0 = as many as the cluster's resources
+    # allow (its GPUs / ray_gpus_per_worker on GPU units, else its CPUs / ray_cpus_per_worker).
+    ray_n_workers: int = 0
+    # Times Ray restarts a worker that died (a killed process, a lost node) and retries its units; each unit
+    # is still recorded once.
+    ray_max_retries: int = 3
+    # The output folder's corpus/ is visible at the same absolute path on every node (a shared filesystem):
+    # embed workers read the JPEGs themselves. False: this process reads them and sends their bytes.
+    shared_corpus: bool = False
+
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
 class AtlasConfig:
     preset: str
     ingest: IngestConfig = IngestConfig()
@@ -266,6 +298,7 @@ class AtlasConfig:
     probe: ProbeConfig = ProbeConfig()
     toy: ToyConfig = ToyConfig()
     site: SiteConfig = SiteConfig()
+    run: RunConfig = RunConfig()
 
     def stage(self, name: str):
         return getattr(self, name)
@@ -420,6 +453,8 @@ RULES: dict[type, dict[str, Rule]] = {
                 "n_codes": at_least(1)},
     SiteConfig: {"n_decompose_auto": at_least(0), "n_gallery": at_least(0), "features_per_page": at_least(1),
                  "chunk_size": at_least(1), "n_coactive": at_least(0)},
+    RunConfig: {"executor": one_of(*EXECUTORS), "ray_cpus_per_worker": lambda v: None if v > 0 else "must be > 0",
+                "ray_gpus_per_worker": at_least(0), "ray_n_workers": at_least(0), "ray_max_retries": at_least(0)},
 }
 
 

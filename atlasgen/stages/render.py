@@ -4,6 +4,9 @@
 A run is plan → todo (what is not in the store yet) → units (consecutive targets of one variant, the commit
 granularity) → `render_unit` (pure compute: no store, no files; the seam for running units elsewhere) →
 `save_unit` (WebP files + one transaction), on a writer thread so a unit's saving overlaps the next unit.
+An executor runs the units (`atlasgen.executor`): here, or on Ray workers that get the model and SAE through
+Ray's object store (`RenderPayload`) and build their own `RenderContext`; results arrive in any order and
+this process alone saves them.
 
 Renders are immutable artifacts keyed by `render_id` = hash(kind, target, seed, variant, settings), where
 the settings are everything that changes a picture (steps, views, lr, tv, size, precision, the model, the
@@ -23,7 +26,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +37,7 @@ from PIL import Image
 from .. import inversion
 from ..config import RenderConfig
 from ..errors import AtlasError, StageInputError
+from ..executor import LocalExecutor, PackedModel, PackedSAE, resolve_precision
 from ..inversion import InversionSettings
 from ..model import load_embedding_model, resolve_device
 from ..paths import atomic_path
@@ -250,12 +254,14 @@ class Sizing:
     compile: bool
 
 
-def resolve_sizing(cfg: RenderConfig, model, device: torch.device) -> Sizing:
-    """The config's sizes, with 0 = auto: on a GPU from its free memory and the model's shape
-    (`inversion.auto_batch`), on a CPU today's 16 targets and 64 views per pass. Explicit values win."""
+def resolve_sizing(cfg: RenderConfig, model, device: torch.device, free_bytes: int | None = None) -> Sizing:
+    """The config's sizes, with 0 = auto: on a GPU from its free memory (`free_bytes`, as a Ray worker reported
+    it, else asked here) and the model's shape (`inversion.auto_batch`), on a CPU today's 16 targets and 64
+    views per pass. Explicit values win."""
     n_views = cfg.n_views if cfg.augment else 1
     if device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
+        if free_bytes is None:
+            free_bytes, _ = torch.cuda.mem_get_info(device)
         auto_slots, auto_vpp = inversion.auto_batch(free_bytes, inversion.ModelShape.of(model), n_views,
                                                     cfg.size or model.image_size, cfg.n_steps, cfg.local_size)
     else:
@@ -355,16 +361,44 @@ def render_unit(ctx: RenderContext, targets: list[Target], on_step: Callable[[in
                       steps_n, final_loss, time.perf_counter() - t0)
 
 
+@dataclass
+class RenderPayload:
+    """What a Ray worker gets (once, through the object store) to build its RenderContext."""
+
+    cfg: RenderConfig
+    model: PackedModel
+    sae: PackedSAE
+
+
+def setup_render_context(payload: "RenderContext | RenderPayload") -> RenderContext:
+    """The executor's setup: here the payload is the run's context; a Ray worker builds its own, on its device."""
+    if isinstance(payload, RenderContext):
+        return payload
+    device = resolve_device(payload.cfg.device)
+    return RenderContext.create(payload.cfg, payload.model.build(device), payload.sae.build(device), device)
+
+
 # --- the stage --------------------------------------------------------------------------------------------
-def run(cfg: RenderConfig, store: Store) -> dict:
+def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
     sae, sae_run_id = load_stage_sae(store)
-    device = resolve_device(cfg.device)
-    model, model_ref = load_render_model(cfg, store)
+    executor = executor if executor is not None else LocalExecutor()
+    hardware = None
+    if executor.remote:
+        # Workers render in the precision resolved for their hardware (asked of a worker), which is also what
+        # the settings (and so the render ids) record; this process loads the model only to send it.
+        hardware = executor.unit_hardware(cfg.device)
+        device = torch.device(hardware.device_type)
+        model, model_ref = load_render_model(
+            replace(cfg, device="cpu", precision=resolve_precision(cfg.precision, hardware.bf16_fast)), store)
+    else:
+        device = resolve_device(cfg.device)
+        model, model_ref = load_render_model(cfg, store)
     if cfg.local_size and cfg.local_size % int(model.backbone.config.patch_size):
         patch = int(model.backbone.config.patch_size)
         raise AtlasError(f"render.local_size {cfg.local_size} is not a multiple of the model's patch size {patch}",
                          f"use e.g. local_size = {6 * patch} (or 0 for the model's input size)")
-    sae = sae.to(device)
+    if not executor.remote:
+        sae = sae.to(device)
     settings = settings_for(cfg, model_ref, model.dtype, sae_run_id)
     settings_hash = _hash(settings)
     targets = plan(cfg, store, sae, device)
@@ -378,50 +412,67 @@ def run(cfg: RenderConfig, store: Store) -> dict:
     if len(todo) < len(targets):
         say(f"render: {len(targets) - len(todo)} of {len(targets)} renders already exist, {len(todo)} to do")
 
-    ctx = RenderContext.create(cfg, model, sae, device)
-    sz = ctx.sizing
+    if executor.remote:
+        ctx = None
+        payload = RenderPayload(cfg, PackedModel.pack(model), PackedSAE.pack(sae))
+        sz = resolve_sizing(cfg, model, device, hardware.free_bytes)  # each worker sizes its own engine
+    else:
+        ctx = payload = RenderContext.create(cfg, model, sae, device)
+        sz = ctx.sizing
     units = list(_units(todo, sz.unit_targets))
     if todo:
         say(f"render: {len(todo)} targets in {len(units)} unit(s) on {device.type}: {sz.n_slots} slots, "
             f"{sz.views_per_pass} views per pass, at most {cfg.n_steps} steps"
             + (", compiled (the first steps compile)" if sz.compile else ""))
     # Thread count is tuned on whole optimisation steps (it changes speed, not results).
-    tuner = ThreadTuner(cfg.n_threads, len(todo) * cfg.n_steps // max(1, sz.n_slots)) if device.type == "cpu" else None
+    tuner = ThreadTuner(cfg.n_threads, len(todo) * cfg.n_steps // max(1, sz.n_slots)) \
+        if device.type == "cpu" and not executor.remote else None
     meter = SpeedMeter(len(todo))
+    clock = [time.perf_counter()]
+    credit: dict[str, list] = {}  # per unit: fractional targets credited, whole targets shown
+
+    def on_step(unit: list[Target], n_active: int) -> None:  # local units only: a worker cannot call back
+        if tuner is not None:
+            t = time.perf_counter()
+            tuner.after_batch(t - clock[0], n_active)
+            tuner.before_batch()
+            clock[0] = t
+        # Whole targets only, so the bar shows counts; a step moves n_active/n_steps targets along.
+        c = credit.setdefault(unit[0].render_id, [0.0, 0])
+        c[0] = min(len(unit) - 1, c[0] + n_active / max(1, cfg.n_steps))
+        if int(c[0]) > c[1]:
+            progress.update(int(c[0]) - c[1])
+            c[1] = int(c[0])
+
     with restore_torch_threads(), bar(total=len(todo), desc="render", unit="target") as progress, \
             UnitWriter(store) as writer:
-        for unit in units:
-            clock = [time.perf_counter()]
-            credit = [0.0, 0]  # fractional targets credited in this unit, whole targets shown
-
-            def on_step(n_active: int) -> None:
-                if tuner is not None:
-                    t = time.perf_counter()
-                    tuner.after_batch(t - clock[0], n_active)
-                    tuner.before_batch()
-                    clock[0] = t
-                # Whole targets only, so the bar shows counts; a step moves n_active/n_steps targets along.
-                credit[0] = min(len(unit) - 1, credit[0] + n_active / max(1, cfg.n_steps))
-                if int(credit[0]) > credit[1]:
-                    progress.update(int(credit[0]) - credit[1])
-                    credit[1] = int(credit[0])
-
-            if tuner is not None:
-                tuner.before_batch()
-            result = render_unit(ctx, unit, on_step=on_step)
-            progress.update(len(unit) - credit[1])
-            meter.add(len(unit), result.n_target_steps, result.seconds)
+        if tuner is not None:
+            tuner.before_batch()
+        last = time.perf_counter()
+        # Units finish in any order on Ray; each is saved here as it arrives, exactly once.
+        for unit, result in executor.map_units(setup_render_context, payload, render_unit, units,
+                                               unit_id=lambda u: u[0].render_id, device=cfg.device, on_step=on_step):
+            progress.update(len(unit) - credit.pop(unit[0].render_id, [0.0, 0])[1])
+            # Remote units run side by side: the meter counts wall time between results (the cluster's rate).
+            now_s = time.perf_counter()
+            meter.add(len(unit), result.n_target_steps, now_s - last if executor.remote else result.seconds)
+            last = now_s
             progress.set_postfix_str(meter.postfix())
             writer.submit(save_unit, store, unit, result, settings, settings_hash)
+            clock[0] = time.perf_counter()
+            if tuner is not None:
+                tuner.before_batch()
 
     summary = {"sae_run_id": sae_run_id, **_summary(store, targets, len(todo), n_superseded, settings_hash)}
     if todo:
         summary.update(meter.summary())
         summary.update({"n_slots": sz.n_slots, "views_per_pass": sz.views_per_pass, "unit_targets": sz.unit_targets,
-                        "compiled": ctx.compiled})
+                        "compiled": ctx.compiled if ctx is not None else sz.compile})
         say(f"render: {meter.line()}")
     if tuner is not None and tuner.chosen:
         summary["n_threads"] = tuner.chosen
+    if executor.remote:
+        summary.update(executor=executor.name, n_workers=executor.n_workers)
     return summary
 
 
@@ -580,4 +631,4 @@ def reset(store: Store) -> None:
 
 # Renders are immutable artefacts keyed by their own id: its reset only tidies (see `reset`).
 SPEC = Stage("render", RenderConfig, run, inputs=("encode",), tables=("renders",), folders=("renders_dir",),
-             reset=reset)
+             reset=reset, executor=True)
