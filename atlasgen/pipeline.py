@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from .artefacts import missing_artefacts
 from .config import STAGE_INPUTS, STAGE_ORDER, AtlasConfig, config_hash, config_json
+from .paths import sweep_stale_temps
 from .progress import say
+from .status import enter_stage, keeps_build_status
 from .store import Store
 
 
@@ -23,6 +26,7 @@ def stage_module(name: str):
     return importlib.import_module(f"atlasgen.stages.{name}")
 
 
+@keeps_build_status
 def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False) -> dict[str, dict]:
     """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped).
 
@@ -31,12 +35,18 @@ def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: boo
     config, makes the stages that read it run again."""
     summaries: dict[str, dict] = {}
     wanted = [s for s in STAGE_ORDER if s in set(stages)]
+    sweep_stale_temps(store.paths.out_dir)  # leftovers of killed runs (temp names of dead processes)
     for name in wanted:
+        enter_stage(name)
         stage_hash = config_hash(cfg.stage(name), _input_identities(store, name))
         if not force and store.stage_is_done(name, stage_hash):
-            say(f"{name}: up to date (config {stage_hash}), skipped")
-            summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
-            continue
+            # Done only while its artefacts exist: a deleted file makes the stage run again.
+            missing = missing_artefacts(store, name)
+            if missing is None:
+                say(f"{name}: up to date (config {stage_hash}), skipped")
+                summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
+                continue
+            say(f"{name}: {missing}, so it runs again")
         module = stage_module(name)
         row = store.stage_row(name)
         if force or row is None or row["config_hash"] != stage_hash:

@@ -99,4 +99,16 @@ def load_latest_sae(store) -> SparseAutoencoder:
     run = store.latest_sae_run()
     if run is None:
         raise StageInputError("the store has no trained SAE", "run `atlasgen train` (or `atlasgen build`) first")
-    return SparseAutoencoder.load(Path(run["weights_path"]))
+    folder = Path(run["weights_path"]).parent
+    out = store.paths.out_dir
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise StageInputError(f"the SAE files of train run {run['run_id']} are missing: "
+                              f"{', '.join(str(folder / m) for m in missing)}",
+                              f"run `atlasgen build --out {out}`: it trains the SAE again (same config, same result)")
+    try:
+        return SparseAutoencoder.load(folder)
+    except Exception as e:  # a damaged file: safetensors, json and torch raise many kinds
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StageInputError(f"the SAE files in {folder} cannot be read: {text}",
+                              f"delete {folder} and run `atlasgen build --out {out}`: it trains the SAE again") from None

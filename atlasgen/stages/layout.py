@@ -12,6 +12,7 @@ frequency instead), and the square root damps the few very frequent companions e
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -83,13 +84,13 @@ def run(cfg: LayoutConfig, store) -> dict:
     t_tiles = time.perf_counter() - t2
     return {"n_live": int(len(live_ids)), "n_placed": int(n_map), "grid_side": cfg.grid_side,
             "n_levels": tiles["n_levels"], "n_tiles": tiles["n_tiles"], "n_pictures": tiles["n_pictures"],
-            "umap_seconds": round(t_umap, 2), "grid_seconds": round(t_grid, 2), "tile_seconds": round(t_tiles, 2)}
+            "content_hash": tiles["content_hash"], "umap_seconds": round(t_umap, 2), "grid_seconds": round(t_grid, 2), "tile_seconds": round(t_tiles, 2)}
 
 
 def reset(store) -> None:
+    """Clears the layout columns. map/ stays until `write_map` swaps the new map in (the site copies it)."""
     with store.transaction() as con:
         con.execute("UPDATE features SET umap_x = NULL, umap_y = NULL, grid_x = NULL, grid_y = NULL")
-    shutil.rmtree(store.paths.map_dir, ignore_errors=True)
 
 
 def _check_config(cfg: LayoutConfig) -> None:
@@ -316,8 +317,23 @@ def write_map(store, cfg: LayoutConfig, placed_ids: np.ndarray, cells_m2: np.nda
                  "url": f"features/{int(f)}.html"}
                 for f, c, lab in zip(placed_ids, cells_m2, labels)],
         }
+        index["content_hash"] = map_content_hash(tmp_dir, index)
         (tmp_dir / MAP_INDEX_NAME).write_text(json.dumps(index, separators=(",", ":")))
-    return {"n_levels": len(stats["levels"]), "n_tiles": stats["n_tiles"], "n_pictures": stats["n_pictures"]}
+    return {"n_levels": len(stats["levels"]), "n_tiles": stats["n_tiles"], "n_pictures": stats["n_pictures"],
+            "content_hash": index["content_hash"]}
+
+
+def map_content_hash(map_dir: Path, index: dict) -> str:
+    """A hash of every tile's bytes and of the index (without this hash): the site serves the map under
+    `map/<hash>/`, so a tile's URL changes whenever any tile or the index does, and the year-long immutable
+    cache rule for /map/* (netlify.toml, `atlasgen serve`) never shows a stale tile."""
+    digest = hashlib.sha256()
+    body = {k: v for k, v in index.items() if k != "content_hash"}
+    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for path in sorted(p for p in Path(map_dir).rglob("*") if p.is_file() and p.name != MAP_INDEX_NAME):
+        digest.update(path.relative_to(map_dir).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _write_tiles(out_dir: Path, store, cfg: LayoutConfig, placed_ids, cells_m2) -> dict:
@@ -389,18 +405,22 @@ def _halve(arr: np.ndarray) -> np.ndarray:
 
 # --- site ---------------------------------------------------------------------------------------------
 def site_pages(store, site_dir: Path) -> list[tuple[str, str, dict]]:
-    """Copy map/ into the site (hard links where possible) and name the page the site stage renders."""
+    """Copy map/ into the site as `map/<content hash>/` (hard links where possible) and name the page the
+    site stage renders; the page points map.js at that folder, so tile URLs change with their content."""
     src = store.paths.map_dir
     index_path = src / MAP_INDEX_NAME
-    dst = Path(site_dir) / "map"
-    shutil.rmtree(dst, ignore_errors=True)
+    dst_root = Path(site_dir) / "map"
+    shutil.rmtree(dst_root, ignore_errors=True)
     if not index_path.exists():
         return [("map.html", "map.html", {"map": None})]
-    shutil.copytree(src, dst, copy_function=link_or_copy)
     index = json.loads(index_path.read_text())
+    tag = index.get("content_hash") or map_content_hash(src, index)  # maps from before content hashes
+    dst_root.mkdir(parents=True)
+    shutil.copytree(src, dst_root / tag, copy_function=link_or_copy)
+    base = f"map/{tag}/"
     context = {"map": {"grid_side": index["grid_side"], "n_placed": len(index["features"]),
                        "n_levels": len(index["levels"]), "cell_px": index["cell_px"],
-                       "index_url": f"map/{MAP_INDEX_NAME}", "tiles_url": "map/", "overview_url": "map/0/0_0.webp"}}
+                       "index_url": base + MAP_INDEX_NAME, "tiles_url": base, "overview_url": base + "0/0_0.webp"}}
     return [("map.html", "map.html", context)]
 
 

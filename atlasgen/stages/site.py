@@ -385,7 +385,8 @@ def run(cfg: SiteConfig, store, page_providers: tuple[str, ...] = PAGE_PROVIDERS
 
 
 def reset(store) -> None:
-    shutil.rmtree(store.paths.site_dir, ignore_errors=True)
+    """Nothing to clear: `run` builds the new site beside the old one and swaps it in, so readers keep the
+    old site until the new one is complete (and keep it if the run fails or is killed)."""
 
 
 def _build(cfg: SiteConfig, store, site_dir: Path, page_providers: tuple[str, ...]) -> dict:
