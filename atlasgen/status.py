@@ -89,34 +89,30 @@ class BuildStatus:
     def stage(self, name: str) -> None:
         stages = self.doc["stages"]
         self.doc.update(stage=name, stage_index=stages.index(name) + 1 if name in stages else None,
-                        stage_started_at=_now_iso(), progress=None)
+                        stage_started_at=_now_iso())
         self._tracker = None
         self.write(force=True)
 
     def track(self, desc: str, total: int | None, unit: str) -> Tracker:
         self._tracker = Tracker(self, desc, total, unit)
-        self.doc["progress"] = self._tracker.as_dict()
         self.write()
         return self._tracker
 
     def progress(self, tracker: Tracker) -> None:
-        if tracker is not self._tracker:
-            return  # an older bar of this stage still counting; the newest one is shown
-        if time.monotonic() - self._last_write >= MIN_WRITE_INTERVAL_S:
-            self.doc["progress"] = tracker.as_dict()
+        if tracker is self._tracker:  # an older bar of this stage may still count; the newest one is shown
             self.write()
 
     def finish(self, state: str, error: str | None = None) -> None:
-        if self._tracker is not None:
-            self.doc["progress"] = self._tracker.as_dict()
         self.doc.update(state=state, error=error, finished_at=_now_iso())
         self.write(force=True)
 
     def write(self, force: bool = False) -> None:
+        """Rewrite the file, at most once per MIN_WRITE_INTERVAL_S unless `force`."""
         now = time.monotonic()
         if not force and now - self._last_write < MIN_WRITE_INTERVAL_S:
             return
         self._last_write = now
+        self.doc["progress"] = self._tracker.as_dict() if self._tracker is not None else None
         self.doc["updated_at"] = _now_iso()
         try:
             with atomic_path(self.path) as tmp:

@@ -162,7 +162,7 @@ def process_name(pid: int) -> str | None:
         words = words[2:]  # python -m atlasgen.cli build ... → atlasgen.cli build ...
     elif words and Path(words[0]).name.startswith("python") and len(words) > 1:
         words = words[1:]
-    text = " ".join([Path(words[0]).name, *words[1:]]) if words else ""
+    text = " ".join(" ".join([Path(words[0]).name, *words[1:]]).split()) if words else ""
     return text if len(text) <= 80 else text[:77] + "..."
 
 
