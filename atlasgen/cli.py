@@ -365,7 +365,7 @@ def info(out: OutOpt = Path("build")):
         for table in OUTPUT_TABLES_ALL:
             typer.echo(f"  {table:18s} {store.count(table):>10,d} rows")
     if last_build is not None:
-        for line in describe(last_build):
+        for line in describe(last_build, running=False):
             typer.echo(line)
 
 

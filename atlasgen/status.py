@@ -233,18 +233,21 @@ def brief(doc: dict) -> str:
     return parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "")
 
 
-def describe(doc: dict) -> list[str]:
-    """The lines `atlasgen info` prints about a build from its status file."""
+def describe(doc: dict, running: bool | None = None) -> list[str]:
+    """The lines `atlasgen info` prints about a build from its status file. `running`: whether that build
+    still runs (default: whether its process exists; False when the store could be opened, i.e. no build
+    holds it, even if the process id has been reused since)."""
     pid = doc.get("pid")
     state = doc.get("state")
-    alive = pid_alive(int(pid or 0))
+    alive = pid_alive(int(pid or 0)) if running is None else running
     started = _age(doc.get("started_at"))
     updated = _age(doc.get("updated_at"))
     if state == "running" and alive:
         head = (f"build running: pid {pid}, started {duration(started)} ago "
                 f"(status updated {duration(updated)} ago): {doc.get('command', '')}")
     elif state == "running":
-        head = f"last build was interrupted (pid {pid} is gone, status from {duration(updated)} ago): run it again to resume"
+        head = (f"last build was interrupted (pid {pid} ended without finishing, status from {duration(updated)} ago): "
+                "run it again to resume")
     elif state == "failed":
         head = f"last build failed {duration(updated)} ago: {doc.get('error') or 'see its output'}"
     elif state == "interrupted":

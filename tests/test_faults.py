@@ -265,7 +265,7 @@ def test_info_and_query_during_a_build_show_its_progress(tmp_path):
     # Killed: the status file still says "running", but its process is gone.
     result = runner.invoke(app, ["info", "--out", str(tmp_path)])
     assert result.exit_code == 0 and "tables:" in result.output
-    assert f"last build was interrupted (pid {proc.pid} is gone" in result.output
+    assert f"last build was interrupted (pid {proc.pid} ended without finishing" in result.output
 
 
 def test_status_file_follows_a_build_in_process(tmp_path):
