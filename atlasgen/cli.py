@@ -295,6 +295,10 @@ def query(sql: Annotated[str, typer.Argument(help="A read-only SQL query over th
         try:
             cursor = store.con.execute(sql)
         except duckdb.Error as e:
+            from .store import classify_store_error
+            damaged = classify_store_error(e, store.paths.store_path)  # a corrupt block shows only when read
+            if damaged is not None:
+                raise damaged from None
             raise AtlasError(f"query failed: {str(e).splitlines()[0]}",
                              "the store is read-only here; see README 'The store' for tables and columns") from None
         if cursor.description is None:

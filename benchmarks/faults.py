@@ -186,9 +186,10 @@ class Kill:
 
 def run_and_kill(cmd: list[str], stage: str, delay_s: float, timeout_s: float = 600) -> tuple[str | None, int]:
     """Run `cmd`; `delay_s` after it prints "<stage>: running" (or at once when it reaches a later stage),
-    SIGKILL it. Returns (the stage running at the kill, or None if it ended first; its exit code)."""
+    SIGKILL it. Returns (the stage the kill landed in, or None if the run ended first; its exit code). A kill
+    between two stages (the next one importing its module, say) counts for the next one."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
-    seen: dict[str, str] = {}   # stage → "running" | "done" | "skipped"
+    seen: dict[str, str] = {}   # stage → "running" | "done"
     lock = threading.Lock()
 
     def watch():
@@ -217,10 +218,14 @@ def run_and_kill(cmd: list[str], stage: str, delay_s: float, timeout_s: float = 
         if started is not None and time.time() - started >= delay_s:
             with lock:
                 running = [s for s in STAGE_ORDER if seen.get(s) == "running"]
-                landed = running[-1] if running else None
+                done = [s for s in STAGE_ORDER if seen.get(s) == "done"]
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return landed, proc.returncode
+            if proc.wait() != -signal.SIGKILL:
+                return None, proc.returncode  # it ended just before the signal
+            if running:
+                return running[-1], proc.returncode
+            after = STAGE_ORDER.index(done[-1]) + 1 if done else STAGE_ORDER.index(stage)
+            return (STAGE_ORDER[after] if after < len(STAGE_ORDER) else None), proc.returncode
         time.sleep(0.01)
     if proc.poll() is None:
         proc.kill()
@@ -258,7 +263,9 @@ def run_round(work: Path, config: Path, clean: dict, seconds: dict[str, float], 
         landed, code = run_and_kill(cmd, stage, delay)
         if landed is None:  # the run ended before the kill: it must have ended well
             if code != 0:
-                kills.append(Kill(stage, stage, delay, [f"run failed (exit {code}) before the kill"]))
+                kill = Kill(stage, stage, delay, [f"run failed (exit {code}) before the kill"])
+                kills.append(kill)
+                log(f"  run aimed at {stage} failed before the kill: PROBLEMS: {kill.problems}")
             return
         after_kill(Kill(stage, landed, delay))
 

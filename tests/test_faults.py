@@ -174,6 +174,31 @@ def test_damaged_store_is_one_line_with_what_to_do(store_file, tmp_path, how, ne
         assert "another atlasgen process" not in text and "read-only" not in text
 
 
+def test_corrupt_block_found_by_a_query_is_one_line(store_file, tmp_path):
+    """A damaged data block opens fine and fails only when a query reads it: still our line, not the SQL hint."""
+    data = store_file.read_bytes()
+    for at in range(12288, len(data), 1 << 16):  # the first block that opens but fails when read
+        out = damaged_copy(store_file, tmp_path / f"at{at}", f"overwritten:{at}")
+        try:
+            store = Store.open(out, read_only=True)
+        except StoreDamagedError:
+            continue
+        failing = None
+        try:
+            for failing in ("SELECT * FROM features", "SELECT * FROM coactivation"):
+                store.query(failing)
+            failing = None
+        except duckdb.Error:
+            break
+        finally:
+            store.close()
+    else:
+        pytest.fail("no damaged block that opens and then fails to read was found")
+    text = assert_one_line_error(runner.invoke(app, ["query", failing, "--out", str(out), "--limit", "0"]),
+                                 "is corrupt", "restore atlas.duckdb")
+    assert "read-only" not in text
+
+
 def test_truncated_store_found_in_the_middle_of_a_stage_is_one_line(store_file, tmp_path):
     """Damage that DuckDB only notices when it reads a block (not at open) is classified where it shows."""
     from atlasgen.cli import environment_error
