@@ -187,7 +187,8 @@ class Kill:
 def run_and_kill(cmd: list[str], stage: str, delay_s: float, timeout_s: float = 600) -> tuple[str | None, int]:
     """Run `cmd`; `delay_s` after it prints "<stage>: running" (or at once when it reaches a later stage),
     SIGKILL it. Returns (the stage the kill landed in, or None if the run ended first; its exit code). A kill
-    between two stages (the next one importing its module, say) counts for the next one."""
+    between two stages (the next one importing its module, say) counts for the next one; one after the last
+    stage of the run, for that stage."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
     seen: dict[str, str] = {}   # stage → "running" | "done"
     lock = threading.Lock()
@@ -224,8 +225,11 @@ def run_and_kill(cmd: list[str], stage: str, delay_s: float, timeout_s: float = 
                 return None, proc.returncode  # it ended just before the signal
             if running:
                 return running[-1], proc.returncode
-            after = STAGE_ORDER.index(done[-1]) + 1 if done else STAGE_ORDER.index(stage)
-            return (STAGE_ORDER[after] if after < len(STAGE_ORDER) else None), proc.returncode
+            if not done:
+                return stage, proc.returncode  # still starting up
+            after = STAGE_ORDER.index(done[-1]) + 1
+            # Past the last stage (closing the store, printing the site's path) counts for that stage.
+            return (STAGE_ORDER[after] if after < len(STAGE_ORDER) else done[-1]), proc.returncode
         time.sleep(0.01)
     if proc.poll() is None:
         proc.kill()
