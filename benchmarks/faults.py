@@ -209,6 +209,8 @@ def run_and_kill(cmd: list[str], stage: str, delay_s: float, timeout_s: float = 
                         seen[m.group(1).decode()] = ("done" if word in ("done", "up to date") else "running")
 
     threading.Thread(target=watch, daemon=True).start()
+    command = cmd[cmd.index("atlasgen.cli") + 1]
+    run_stages = list(STAGE_ORDER) if command == "build" else [command]
     later = set(STAGE_ORDER[STAGE_ORDER.index(stage) + 1:])
     deadline = time.time() + timeout_s
     started = None
@@ -227,9 +229,9 @@ def run_and_kill(cmd: list[str], stage: str, delay_s: float, timeout_s: float = 
                 return running[-1], proc.returncode
             if not done:
                 return stage, proc.returncode  # still starting up
-            after = STAGE_ORDER.index(done[-1]) + 1
+            after = run_stages.index(done[-1]) + 1 if done[-1] in run_stages else len(run_stages)
             # Past the last stage (closing the store, printing the site's path) counts for that stage.
-            return (STAGE_ORDER[after] if after < len(STAGE_ORDER) else done[-1]), proc.returncode
+            return (run_stages[after] if after < len(run_stages) else done[-1]), proc.returncode
         time.sleep(0.01)
     if proc.poll() is None:
         proc.kill()
