@@ -173,6 +173,10 @@ def syntax_error(e: Exception) -> AtlasError:
 
 def explain_error(e: duckdb.Error, store) -> AtlasError:
     """A DuckDB error from running a checked query → one line and the hint that matches it."""
+    from .store import classify_store_error
+    damaged = classify_store_error(e, store.paths.store_path)  # a corrupt block shows only when it is read
+    if damaged is not None:
+        return damaged
     text = str(e)
     first = _first_line(e)
     if isinstance(e, duckdb.ParserException):

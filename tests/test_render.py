@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from atlasgen.stages import render
 from atlasgen.config import RenderConfig, load_config
 from atlasgen.inversion import InversionSettings
 from atlasgen.model import arrays_to_batch
+from atlasgen.paths import sweep_stale_temps
 from atlasgen.progress import set_quiet
 from atlasgen.sae import SparseAutoencoder
 from atlasgen.testing import record_sae
@@ -485,11 +488,17 @@ def test_reset_keeps_renders_and_tidies(store_dir):
         render.run(small_cfg(features="0,1"), store)
         paths = [r[0] for r in store.query("SELECT path FROM renders ORDER BY path")]
         (store_dir / paths[0]).unlink()
-        stray = store.paths.renders_dir / "feature" / ".x.webp.tmp123"
+        # A temp file of a killed render (paths.temp_path's rule): the pipeline's sweep removes it.
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        stray = store.paths.renders_dir / "feature" / f".x.webp.tmp{dead.pid}"
         stray.write_bytes(b"x")
+        orphan = store.paths.renders_dir / "feature" / "nobody.webp"
+        orphan.write_bytes(b"x")
         render.reset(store)
         assert [r[0] for r in store.query("SELECT path FROM renders")] == paths[1:]
-        assert not stray.exists()
+        assert not orphan.exists() and stray.exists()
+        assert sweep_stale_temps(store.paths.out_dir) == [stray] and not stray.exists()
         summary = render.run(small_cfg(features="0,1"), store)
         assert summary["n_rendered"] == 1 and store.count("renders") == 2
 
