@@ -122,7 +122,7 @@ def write_saelens(store, folder: Path) -> dict | None:
     when the store has no trained SAE."""
     from safetensors.numpy import save_file
     from .sae import SparseAutoencoder
-    run = store.latest_sae_run()
+    run = store.sae_run_used_by("encode")  # the SAE whose activations the store holds
     if run is None:
         return None
     sae = SparseAutoencoder.load(Path(run["weights_path"]))

@@ -154,9 +154,9 @@ def keeps_build_status(run_stages):
     """Decorates `pipeline.run_stages(cfg, store, stages, ...)`: the status file lives as long as the call."""
     @functools.wraps(run_stages)
     def wrapper(cfg, store, stages, *args, **kwargs):
-        from .config import STAGE_ORDER
+        from .stages import REGISTRY
         stages = list(stages)
-        with build_status(store.paths, [s for s in STAGE_ORDER if s in set(stages)]):
+        with build_status(store.paths, [s.name for s in REGISTRY.ordered(stages)]):
             return run_stages(cfg, store, stages, *args, **kwargs)
     return wrapper
 

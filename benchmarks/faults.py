@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atlasgen.config import STAGE_ORDER  # noqa: E402
+from atlasgen.stages import REGISTRY  # noqa: E402
 
 # The tiny preset, cut down: 48 images, small commits (embed chunks of 8), a short SAE run, 7 renders one
 # per batch on one thread (so a resumed render gives the same bytes as a clean one), PCA instead of UMAP
@@ -117,7 +117,7 @@ def clean_build(out: Path, config: Path) -> dict[str, float]:
     from atlasgen.store import Store
     with Store.open(out, read_only=True) as store:
         return {name: float((store.stage_row(name) or {}).get("summary", {}).get("seconds", 1.0))
-                for name in STAGE_ORDER}
+                for name in REGISTRY.names}
 
 
 # --- what a build left behind -------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def problems_after_build(out: Path, clean: dict | None) -> list[str]:
             n, n_keys = store.query(f"SELECT count(*), count(DISTINCT ({key})) FROM {table}")[0]
             if n != n_keys:
                 found.append(f"{table}: {n - n_keys} duplicate rows")
-        for stage in STAGE_ORDER:
+        for stage in REGISTRY.names:
             row = store.stage_row(stage)
             if row is None or row["status"] != "done":
                 found.append(f"{stage}: not done after the build")
@@ -203,15 +203,15 @@ def run_and_kill(cmd: list[str], stage: str, delay_s: float, timeout_s: float = 
             *lines, buffer = re.split(rb"[\r\n]", buffer)
             for line in lines:
                 m = re.match(rb"(\w+): (running|resuming|done|up to date|.* so it runs again)", line)
-                if m and m.group(1).decode() in STAGE_ORDER:
+                if m and m.group(1).decode() in REGISTRY.names:
                     word = m.group(2).decode()
                     with lock:
                         seen[m.group(1).decode()] = ("done" if word in ("done", "up to date") else "running")
 
     threading.Thread(target=watch, daemon=True).start()
     command = cmd[cmd.index("atlasgen.cli") + 1]
-    run_stages = list(STAGE_ORDER) if command == "build" else [command]
-    later = set(STAGE_ORDER[STAGE_ORDER.index(stage) + 1:])
+    run_stages = list(REGISTRY.names) if command == "build" else [command]
+    later = set(REGISTRY.names[REGISTRY.names.index(stage) + 1:])
     deadline = time.time() + timeout_s
     started = None
     while proc.poll() is None and time.time() < deadline:
@@ -220,8 +220,8 @@ def run_and_kill(cmd: list[str], stage: str, delay_s: float, timeout_s: float = 
                 started = time.time()
         if started is not None and time.time() - started >= delay_s:
             with lock:
-                running = [s for s in STAGE_ORDER if seen.get(s) == "running"]
-                done = [s for s in STAGE_ORDER if seen.get(s) == "done"]
+                running = [s for s in REGISTRY.names if seen.get(s) == "running"]
+                done = [s for s in REGISTRY.names if seen.get(s) == "done"]
             proc.send_signal(signal.SIGKILL)
             if proc.wait() != -signal.SIGKILL:
                 return None, proc.returncode  # it ended just before the signal
@@ -276,7 +276,7 @@ def run_round(work: Path, config: Path, clean: dict, seconds: dict[str, float], 
         after_kill(Kill(stage, landed, delay))
 
     build = build_command(out, config)
-    for stage in STAGE_ORDER:
+    for stage in REGISTRY.names:
         kill_in(stage, build)
     problems = finish(build)
     completed = (out / "site" / "index.html").is_file()
@@ -295,7 +295,7 @@ def table(kills: list[Kill]) -> str:
     tried = Counter(k.landed for k in kills if k.landed)
     lost = Counter(k.landed for k in kills if k.landed and k.lost)
     lines = [f"{'stage':8s} {'tried':>6s} {'survived':>9s} {'lost':>5s}"]
-    for stage in STAGE_ORDER:
+    for stage in REGISTRY.names:
         lines.append(f"{stage:8s} {tried[stage]:6d} {tried[stage] - lost[stage]:9d} {lost[stage]:5d}")
     total, total_lost = sum(tried.values()), sum(lost.values())
     lines.append(f"{'all':8s} {total:6d} {total - total_lost:9d} {total_lost:5d}")

@@ -40,7 +40,7 @@ def store_activations(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image ids, embeddings, dense top-k capped activations from the `activations` table)."""
     with Store.open(out, read_only=True) as store:
         ids_n, emb_nd = store.embeddings()
-        n_features = store.latest_sae_run()["n_features"]
+        n_features = store.sae_run_used_by("encode")["n_features"]
         rows = store.query("SELECT image_id, feature_id, value FROM activations")
     acts_nf = np.zeros((len(ids_n), n_features), np.float32)
     row_of = {int(i): r for r, i in enumerate(ids_n)}
