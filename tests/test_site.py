@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from atlasgen import site, testing
 from atlasgen.cli import app
+from atlasgen.headers import SECURITY_HEADERS
 from atlasgen.config import SiteConfig
 from atlasgen.progress import set_quiet
 from atlasgen.site import pages
@@ -443,7 +444,7 @@ def test_serve_command_serves_the_site(built):
         with urllib.request.urlopen(match.group(1) + "index.html", timeout=10) as resp:
             body = resp.read().decode()
             headers = resp.headers
-        assert "<title>" in body and site.SECURITY_HEADERS["Content-Security-Policy"] == headers["Content-Security-Policy"]
+        assert "<title>" in body and SECURITY_HEADERS["Content-Security-Policy"] == headers["Content-Security-Policy"]
         assert headers["X-Content-Type-Options"] == "nosniff"
         with urllib.request.urlopen(match.group(1) + "pagefind/pagefind-ui.js", timeout=10) as resp:
             assert resp.headers["Content-Type"].startswith("text/javascript")

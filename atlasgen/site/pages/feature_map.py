@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-from ...stages.layout import MAP_INDEX_NAME, map_content_hash
 from ..assets import SiteFiles
 from ..core import SiteWriter
 from ..data import SiteData
@@ -13,6 +12,8 @@ from ..data import SiteData
 
 def map_context(store, files: SiteFiles) -> dict:
     """Put the map's tiles into the site; the page's context (`map` is None when the layout wrote no map)."""
+    # Imported here: the stages import the site package (the site stage), so it cannot import them first.
+    from ...stages.layout import MAP_INDEX_NAME, map_content_hash
     index_path = store.paths.map_dir / MAP_INDEX_NAME
     if not index_path.exists():
         return {"map": None}
