@@ -622,3 +622,9 @@ class Store:
         """(feature id, step) → activation, for one probe sweep (absent = 0)."""
         return {(int(f), int(s)): float(v) for f, s, v in self.con.execute(
             "SELECT feature_id, step, value FROM probes WHERE probe = ?", [probe]).fetchall()}
+
+    # --- ingest/embed speed ------------------------------------------------------------------------------
+    def for_thread(self) -> "Store":
+        """A second Store on the same database for one other thread (a DuckDB connection must not be used
+        by two threads at once); close it when that thread is done."""
+        return Store(self.con.cursor(), self.paths, self.read_only)
