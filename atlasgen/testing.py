@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -299,3 +300,131 @@ def record_sae(store, sae, run_id: str = "run0", used_by: tuple[str, ...] = ("tr
         if row is None or row["status"] != "done":
             store.mark_stage_started(stage, "handmade", "{}")
         store.mark_stage_done(stage, summary)
+
+
+# --- ingest/embed speed: generated photos and peak memory -------------------------------------------------
+_NOISE_BANK: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _photo_jpeg(args: tuple[str, int, int, int, int]) -> None:
+    """One photo-like JPEG: smooth colour waves plus sensor-like noise, so it costs what a photo costs to
+    decode (~60 KB at 500×375 and quality 90)."""
+    from PIL import Image
+    path, index, width, height, quality = args
+    if (width, height) not in _NOISE_BANK:  # once per process: noise windows are cut from it at random offsets
+        bank_rng = np.random.default_rng(width * 7919 + height)
+        _NOISE_BANK[(width, height)] = bank_rng.normal(0, 9, size=(2 * height, 2 * width, 3)).astype(np.float32)
+    bank = _NOISE_BANK[(width, height)]
+    rng = np.random.default_rng(index)
+    fx, fy, f2 = rng.uniform(0.005, 0.08, 3).astype(np.float32)
+    phase = rng.uniform(0, 6.28, 3).astype(np.float32)
+    x = np.arange(width, dtype=np.float32)
+    y = np.arange(height, dtype=np.float32)[:, None]
+    img = np.empty((height, width, 3), np.float32)
+    img[..., 0] = np.sin(x * fx + phase[0]) + np.cos(y * fy + phase[1]) * 0.5
+    img[..., 1] = np.cos(x * fy + phase[2]) * np.sin(y * fx) + 0.3 * np.sin(y * f2)
+    img[..., 2] = np.sin(x * f2 + phase[1]) * np.cos(y * f2)
+    img *= 70
+    img += 128
+    top, left = rng.integers(0, height), rng.integers(0, width)
+    img += bank[top:top + height, left:left + width]
+    np.clip(img, 0, 255, out=img)
+    Image.fromarray(img.astype(np.uint8)).save(path, quality=quality)
+
+
+def make_photo_folder(folder: Path | str, n_images: int, width: int = 500, height: int = 375, quality: int = 90,
+                      n_procs: int = 0, n_classes: int = 10) -> Path:
+    """`n_images` generated photo-like JPEGs (ImageNet-val size by default) in one sub-folder per class, written
+    by a process pool (`n_procs` = 0: one per core). Deterministic by index."""
+    import multiprocessing as mp
+
+    from .threads import n_cores
+    folder = Path(folder)
+    jobs = []
+    for i in range(n_images):
+        sub = folder / f"class{i % n_classes:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(sub / f"img{i:07d}.jpg"), i, width, height, quality))
+    n_procs = n_procs or n_cores()
+    if n_procs == 1 or n_images < 32:
+        for job in jobs:
+            _photo_jpeg(job)
+    else:
+        with mp.get_context("fork").Pool(n_procs) as pool:
+            pool.map(_photo_jpeg, jobs, chunksize=16)
+    return folder
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def process_tree_memory(pid: int | None = None) -> int:
+    """Memory of a process and all its descendants, in bytes: the sum of their PSS (shared pages split among
+    the processes that map them, so forked workers are not counted many times), or RSS where PSS is unknown."""
+    pid = pid or os.getpid()
+    total, stack, seen = 0, [pid], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += _pss_bytes(p)
+        stack.extend(_children(p))
+    return total
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class PeakMemory:
+    """The peak of `process_tree_memory()` while the block runs, sampled by a thread every `interval_s`.
+
+        with PeakMemory() as peak:
+            work()
+        print(peak.peak_bytes)
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+        self._stop = threading.Event()
+        self.peak_bytes = process_tree_memory()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, process_tree_memory())
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, process_tree_memory())
