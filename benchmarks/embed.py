@@ -227,6 +227,11 @@ def main() -> None:
     batch_new = args.batch_size or (0 if on_gpu else batch_today)
     naive = args.naive if args.naive is not None else not on_gpu
     set_quiet(True)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
+    except ImportError:
+        pass
     t_start = time.perf_counter()
     gpu_name = f" ({torch.cuda.get_device_name(device)})" if on_gpu else ""
     print(f"embed benchmark: {device.type}{gpu_name}, {n_cores()} cores, torch {torch.__version__}, "
