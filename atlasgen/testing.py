@@ -356,17 +356,26 @@ def make_photo_folder(folder: Path | str, n_images: int, width: int = 500, heigh
 
 
 def _children(pid: int) -> list[int]:
+    """A process's children: from /proc/PID/task/TID/children, or (kernels without it) from every /proc/N/stat."""
     out = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
+        for tid in tasks:
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 out.extend(int(c) for c in f.read().split())
-        except OSError:
-            continue
+        return out
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return out
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
     return out
 
 

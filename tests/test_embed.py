@@ -122,11 +122,13 @@ def test_resume_after_interrupt(ingested, tmp_path, monkeypatch):
     assert summary["n_resumed"] == 0 and summary["n_embedded"] == N_IMAGES
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_same_embeddings_as_the_in_thread_loop(ingested, tmp_path, precision):
+@pytest.mark.parametrize("precision,stage", [("fp32", "none"), ("bf16", "none"), ("fp32", "copy")])
+def test_same_embeddings_as_the_in_thread_loop(ingested, tmp_path, monkeypatch, precision, stage):
     """Worker processes + shared memory + writer thread give exactly what the earlier loop gave: each image decoded
     in this process, the float batch made on the CPU, batches of 4 in id order (one torch thread on both sides,
-    so the same kernels run)."""
+    so the same kernels run). `copy`: batches as torch tensors from the staging thread (the GPU's path, without
+    pinning)."""
+    monkeypatch.setattr(embed, "loader_stage", lambda on_gpu: stage)
     out = _copy(ingested, tmp_path / "b")
     with Store.open(out) as store:
         summary = run_stages(_cfg(precision=precision, n_threads=1, n_workers=2), store, ["embed"])["embed"]
@@ -166,6 +168,28 @@ def test_loader_ways_agree_and_report_damaged_files(ingested, tmp_path):
         assert [(b[0], b[2], b[3]) for b in other] == [(b[0], b[2], b[3]) for b in views]
         assert all(np.array_equal(x[1], y[1]) for x, y in zip(other, views))
     assert np.array_equal(views[3][1][1], load_corpus_array(out / "corpus/00000007.jpg", 112, "resize"))
+
+
+def test_model_step_halves_its_batch_when_the_gpu_runs_out(tiny_model, monkeypatch):
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+    whole = embed.embed_batch(tiny_model, arrays)
+    real = embed.embed_batch
+    sizes = []
+
+    def small_gpu(model, a):
+        sizes.append(len(a))
+        if len(a) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, a)
+
+    monkeypatch.setattr(embed, "embed_batch", small_gpu)
+    step = embed._ModelStep(tiny_model, 8)
+    assert np.allclose(step(arrays), whole, atol=1e-5) and step.piece == 2
+    assert sizes == [8, 4, 2, 2, 2, 2]
+    sizes.clear()
+    step(arrays)
+    assert sizes == [2, 2, 2, 2], "the smaller piece is kept"
 
 
 def test_damaged_corpus_file_is_skipped(ingested, tmp_path):

@@ -60,6 +60,11 @@ def auto_batch_size(model: EmbeddingModel) -> int:
     return batch
 
 
+def loader_stage(on_gpu: bool) -> str:
+    """How batches reach the model: pinned staging for an asynchronous copy to a GPU, else shared-memory views."""
+    return "pinned" if on_gpu else "none"
+
+
 def run(cfg: EmbedConfig, store: Store) -> dict:
     assert cfg.batch_size >= 0 and cfg.chunk_size >= 1, "embed.batch_size must be ≥ 0 and chunk_size ≥ 1"
     n_total = store.count("images")
@@ -80,7 +85,7 @@ def run(cfg: EmbedConfig, store: Store) -> dict:
     tuner = ThreadTuner(cfg.n_threads, -(-len(todo) // batch_size))
     step = _ModelStep(model, batch_size)
     batches = CorpusBatches(store.paths.out_dir, todo, batch_size, model.spec.image_size, model.spec.resize_mode,
-                            n_workers, stage="pinned" if on_gpu else "none")
+                            n_workers, stage=loader_stage(on_gpu))
     with restore_torch_threads(), batches, StoreWriter(store) as writer, \
             bar(total=n_total, desc="embed", unit="img") as progress:
         progress.update(n_done_before)

@@ -386,7 +386,7 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     corpus_dir = store.paths.corpus_dir
     incoming_dir = corpus_dir / INCOMING_NAME
     shutil.rmtree(incoming_dir, ignore_errors=True)  # left by a killed run
-    incoming_dir.mkdir(parents=True)
+    incoming_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {k: [] for k in ("image_id", "source", "label", "width", "height", "corpus_path")}
     # PIL refuses images over 2 × MAX_IMAGE_PIXELS on its own; our max_pixels check is the one that counts.
     # Set before the workers fork, so they inherit it.
