@@ -12,7 +12,8 @@
 
 The corpus: generated ImageNet-sized photos (500×375 JPEG, ~60 KB) ingested to 256 px copies. Today's and the
 new path each run at two corpus sizes (N/4 and N); the rate is the stage's own (model loading excluded) at N,
-and the peak memory of the process and its workers (PSS) at both sizes shows whether memory grows with N.
+and the peak memory at both sizes shows whether memory grows with N: this process's peak RSS plus its workers'
+peak unique memory (USS; pages shared with this process, such as the shared-memory batches, count once).
 
     python benchmarks/embed.py --device cuda --n-images 16000   # H100, 16 cores: ~60 s
     python benchmarks/embed.py --device cpu --quick             # 2-core box: 48 images, a few minutes
@@ -200,7 +201,12 @@ def run_embed(fn, cfg: EmbedConfig, out_dir: Path, device: torch.device) -> dict
             wall_s = time.perf_counter() - t0
         _, emb = store.embeddings()
     gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {**summary, "wall_s": wall_s, "peak_bytes": peak.peak_bytes, "gpu_peak_bytes": gpu_peak, "emb": emb}
+    return {**summary, "wall_s": wall_s, "peak": peak, "gpu_peak_bytes": gpu_peak, "emb": emb}
+
+
+def _mem(peak: PeakMemory) -> str:
+    return (f"{peak.peak_bytes / GIB:.2f} GiB (this process {peak.main_bytes / GIB:.2f} + workers "
+            f"{peak.workers_bytes / GIB:.2f})")
 
 
 def main() -> None:
@@ -309,10 +315,11 @@ def main() -> None:
         for name, r in best.items():
             if name in small:
                 s = small[name]
-                gpu = (f"; GPU {s['gpu_peak_bytes'] / GIB:.2f} → {r['gpu_peak_bytes'] / GIB:.2f} GiB" if on_gpu else "")
-                print(f"peak memory (process + workers, PSS), {name}: {n_small} images {s['peak_bytes'] / GIB:.2f} GiB, "
-                      f"{n_images} images {r['peak_bytes'] / GIB:.2f} GiB (×{r['peak_bytes'] / max(s['peak_bytes'], 1):.2f} "
-                      f"for ×{n_images / n_small:.0f} images){gpu}", flush=True)
+                gpu = (f"; GPU (torch max allocated) {s['gpu_peak_bytes'] / GIB:.2f} → "
+                       f"{r['gpu_peak_bytes'] / GIB:.2f} GiB" if on_gpu else "")
+                ratio = r["peak"].peak_bytes / max(s["peak"].peak_bytes, 1)
+                print(f"peak memory, {name}: {n_small} images {_mem(s['peak'])}; {n_images} images {_mem(r['peak'])} "
+                      f"(×{ratio:.2f} for ×{n_images / n_small:.0f} images){gpu}", flush=True)
         if len(best) == 2:
             a, b = best["today's path"]["emb"], best["new path"]["emb"]
             if a.shape == b.shape:
