@@ -64,13 +64,14 @@ class CorpusBatches:
         self.batch_size = batch_size
         self.size = size
         self.resize_mode = resize_mode
-        self.n_workers = n_workers
         self.stage = stage
         self.n_slots = n_slots
         self.processes = processes
-        # One unit per worker per batch, but never tiny units for big batches.
+        # One unit per worker per batch.
         self.unit_size = max(1, -(-batch_size // n_workers))
         self.batches = [self.items[i:i + batch_size] for i in range(0, len(self.items), batch_size)]
+        # No more workers than units to decode (a small corpus on a many-core machine forks fewer).
+        self.n_workers = max(1, min(n_workers, sum(-(-len(b) // self.unit_size) for b in self.batches)))
 
     def __enter__(self) -> "CorpusBatches":
         shape = (self.n_slots, self.batch_size, self.size, self.size, 3)

@@ -86,6 +86,7 @@ def run(cfg: EmbedConfig, store: Store) -> dict:
     step = _ModelStep(model, batch_size)
     batches = CorpusBatches(store.paths.out_dir, todo, batch_size, model.spec.image_size, model.spec.resize_mode,
                             n_workers, stage=loader_stage(on_gpu))
+    n_workers = batches.n_workers  # no more than there are units to decode
     with restore_torch_threads(), batches, StoreWriter(store) as writer, \
             bar(total=n_total, desc="embed", unit="img") as progress:
         progress.update(n_done_before)

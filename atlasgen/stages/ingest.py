@@ -383,6 +383,8 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         raise DataLoadError(f"no images found in {description}",
                             "point --images at a folder of .jpg/.png files, or use --preset tiny")
     n_workers = resolve_n_workers(cfg.n_workers)
+    if total is not None:
+        n_workers = max(1, min(n_workers, total))  # a handful of images on a many-core machine forks fewer
     corpus_dir = store.paths.corpus_dir
     incoming_dir = corpus_dir / INCOMING_NAME
     shutil.rmtree(incoming_dir, ignore_errors=True)  # left by a killed run
