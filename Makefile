@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: tiny test chromium
+.PHONY: tiny test chromium duckdb-wasm
 
 tiny: $(VENV)/.installed
 	$(BIN)/atlasgen build --preset tiny --out $(OUT)
@@ -18,8 +18,8 @@ tiny: $(VENV)/.installed
 	@echo "The tiny atlas is in $(OUT)/site. Open it with:"
 	@echo "  $(BIN)/atlasgen serve --out $(OUT)     then visit http://127.0.0.1:8000"
 
-test: $(VENV)/.installed-test chromium
-	$(BIN)/python -m pytest -q tests
+test: $(VENV)/.installed-test chromium duckdb-wasm
+	ATLASGEN_DUCKDB_WASM=$(CURDIR)/vendor/duckdb-wasm/node_modules $(BIN)/python -m pytest -q tests
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,11 @@ chromium:
 	  echo "chromium is missing and this user cannot install it: the browser tests will be skipped" \
 	       "(apt-get install -y chromium as root, or set ATLASGEN_CHROMIUM=/path/to/chromium)"; exit 0; fi; \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null
+
+# DuckDB-WASM for the site's Query page, from the npm registry, pinned by vendor/duckdb-wasm/package-lock.json
+# (node_modules stays out of git). Without npm the Query page and its browser test are left out.
+duckdb-wasm:
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; \
+	  else echo "npm is missing: the site's Query page and its test are left out (apt-get install -y npm)"; exit 0; fi; fi; \
+	npm ci --prefix vendor/duckdb-wasm --ignore-scripts --no-audit --no-fund --loglevel=error

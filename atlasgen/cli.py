@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -50,6 +48,13 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun the stage(s) even
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto | cpu | cuda (auto picks CUDA when a GPU is visible).")]
+ExecutorOpt = Annotated[Optional[str], typer.Option(
+    "--executor", help="Where embed and render run: local (this process; the default) | ray (Ray workers; "
+                       "needs pip install 'atlasgen[ray]'). Default: [run] executor. Does not change results.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="Join the Ray cluster at this address (e.g. 10.0.0.5:6379, or auto); implies "
+                          "--executor ray. Without it, --executor ray starts a local Ray with this machine's "
+                          "resources.")]
 
 
 def _fail(message: str, hint: str = "", code: int = 2) -> None:
@@ -110,6 +115,20 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
     return load_config(preset or "imagenette", config, _merge_overrides(overrides, extra or {}))
 
 
+def run_options(executor: str | None, ray_address: str | None) -> dict:
+    """--executor / --ray-address as one-off [run] overrides (where work runs is not remembered: the next
+    command runs locally unless it asks again or the --config file says otherwise)."""
+    run: dict[str, str] = {}
+    if ray_address is not None:
+        if executor not in (None, "ray"):
+            raise AtlasError(f"--ray-address needs --executor ray, not --executor {executor}",
+                             "drop --executor, or use --executor ray")
+        run.update(executor="ray", ray_address=ray_address)
+    elif executor is not None:
+        run["executor"] = executor
+    return {"run": run} if run else {}
+
+
 def _merge_overrides(old: dict, new: dict) -> dict:
     out = {k: dict(v) for k, v in old.items()}
     for k, v in new.items():
@@ -161,23 +180,33 @@ def _quiet_libraries() -> None:
 @handles_errors
 def build(out: OutOpt = Path("build"), images: ImagesOpt = None, dataset: DatasetOpt = None,
           model: ModelOpt = None, config: ConfigOpt = None, preset: PresetOpt = None, force: ForceOpt = False,
-          quiet: QuietOpt = False, device: DeviceOpt = None):
+          quiet: QuietOpt = False, device: DeviceOpt = None, executor: ExecutorOpt = None,
+          ray_address: RayAddressOpt = None):
     """Run every stage in order (ingest → embed → train → encode → render → layout → probe → toy → site),
     skipping those already done for the same config.
 
-    Example: atlasgen build --preset tiny --out build/
+    Example: atlasgen build --preset tiny --out build/  (on a Ray cluster: add --executor ray --ray-address auto)
     """
     from .stages import REGISTRY
-    _run(list(REGISTRY.names), out, preset, config, images, dataset, model, device, force, quiet)
+    _run(list(REGISTRY.names), out, preset, config, images, dataset, model, device, force, quiet,
+         run_options(executor, ray_address))
     site_index = out / "site" / "index.html"
     typer.echo(f"site: {site_index.resolve()}  (serve it with: atlasgen serve --out {out})")
 
 
-def _stage_command(name: str, summary: str, example: str):
+def _stage_command(name: str, summary: str, example: str, executor_options: bool = False):
     def command(out: OutOpt = Path("build"), images: ImagesOpt = None, dataset: DatasetOpt = None,
                 model: ModelOpt = None, config: ConfigOpt = None, preset: PresetOpt = None,
                 force: ForceOpt = False, quiet: QuietOpt = False, device: DeviceOpt = None):
         _run([name], out, preset, config, images, dataset, model, device, force, quiet)
+
+    def command_with_executor(out: OutOpt = Path("build"), images: ImagesOpt = None, dataset: DatasetOpt = None,
+                              model: ModelOpt = None, config: ConfigOpt = None, preset: PresetOpt = None,
+                              force: ForceOpt = False, quiet: QuietOpt = False, device: DeviceOpt = None,
+                              executor: ExecutorOpt = None, ray_address: RayAddressOpt = None):
+        _run([name], out, preset, config, images, dataset, model, device, force, quiet,
+             run_options(executor, ray_address))
+    command = command_with_executor if executor_options else command
     command.__doc__ = f"{summary}\n\nExample: {example}"
     command.__name__ = name
     app.command(name=name)(handles_errors(command))
@@ -185,8 +214,8 @@ def _stage_command(name: str, summary: str, example: str):
 
 _stage_command("ingest", "Read images (folder, Hugging Face dataset or the tiny set) into the store; "
                "bad files are skipped and recorded.", "atlasgen ingest --images ~/photos --out build/")
-_stage_command("embed", "Embed every ingested image with DINOv3 (CLS pooler_output); resumable.",
-               "atlasgen embed --out build/")
+_stage_command("embed", "Embed every ingested image with DINOv3 (CLS pooler_output); resumable; on Ray "
+               "workers with --executor ray.", "atlasgen embed --out build/", executor_options=True)
 _stage_command("train", "Train the sparse autoencoder on the embeddings.", "atlasgen train --out build/")
 _stage_command("encode", "Encode embeddings with the SAE: activations, feature stats, top images, labels, "
                "co-activation.", "atlasgen encode --out build/")
@@ -199,15 +228,16 @@ def render(out: OutOpt = Path("build"), features: Annotated[Optional[str], typer
                                   "pairs or ablation; other renders are kept. Also all | top:N | auto. Default: "
                                   "the config's render.features.")] = None,
            config: ConfigOpt = None, preset: PresetOpt = None, force: ForceOpt = False, quiet: QuietOpt = False,
-           device: DeviceOpt = None):
+           device: DeviceOpt = None, executor: ExecutorOpt = None, ray_address: RayAddressOpt = None):
     """Generate pictures by inversion: features, image embeddings, sums, slerps, orthogonalised pairs, ablation.
 
     Resumable and incremental: renders already in the store (same settings) are skipped; --force does not
     redo them (delete their files to redo them).
 
-    Example: atlasgen render --features 1,2,3 --out build/
+    Example: atlasgen render --features 1,2,3 --out build/  (on Ray workers: add --executor ray)
     """
-    extra = {"render": {"features": features}} if features else None
+    extra = {"render": {"features": features}} if features else {}
+    extra.update(run_options(executor, ray_address))
     _run(["render"], out, preset, config, None, None, None, device, force, quiet, extra)
 
 
@@ -245,50 +275,48 @@ def decompose(images: Annotated[list[Path], typer.Argument(help="Image file(s) t
 
 @app.command()
 @handles_errors
-def query(sql: Annotated[str, typer.Argument(help="A read-only SQL query over the store.")],
+def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store (several statements: the last "
+                                                   "one's rows are printed).")],
           out: OutOpt = Path("build"),
-          fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+          fmt: Annotated[str, typer.Option("--format", help="table | csv | json | markdown")] = "table",
           limit: Annotated[int, typer.Option("--limit", help="Print at most this many rows (0 = all).")] = 100):
     """Run read-only SQL against the store and print the result.
 
+    Only reads run: COPY, ATTACH/DETACH, INSTALL/LOAD, EXPORT/IMPORT DATABASE, SET/RESET, setting PRAGMAs
+    and anything that writes are refused (exit 2), and no file, URL or extension outside the store is opened.
+
     Example: atlasgen query "SELECT feature_id, label, frequency FROM features ORDER BY frequency DESC LIMIT 10"
     """
-    import duckdb
-    with _open_store(out, read_only=True) as store:
-        try:
-            cursor = store.con.execute(sql)
-        except duckdb.Error as e:
-            raise AtlasError(f"query failed: {str(e).splitlines()[0]}",
-                             "the store is read-only here; see README 'The store' for tables and columns") from None
-        if cursor.description is None:
-            return
-        columns = [d[0] for d in cursor.description]
-        rows = cursor.fetchall() if limit == 0 else cursor.fetchmany(limit)
-    _print_rows(columns, rows, fmt)
+    from .query import check_format, format_rows, run_query
+    check_format(fmt)
+    result = run_query(out, sql, limit)
+    if result is None:
+        return
+    typer.echo(format_rows(result, fmt))
+    if result.truncated:
+        typer.echo(f"(the first {limit} rows; --limit 0 prints all)", err=True)
 
 
-def _print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
-    if fmt == "json":
-        typer.echo(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
-    elif fmt == "csv":
-        import csv
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows(rows)
-    elif fmt == "table":
-        def cell(v):
-            if isinstance(v, float):
-                return f"{v:.4g}"
-            text = str(v)
-            return text if len(text) <= 60 else text[:57] + "..."
-        cells = [[cell(v) for v in r] for r in rows]
-        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-        typer.echo("  ".join("-" * w for w in widths))
-        for r in cells:
-            typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+@app.command()
+@handles_errors
+def export(to: Annotated[Path, typer.Option("--to", help="Folder to write (new, empty, or an earlier export, "
+                                                         "which is replaced).")],
+           out: OutOpt = Path("build")):
+    """Export the store as open files: every table as Parquet, schema.json (columns, types, descriptions) and
+    the SAE in the SAELens format (sae/cfg.json, sae/sae_weights.safetensors; input normalisation folded in).
+
+    Example: atlasgen export --out build/ --to atlas-export/
+    """
+    from .export import export_store
+    schema = export_store(out, to)
+    n_rows = sum(t["n_rows"] for t in schema["tables"].values())
+    sae = schema["sae"]
+    typer.echo(f"exported {len(schema['tables'])} tables ({n_rows:,} rows) to {to}/*.parquet, {to}/schema.json")
+    if sae:
+        typer.echo(f"SAE ({sae['architecture']}, {sae['d_in']} -> {sae['d_sae']}"
+                   + (f", k={sae['k']}" if sae.get("k") else "") + f") in the SAELens format: {to}/{sae['folder']}/")
     else:
-        raise AtlasError(f"--format {fmt} is not one of table, csv, json", "use --format table")
+        typer.echo("no trained SAE in the store: sae/ left out (run `atlasgen train`)")
 
 
 @app.command()

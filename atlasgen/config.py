@@ -130,16 +130,29 @@ class RenderConfig:
     augment: bool = True
     # Augmented views scored per target per optimisation step.
     n_views: int = 8
-    # Adam steps per target.
+    # The most Adam steps a target takes (it may stop earlier: min_steps, stop_window, stop_delta).
     n_steps: int = 200
+    # Per-target stopping: from min_steps on, checked every 10 of its own steps, a target stops when its best
+    # whole-picture cosine rose by less than stop_delta over its last stop_window steps; its slot is then
+    # refilled with the next target. stop_delta = 0: every target takes n_steps steps.
+    min_steps: int = 100
+    stop_window: int = 50
+    stop_delta: float = 0.004
     # Adam learning rate for the transformer generator's weights (×5 for pixels / fourier).
     lr: float = 0.01
     # Weight of the total-variation penalty (mean |neighbour difference|) against −cosine.
     tv_weight: float = 0.05
-    # Targets optimised together in one batch (and committed together: the resume granularity).
-    batch_targets: int = field(default=16, metadata=NO_HASH)
+    # Targets optimised together (slots; a finished target's slot is refilled from the queue). 0 = auto: on
+    # a GPU sized from its free memory and the model's shape, on a CPU 16. Does not change results.
+    batch_targets: int = field(default=0, metadata=NO_HASH)
+    # Targets per unit of work, committed together (the resume granularity). 0 = auto: 8 × batch_targets on
+    # a GPU (fewer half-empty tails), batch_targets on a CPU. Does not change results.
+    unit_targets: int = field(default=0, metadata=NO_HASH)
     # Output side in px (0 = the model's input size).
     size: int = 0
+    # Side in px of the local views (the second half of the n_views, 5–40 % crops); 0 = the model's input
+    # size. DINO trains on 96 px local crops; smaller local views cost a fraction of the model's work.
+    local_size: int = 0
     # Render pairs: sums, slerps and orthogonalised pairs; explicit "a,b" strings, plus the strongest
     # co-activating and the most similar pairs (n_auto_pairs of each).
     pairs: tuple[str, ...] = ()
@@ -156,8 +169,13 @@ class RenderConfig:
     # auto (bf16 where the hardware is fast at it) | fp32 | bf16.
     precision: str = "auto"
     device: str = field(default="auto", metadata=NO_HASH)
-    # At most this many views per forward/backward pass (bounds memory; does not change results).
-    max_views_per_pass: int = field(default=64, metadata=NO_HASH)
+    # At most this many views per forward/backward pass (bounds memory; does not change results). 0 = auto:
+    # on a GPU from its free memory and the model's shape, on a CPU 64.
+    max_views_per_pass: int = field(default=0, metadata=NO_HASH)
+    # torch.compile the per-step model pass: auto (on a GPU) | on | off. A failed compile falls back to eager
+    # with one line. Compiled kernels are cached in $TORCHINDUCTOR_CACHE_DIR (default
+    # ~/.cache/atlasgen/torchinductor). Does not change results beyond float rounding.
+    compile: str = field(default="auto", metadata=NO_HASH)
     # torch threads while rendering; 0 = auto: time optimisation steps with all cores and with fewer and
     # keep the fastest (on a busy machine one thread can be several times faster).
     n_threads: int = field(default=0, metadata=NO_HASH)
@@ -235,6 +253,41 @@ class SiteConfig:
     chunk_size: int = 2048
     # Most co-activating features listed on each feature page.
     n_coactive: int = 10
+    # The Query page (query.html): the store's tables as Parquet in site/data/ and DuckDB-WASM (~35 MB, from
+    # vendor/duckdb-wasm via npm) so readers run SQL in their browser. false leaves the page and its files out.
+    sql: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """[run]: where embed and render do their work. Not a stage: none of these options changes a result, so
+    none is part of any stage hash (a build started on one machine can be resumed on a cluster and back)."""
+
+    # "local": in this process, as always. "ray": units of work (a chunk of images, a batch of render targets)
+    # run as calls on Ray actors, on a local Ray started with this machine's resources or on the cluster at
+    # ray_address; this process stays the only writer of the store and of the pictures. Needs Ray
+    # (pip install 'atlasgen[ray]') here and on every node.
+    executor: str = "local"
+    # Address of a running Ray cluster to join ("auto", "10.0.0.5:6379", "ray://head:10001"); "" starts a
+    # local Ray with this machine's resources (executor = "ray" only).
+    ray_address: str = ""
+    # CPUs each Ray worker asks for (its torch threads and, for embed, its JPEG decoding).
+    ray_cpus_per_worker: float = 1.0
+    # GPUs each Ray worker asks for when units run on GPUs (the stage's device is "cuda", or "auto" and the
+    # cluster has GPUs): 1 = one worker per GPU, 0.5 = two per GPU.
+    ray_gpus_per_worker: float = 1.0
+    # Ray workers (actors, each keeps the model loaded between units); 0 = as many as the cluster's resources
+    # allow (its GPUs / ray_gpus_per_worker on GPU units, else its CPUs / ray_cpus_per_worker).
+    ray_n_workers: int = 0
+    # Times Ray restarts a worker that died (a killed process, a lost node) and retries its units; each unit
+    # is still recorded once.
+    ray_max_retries: int = 3
+    # The output folder's corpus/ is visible at the same absolute path on every node (a shared filesystem):
+    # embed workers read the JPEGs themselves. False: this process reads them and sends their bytes.
+    shared_corpus: bool = False
+
+
+EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -249,6 +302,7 @@ class AtlasConfig:
     probe: ProbeConfig = ProbeConfig()
     toy: ToyConfig = ToyConfig()
     site: SiteConfig = SiteConfig()
+    run: RunConfig = RunConfig()
 
     def stage(self, name: str):
         return getattr(self, name)
@@ -391,7 +445,9 @@ RULES: dict[type, dict[str, Rule]] = {
                    "lr": lambda v: None if v > 0 else "must be > 0", "tv_weight": at_least(0),
                    "batch_targets": at_least(0), "size": at_least(0), "pairs": _pairs_rule, "n_auto_pairs": at_least(0),
                    "slerp_steps": at_least(0), "n_auto_images": at_least(0), "precision": one_of(*PRECISIONS),
-                   "device": one_of(*DEVICES), "max_views_per_pass": at_least(0), "n_threads": at_least(0)},
+                   "device": one_of(*DEVICES), "max_views_per_pass": at_least(0), "n_threads": at_least(0),
+                   "min_steps": at_least(0), "stop_window": at_least(1), "stop_delta": at_least(0),
+                   "unit_targets": at_least(0), "local_size": at_least(0), "compile": one_of("auto", "on", "off")},
     LayoutConfig: {"n_map_features": at_least(1), "grid_side": at_least(1), "n_neighbors": at_least(2),
                    "min_dist": at_least(0), "svd_dims": at_least(0), "cell_px": at_least(4),
                    "tile_px": _even_at_least(16)},
@@ -401,6 +457,8 @@ RULES: dict[type, dict[str, Rule]] = {
                 "n_codes": at_least(1)},
     SiteConfig: {"n_decompose_auto": at_least(0), "n_gallery": at_least(0), "features_per_page": at_least(1),
                  "chunk_size": at_least(1), "n_coactive": at_least(0)},
+    RunConfig: {"executor": one_of(*EXECUTORS), "ray_cpus_per_worker": lambda v: None if v > 0 else "must be > 0",
+                "ray_gpus_per_worker": at_least(0), "ray_n_workers": at_least(0), "ray_max_retries": at_least(0)},
 }
 
 

@@ -19,7 +19,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -30,8 +30,9 @@ from .workers import WorkerPool
 STAGES = ("none", "pinned", "copy")
 
 
-def load_corpus_array(path: Path, size: int, resize_mode: str) -> np.ndarray:
-    """One corpus JPEG → uint8 (size, size, 3), exactly as the model sees it."""
+def load_corpus_array(path: Path | BinaryIO, size: int, resize_mode: str) -> np.ndarray:
+    """One corpus JPEG (a path, or its bytes as a file object) → uint8 (size, size, 3), exactly as the model
+    sees it."""
     with Image.open(path) as image:
         # DCT-domain downscaling when the JPEG is much bigger than the model input (a no-op for our
         # 256 px corpus at 224).

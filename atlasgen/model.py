@@ -124,14 +124,16 @@ class EmbeddingModel(torch.nn.Module):
     def image_size(self) -> int:
         return self.spec.image_size
 
-    def prepare(self, pixels_b3hw: torch.Tensor) -> torch.Tensor:
+    def prepare(self, pixels_b3hw: torch.Tensor, resize: bool = True) -> torch.Tensor:
         size = self.spec.image_size
-        if pixels_b3hw.shape[-2:] != (size, size):
+        if resize and pixels_b3hw.shape[-2:] != (size, size):
             pixels_b3hw = resize_tensor(pixels_b3hw, size, self.spec.resize_mode)
         return (pixels_b3hw - self.mean_c11) / self.std_c11
 
-    def forward(self, pixels_b3hw: torch.Tensor) -> torch.Tensor:
-        x = self.prepare(pixels_b3hw.float()).to(self.dtype)
+    def forward(self, pixels_b3hw: torch.Tensor, resize: bool = True) -> torch.Tensor:
+        """`resize=False` embeds pictures at their own size (a multiple of the patch size; the rotary
+        position embedding adapts), e.g. the render stage's small local views."""
+        x = self.prepare(pixels_b3hw.float(), resize).to(self.dtype)
         return self.backbone(pixel_values=x).pooler_output.float()
 
 

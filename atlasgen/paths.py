@@ -155,3 +155,17 @@ def link_or_copy(src: Path, dst: Path) -> bool:
     except OSError:
         shutil.copy2(src, dst)
         return False
+
+
+def duckdb_wasm_modules() -> Path | None:
+    """The `node_modules` folder holding @duckdb/duckdb-wasm and apache-arrow for the site's Query page:
+    $ATLASGEN_DUCKDB_WASM, else `vendor/duckdb-wasm/node_modules` of this checkout (installed by
+    `npm ci --prefix vendor/duckdb-wasm`, pinned by its package-lock.json), else the same under the current
+    folder; None when neither holds the package."""
+    candidates = [os.environ.get("ATLASGEN_DUCKDB_WASM"),
+                  Path(__file__).resolve().parent.parent / "vendor" / "duckdb-wasm" / "node_modules",
+                  Path.cwd() / "vendor" / "duckdb-wasm" / "node_modules"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "@duckdb" / "duckdb-wasm" / "package.json").is_file():
+            return Path(candidate)
+    return None

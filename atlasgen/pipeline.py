@@ -4,6 +4,8 @@ resumes one that was interrupted or failed under the same hash, and resets one w
 The stages and everything about them (order, inputs, outputs, reset) come from `atlasgen.stages.REGISTRY`.
 A stage that raises is recorded `failed` with its error (`interrupted` for Ctrl-C), so `atlasgen info`
 shows what happened; the error itself goes on to the CLI, which prints it as one line.
+Stages declared with `executor=True` (embed, render) get `run(cfg, store, executor=...)`: the executor
+`[run]` asks for (`atlasgen.executor`), which runs their units here or on Ray.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Iterable
 
 from .config import AtlasConfig, config_hash, config_json
 from .errors import AtlasError
+from .executor import make_executor
 from .progress import say
 from .stages import REGISTRY
 from .store import Store
@@ -24,8 +27,20 @@ def stage_hash(cfg: AtlasConfig, store: Store, name: str) -> str:
     return config_hash(cfg.stage(name), _input_identities(store, name))
 
 
-def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False) -> dict[str, dict]:
-    """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped)."""
+def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False,
+               executor=None) -> dict[str, dict]:
+    """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped).
+    `executor`: one to use instead of the one cfg.run asks for (then the caller closes it)."""
+    own_executor = executor is None
+    executor = make_executor(cfg.run) if own_executor else executor  # Ray connects when a stage needs it
+    try:
+        return _run_stages(cfg, store, stages, force, executor)
+    finally:
+        if own_executor:
+            executor.close()
+
+
+def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool, executor) -> dict[str, dict]:
     summaries: dict[str, dict] = {}
     for stage in REGISTRY.ordered(stages):
         name = stage.name
@@ -43,7 +58,8 @@ def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: boo
         t0 = time.perf_counter()
         say(f"{name}: running")
         try:
-            summary = dict(stage.run(cfg.stage(name), store) or {})
+            extra = {"executor": executor} if stage.executor else {}
+            summary = dict(stage.run(cfg.stage(name), store, **extra) or {})
         except KeyboardInterrupt:
             _record_end(store, name, "interrupted", "interrupted by the user")
             raise

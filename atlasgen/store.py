@@ -622,6 +622,99 @@ class Store:
         """(feature id, step) → activation, for one probe sweep (absent = 0)."""
         return {(int(f), int(s)): float(v) for f, s, v in self.con.execute(
             "SELECT feature_id, step, value FROM probes WHERE probe = ?", [probe]).fetchall()}
+    # --- renders ---
+    def render_files(self) -> list[tuple[str, str]]:
+        """(render_id, path) of every render row."""
+        return self.query("SELECT render_id, path FROM renders")
+
+    def renders_made_otherwise(self, settings_hash: str) -> list[tuple[str, str]]:
+        """(render_id, path) of renders made with other settings than `settings_hash`."""
+        return self.query("SELECT render_id, path FROM renders WHERE settings_hash IS DISTINCT FROM ?", [settings_hash])
+
+    def delete_renders(self, render_ids: list[str] | None = None) -> None:
+        """Delete these render rows (all when None), in one transaction."""
+        with self.transaction() as con:
+            if render_ids is None:
+                con.execute("DELETE FROM renders")
+            else:
+                con.execute("DELETE FROM renders WHERE render_id IN (SELECT unnest(?))", [list(render_ids)])
+
+    def render_results(self, render_ids: list[str]) -> list[tuple[str, float | None, int | None]]:
+        """(kind, cosine, self_rank) of these renders."""
+        return self.query("SELECT kind, cosine, self_rank FROM renders WHERE render_id IN (SELECT unnest(?))",
+                          [list(render_ids)])
+
+    def strongest_pairs(self, n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The n most co-activating feature pairs, and the n + (those) most similar pairs by decoder cosine,
+        each (a, b) with a < b."""
+        co = self.query("SELECT feature_a, feature_b FROM coactivation WHERE feature_a < feature_b "
+                        "ORDER BY n_images DESC, feature_a, feature_b LIMIT ?", [n])
+        sim = self.query("SELECT least(feature_id, other_id) AS a, greatest(feature_id, other_id) AS b, "
+                         "max(cosine) AS c FROM similar_features WHERE feature_id <> other_id GROUP BY a, b "
+                         "ORDER BY c DESC, a, b LIMIT ?", [n + len(co)])
+        return [(int(a), int(b)) for a, b in co], [(int(a), int(b)) for a, b, _ in sim]
+
+    def one_embedded_image_per_label(self, n: int) -> list[int]:
+        """The first embedded image of each label (in label order, unlabelled last), at most n."""
+        rows = self.query("SELECT min(i.image_id) FROM images i JOIN embeddings e USING (image_id) "
+                          "GROUP BY i.label_id ORDER BY i.label_id NULLS LAST LIMIT ?", [n])
+        return [int(r[0]) for r in rows]
+
+    def first_embedded_images(self, n: int) -> list[int]:
+        return [int(r[0]) for r in self.query("SELECT image_id FROM embeddings ORDER BY image_id LIMIT ?", [n])]
+
+    def replace_renders(self, columns: dict[str, list]) -> None:
+        """Insert render rows (column → values) in one transaction, replacing rows with the same render_id (a
+        row left by a run that crashed between file and row write is replaced, not duplicated)."""
+        import pyarrow as pa
+        types = {"feature_a": pa.int32(), "feature_b": pa.int32(), "image_id": pa.int32(), "t": pa.float64(),
+                 "seed": pa.int32(), "cosine": pa.float64(), "self_activation": pa.float64(),
+                 "self_rank": pa.int32(), "created_at": pa.timestamp("us")}
+        with self.transaction():
+            self.con.execute("DELETE FROM renders WHERE render_id IN (SELECT unnest(?))", [columns["render_id"]])
+            self.insert_frame("renders", {k: pa.array(v, type=types.get(k)) for k, v in columns.items()})
+    # --- query and export (the store as a product) ---------------------------------------------
+    def lock_down(self) -> None:
+        """From here on this connection opens no file, URL or extension and no setting can change: what
+        `atlasgen query` runs users' SQL on. DuckDB refuses `read_text('/etc/hostname')`, COPY, ATTACH,
+        INSTALL/LOAD and SET of these settings itself; the temp folder beside the store is its only other file."""
+        assert self.read_only, "lock_down is for read-only stores"
+        for setting in ("autoinstall_known_extensions = false", "autoload_known_extensions = false",
+                        "allow_community_extensions = false", "enable_external_access = false",
+                        "lock_configuration = true"):
+            self.con.execute(f"SET {setting}")
+
+    def table_names(self) -> list[str]:
+        """The store's tables (main schema), by name."""
+        return [r[0] for r in self.con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
+            "AND table_type = 'BASE TABLE' ORDER BY table_name").fetchall()]
+
+    def table_columns(self, table: str) -> list[tuple[str, str]]:
+        """(column name, DuckDB type) of `table`, in column order."""
+        return [(r[0], r[1]) for r in self.con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = 'main' "
+            "AND table_name = ? ORDER BY ordinal_position", [table]).fetchall()]
+
+    def copy_to_parquet(self, table: str, path: Path, columns: list[str] | None = None) -> int:
+        """Write `table` (all columns, or just `columns`) to the Parquet file `path`; returns its row count."""
+        known = {c for c, _ in self.table_columns(table)}
+        assert known, f"no table {table}"
+        cols = columns or [c for c, _ in self.table_columns(table)]
+        assert set(cols) <= known, f"{table} has no column(s) {set(cols) - known}"
+        select = ", ".join(f'"{c}"' for c in cols)
+        target = str(path).replace("'", "''")
+        self.con.execute(f"COPY (SELECT {select} FROM \"{table}\") TO '{target}' "
+                         "(FORMAT parquet, COMPRESSION zstd)")
+        return self.count(f'"{table}"')
+
+    # --- exports -----------------------------------------------------------------------------------------
+    def feature_frequencies(self) -> dict[int, float]:
+        """feature_id → frequency (share of images where it is active)."""
+        return {int(f): float(v) for f, v in self.query("SELECT feature_id, frequency FROM features")}
+
+    def schema_version(self) -> int:
+        return int(self.scalar("SELECT value FROM meta WHERE key = 'schema_version'"))
 
     # --- ingest/embed speed ------------------------------------------------------------------------------
     def for_thread(self) -> "Store":

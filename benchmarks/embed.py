@@ -44,7 +44,6 @@ from atlasgen.loader import load_corpus_array  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
 from atlasgen.testing import PeakMemory, make_photo_folder  # noqa: E402
 from atlasgen.threads import ThreadTuner, n_cores, restore_torch_threads  # noqa: E402
-from atlasgen.workers import resolve_n_workers  # noqa: E402
 
 GIB = 2 ** 30
 

@@ -35,7 +35,7 @@ def synthetic_url(tmp_path_factory, serve_dir) -> str:
     with Store.open(out) as store:
         store.con.execute("UPDATE feature_stats SET label = ?, label_name = ? WHERE feature_id = ?",
                           [f"{UNIQUE_LABEL} (11/16)", UNIQUE_LABEL, UNIQUE_FEATURE])
-        site.run(SiteConfig(features_per_page=60, chunk_size=100), store)
+        site.run(SiteConfig(features_per_page=60, chunk_size=100, sql=False), store)  # Query page: its own test
     return serve_dir(out / "site")
 
 

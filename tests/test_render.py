@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,205 @@ def test_batched_and_one_by_one_give_the_same_result(tiny_model, param):
     assert (other.images_b3hw[0] - batched.images_b3hw[0]).abs().mean() > 1e-3
 
 
+def _legacy_invert():
+    """Today's loop before issue 10, kept in benchmarks/render.py as the baseline."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "render.py"
+    import sys
+    if "bench_render" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_render", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_render"] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["bench_render"].legacy_invert
+
+
+def test_engine_reproduces_todays_loop_step_for_step(tiny_model):
+    """With stopping off, the continuous-batching engine (own Adam, schedules drawn up front, no host sync)
+    takes the same steps as today's loop: same per-step losses, and the last picture's cosine at least."""
+    dirs_bd = torch.randn(4, tiny_model.dim, generator=torch.Generator().manual_seed(5))
+    seeds = [3, 1, 4, 1]
+    settings = InversionSettings(n_views=3, n_steps=10, size=64, stop_delta=0)
+    final, cos0_sb, _ = _legacy_invert()(tiny_model, dirs_bd, seeds, settings)
+    new = inversion.invert(tiny_model, dirs_bd, seeds, settings, n_slots=3)
+    assert torch.allclose(new.cos0_sb, cos0_sb, atol=1e-5), "the engine's trajectory left today's"
+    with torch.no_grad():
+        last_cos = inversion.cosine_to_targets(tiny_model(final), torch.nn.functional.normalize(dirs_bd, dim=-1), 0)
+    # The engine returns the better of its best and its last picture: never worse than today's last picture.
+    assert (new.cosine_b >= last_cos - 1e-5).all()
+    assert new.steps_b.tolist() == [10] * 4 and torch.isfinite(new.loss_sb).all()
+
+
+@pytest.mark.parametrize("param", ["transformer", "fourier"])
+def test_same_picture_alone_in_a_batch_and_under_continuous_batching(tiny_model, param):
+    """A target owns its weights, generator, schedule, Adam state and stopping decision, so it renders the
+    same alone, in a batch, and in 2 slots refilled as targets stop (with per-target stopping on)."""
+    dirs_bd = torch.randn(5, tiny_model.dim, generator=torch.Generator().manual_seed(7))
+    seeds = [10, 20, 30, 40, 50]
+    settings = InversionSettings(param=param, n_views=2, n_steps=50, size=48, min_steps=20, stop_window=10,
+                                 stop_delta=0.02)
+    batch = inversion.invert(tiny_model, dirs_bd, seeds, settings)
+    assert len(set(batch.steps_b.tolist())) > 1, "no target stopped early: the test would not test refills"
+    continuous = inversion.invert(tiny_model, dirs_bd, seeds, settings, n_slots=2)
+    # Padded model passes (as on a GPU, for a compiled graph of one shape) change nothing either.
+    padded = inversion.Inverter(tiny_model, replace(settings, max_views_per_pass=8), 3,
+                                static_shapes=True).run(dirs_bd, seeds)
+    for other in (continuous, padded):
+        assert other.steps_b.tolist() == batch.steps_b.tolist()
+        assert torch.allclose(other.images_b3hw, batch.images_b3hw, atol=1e-4)
+        assert torch.allclose(other.cosine_b, batch.cosine_b, atol=1e-4)
+    for k in (4, 1):
+        alone = inversion.invert(tiny_model, dirs_bd[k:k + 1], seeds[k:k + 1], settings)
+        assert alone.steps_b[0] == batch.steps_b[k]
+        assert torch.allclose(alone.images_b3hw[0], batch.images_b3hw[k], atol=1e-4)
+    # Loss histories end where each target stopped.
+    for k, n in enumerate(batch.steps_b.tolist()):
+        assert torch.isfinite(batch.loss_sb[:n, k]).all() and torch.isnan(batch.loss_sb[n:, k]).all()
+
+
+def test_per_target_stopping_rule():
+    rising = np.linspace(0.1, 0.9, 60)
+    flat = np.concatenate([np.linspace(0.1, 0.8, 20), np.full(40, 0.8)])
+    assert not inversion.converged(rising, window=20, delta=0.005)
+    assert inversion.converged(flat, window=20, delta=0.005)
+    assert not inversion.converged(flat[:20], window=20, delta=0.005), "too short a history never converges"
+    # Noise below the best does not count as progress; a new best above delta does.
+    noisy = flat.copy()
+    noisy[-5:] = [0.7, 0.79, 0.6, 0.8, 0.75]
+    assert inversion.converged(noisy, window=20, delta=0.005)
+    noisy[-1] = 0.81
+    assert not inversion.converged(noisy, window=20, delta=0.005)
+
+
+def test_batched_adam_matches_torch_adam_with_one_step_count_per_slot():
+    g = torch.Generator().manual_seed(0)
+    w_s = torch.randn(3, 4, 5, generator=g)
+    ours = torch.nn.Parameter(w_s.clone())
+    adam = inversion.BatchedAdam([ours], lr=0.01)
+    refs = [torch.nn.Parameter(w_s[k].clone()) for k in range(3)]
+    opts = [torch.optim.Adam([r], lr=0.01) for r in refs]
+    for step in range(12):
+        grads = torch.randn(3, 4, 5, generator=g)
+        active = [0, 1, 2] if step % 4 else [0, 2]  # slot 1 sits some steps out: its weights must not move
+        ours.grad = grads.clone()
+        adam.step(torch.tensor([1.0 if k in active else 0.0 for k in range(3)]))
+        for k in active:
+            refs[k].grad = grads[k].clone()
+            opts[k].step()
+        if step == 6:  # slot 2 is refilled: fresh weights, moments and step count
+            fresh = torch.randn(4, 5, generator=g)
+            with torch.no_grad():
+                ours[2] = fresh
+            adam.reset(torch.tensor([2]))
+            refs[2] = torch.nn.Parameter(fresh.clone())
+            opts[2] = torch.optim.Adam([refs[2]], lr=0.01)
+        for k in range(3):
+            assert torch.allclose(ours[k], refs[k], atol=1e-6), f"slot {k} left torch.optim.Adam at step {step}"
+
+
+def test_tiny_preset_quality_does_not_drop(tiny_model, sae_and_emb):
+    """The tiny preset's render settings on 12 of its features: the new engine (no early stop within 24 steps,
+    the better of best and last picture) reaches at least today's loop's cosine and own-feature-first share."""
+    sae, _ = sae_and_emb
+    tiny = load_config("tiny").render
+    assert tiny.min_steps >= tiny.n_steps or tiny.stop_delta == 0, "the tiny preset should not stop early"
+    features = list(range(0, 96, 8))
+    dirs_bd = sae.feature_directions()[features]
+    centres_bd = sae.input_mean.expand(len(features), -1)
+    seeds = [render.rng_seed(("feature", f), 0) for f in features]
+    settings = InversionSettings(param=tiny.param, n_views=tiny.n_views, n_steps=tiny.n_steps, size=tiny.size,
+                                 lr=tiny.lr, tv_weight=tiny.tv_weight, min_steps=tiny.min_steps,
+                                 stop_window=tiny.stop_window, stop_delta=tiny.stop_delta)
+    final, _, _ = _legacy_invert()(tiny_model, dirs_bd, seeds, settings, centres_bd)
+    new = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd=centres_bd)
+
+    def scores(images):
+        with torch.no_grad():
+            emb = tiny_model(images)
+            cos = inversion.cosine_to_targets(emb, torch.nn.functional.normalize(dirs_bd, dim=-1), centres_bd)
+            acts = sae.encode_embeddings(emb)
+        return cos, (acts.argmax(dim=1) == torch.tensor(features)).float().mean()
+
+    old_cos, old_first = scores(final)
+    new_cos, new_first = scores(new.images_b3hw)
+    assert (new_cos >= old_cos - 1e-4).all() and new_cos.mean() >= old_cos.mean()
+    assert new_first >= old_first
+
+
+def test_compile_failure_falls_back_to_eager_with_the_same_result(tiny_model, monkeypatch, capsys):
+    monkeypatch.setattr("atlasgen.progress._quiet", False)
+    dirs_bd = torch.randn(3, tiny_model.dim, generator=torch.Generator().manual_seed(2))
+    settings = InversionSettings(n_views=2, n_steps=3, size=48)
+    eager = inversion.invert(tiny_model, dirs_bd, [1, 2, 3], settings)
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("inductor: no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    inv = inversion.Inverter(tiny_model, settings, 3, compile=True, static_shapes=True)
+    assert inv.compiled
+    result = inv.run(dirs_bd, [1, 2, 3])
+    assert not inv.compiled and torch.allclose(result.images_b3hw, eager.images_b3hw, atol=1e-5)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed") == 1 and "Traceback" not in err
+
+
+def test_out_of_memory_halves_the_views_per_pass_and_retries(tiny_model, monkeypatch):
+    monkeypatch.setattr("atlasgen.progress._quiet", True)
+    dirs_bd = torch.randn(4, tiny_model.dim, generator=torch.Generator().manual_seed(4))
+    settings = InversionSettings(n_views=2, n_steps=3, size=48, max_views_per_pass=8)
+    expected = inversion.invert(tiny_model, dirs_bd, [5, 6, 7, 8], settings)
+    inv = inversion.Inverter(tiny_model, settings, 4)
+    real_loss, calls = inv.eager_loss, []
+
+    def loss_that_runs_out_once(img, *args):
+        calls.append(len(img))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_loss(img, *args)
+
+    inv.eager_loss = loss_that_runs_out_once
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    result = inv.run(dirs_bd, [5, 6, 7, 8])
+    assert inv.chunk_targets == 2 and calls[:3] == [4, 2, 2]
+    assert torch.allclose(result.images_b3hw, expected.images_b3hw, atol=1e-5)
+
+
+def test_auto_batch_respects_the_memory_budget_and_keeps_cpu_defaults():
+    vits = inversion.ModelShape(hidden=384, n_layers=12, intermediate=1536, patch=16, n_extra_tokens=5,
+                                image_size=224, dtype_bytes=2)
+    assert abs(inversion.forward_flops(vits, 224) / 1e9 - 9.4) < 0.1
+    last = (0, 0)
+    for free_gib in (0.25, 1, 4, 16, 40, 78, 140):
+        free = free_gib * 2 ** 30
+        slots, vpp = inversion.auto_batch(free, vits, 8, 224, 200)
+        assert slots >= 1 and vpp >= 8 and vpp % 8 == 0 and slots >= vpp // 8
+        assert vpp <= inversion.AUTO_VIEWS_PER_PASS
+        if (slots, vpp) != (1, 8):  # the floor (one target) is allowed to exceed a tiny budget
+            assert inversion.step_bytes(vits, slots, vpp, 8, 224, 200) <= inversion.AUTO_MEMORY_FRACTION * free
+        assert slots >= last[0] and vpp >= last[1], "more memory never gives a smaller batch"
+        last = (slots, vpp)
+    assert last == (inversion.AUTO_PASSES_PER_STEP * inversion.AUTO_VIEWS_PER_PASS // 8, inversion.AUTO_VIEWS_PER_PASS)
+    # Small local views cost less memory, so a tight budget holds more of them.
+    tight = 6 * 2 ** 30
+    assert inversion.auto_batch(tight, vits, 8, 224, 200, local_size=96)[1] >= inversion.auto_batch(tight, vits, 8, 224, 200)[1]
+
+
+def test_sizing_on_a_cpu_keeps_todays_values_and_explicit_values_win(tiny_model):
+    cpu = torch.device("cpu")
+    auto = render.resolve_sizing(RenderConfig(), tiny_model, cpu)
+    assert (auto.n_slots, auto.views_per_pass, auto.unit_targets, auto.compile) == (16, 64, 16, False)
+    explicit = render.resolve_sizing(RenderConfig(batch_targets=5, max_views_per_pass=10, unit_targets=7,
+                                                  compile="on"), tiny_model, cpu)
+    assert (explicit.n_slots, explicit.views_per_pass, explicit.unit_targets, explicit.compile) == (5, 10, 7, True)
+    # The sizing fields do not change results, so they are not part of the stage's hash.
+    from atlasgen.config import config_hash
+    assert config_hash(RenderConfig()) == config_hash(RenderConfig(batch_targets=5, max_views_per_pass=10,
+                                                                   unit_targets=7, compile="off"))
+
+
 def test_slerp_sum_and_orthogonalised_directions():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(96, generator=g), torch.randn(96, generator=g)
@@ -194,6 +394,10 @@ def test_stage_plans_every_kind_records_results_and_skips_done_work(store_dir):
         assert sorted(r[0] for r in store.query("SELECT feature_a FROM renders WHERE kind = 'feature'")) == sorted(top)
         # Slerp endpoints are the two features: t = 0 and 1 present per pair.
         assert store.query("SELECT count(*) FROM renders WHERE kind = 'slerp' AND t IN (0, 1)")[0][0] == 4
+        params = [json.loads(r[0]) for r in store.query("SELECT params_json FROM renders")]
+        assert all(1 <= p["steps"] <= cfg.n_steps for p in params)
+        assert summary["targets_per_hour"] > 0 and summary["ms_per_target_step"] > 0
+        assert 1 <= summary["mean_steps"] <= cfg.n_steps and summary["n_slots"] == cfg.batch_targets
         before = _rows(store)
         again = render.run(cfg, store)
         assert again["n_rendered"] == 0 and _rows(store) == before
@@ -225,23 +429,25 @@ def test_planned_pair_directions(store_dir, sae_and_emb):
 
 def test_interrupted_render_resumes_without_redoing(store_dir, monkeypatch):
     cfg = small_cfg(features="top:6", n_seeds=2)
-    real_invert = inversion.invert
+    real_render_unit = render.render_unit
     calls = []
 
-    def invert_then_crash(*args, **kwargs):
+    def render_unit_then_crash(*args, **kwargs):
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
-        return real_invert(*args, **kwargs)
+        return real_render_unit(*args, **kwargs)
 
     with Store.open(store_dir) as store:
-        monkeypatch.setattr(inversion, "invert", invert_then_crash)
+        monkeypatch.setattr(render, "render_unit", render_unit_then_crash)
         with pytest.raises(KeyboardInterrupt):
             render.run(cfg, store)
+        # The first unit (one unit = batch_targets targets on a CPU) was saved by the writer thread before
+        # the interrupt propagated.
         first = _rows(store)
         assert len(first) == cfg.batch_targets
         mtimes = {rid: os.stat(store_dir / row[1]).st_mtime_ns for rid, row in first.items()}
-        monkeypatch.setattr(inversion, "invert", real_invert)
+        monkeypatch.setattr(render, "render_unit", real_render_unit)
         summary = render.run(cfg, store)
         assert summary["n_rendered"] == summary["n_planned"] - cfg.batch_targets
         rows = _rows(store)

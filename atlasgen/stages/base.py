@@ -33,6 +33,8 @@ class Stage:
     pages    site pages it contributes (file names under site/, e.g. "map.html"); the site package has a
              writer for each, and a placeholder stands in while the stage has not run
     skips    True when it records skipped inputs (its rows in `skipped_inputs` are reset with it)
+    executor True when its work is units run by an executor: `run(cfg, store, executor=...)` gets the one
+             `[run]` asks for (`atlasgen.executor`: here, or on Ray workers)
     """
 
     name: str
@@ -44,6 +46,7 @@ class Stage:
     reset: Callable[["Store"], None] | None = None
     pages: tuple[str, ...] = ()
     skips: bool = False
+    executor: bool = False
 
     def __post_init__(self):
         # A stage with a missing or misspelt piece fails here, when its module is imported.

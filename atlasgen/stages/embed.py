@@ -1,23 +1,34 @@
 """Embed: every ingested image → the model's CLS `pooler_output` in `embeddings`.
 
-Three pieces, each on its own: the loader (`loader.CorpusBatches`: worker processes decode and resize corpus
-JPEGs into shared memory, several batches ahead of the model; on CUDA a thread stages them in pinned memory for
-asynchronous copies), the pure model step `embed_batch`, and the writer (`workers.StoreWriter`: a thread with
-its own store connection commits each chunk of `chunk_size` images in one transaction while the model goes on).
-The model runs in bf16 where the hardware is fast at it (`precision = "auto"`). An interrupted run resumes
-with the images that have no embedding yet.
+Here (the local executor) the work is three separable pieces: the loader (`loader.CorpusBatches`: worker
+processes decode and resize corpus JPEGs into shared memory, several batches ahead of the model; on CUDA a thread
+stages them in pinned memory for asynchronous copies), the pure model step `embed_batch`, and the writer
+(`workers.StoreWriter`: a thread with its own store connection commits each chunk of `chunk_size` images in one
+transaction while the model goes on). The model runs in bf16 where the hardware is fast at it (`precision =
+"auto"`). An interrupted run resumes with the images that have no embedding yet.
+
+On Ray (`[run] executor = "ray"`) a chunk is an executor's unit (`embed_unit`, pure): the workers get the model's
+weights through Ray's object store and the JPEGs as bytes (or read them from the output folder when `[run]
+shared_corpus`), decode in threads and call the same `embed_batch`; only this process writes the store.
 """
 from __future__ import annotations
 
+import io
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..config import EmbedConfig
 from ..errors import StageInputError
-from ..loader import CorpusBatches, load_corpus_array  # noqa: F401  (load_corpus_array: re-exported)
-from ..model import EmbeddingModel, load_embedding_model
+from ..executor import PackedModel, resolve_precision
+from ..loader import CorpusBatches, load_corpus_array
+from ..model import EmbeddingModel, load_embedding_model, resolve_device
 from ..progress import bar, say
 from ..store import Store
 from ..threads import ThreadTuner, restore_torch_threads
@@ -27,6 +38,7 @@ from .base import Stage
 STAGE = "embed"
 CPU_BATCH_SIZE = 32        # batch_size = 0 on a CPU: what the CPU path always used
 MAX_GPU_BATCH_SIZE = 1024  # ViT-S/16 in bf16 on an H100 is at its full rate by then
+REMOTE_DECODE_THREADS = 2  # n_workers = 0 on a Ray worker: its decode threads (the earlier default)
 
 
 def embed_batch(model: EmbeddingModel, arrays_bhw3) -> np.ndarray:
@@ -41,11 +53,12 @@ def embed_batch(model: EmbeddingModel, arrays_bhw3) -> np.ndarray:
         return model(pixels).cpu().numpy()
 
 
-def auto_batch_size(model: EmbeddingModel) -> int:
+def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int:
     """`batch_size = 0`: CPU_BATCH_SIZE on a CPU; on a GPU the largest power of two ≤ MAX_GPU_BATCH_SIZE whose
-    activations fit in 40% of the free memory (an estimate; a batch that still runs out is halved)."""
+    activations fit in 40% of the free memory (an estimate; a batch that still runs out is halved). `free_bytes`:
+    the free memory of the GPU the units run on (a remote worker's); None = the model's own device."""
     device = model.mean_c11.device
-    if device.type != "cuda":
+    if free_bytes is None and device.type != "cuda":
         return CPU_BATCH_SIZE
     config = model.backbone.config
     size = model.image_size
@@ -53,7 +66,8 @@ def auto_batch_size(model: EmbeddingModel) -> int:
     bytes_per_value = torch.finfo(model.dtype).bits // 8
     per_image = (n_tokens * (8 * config.hidden_size + 2 * config.intermediate_size) * bytes_per_value
                  + size * size * 3 * (1 + 4 * 3))  # uint8 input, then float pixels, normalised, cast
-    free_bytes, _ = torch.cuda.mem_get_info(device)
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
     batch = MAX_GPU_BATCH_SIZE
     while batch > CPU_BATCH_SIZE and batch * per_image > 0.4 * free_bytes:
         batch //= 2
@@ -65,7 +79,111 @@ def loader_stage(on_gpu: bool) -> str:
     return "pinned" if on_gpu else "none"
 
 
-def run(cfg: EmbedConfig, store: Store) -> dict:
+@dataclass
+class EmbedUnit:
+    """One chunk of images (the commit granularity): ids and corpus paths relative to the output folder
+    `root`. `data`: each image's JPEG bytes (or why it could not be read), filled by the driver just before the
+    unit goes to a worker that cannot read the corpus; None = the worker reads root/corpus_path."""
+
+    image_ids: list[int]
+    corpus_paths: list[str]
+    root: str
+    data: list[bytes | str] | None = None
+
+
+@dataclass
+class EmbedUnitResult:
+    image_ids: np.ndarray                 # (N,) the images embedded, in unit order
+    emb_nd: np.ndarray                    # (N, D) float32
+    skipped: list[tuple[str, str]]        # (source, reason) of images that could not be read
+
+
+@dataclass
+class EmbedWorker:
+    """What a worker needs for every unit (the executor's payload; `setup_embed_worker` builds it)."""
+
+    model: EmbeddingModel | PackedModel   # packed when it travels to a Ray worker
+    device: str
+    batch_size: int
+    n_decode_threads: int                 # decode threads on a Ray worker
+    tuner: ThreadTuner | None = None      # local only: picks torch threads by timing real batches
+
+
+def setup_embed_worker(worker: EmbedWorker) -> EmbedWorker:
+    if isinstance(worker.model, PackedModel):
+        return replace(worker, model=worker.model.build(resolve_device(worker.device)))
+    return worker
+
+
+def _unreadable(corpus_path: str, e: Exception) -> str:
+    return f"cannot read the corpus copy {corpus_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+
+
+def embed_unit(worker: EmbedWorker, unit: EmbedUnit, on_step: Callable[[int], None] | None = None) -> EmbedUnitResult:
+    """Decode and embed one chunk (pure: no store). Decoding runs ahead of the model by up to two batches.
+    `on_step(k)` after batch k."""
+    model = worker.model
+    size, mode = model.spec.image_size, model.spec.resize_mode
+    root = Path(unit.root)
+    items = list(zip(unit.image_ids, unit.corpus_paths, unit.data or [None] * len(unit.image_ids)))
+
+    def decode(item: tuple[int, str, bytes | str | None]) -> np.ndarray | str:
+        _, corpus_path, data = item
+        if isinstance(data, str):  # the driver could not read it
+            return data
+        try:
+            return load_corpus_array(io.BytesIO(data) if data is not None else root / corpus_path, size, mode)
+        except Exception as e:  # corpus files are ours, but a user may have deleted or damaged one
+            return _unreadable(corpus_path, e)
+
+    ids: list[int] = []
+    embs: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    batches = _split(items, worker.batch_size)
+    with ThreadPoolExecutor(max(1, worker.n_decode_threads), thread_name_prefix="embed-decode") as pool:
+        ahead: deque[list[Future]] = deque()
+        next_batch = 0
+
+        def submit_more() -> None:
+            nonlocal next_batch
+            while next_batch < len(batches) and len(ahead) < 2:
+                ahead.append([pool.submit(decode, item) for item in batches[next_batch]])
+                next_batch += 1
+
+        for k, batch in enumerate(batches):
+            submit_more()
+            results = [f.result() for f in ahead.popleft()]
+            submit_more()
+            good = [(item, r) for item, r in zip(batch, results) if not isinstance(r, str)]
+            skipped.extend((f"image {item[0]} ({item[1]})", r) for item, r in zip(batch, results) if isinstance(r, str))
+            if good:
+                if worker.tuner is not None:
+                    worker.tuner.before_batch()
+                t_batch = time.perf_counter()
+                emb_bd = embed_batch(model, np.stack([r for _, r in good]))
+                if worker.tuner is not None:
+                    worker.tuner.after_batch(time.perf_counter() - t_batch, len(good))
+                assert np.isfinite(emb_bd).all(), "the model returned non-finite embeddings"
+                ids.extend(item[0] for item, _ in good)
+                embs.append(emb_bd)
+            if on_step is not None:
+                on_step(k)
+    emb_nd = np.concatenate(embs) if embs else np.zeros((0, model.dim), np.float32)
+    return EmbedUnitResult(np.asarray(ids, dtype=np.int64), emb_nd, skipped)
+
+
+def _with_bytes(unit: EmbedUnit) -> EmbedUnit:
+    """The unit with its JPEG bytes read here, for a worker that cannot see the output folder."""
+    data: list[bytes | str] = []
+    for corpus_path in unit.corpus_paths:
+        try:
+            data.append((Path(unit.root) / corpus_path).read_bytes())
+        except OSError as e:
+            data.append(_unreadable(corpus_path, e))
+    return replace(unit, data=data)
+
+
+def run(cfg: EmbedConfig, store: Store, executor=None) -> dict:
     assert cfg.batch_size >= 0 and cfg.chunk_size >= 1, "embed.batch_size must be ≥ 0 and chunk_size ≥ 1"
     n_total = store.count("images")
     if n_total == 0:
@@ -75,6 +193,14 @@ def run(cfg: EmbedConfig, store: Store) -> dict:
     n_done_before = n_total - len(todo)
     if n_done_before:
         say(f"embed: {n_done_before} of {n_total} images already embedded, resuming")
+    # Nothing to do needs no cluster (the model is loaded here for the summary only).
+    if executor is not None and executor.remote and todo:
+        return _run_remote(cfg, store, executor, todo, n_total, n_done_before)
+    return _run_local(cfg, store, todo, n_total, n_done_before)
+
+
+def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_total: int, n_done_before: int) -> dict:
+    """Loader processes → the model here → the writer thread."""
     model = load_embedding_model(cfg.model, cfg.device, cfg.precision, models_dir=store.paths.models_dir)
     on_gpu = model.mean_c11.device.type == "cuda"
     batch_size = cfg.batch_size or auto_batch_size(model)
@@ -120,6 +246,51 @@ def run(cfg: EmbedConfig, store: Store) -> dict:
             "n_workers": n_workers}
 
 
+def _run_remote(cfg: EmbedConfig, store: Store, executor, todo: list[tuple[int, str]], n_total: int,
+                n_done_before: int) -> dict:
+    """Chunks as units on the executor's workers; each result committed here as it arrives."""
+    # Every worker uses the precision resolved for the hardware the units run on (asked of a worker).
+    hardware = executor.unit_hardware(cfg.device)
+    precision = resolve_precision(cfg.precision, hardware.bf16_fast)
+    model = load_embedding_model(cfg.model, "cpu", precision, models_dir=store.paths.models_dir)
+    batch_size = cfg.batch_size or auto_batch_size(model, hardware.free_bytes if hardware.device_type == "cuda"
+                                                   else None)
+    payload = EmbedWorker(PackedModel.pack(model), cfg.device, batch_size, cfg.n_workers or REMOTE_DECODE_THREADS)
+    out_dir = store.paths.out_dir
+    units = [EmbedUnit([item[0] for item in chunk], [item[1] for item in chunk], str(out_dir.resolve()))
+             for chunk in _split(todo, cfg.chunk_size)]
+    n_embedded = 0
+    skipped: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    shown: dict[int, int] = {}  # images of a unit already on the progress bar
+
+    def on_step(unit: EmbedUnit, k: int) -> None:
+        n = min(batch_size, len(unit.image_ids) - k * batch_size)
+        shown[unit.image_ids[0]] = shown.get(unit.image_ids[0], 0) + n
+        progress.update(n)
+
+    with restore_torch_threads(), bar(total=n_total, desc="embed", unit="img") as progress:
+        progress.update(n_done_before)
+        ship = None if executor.shared_corpus else _with_bytes
+        for unit, result in executor.map_units(setup_embed_worker, payload, embed_unit, units,
+                                               unit_id=lambda u: u.image_ids[0], device=cfg.device, ship=ship,
+                                               on_step=on_step):
+            if len(result.image_ids):
+                store.add_embeddings(result.image_ids, result.emb_nd)
+                n_embedded += len(result.image_ids)
+            skipped.extend(result.skipped)
+            progress.update(len(unit.image_ids) - shown.pop(unit.image_ids[0], 0))
+    if skipped:
+        store.replace_skips(STAGE, skipped)
+        say(f"embed: {len(skipped)} corpus image(s) could not be read (see skipped_inputs)")
+    seconds = time.perf_counter() - t0
+    summary = {"n_embedded": n_embedded, "n_resumed": n_done_before, "n_embeddings": store.count("embeddings"),
+               "n_skipped": len(skipped), "dim": model.dim, "dtype": str(model.dtype).replace("torch.", ""),
+               "images_per_s": round(n_embedded / seconds, 1) if seconds > 0 else None}
+    summary.update(executor=executor.name, n_workers=executor.n_workers, batch_size=batch_size)
+    return summary
+
+
 def _commit(writer: StoreWriter, chunk_ids: list[np.ndarray], chunk_emb: list[np.ndarray]) -> int:
     """Hand one chunk to the writer (one transaction); returns its number of embeddings."""
     if not chunk_ids:
@@ -153,4 +324,8 @@ class _ModelStep:
                 say(f"embed: the GPU ran out of memory; model batches of {self.piece} from now on")
 
 
-SPEC = Stage("embed", EmbedConfig, run, inputs=("ingest",), tables=("embeddings",), skips=True)
+def _split(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+SPEC = Stage("embed", EmbedConfig, run, inputs=("ingest",), tables=("embeddings",), skips=True, executor=True)

@@ -1,6 +1,13 @@
 """The render stage: pictures by inversion (see `inversion.py`) for features, image embeddings, pairs
 (sums, slerps, orthogonalised) and the seed's ablation, each a row in `renders` plus a WebP file.
 
+A run is plan → todo (what is not in the store yet) → units (consecutive targets of one variant, the commit
+granularity) → `render_unit` (pure compute: no store, no files; the seam for running units elsewhere) →
+`save_unit` (WebP files + one transaction), on a writer thread so a unit's saving overlaps the next unit.
+An executor runs the units (`atlasgen.executor`): here, or on Ray workers that get the model and SAE through
+Ray's object store (`RenderPayload`) and build their own `RenderContext`; results arrive in any order and
+this process alone saves them.
+
 Renders are immutable artifacts keyed by `render_id` = hash(kind, target, seed, variant, settings), where
 the settings are everything that changes a picture (steps, views, lr, tv, size, precision, the model, the
 SAE run). A run plans its targets, skips those whose render already exists, and commits per batch, so an
@@ -15,10 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +37,7 @@ from PIL import Image
 from .. import inversion
 from ..config import RenderConfig
 from ..errors import AtlasError, StageInputError
+from ..executor import LocalExecutor, PackedModel, PackedSAE, resolve_precision
 from ..inversion import InversionSettings
 from ..model import load_embedding_model, resolve_device
 from ..paths import atomic_path
@@ -37,7 +48,8 @@ from ..threads import ThreadTuner, restore_torch_threads
 from .base import Stage
 
 # Bump when the engine changes what a render looks like, so old renders are superseded.
-ENGINE_VERSION = 3
+# 4: per-target stopping, the better of the best and the last picture, optional small local views.
+ENGINE_VERSION = 4
 # "auto" on a CPU renders this many of the most frequent features.
 CPU_AUTO_FEATURES = 64
 ABLATION_VARIANTS = (("pixels", False), ("pixels", True), ("transformer", True))
@@ -89,7 +101,8 @@ def rng_seed(group: tuple, seed: int) -> int:
 def settings_for(cfg: RenderConfig, model_ref: str, dtype: torch.dtype, sae_run: str) -> dict:
     return {"engine": ENGINE_VERSION, "n_views": cfg.n_views, "n_steps": cfg.n_steps, "lr": cfg.lr,
             "tv_weight": cfg.tv_weight, "size": cfg.size, "precision": str(dtype).replace("torch.", ""),
-            "model": model_ref, "sae_run": sae_run}
+            "min_steps": cfg.min_steps, "stop_window": cfg.stop_window, "stop_delta": cfg.stop_delta,
+            "local_size": cfg.local_size, "model": model_ref, "sae_run": sae_run}
 
 
 # --- planning -------------------------------------------------------------------------------------------
@@ -134,26 +147,20 @@ def auto_pairs(store: Store, n: int) -> list[tuple[int, int]]:
     """The n strongest co-activating pairs and the n most similar (decoder cosine) pairs."""
     if n <= 0:
         return []
-    co = store.query("SELECT feature_a, feature_b FROM coactivation WHERE feature_a < feature_b "
-                     "ORDER BY n_images DESC, feature_a, feature_b LIMIT ?", [n])
-    sim = store.query("SELECT least(feature_id, other_id) AS a, greatest(feature_id, other_id) AS b, max(cosine) AS c "
-                      "FROM similar_features WHERE feature_id <> other_id GROUP BY a, b "
-                      "ORDER BY c DESC, a, b LIMIT ?", [n + len(co)])
-    pairs = [(int(a), int(b)) for a, b in co]
-    for a, b, _ in sim:
-        if (int(a), int(b)) not in pairs and len(pairs) < len(co) + n:
-            pairs.append((int(a), int(b)))
+    co, sim = store.strongest_pairs(n)
+    pairs = list(co)
+    for a, b in sim:
+        if (a, b) not in pairs and len(pairs) < len(co) + n:
+            pairs.append((a, b))
     return pairs
 
 
 def auto_images(store: Store, n: int) -> list[int]:
     """One image per label (in label order), topped up with the first images, n in all."""
-    rows = store.query("SELECT min(i.image_id) FROM images i JOIN embeddings e USING (image_id) "
-                       "GROUP BY i.label_id ORDER BY i.label_id NULLS LAST LIMIT ?", [n])
-    ids = [int(r[0]) for r in rows]
+    ids = store.one_embedded_image_per_label(n)
     if len(ids) < n:
-        more = store.query("SELECT image_id FROM embeddings ORDER BY image_id LIMIT ?", [n + len(ids)])
-        ids += [int(r[0]) for r in more if int(r[0]) not in ids][:n - len(ids)]
+        more = store.first_embedded_images(n + len(ids))
+        ids += [i for i in more if i not in ids][:n - len(ids)]
     return ids
 
 
@@ -236,11 +243,162 @@ def write_webp(path: Path, array_hw3: np.ndarray) -> None:
         Image.fromarray(array_hw3).save(tmp, format="WEBP", quality=WEBP_QUALITY, method=4)
 
 
-def run(cfg: RenderConfig, store: Store) -> dict:
+# --- the engine's sizing and one unit of work ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Sizing:
+    """How the engine runs (none of it changes results): slots, views per pass, targets per unit, compile."""
+
+    n_slots: int
+    views_per_pass: int
+    unit_targets: int
+    compile: bool
+
+
+def resolve_sizing(cfg: RenderConfig, model, device: torch.device, free_bytes: int | None = None) -> Sizing:
+    """The config's sizes, with 0 = auto: on a GPU from its free memory (`free_bytes`, as a Ray worker reported
+    it, else asked here) and the model's shape (`inversion.auto_batch`), on a CPU today's 16 targets and 64
+    views per pass. Explicit values win."""
+    n_views = cfg.n_views if cfg.augment else 1
+    if device.type == "cuda":
+        if free_bytes is None:
+            free_bytes, _ = torch.cuda.mem_get_info(device)
+        auto_slots, auto_vpp = inversion.auto_batch(free_bytes, inversion.ModelShape.of(model), n_views,
+                                                    cfg.size or model.image_size, cfg.n_steps, cfg.local_size)
+    else:
+        auto_slots, auto_vpp = inversion.CPU_SLOTS, inversion.CPU_VIEWS_PER_PASS
+    n_slots = cfg.batch_targets or auto_slots
+    views_per_pass = cfg.max_views_per_pass or auto_vpp
+    unit = cfg.unit_targets or (8 * n_slots if device.type == "cuda" else n_slots)
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    return Sizing(n_slots, views_per_pass, unit, use_compile)
+
+
+@dataclass
+class RenderContext:
+    """What `render_unit` needs, built once per run (or once per worker): the model, the SAE, the config
+    and the sizing; engines are made per variant on first use (only the config's own variant is compiled:
+    the ablation's other variants are three targets)."""
+
+    cfg: RenderConfig
+    model: object
+    sae: SparseAutoencoder
+    device: torch.device
+    sizing: Sizing
+    engines: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg: RenderConfig, model, sae: SparseAutoencoder, device: torch.device) -> "RenderContext":
+        sizing = resolve_sizing(cfg, model, device)
+        if sizing.compile:
+            # Compiled kernels are reused across runs and processes from here.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                                  str(Path.home() / ".cache" / "atlasgen" / "torchinductor"))
+        return cls(cfg, model, sae.to(device), device, sizing)
+
+    def settings(self, param: str, augment: bool) -> InversionSettings:
+        cfg = self.cfg
+        return InversionSettings(param=param, augment=augment, n_views=cfg.n_views, n_steps=cfg.n_steps, lr=cfg.lr,
+                                 tv_weight=cfg.tv_weight, size=cfg.size, min_steps=cfg.min_steps,
+                                 stop_window=cfg.stop_window, stop_delta=cfg.stop_delta, local_size=cfg.local_size,
+                                 max_views_per_pass=self.sizing.views_per_pass)
+
+    def engine(self, variant: str) -> inversion.Inverter:
+        if variant not in self.engines:
+            param, augment = variant.split("+")[0], variant.endswith("+aug")
+            main = variant == variant_name(self.cfg.param, self.cfg.augment)
+            self.engines[variant] = inversion.Inverter(self.model, self.settings(param, augment), self.sizing.n_slots,
+                                                       compile=self.sizing.compile and main)
+        return self.engines[variant]
+
+    @property
+    def compiled(self) -> bool:
+        return any(e.compiled for e in self.engines.values())
+
+
+@dataclass
+class UnitResult:
+    """What `render_unit` computes for its targets (in their order)."""
+
+    pixels_bhw3: np.ndarray            # uint8 pictures
+    cosine_b: np.ndarray               # un-augmented final cosine to the target
+    embeddings_bd: np.ndarray          # the model's embedding of each picture
+    self_activation_b: list            # feature targets: the SAE activation of their feature (else None)
+    self_rank_b: list                  # feature targets: its rank among all features, 0 = top (else None)
+    steps_b: np.ndarray                # Adam steps each target took
+    final_loss_b: np.ndarray           # its training loss at its last step (NaN with 0 steps)
+    seconds: float                     # wall time of the unit
+
+    @property
+    def n_target_steps(self) -> int:
+        return int(self.steps_b.sum())
+
+
+def render_unit(ctx: RenderContext, targets: list[Target], on_step: Callable[[int], None] | None = None,
+                on_done: Callable[[int], None] | None = None) -> UnitResult:
+    """Render one unit (targets of one variant): pure compute, no store and no files."""
+    t0 = time.perf_counter()
+    variant = targets[0].variant
+    assert all(tg.variant == variant for tg in targets), "a unit holds one variant"
+    centre_d = ctx.sae.input_mean.detach().float().cpu()
+    dirs_nd = torch.from_numpy(np.stack([tg.direction_d for tg in targets])).float()
+    centres_nd = torch.stack([centre_d if tg.space == "sae" else torch.zeros_like(centre_d) for tg in targets])
+    result = ctx.engine(variant).run(dirs_nd, [tg.rng_seed for tg in targets], centres_nd, on_step=on_step,
+                                     on_done=on_done, pixels=True)
+    with torch.no_grad():
+        acts_nf = ctx.sae.encode_embeddings(result.embeddings_bd.to(ctx.device)).cpu()
+    self_act, self_rank = [], []
+    for k, tg in enumerate(targets):
+        if tg.kind == "feature":
+            acts_f = acts_nf[k]
+            self_act.append(float(acts_f[tg.feature_a]))
+            self_rank.append(int((acts_f > acts_f[tg.feature_a]).sum()))
+        else:
+            self_act.append(None)
+            self_rank.append(None)
+    steps_n = result.steps_b.numpy()
+    final_loss = np.array([float(result.loss_sb[n - 1, k]) if n > 0 else float("nan") for k, n in enumerate(steps_n)])
+    return UnitResult(result.pixels_bhw3, result.cosine_b.numpy(), result.embeddings_bd.numpy(), self_act, self_rank,
+                      steps_n, final_loss, time.perf_counter() - t0)
+
+
+@dataclass
+class RenderPayload:
+    """What a Ray worker gets (once, through the object store) to build its RenderContext."""
+
+    cfg: RenderConfig
+    model: PackedModel
+    sae: PackedSAE
+
+
+def setup_render_context(payload: "RenderContext | RenderPayload") -> RenderContext:
+    """The executor's setup: here the payload is the run's context; a Ray worker builds its own, on its device."""
+    if isinstance(payload, RenderContext):
+        return payload
+    device = resolve_device(payload.cfg.device)
+    return RenderContext.create(payload.cfg, payload.model.build(device), payload.sae.build(device), device)
+
+
+# --- the stage --------------------------------------------------------------------------------------------
+def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
     sae, sae_run_id = load_stage_sae(store)
-    device = resolve_device(cfg.device)
-    model, model_ref = load_render_model(cfg, store)
-    sae = sae.to(device)
+    executor = executor if executor is not None else LocalExecutor()
+    hardware = None
+    if executor.remote:
+        # Workers render in the precision resolved for their hardware (asked of a worker), which is also what
+        # the settings (and so the render ids) record; this process loads the model only to send it.
+        hardware = executor.unit_hardware(cfg.device)
+        device = torch.device(hardware.device_type)
+        model, model_ref = load_render_model(
+            replace(cfg, device="cpu", precision=resolve_precision(cfg.precision, hardware.bf16_fast)), store)
+    else:
+        device = resolve_device(cfg.device)
+        model, model_ref = load_render_model(cfg, store)
+    if cfg.local_size and cfg.local_size % int(model.backbone.config.patch_size):
+        patch = int(model.backbone.config.patch_size)
+        raise AtlasError(f"render.local_size {cfg.local_size} is not a multiple of the model's patch size {patch}",
+                         f"use e.g. local_size = {6 * patch} (or 0 for the model's input size)")
+    if not executor.remote:
+        sae = sae.to(device)
     settings = settings_for(cfg, model_ref, model.dtype, sae_run_id)
     settings_hash = _hash(settings)
     targets = plan(cfg, store, sae, device)
@@ -254,111 +412,180 @@ def run(cfg: RenderConfig, store: Store) -> dict:
     if len(todo) < len(targets):
         say(f"render: {len(targets) - len(todo)} of {len(targets)} renders already exist, {len(todo)} to do")
 
-    centre_d = sae.input_mean.detach().float()
-    batches = list(_batches(todo, cfg.batch_targets))
+    if executor.remote:
+        ctx = None
+        payload = RenderPayload(cfg, PackedModel.pack(model), PackedSAE.pack(sae))
+        sz = resolve_sizing(cfg, model, device, hardware.free_bytes)  # each worker sizes its own engine
+    else:
+        ctx = payload = RenderContext.create(cfg, model, sae, device)
+        sz = ctx.sizing
+    units = list(_units(todo, sz.unit_targets))
+    if todo:
+        say(f"render: {len(todo)} targets in {len(units)} unit(s) on {device.type}: {sz.n_slots} slots, "
+            f"{sz.views_per_pass} views per pass, at most {cfg.n_steps} steps"
+            + (", compiled (the first steps compile)" if sz.compile else ""))
     # Thread count is tuned on whole optimisation steps (it changes speed, not results).
-    tuner = ThreadTuner(cfg.n_threads, len(batches) * cfg.n_steps) if device.type == "cpu" else None
-    with restore_torch_threads(), bar(total=len(todo), desc="render", unit="target") as progress:
-        for batch in batches:
-            tg0 = batch[0]
-            inv_settings = InversionSettings(param=tg0.param, augment=tg0.augment, n_views=cfg.n_views,
-                                             n_steps=cfg.n_steps, lr=cfg.lr, tv_weight=cfg.tv_weight, size=cfg.size,
-                                             max_views_per_pass=cfg.max_views_per_pass)
-            dirs_bd = torch.from_numpy(np.stack([tg.direction_d for tg in batch])).float()
-            centres_bd = torch.stack([centre_d if tg.space == "sae" else torch.zeros_like(centre_d) for tg in batch])
-            clock = [time.perf_counter()]
-            shown = [0]
+    tuner = ThreadTuner(cfg.n_threads, len(todo) * cfg.n_steps // max(1, sz.n_slots)) \
+        if device.type == "cpu" and not executor.remote else None
+    meter = SpeedMeter(len(todo))
+    clock = [time.perf_counter()]
+    credit: dict[str, list] = {}  # per unit: fractional targets credited, whole targets shown
 
-            def on_step(step: int, n_targets: int = len(batch)) -> None:
-                if tuner is not None:
-                    t = time.perf_counter()
-                    tuner.after_batch(t - clock[0], n_targets)
-                    tuner.before_batch()
-                    clock[0] = t
-                # Whole targets only, so the bar shows counts, not fractions; the rate and ETA stay smooth.
-                reached = (step + 1) * n_targets // cfg.n_steps
-                progress.update(reached - shown[0])
-                shown[0] = reached
+    def on_step(unit: list[Target], n_active: int) -> None:  # local units only: a worker cannot call back
+        if tuner is not None:
+            t = time.perf_counter()
+            tuner.after_batch(t - clock[0], n_active)
+            tuner.before_batch()
+            clock[0] = t
+        # Whole targets only, so the bar shows counts; a step moves n_active/n_steps targets along.
+        c = credit.setdefault(unit[0].render_id, [0.0, 0])
+        c[0] = min(len(unit) - 1, c[0] + n_active / max(1, cfg.n_steps))
+        if int(c[0]) > c[1]:
+            progress.update(int(c[0]) - c[1])
+            c[1] = int(c[0])
 
+    with restore_torch_threads(), bar(total=len(todo), desc="render", unit="target") as progress, \
+            UnitWriter(store) as writer:
+        if tuner is not None:
+            tuner.before_batch()
+        last = time.perf_counter()
+        # Units finish in any order on Ray; each is saved here as it arrives, exactly once.
+        for unit, result in executor.map_units(setup_render_context, payload, render_unit, units,
+                                               unit_id=lambda u: u[0].render_id, device=cfg.device, on_step=on_step):
+            progress.update(len(unit) - credit.pop(unit[0].render_id, [0.0, 0])[1])
+            # Remote units run side by side: the meter counts wall time between results (the cluster's rate).
+            now_s = time.perf_counter()
+            meter.add(len(unit), result.n_target_steps, now_s - last if executor.remote else result.seconds)
+            last = now_s
+            progress.set_postfix_str(meter.postfix())
+            writer.submit(save_unit, store, unit, result, settings, settings_hash)
+            clock[0] = time.perf_counter()
             if tuner is not None:
                 tuner.before_batch()
-            result = inversion.invert(model, dirs_bd, [tg.rng_seed for tg in batch], inv_settings,
-                                      centres_bd=centres_bd, on_step=on_step)
-            progress.update(len(batch) - shown[0])
-            _save_batch(store, batch, result, sae, settings, settings_hash)
 
     summary = {"sae_run_id": sae_run_id, **_summary(store, targets, len(todo), n_superseded, settings_hash)}
+    if todo:
+        summary.update(meter.summary())
+        summary.update({"n_slots": sz.n_slots, "views_per_pass": sz.views_per_pass, "unit_targets": sz.unit_targets,
+                        "compiled": ctx.compiled if ctx is not None else sz.compile})
+        say(f"render: {meter.line()}")
     if tuner is not None and tuner.chosen:
         summary["n_threads"] = tuner.chosen
+    if executor.remote:
+        summary.update(executor=executor.name, n_workers=executor.n_workers)
     return summary
 
 
-def _batches(todo: list[Target], size: int):
-    """Consecutive batches of one variant (a batch shares its parameterisation and augmentation)."""
-    batch: list[Target] = []
+def _units(todo: list[Target], size: int):
+    """Consecutive units of one variant (a unit shares its parameterisation and augmentation)."""
+    unit: list[Target] = []
     for tg in todo:
-        if batch and (len(batch) == size or tg.variant != batch[0].variant):
-            yield batch
-            batch = []
-        batch.append(tg)
-    if batch:
-        yield batch
+        if unit and (len(unit) == size or tg.variant != unit[0].variant):
+            yield unit
+            unit = []
+        unit.append(tg)
+    if unit:
+        yield unit
 
 
-def _save_batch(store: Store, batch: list[Target], result, sae: SparseAutoencoder, settings: dict,
-                settings_hash: str) -> None:
-    device = sae.W_dec.device
-    with torch.no_grad():
-        acts_bf = sae.encode_embeddings(result.embeddings_bd.to(device)).cpu()
-    pixels_bhw3 = inversion.to_uint8(result.images_b3hw)
+class SpeedMeter:
+    """Targets per hour, ms per target-step and the ETA of the whole plan, from the units done so far."""
+
+    def __init__(self, n_planned: int):
+        self.n_planned, self.n_targets, self.n_target_steps, self.seconds = n_planned, 0, 0, 0.0
+
+    def add(self, n_targets: int, n_target_steps: int, seconds: float) -> None:
+        self.n_targets += n_targets
+        self.n_target_steps += n_target_steps
+        self.seconds += seconds
+
+    @property
+    def targets_per_hour(self) -> float:
+        return 3600 * self.n_targets / max(self.seconds, 1e-9)
+
+    @property
+    def ms_per_target_step(self) -> float:
+        return 1000 * self.seconds / max(self.n_target_steps, 1)
+
+    @property
+    def eta_s(self) -> float:
+        return (self.n_planned - self.n_targets) * self.seconds / max(self.n_targets, 1)
+
+    def postfix(self) -> str:
+        return f"{self.targets_per_hour:,.0f} targets/h, {self.ms_per_target_step:.2f} ms/target-step"
+
+    def line(self) -> str:
+        return (f"{self.n_targets} targets in {self.seconds:.1f}s: {self.targets_per_hour:,.0f} targets/hour, "
+                f"{self.ms_per_target_step:.2f} ms per target-step, "
+                f"{self.n_target_steps / max(self.n_targets, 1):.1f} steps per target")
+
+    def summary(self) -> dict:
+        return {"targets_per_hour": round(self.targets_per_hour, 1),
+                "ms_per_target_step": round(self.ms_per_target_step, 3),
+                "mean_steps": round(self.n_target_steps / max(self.n_targets, 1), 1),
+                "render_seconds": round(self.seconds, 2)}
+
+
+class UnitWriter:
+    """Saves finished units on one background thread, so WebP encoding and the store write of a unit overlap
+    the next unit's compute. The store is used only by this thread while it runs (the stage does not touch
+    it meanwhile); at most `max_pending` saves wait, and leaving the block waits for all of them (also when
+    the render was interrupted, so every finished unit is committed) and re-raises a save's error."""
+
+    def __init__(self, store: Store, max_pending: int = 2):
+        self.store, self.max_pending = store, max_pending
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render-save")
+        self.pending: list[Future] = []
+
+    def submit(self, fn, *args) -> None:
+        while len(self.pending) >= self.max_pending:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def __enter__(self) -> "UnitWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.pool.shutdown(wait=True)
+        if exc_type is None:
+            for future in self.pending:
+                future.result()
+
+
+def save_unit(store: Store, targets: list[Target], result: UnitResult, settings: dict, settings_hash: str) -> None:
+    """Write a unit's WebP files, then its rows in one transaction (a row is written after its file)."""
     rows: dict[str, list] = {k: [] for k in ("render_id", "kind", "feature_a", "feature_b", "image_id", "t", "seed",
                                                "variant", "path", "cosine", "self_activation", "self_rank",
                                                "params_json", "settings_hash", "created_at")}
-    final_loss_b = result.loss_sb[-1] if len(result.loss_sb) else torch.full((len(batch),), float("nan"))
-    for k, tg in enumerate(batch):
+    for k, tg in enumerate(targets):
         path = render_path(store, tg.kind, tg.render_id)
-        write_webp(path, pixels_bhw3[k])
-        self_act = self_rank = None
-        if tg.kind == "feature":
-            acts_f = acts_bf[k]
-            self_act = float(acts_f[tg.feature_a])
-            self_rank = int((acts_f > acts_f[tg.feature_a]).sum())
+        write_webp(path, result.pixels_bhw3[k])
+        final_loss = float(result.final_loss_b[k])
         params = {**settings, "param": tg.param, "augment": tg.augment, "space": tg.space, "rng_seed": tg.rng_seed,
-                  "final_loss": None if math.isnan(float(final_loss_b[k])) else round(float(final_loss_b[k]), 5)}
+                  "steps": int(result.steps_b[k]),
+                  "final_loss": None if math.isnan(final_loss) else round(final_loss, 5)}
         for name, value in (("render_id", tg.render_id), ("kind", tg.kind), ("feature_a", tg.feature_a),
                             ("feature_b", tg.feature_b), ("image_id", tg.image_id), ("t", tg.t), ("seed", tg.seed),
                             ("variant", tg.variant),
                             ("path", path.relative_to(store.paths.out_dir).as_posix()),
-                            ("cosine", float(result.cosine_b[k])), ("self_activation", self_act),
-                            ("self_rank", self_rank), ("params_json", json.dumps(params)),
+                            ("cosine", float(result.cosine_b[k])), ("self_activation", result.self_activation_b[k]),
+                            ("self_rank", result.self_rank_b[k]), ("params_json", json.dumps(params)),
                             ("settings_hash", settings_hash), ("created_at", now())):
             rows[name].append(value)
-    import pyarrow as pa
-    types = {"feature_a": pa.int32(), "feature_b": pa.int32(), "image_id": pa.int32(), "t": pa.float64(),
-             "seed": pa.int32(), "cosine": pa.float64(), "self_activation": pa.float64(), "self_rank": pa.int32(),
-             "created_at": pa.timestamp("us")}
-    with store.transaction():
-        # A row left by a run that crashed between file and row write is replaced, not duplicated.
-        store.con.execute("DELETE FROM renders WHERE render_id IN (SELECT unnest(?))", [rows["render_id"]])
-        store.insert_frame("renders", {k: pa.array(v, type=types.get(k)) for k, v in rows.items()})
+    store.replace_renders(rows)
 
 
 def _existing(store: Store) -> set[str]:
     """render_ids whose row and file both exist (a row without its file is redone)."""
-    out = set()
-    for render_id, path in store.query("SELECT render_id, path FROM renders"):
-        if (store.paths.out_dir / path).exists():
-            out.add(render_id)
-    return out
+    return {render_id for render_id, path in store.render_files() if (store.paths.out_dir / path).exists()}
 
 
 def _drop_superseded(store: Store, settings_hash: str) -> int:
     """Delete renders made with other settings (rows and files): they no longer match the store."""
-    rows = store.query("SELECT render_id, path FROM renders WHERE settings_hash IS DISTINCT FROM ?", [settings_hash])
+    rows = store.renders_made_otherwise(settings_hash)
     if not rows:
         return 0
-    with store.transaction() as con:
-        con.execute("DELETE FROM renders WHERE settings_hash IS DISTINCT FROM ?", [settings_hash])
+    store.delete_renders([render_id for render_id, _ in rows])
     for _, path in rows:
         (store.paths.out_dir / path).unlink(missing_ok=True)
     say(f"render: removed {len(rows)} render(s) made with other settings")
@@ -367,7 +594,7 @@ def _drop_superseded(store: Store, settings_hash: str) -> int:
 
 def _summary(store: Store, targets: list[Target], n_rendered: int, n_superseded: int, settings_hash: str) -> dict:
     ids = [tg.render_id for tg in targets]
-    rows = store.query("SELECT kind, cosine, self_rank FROM renders WHERE render_id IN (SELECT unnest(?))", [ids])
+    rows = store.render_results(ids)
     per_kind = Counter(r[0] for r in rows)
     cosines = [r[1] for r in rows if r[1] is not None]
     ranks = [r[2] for r in rows if r[0] == "feature" and r[2] is not None]
@@ -386,19 +613,17 @@ def reset(store: Store) -> None:
     renders_dir = store.paths.renders_dir
     if not renders_dir.exists():
         if store.count("renders"):
-            with store.transaction() as con:
-                con.execute("DELETE FROM renders")
+            store.delete_renders()
         return
     known = set()
     missing = []
-    for render_id, path in store.query("SELECT render_id, path FROM renders"):
+    for render_id, path in store.render_files():
         if (store.paths.out_dir / path).exists():
             known.add((store.paths.out_dir / path).resolve())
         else:
             missing.append(render_id)
     if missing:
-        with store.transaction() as con:
-            con.execute("DELETE FROM renders WHERE render_id IN (SELECT unnest(?))", [missing])
+        store.delete_renders(missing)
     for path in renders_dir.rglob("*"):
         if path.is_file() and (".tmp" in path.name or path.resolve() not in known):
             path.unlink(missing_ok=True)
@@ -406,4 +631,4 @@ def reset(store: Store) -> None:
 
 # Renders are immutable artefacts keyed by their own id: its reset only tidies (see `reset`).
 SPEC = Stage("render", RenderConfig, run, inputs=("encode",), tables=("renders",), folders=("renders_dir",),
-             reset=reset)
+             reset=reset, executor=True)

@@ -15,6 +15,7 @@ from typing import Callable
 from ...config import SiteConfig
 from ..assets import SiteFiles
 from ..core import SiteWriter, make_env
+from .. import query
 from ..data import SiteData
 from .combinations import write_combinations
 from .decompositions import write_decompositions
@@ -70,7 +71,10 @@ def check_stage_pages(pages: tuple[Page, ...], stage_pages: dict[str, tuple[str,
 def build(cfg: SiteConfig, store, site_dir: Path) -> dict:
     """Write the whole site into `site_dir` (an empty folder); returns the site stage's summary."""
     t0 = time.perf_counter()
-    env = make_env(NAV)
+    # The Query page is decided first, so every page's navigation can link it (it is left out, with one
+    # line, when `[site] sql = false` or DuckDB-WASM's files are absent).
+    query_page = query.prepare(cfg, store, site_dir)
+    env = make_env(NAV + ((query_page.nav,) if query_page is not None else ()))
     writer = SiteWriter(env, site_dir, cfg)
     files = SiteFiles(store.paths.out_dir, site_dir)
     files.put_static_assets()
@@ -86,6 +90,8 @@ def build(cfg: SiteConfig, store, site_dir: Path) -> dict:
     for page in PAGES:
         if page.path in stage_of and page.path not in writer.written:
             writer.render("not_built.html", page.path, {"section": page.title, "stage": stage_of[page.path]})
+    # After the other pages: it publishes the pictures they copied.
+    query_summary = query_page.write(writer, data) if query_page is not None else {"query_page": False}
     t_pages = time.perf_counter() - t0
 
     if cfg.search_index:
@@ -94,4 +100,4 @@ def build(cfg: SiteConfig, store, site_dir: Path) -> dict:
     return {"n_pages": writer.n_pages, "n_feature_pages": len(data.features), "n_pictures": files.n_pictures,
             "n_missing_pictures": files.n_missing, "n_copied_pictures": files.n_copied,
             "seconds_data": round(t_data, 2), "seconds_pages": round(t_pages, 2),
-            "seconds_search": round(t_search, 2), "search_index": cfg.search_index}
+            "seconds_search": round(t_search, 2), "search_index": cfg.search_index, **query_summary}

@@ -1,0 +1,201 @@
+"""`atlasgen query` is read-only for real: every statement kind that writes, reads files, loads extensions or
+changes settings is refused with one line and exit 2, and nothing is written or read outside the store (the
+file system is compared before and after); the hint matches the error; the output formats."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from atlasgen.cli import app
+from atlasgen.progress import set_quiet
+from atlasgen.store import Store
+
+runner = CliRunner()
+SECRET = "s3cret-marker-4711"
+
+
+@pytest.fixture(scope="module")
+def small_out(tmp_path_factory) -> Path:
+    """A store with a few rows in images and features (no build needed)."""
+    set_quiet(True)
+    out = tmp_path_factory.mktemp("query") / "build"
+    with Store.open(out) as store:
+        store.con.execute("INSERT INTO images (image_id, source, label, corpus_path) VALUES "
+                          "(1, 'a.jpg', 'cat', 'corpus/1.jpg'), (2, 'b.jpg', 'dog', 'corpus/2.jpg'), "
+                          "(3, 'c.jpg', 'cat', 'corpus/3.jpg')")
+        store.con.execute("INSERT INTO features (feature_id, n_active, frequency, label) VALUES "
+                          "(0, 2, 0.66, 'cat (2/3)'), (1, 1, 0.33, 'dog (1/1)'), (2, 0, 0.0, NULL)")
+        store.con.execute("CHECKPOINT")
+    return out
+
+
+@pytest.fixture
+def sandbox(small_out, tmp_path, monkeypatch):
+    """cwd and HOME in an empty folder with one secret file outside the store; returns (out, cwd, home)."""
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    home.mkdir()
+    (cwd / "secret.txt").write_text(SECRET)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    return small_out, cwd, home
+
+
+def snapshot(*folders: Path) -> dict[str, tuple]:
+    """Every file and folder under `folders`: size and modification time."""
+    out = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                path = Path(root) / name
+                st = path.stat()
+                out[str(path)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def query(out: Path, sql: str, *args: str):
+    # `--` so that SQL starting with "--" (a comment) is not taken for an option.
+    return runner.invoke(app, ["query", "--out", str(out), *args, "--", sql])
+
+
+# Each refused statement, and the word that names what is refused in the one-line error.
+REFUSED = [
+    ("COPY features TO 'leak.csv'", "COPY"),
+    ("COPY (SELECT * FROM images) TO 'leak.parquet' (FORMAT parquet)", "COPY"),
+    ("COPY features FROM 'secret.txt'", "COPY"),
+    ("COPY FROM DATABASE atlas TO other", "COPY"),
+    ("ATTACH 'other.duckdb' AS other", "ATTACH"),
+    ("ATTACH ':memory:' AS scratch", "ATTACH"),
+    ("DETACH atlas", "DETACH"),
+    ("INSTALL httpfs", "INSTALL"),
+    ("FORCE INSTALL httpfs", "INSTALL"),
+    ("LOAD httpfs", "LOAD"),
+    ("UPDATE EXTENSIONS", "UPDATE EXTENSIONS"),
+    ("EXPORT DATABASE 'dump'", "EXPORT DATABASE"),
+    ("IMPORT DATABASE 'dump'", "IMPORT DATABASE"),
+    ("SET enable_external_access = true", "SET"),
+    ("SET lock_configuration = false", "SET"),
+    ("RESET enable_external_access", "RESET"),
+    ("SET GLOBAL threads = 1", "SET"),
+    ("PRAGMA threads = 1", "PRAGMA threads"),
+    ("PRAGMA enable_profiling", "PRAGMA enable_profiling"),
+    ("USE memory", "USE"),
+    ("INSERT INTO features (feature_id) VALUES (99)", "INSERT"),
+    ("UPDATE features SET label = 'x'", "UPDATE"),
+    ("DELETE FROM images", "DELETE"),
+    ("CREATE TABLE t AS SELECT 1", "CREATE"),
+    ("CREATE TEMP TABLE t AS SELECT 1", "CREATE"),
+    ("CREATE VIEW v AS SELECT 1", "CREATE"),
+    ("CREATE MACRO m(x) AS x + 1", "CREATE"),
+    ("DROP TABLE images", "DROP"),
+    ("ALTER TABLE images ADD COLUMN x INTEGER", "ALTER"),
+    ("TRUNCATE images", "TRUNCATE"),
+    ("CHECKPOINT", "CHECKPOINT"),
+    ("CALL checkpoint()", "checkpoint"),
+    ("VACUUM", "VACUUM"),
+    ("BEGIN TRANSACTION", "BEGIN"),
+    ("PREPARE p AS SELECT 1", "PREPARE"),
+    ("EXPLAIN COPY features TO 'leak.csv'", "COPY"),
+    ("WITH x AS (SELECT 1) INSERT INTO features (feature_id) SELECT * FROM x", "INSERT"),
+    ("SELECT 1; COPY features TO 'leak.csv'", "COPY"),
+    # Reads of files, URLs and globs inside a SELECT: refused by DuckDB itself (external access is off).
+    ("SELECT * FROM read_text('secret.txt')", "secret.txt"),
+    ("SELECT * FROM read_csv('secret.txt')", "secret.txt"),
+    ("SELECT * FROM 'secret.txt'", "secret.txt"),
+    ("SELECT * FROM read_blob('/etc/hostname')", "/etc/hostname"),
+    ("SELECT * FROM glob('*')", "*"),
+    ("SELECT * FROM read_parquet('https://example.com/x.parquet')", "https://example.com/x.parquet"),
+]
+
+
+@pytest.mark.parametrize("sql,named", REFUSED, ids=[s for s, _ in REFUSED])
+def test_refused_with_one_line_and_nothing_touched(sandbox, sql, named):
+    out, cwd, home = sandbox
+    before = snapshot(out, cwd, home)
+    result = query(out, sql)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("error: refused: "), result.output
+    assert named.lower() in lines[0].lower(), f"{named!r} not named in {lines[0]!r}"
+    assert len(lines) == 2 and lines[1].startswith("hint: "), result.output
+    assert "Traceback" not in result.output and SECRET not in result.output
+    assert snapshot(out, cwd, home) == before, "the file system changed"
+    assert sorted(p.name for p in cwd.iterdir()) == ["secret.txt"] and not any(home.iterdir())
+
+
+def test_only_writes_say_read_only(sandbox):
+    out, *_ = sandbox
+    result = query(out, "INSERT INTO features (feature_id) VALUES (99)")
+    assert "read-only" in result.output
+    for sql in ("SELEC 1", "SELECT * FROM nope", "SELECT nope FROM features", "SELECT 'a'::INTEGER"):
+        result = query(out, sql)
+        assert result.exit_code == 2 and "read-only" not in result.output, (sql, result.output)
+
+
+def test_syntax_error_says_where(sandbox):
+    out, *_ = sandbox
+    result = query(out, "SELECT feature_id\nFROM features\nWHERE label = = 'x'")
+    assert result.exit_code == 2
+    error, hint = result.output.strip().splitlines()
+    assert error.startswith("error: syntax error") and '"="' in error
+    assert hint.startswith("hint: check the SQL at line 3, column 15") and "WHERE label = = 'x'" in hint
+
+
+def test_missing_table_lists_tables_and_missing_column_lists_columns(sandbox):
+    out, *_ = sandbox
+    result = query(out, "SELECT * FROM featurez")
+    assert result.exit_code == 2 and "featurez" in result.output
+    hint = result.output.strip().splitlines()[-1]
+    assert hint.startswith("hint: did you mean features? the store's tables:"), hint
+    assert "features" in hint and "activations" in hint
+    result = query(out, "SELECT lable FROM features")
+    assert result.exit_code == 2
+    hint = result.output.strip().splitlines()[-1]
+    assert "features:" in hint and "label_purity" in hint
+
+
+@pytest.mark.parametrize("sql", ["", "   ", "-- just a comment", "/* nothing */ -- here\n"])
+def test_empty_or_comment_only_is_a_clear_error(sandbox, sql):
+    out, *_ = sandbox
+    result = query(out, sql)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: no SQL statement given")
+
+
+def test_reads_work_in_every_format(sandbox):
+    out, *_ = sandbox
+    sql = "SELECT feature_id, label, frequency FROM features ORDER BY feature_id"
+    result = query(out, sql, "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["feature_id", "label", "frequency"] and rows[1] == ["0", "cat (2/3)", "0.66"] and len(rows) == 4
+    result = query(out, sql, "--format", "json")
+    data = json.loads(result.stdout)
+    assert data[1] == {"feature_id": 1, "label": "dog (1/1)", "frequency": 0.33} and data[2]["label"] is None
+    result = query(out, sql, "--format", "markdown")
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "| feature_id | label | frequency |" and lines[1] == "|---|---|---|"
+    assert lines[2] == "| 0 | cat (2/3) | 0.66 |" and len(lines) == 5
+    result = query(out, sql, "--limit", "2")
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split() == ["feature_id", "label", "frequency"] and len(lines) == 4
+    assert "--limit 0" in result.stderr
+    result = query(out, sql, "--format", "yaml")
+    assert result.exit_code == 2 and "markdown" in result.output
+
+
+def test_read_only_statements_run(sandbox):
+    out, *_ = sandbox
+    for sql, expected in (("DESCRIBE features", "label_purity"), ("SHOW TABLES", "coactivation"),
+                          ("SUMMARIZE images", "label"), ("PRAGMA table_info('images')", "corpus_path"),
+                          ("EXPLAIN SELECT * FROM images", "physical_plan"),
+                          ("FROM images SELECT count(*) AS n", "3"),
+                          ("SELECT 1 AS a; SELECT label FROM images WHERE image_id = 2", "dog")):
+        result = query(out, sql)
+        assert result.exit_code == 0 and expected in result.stdout, (sql, result.output)
