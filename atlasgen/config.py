@@ -43,8 +43,9 @@ class IngestConfig:
     corpus_side: int = 256
     # Tiny preset: how many generated images.
     n_tiny_images: int = 320
-    # Worker threads decoding images (does not change results).
-    n_workers: int = field(default=2, metadata=NO_HASH)
+    # Worker processes decoding images and writing the corpus copies; 0 = one per core (does not change
+    # results).
+    n_workers: int = field(default=0, metadata=NO_HASH)
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,16 @@ class EmbedConfig:
     model: str = "facebook/dinov3-vits16-pretrain-lvd1689m"
     # auto (bf16 where the hardware is fast at it) | fp32 | bf16.
     precision: str = "auto"
-    # Images per forward pass (does not change results).
-    batch_size: int = field(default=32, metadata=NO_HASH)
-    # Decode threads overlapping with the model (does not change results).
-    n_workers: int = field(default=2, metadata=NO_HASH)
+    # Images per forward pass; 0 = auto: 32 on a CPU, on a GPU the largest power of two up to 1024 that fits
+    # its free memory (does not change results beyond float noise).
+    batch_size: int = field(default=0, metadata=NO_HASH)
+    # Worker processes decoding and resizing corpus images ahead of the model; 0 = one per core (does not
+    # change results).
+    n_workers: int = field(default=0, metadata=NO_HASH)
     # auto | cpu | cuda (set by --device; does not change results beyond float noise).
     device: str = field(default="auto", metadata=NO_HASH)
-    # Images per committed chunk: an interrupted embed resumes from the last committed chunk.
+    # Images per committed chunk (whole batches: at least one): an interrupted embed resumes from the last
+    # committed chunk.
     chunk_size: int = field(default=256, metadata=NO_HASH)
     # torch threads for the model; 0 = auto: time a batch with all cores and with fewer and keep the
     # fastest (on a busy machine one thread can beat all cores several times over).
@@ -427,9 +431,9 @@ RENDER_PARAMS = ("transformer", "pixels", "fourier")
 
 RULES: dict[type, dict[str, Rule]] = {
     IngestConfig: {"source": _source_rule, "limit": at_least(0), "max_pixels": at_least(1),
-                   "corpus_side": at_least(16), "n_tiny_images": at_least(1), "n_workers": at_least(1)},
-    EmbedConfig: {"precision": one_of(*PRECISIONS), "device": one_of(*DEVICES), "batch_size": at_least(1),
-                  "n_workers": at_least(1), "chunk_size": at_least(1), "n_threads": at_least(0)},
+                   "corpus_side": at_least(16), "n_tiny_images": at_least(1), "n_workers": at_least(0)},
+    EmbedConfig: {"precision": one_of(*PRECISIONS), "device": one_of(*DEVICES), "batch_size": at_least(0),
+                  "n_workers": at_least(0), "chunk_size": at_least(1), "n_threads": at_least(0)},
     TrainConfig: {"expansion": at_least(1), "l1_coeff": at_least(0), "lr": lambda v: None if v > 0 else "must be > 0",
                   "warmup_steps": at_least(0), "n_steps": at_least(1), "batch_size": at_least(1),
                   "dead_window": at_least(1), "resample_every": at_least(0), "resample_until": between(0, 1),

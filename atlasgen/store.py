@@ -812,3 +812,9 @@ class Store:
         """Every probe step's picture, relative to the output folder."""
         return [r[0] for r in self.con.execute(
             "SELECT DISTINCT image_path FROM probes WHERE image_path IS NOT NULL ORDER BY 1").fetchall()]
+
+    # --- ingest/embed speed ------------------------------------------------------------------------------
+    def for_thread(self) -> "Store":
+        """A second Store on the same database for one other thread (a DuckDB connection must not be used
+        by two threads at once); close it when that thread is done."""
+        return Store(self.con.cursor(), self.paths, self.read_only)

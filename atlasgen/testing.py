@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -299,3 +300,165 @@ def record_sae(store, sae, run_id: str = "run0", used_by: tuple[str, ...] = ("tr
         if row is None or row["status"] != "done":
             store.mark_stage_started(stage, "handmade", "{}")
         store.mark_stage_done(stage, summary)
+
+
+# --- ingest/embed speed: generated photos and peak memory -------------------------------------------------
+_NOISE_BANK: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _photo_jpeg(args: tuple[str, int, int, int, int]) -> None:
+    """One photo-like JPEG: smooth colour waves plus sensor-like noise, so it costs what a photo costs to
+    decode (~60 KB at 500×375 and quality 90)."""
+    from PIL import Image
+    path, index, width, height, quality = args
+    if (width, height) not in _NOISE_BANK:  # once per process: noise windows are cut from it at random offsets
+        bank_rng = np.random.default_rng(width * 7919 + height)
+        _NOISE_BANK[(width, height)] = bank_rng.normal(0, 9, size=(2 * height, 2 * width, 3)).astype(np.float32)
+    bank = _NOISE_BANK[(width, height)]
+    rng = np.random.default_rng(index)
+    fx, fy, f2 = rng.uniform(0.005, 0.08, 3).astype(np.float32)
+    phase = rng.uniform(0, 6.28, 3).astype(np.float32)
+    x = np.arange(width, dtype=np.float32)
+    y = np.arange(height, dtype=np.float32)[:, None]
+    img = np.empty((height, width, 3), np.float32)
+    img[..., 0] = np.sin(x * fx + phase[0]) + np.cos(y * fy + phase[1]) * 0.5
+    img[..., 1] = np.cos(x * fy + phase[2]) * np.sin(y * fx) + 0.3 * np.sin(y * f2)
+    img[..., 2] = np.sin(x * f2 + phase[1]) * np.cos(y * f2)
+    img *= 70
+    img += 128
+    top, left = rng.integers(0, height), rng.integers(0, width)
+    img += bank[top:top + height, left:left + width]
+    np.clip(img, 0, 255, out=img)
+    Image.fromarray(img.astype(np.uint8)).save(path, quality=quality)
+
+
+def make_photo_folder(folder: Path | str, n_images: int, width: int = 500, height: int = 375, quality: int = 90,
+                      n_procs: int = 0, n_classes: int = 10) -> Path:
+    """`n_images` generated photo-like JPEGs (ImageNet-val size by default) in one sub-folder per class, written
+    by a process pool (`n_procs` = 0: one per core). Deterministic by index."""
+    import multiprocessing as mp
+
+    from .threads import n_cores
+    folder = Path(folder)
+    jobs = []
+    for i in range(n_images):
+        sub = folder / f"class{i % n_classes:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(sub / f"img{i:07d}.jpg"), i, width, height, quality))
+    n_procs = n_procs or n_cores()
+    if n_procs == 1 or n_images < 32:
+        for job in jobs:
+            _photo_jpeg(job)
+    else:
+        with mp.get_context("fork").Pool(n_procs) as pool:
+            pool.map(_photo_jpeg, jobs, chunksize=16)
+    return folder
+
+
+def _children(pid: int) -> list[int]:
+    """A process's children: from /proc/PID/task/TID/children, or (kernels without it) from every /proc/N/stat."""
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+        return out
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return out
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    out, stack = [], _children(pid)
+    while stack:
+        child = stack.pop()
+        out.append(child)
+        stack.extend(_children(child))
+    return out
+
+
+def _status_bytes(pid: int | str, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _uss_bytes(pid: int) -> int:
+    """Pages only this process holds (Private_Clean + Private_Dirty): what a forked worker adds to its parent."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
+class PeakMemory:
+    """Peak memory during the block: this process's peak RSS (the kernel's high-water mark, reset at the start;
+    sampled where it cannot be reset) plus the peak of its worker processes' unique memory (USS: pages only they
+    hold, so pages shared with this process — its modules, the shared-memory batches — count once). Reading a
+    worker's USS walks its page tables, so those samples are spaced to cost at most ~10% of one core.
+
+        with PeakMemory() as peak:
+            work()
+        print(peak.main_bytes, peak.workers_bytes, peak.peak_bytes)
+    """
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.main_bytes = 0
+        self.workers_bytes = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.main_bytes + self.workers_bytes
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (Linux ≥ 4.0)
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+        self.main_bytes = _status_bytes("self", "VmRSS")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import time
+        next_workers = 0.0
+        while not self._stop.wait(self.interval_s):
+            if not self._hwm:
+                self.main_bytes = max(self.main_bytes, _status_bytes("self", "VmRSS"))
+            if time.perf_counter() >= next_workers:
+                t0 = time.perf_counter()
+                self.workers_bytes = max(self.workers_bytes, sum(_uss_bytes(p) for p in _descendants(os.getpid())))
+                next_workers = time.perf_counter() + 9 * (time.perf_counter() - t0)
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        hwm = _status_bytes("self", "VmHWM") if self._hwm else 0
+        self.main_bytes = max(self.main_bytes, hwm, _status_bytes("self", "VmRSS"))

@@ -1,14 +1,22 @@
-"""Embed-stage throughput vs a naive loop, both measured in this run, on the real ViT-S/16 shape.
+"""Embed throughput and peak memory on the real ViT-S/16 shape (random weights), all measured in this run:
 
-Naive baseline: the Hugging Face DINOv3ViTModel called batch by batch in fp32 on PIL-preprocessed images
-(open, resize, normalise in the main thread; no overlap), with torch's default thread count.
-Ours: `atlasgen.stages.embed.run` (decode threads overlapping the model, bf16 where the CPU is fast at it,
-thread count tuned on the first batches), reading the ingested corpus.
+- the model-only ceiling: the model's forward on uint8 batches already on the device (what embed could reach);
+- where today's time goes: one core's decode + resize per image, the float copy to the device, the model, and
+  the commit of a chunk of FLOAT[] rows (today's path does all but decode in one thread, one after the other);
+- today's path: a copy of the loop embed had before worker processes (decode threads, the model and every
+  commit in the main thread, float batches copied from ordinary memory);
+- the new path: `atlasgen.stages.embed.run` (decode in worker processes into shared memory, pinned memory and
+  non-blocking copies on CUDA, auto batch size on a GPU, commits in a writer thread);
+- on a CPU also the naive loop of earlier figures (the Hugging Face model called batch by batch in fp32 on
+  PIL-preprocessed source JPEGs, no overlap, torch's default threads).
 
-Random weights (`vits16_config()` written with save_pretrained into a temp dir); generated 320×240 JPEGs.
+The corpus: generated ImageNet-sized photos (500×375 JPEG, ~60 KB) ingested to 256 px copies. Today's and the
+new path each run at two corpus sizes (N/4 and N); the rate is the stage's own (model loading excluded) at N,
+and the peak memory at both sizes shows whether memory grows with N: this process's peak RSS plus its workers'
+peak unique memory (USS; pages shared with this process, such as the shared-memory batches, count once).
 
-    python benchmarks/embed.py            # 256 images, best of 2 rounds
-    python benchmarks/embed.py --quick    # 48 images, one round, under a minute
+    python benchmarks/embed.py --device cuda --n-images 16000   # H100, 16 cores: ~60 s
+    python benchmarks/embed.py --device cpu --quick             # 2-core box: 48 images, a few minutes
 """
 from __future__ import annotations
 
@@ -16,6 +24,9 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,33 +35,86 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atlasgen.stages import embed, ingest  # noqa: E402
 from atlasgen.config import EmbedConfig, IngestConfig  # noqa: E402
-from atlasgen.model import IMAGENET_MEAN, IMAGENET_STD, ensure_random_model, vits16_config  # noqa: E402
-from atlasgen.progress import set_quiet  # noqa: E402
+from atlasgen.model import (IMAGENET_MEAN, IMAGENET_STD, arrays_to_batch, ensure_random_model,  # noqa: E402
+                            load_embedding_model, resolve_device, vits16_config)
+from atlasgen.progress import bar, set_quiet  # noqa: E402
+from atlasgen.stages import embed, ingest  # noqa: E402
+from atlasgen.loader import load_corpus_array  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
+from atlasgen.testing import PeakMemory, make_photo_folder  # noqa: E402
+from atlasgen.threads import ThreadTuner, n_cores, restore_torch_threads  # noqa: E402
+
+GIB = 2 ** 30
 
 
-def make_jpegs(folder: Path, n: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:240, 0:320].astype(np.float32)
-    paths = []
-    for i in range(n):
-        fx, fy, phase = rng.uniform(0.01, 0.1, 2).tolist() + [rng.uniform(0, 6.28)]
-        base = np.stack([np.sin(xx * fx + phase), np.cos(yy * fy), np.sin((xx + yy) * fx * 0.5)], -1)
-        arr = (base * 90 + 128 + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
-        path = folder / f"img{i:05d}.jpg"
-        Image.fromarray(arr).save(path, quality=90)
-        paths.append(path)
-    return paths
+# --- today's path: embed.run before worker processes (kept verbatim apart from names) -------------------------
+def today_embed_batch(model, arrays_bhw3: np.ndarray) -> np.ndarray:
+    device = next(model.backbone.parameters()).device
+    with torch.inference_mode():
+        return model(arrays_to_batch(arrays_bhw3).to(device)).cpu().numpy()
 
 
-def naive_rate(model_path: Path, paths: list[Path], batch_size: int, n_threads: int | None) -> float:
+def today_embed(cfg: EmbedConfig, store: Store) -> dict:
+    todo = store.images_without_embedding()
+    model = load_embedding_model(cfg.model, cfg.device, cfg.precision, models_dir=store.paths.models_dir)
+    size, mode = model.spec.image_size, model.spec.resize_mode
+    out_dir = store.paths.out_dir
+    n_embedded = 0
+    t0 = time.perf_counter()
+
+    def decode(item: tuple[int, str]) -> np.ndarray | str:
+        try:
+            return load_corpus_array(out_dir / item[1], size, mode)
+        except Exception as e:
+            return f"cannot read the corpus copy {item[1]}: {e}"
+
+    chunks = [todo[i:i + cfg.chunk_size] for i in range(0, len(todo), cfg.chunk_size)]
+    tuner = ThreadTuner(cfg.n_threads, -(-len(todo) // cfg.batch_size))
+    with restore_torch_threads(), ThreadPoolExecutor(max(1, cfg.n_workers), thread_name_prefix="embed-decode") as pool, \
+            bar(total=len(todo), desc="embed", unit="img"):
+        batches = [batch for chunk in chunks for batch in _split(chunk, cfg.batch_size)]
+        ahead: deque[list[Future]] = deque()
+        next_batch = 0
+
+        def submit_more() -> None:
+            nonlocal next_batch
+            while next_batch < len(batches) and len(ahead) < 2:
+                ahead.append([pool.submit(decode, item) for item in batches[next_batch]])
+                next_batch += 1
+
+        for chunk in chunks:
+            chunk_ids: list[int] = []
+            chunk_emb: list[np.ndarray] = []
+            for batch in _split(chunk, cfg.batch_size):
+                submit_more()
+                results = [f.result() for f in ahead.popleft()]
+                submit_more()
+                good = [(item, r) for item, r in zip(batch, results) if not isinstance(r, str)]
+                if good:
+                    tuner.before_batch()
+                    t_batch = time.perf_counter()
+                    emb_bd = today_embed_batch(model, np.stack([r for _, r in good]))
+                    tuner.after_batch(time.perf_counter() - t_batch, len(good))
+                    chunk_ids.extend(item[0] for item, _ in good)
+                    chunk_emb.append(emb_bd)
+            if chunk_ids:
+                store.add_embeddings(np.asarray(chunk_ids), np.concatenate(chunk_emb))
+                n_embedded += len(chunk_ids)
+    seconds = time.perf_counter() - t0
+    return {"n_embedded": n_embedded, "images_per_s": round(n_embedded / seconds, 1),
+            "n_threads": tuner.last_chosen or tuner.candidates[0], "dtype": str(model.dtype).replace("torch.", ""),
+            "batch_size": cfg.batch_size, "n_workers": cfg.n_workers}
+
+
+def _split(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# --- the other measurements -----------------------------------------------------------------------------------
+def naive_rate(model_path: Path, paths: list[Path], batch_size: int) -> float:
+    """The Hugging Face model batch by batch in fp32 on PIL-preprocessed source JPEGs, no overlap."""
     from transformers import DINOv3ViTModel
-    before = torch.get_num_threads()
-    if n_threads:
-        torch.set_num_threads(n_threads)
     model = DINOv3ViTModel.from_pretrained(model_path).eval()
     mean = np.array(IMAGENET_MEAN, np.float32)
     std = np.array(IMAGENET_STD, np.float32)
@@ -64,50 +128,207 @@ def naive_rate(model_path: Path, paths: list[Path], batch_size: int, n_threads: 
                 arrays.append((arr - mean) / std)
             pixel_values = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
             model(pixel_values=pixel_values).pooler_output.numpy()
-    seconds = time.perf_counter() - t0
-    torch.set_num_threads(before)
-    return len(paths) / seconds
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_per_call(fn, device: torch.device, min_seconds: float, min_calls: int = 3) -> float:
+    fn()
+    fn()
+    _sync(device)
+    n, t0 = 0, time.perf_counter()
+    while n < min_calls or time.perf_counter() - t0 < min_seconds:
+        fn()
+        n += 1
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def ceiling_rate(model, batch_size: int, min_seconds: float) -> float:
+    """Images/s of the model alone: uint8 batches already on the device, no copies, no decoding."""
+    device = model.mean_c11.device
+    size = model.image_size
+    pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, device=device)
+    with torch.inference_mode():
+        seconds = _time_per_call(lambda: model(pixels.permute(0, 3, 1, 2).float().div_(255.0)), device, min_seconds)
+    return batch_size / seconds
+
+
+def profile_today(model, corpus_paths: list[Path], batch_size: int, chunk_size: int, tmp_path: Path) -> str:
+    """Where today's time goes, per image: decode + resize on one core, the float copy to the device, the model,
+    and the commit of a chunk of rows."""
+    device = model.mean_c11.device
+    size, mode = model.image_size, model.spec.resize_mode
+    sample = corpus_paths[:64]
+    t0 = time.perf_counter()
+    arrays = [load_corpus_array(p, size, mode) for p in sample]
+    decode_ms = (time.perf_counter() - t0) / len(sample) * 1e3
+    batch = np.stack((arrays * (batch_size // len(arrays) + 1))[:batch_size])
+    copy_s = _time_per_call(lambda: arrays_to_batch(batch).to(device), device, 0.5)
+    on_device = arrays_to_batch(batch).to(device)
+    with torch.inference_mode():
+        model_s = _time_per_call(lambda: model(on_device), device, 1.0)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(chunk_size, model.dim)).astype(np.float32)
+    with Store.open(tmp_path / "commit-probe") as store:
+        store.add_embeddings(np.arange(chunk_size), emb)  # warm-up
+        k = [1]
+
+        def commit():
+            store.add_embeddings(np.arange(k[0] * chunk_size, (k[0] + 1) * chunk_size), emb)
+            k[0] += 1
+        commit_s = _time_per_call(commit, torch.device("cpu"), 0.5)
+    return (f"where today's time goes, per image (batch {batch_size}, chunk {chunk_size}): decode + resize "
+            f"{decode_ms:.2f} ms on one core; float copy to {device.type} {copy_s / batch_size * 1e3:.3f} ms; "
+            f"model {model_s / batch_size * 1e3:.3f} ms; commit {commit_s / chunk_size * 1e3:.3f} ms "
+            f"(all but decoding in the main thread, one after the other)")
+
+
+def run_embed(fn, cfg: EmbedConfig, out_dir: Path, device: torch.device) -> dict:
+    """One embed into `out_dir` (after a reset): the stage's summary + wall seconds, peak memory, embeddings."""
+    with Store.open(out_dir) as store:
+        embed.SPEC.reset_outputs(store)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with PeakMemory() as peak:
+            t0 = time.perf_counter()
+            summary = fn(cfg, store)
+            wall_s = time.perf_counter() - t0
+        _, emb = store.embeddings()
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {**summary, "wall_s": wall_s, "peak": peak, "gpu_peak_bytes": gpu_peak, "emb": emb}
+
+
+def _mem(peak: PeakMemory) -> str:
+    return (f"{peak.peak_bytes / GIB:.2f} GiB (this process {peak.main_bytes / GIB:.2f} + workers "
+            f"{peak.workers_bytes / GIB:.2f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="48 images, one round (under a minute)")
-    parser.add_argument("--rounds", type=int, default=0, help="default 2 (1 with --quick)")
-    parser.add_argument("--n-images", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=0, help="default 16 (8 with --quick)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--n-images", type=int, default=0,
+                        help="corpus size N (default: 16,000 on CUDA, 96 on a CPU, 48 with --quick); N/4 is the "
+                             "small size")
+    parser.add_argument("--quick", action="store_true", help="48 images, one round")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds at size N, best kept (default 2 on a CPU, "
+                                                               "1 with --quick or on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="one batch size for every path (default: on a CPU 16, 8 with --quick, as in earlier "
+                             "figures; on CUDA today's default 32 for today's path and the auto size for the new)")
+    parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the naive Hugging Face loop (default: on a CPU only)")
     args = parser.parse_args()
-    n_images = args.n_images or (48 if args.quick else 256)
-    args.rounds = args.rounds or (1 if args.quick else 2)
-    args.batch_size = args.batch_size or (8 if args.quick else 16)
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    n_images = args.n_images or (48 if args.quick else 16000 if on_gpu else 96)
+    n_small = max(1, n_images // 4)
+    rounds = args.rounds or (1 if args.quick or on_gpu else 2)
+    batch_today = args.batch_size or (32 if on_gpu else 8 if args.quick else 16)
+    batch_new = args.batch_size or (0 if on_gpu else batch_today)
+    naive = args.naive if args.naive is not None else not on_gpu
     set_quiet(True)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
+    except ImportError:
+        pass
+    t_start = time.perf_counter()
+    gpu_name = f" ({torch.cuda.get_device_name(device)})" if on_gpu else ""
+    print(f"embed benchmark: {device.type}{gpu_name}, {n_cores()} cores, torch {torch.__version__}, "
+          f"ViT-S/16 shape (random weights), precision auto", flush=True)
     with tempfile.TemporaryDirectory(prefix="atlasgen-bench-embed-") as tmp:
         tmp_path = Path(tmp)
-        paths = make_jpegs(tmp_path / "images", n_images)
+        t0 = time.perf_counter()
+        folder = make_photo_folder(tmp_path / "images", n_images)
+        t_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with Store.open(tmp_path / "big") as store:
+            ingest.run(IngestConfig(source=f"folder:{folder}"), store)
+        with Store.open(tmp_path / "small") as store:
+            ingest.run(IngestConfig(source=f"folder:{folder}", limit=n_small), store)
+        print(f"corpus: {n_images} generated 500×375 JPEGs (written in {t_gen:.1f} s), ingested to 256 px copies "
+              f"(N and N/4 = {n_small}: {time.perf_counter() - t0:.1f} s)", flush=True)
         model_path = ensure_random_model(tmp_path / "models" / "vits16", vits16_config())
-        with Store.open(tmp_path / "build") as store:
-            ingest.run(IngestConfig(source=f"folder:{tmp_path / 'images'}"), store)
+        sources = sorted(folder.rglob("*.jpg"))
+        corpus = sorted((tmp_path / "big" / "corpus").glob("*.jpg"))
 
-            default_threads = torch.get_num_threads()
-            print(f"{n_images} images 320×240 JPEG, ViT-S/16 shape (random weights), batch {args.batch_size}, "
-                  f"{embed.n_cores()} cores, torch default threads {default_threads}, best of {args.rounds} round(s)")
-            # Other processes share the machine: alternate the contenders and keep each one's best round.
-            naive, ours, naive_same, chosen, dtype = [], [], [], default_threads, ""
-            for _ in range(args.rounds):
-                naive.append(naive_rate(model_path, paths, args.batch_size, None))
-                embed.SPEC.reset_outputs(store)
-                summary = embed.run(EmbedConfig(model=str(model_path), precision="auto",
-                                                batch_size=args.batch_size, device="cpu"), store)
-                ours.append(summary["images_per_s"])
-                chosen, dtype = summary["n_threads"], summary["dtype"]
-                if chosen != default_threads:
-                    naive_same.append(naive_rate(model_path, paths, args.batch_size, chosen))
-            print(f"naive fp32 loop ({default_threads} threads, default):    {max(naive):7.1f} img/s")
-            print(f"atlasgen embed ({dtype}, {chosen} thread(s), overlap): {max(ours):7.1f} img/s   "
-                  f"speed-up {max(ours) / max(naive):.2f}x")
-            if naive_same:
-                # Separates the gain of bf16 + overlap from the gain of picking the thread count.
-                print(f"naive fp32 loop ({chosen} thread(s), as ours chose): {max(naive_same):7.1f} img/s   "
-                      f"speed-up {max(ours) / max(naive_same):.2f}x")
+        model = load_embedding_model(str(model_path), device, "auto")
+        batch_auto = batch_new or embed.auto_batch_size(model)
+        try:
+            print(profile_today(model, corpus, batch_today, 256, tmp_path), flush=True)
+        except Exception as e:
+            print(f"profile FAILED: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+
+        cfg_today = EmbedConfig(model=str(model_path), device=device.type, batch_size=batch_today, n_workers=2)
+        cfg_new = EmbedConfig(model=str(model_path), device=device.type, batch_size=batch_new)
+        contenders = [("today's path", today_embed, cfg_today), ("new path", embed.run, cfg_new)]
+        results: dict[str, list[dict]] = {name: [] for name, _, _ in contenders}
+        small: dict[str, dict] = {}
+        naive_rates: list[float] = []
+        for name, fn, cfg in contenders:  # the small size first (also warms the GPU)
+            try:
+                small[name] = run_embed(fn, cfg, tmp_path / "small", device)
+            except Exception as e:
+                print(f"{name}, {n_small} images: FAILED: {type(e).__name__}: {e}", flush=True)
+                traceback.print_exc()
+        for _ in range(rounds):  # other jobs may share the machine: alternate, keep each one's best round
+            if naive:
+                naive_rates.append(naive_rate(model_path, sources, batch_today))
+            for name, fn, cfg in contenders:
+                try:
+                    results[name].append(run_embed(fn, cfg, tmp_path / "big", device))
+                except Exception as e:
+                    print(f"{name}, {n_images} images: FAILED: {type(e).__name__}: {e}", flush=True)
+                    traceback.print_exc()
+
+        best = {name: max(runs, key=lambda r: r["images_per_s"]) for name, runs in results.items() if runs}
+        threads = best.get("new path", {}).get("n_threads") or torch.get_num_threads()
+        with restore_torch_threads():
+            if not on_gpu:
+                torch.set_num_threads(threads)
+            ceiling = ceiling_rate(model, batch_auto, 2.0 if on_gpu else 5.0)
+        print(f"model-only ceiling ({str(model.dtype).replace('torch.', '')}, batch {batch_auto}"
+              f"{'' if on_gpu else f', {threads} thread(s)'}, uint8 already on the device): {ceiling:9.1f} img/s",
+              flush=True)
+        if naive_rates:
+            print(f"naive fp32 loop (batch {batch_today}, torch default threads), {n_images} images: "
+                  f"{max(naive_rates):9.1f} img/s", flush=True)
+        for name, r in best.items():
+            how = (f"{r['n_workers']} decode threads" if name == "today's path" else
+                   f"{r['n_workers']} worker processes{', pinned' if on_gpu else ''}, writer thread")
+            line = (f"{name} ({r['dtype']}, batch {r['batch_size']}, {how}, {r['n_threads']} torch thread(s)), "
+                    f"{n_images} images: {r['images_per_s']:9.1f} img/s = {r['images_per_s'] / ceiling:6.1%} of the "
+                    f"ceiling ({r['wall_s']:.1f} s with model loading)")
+            if name == "new path" and "today's path" in best:
+                today_rate = best["today's path"]["images_per_s"]
+                line += f"; {r['images_per_s'] / today_rate:.2f}x today's"
+            if naive_rates:
+                line += f"; {r['images_per_s'] / max(naive_rates):.2f}x naive"
+            print(line, flush=True)
+        for name, r in best.items():
+            if name in small:
+                s = small[name]
+                gpu = (f"; GPU (torch max allocated) {s['gpu_peak_bytes'] / GIB:.2f} → "
+                       f"{r['gpu_peak_bytes'] / GIB:.2f} GiB" if on_gpu else "")
+                ratio = r["peak"].peak_bytes / max(s["peak"].peak_bytes, 1)
+                print(f"peak memory, {name}: {n_small} images {_mem(s['peak'])}; {n_images} images {_mem(r['peak'])} "
+                      f"(×{ratio:.2f} for ×{n_images / n_small:.0f} images){gpu}", flush=True)
+        if len(best) == 2:
+            a, b = best["today's path"]["emb"], best["new path"]["emb"]
+            if a.shape == b.shape:
+                cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+                print(f"new path's embeddings vs today's: max |Δ| {np.abs(a - b).max():.2e}, min cosine {cos.min():.6f}"
+                      f"{' (identical)' if np.array_equal(a, b) else ''}", flush=True)
+            else:
+                print(f"new path's embeddings vs today's: shapes differ {a.shape} vs {b.shape}", flush=True)
+    print(f"benchmark wall time: {time.perf_counter() - t_start:.1f} s", flush=True)
+
 
 if __name__ == "__main__":
     main()

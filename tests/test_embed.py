@@ -13,7 +13,8 @@ from PIL import Image
 from atlasgen import threads
 from atlasgen.stages import embed
 from atlasgen.config import load_config
-from atlasgen.model import arrays_to_batch, pil_to_array, resize_tensor
+from atlasgen.loader import CorpusBatches, load_corpus_array
+from atlasgen.model import arrays_to_batch, load_embedding_model, pil_to_array, resize_tensor
 from atlasgen.pipeline import run_stages
 from atlasgen.progress import set_quiet
 from atlasgen.store import Store
@@ -119,6 +120,76 @@ def test_resume_after_interrupt(ingested, tmp_path, monkeypatch):
     with Store.open(out) as store:
         summary = run_stages(_cfg(precision="bf16"), store, ["embed"])["embed"]
     assert summary["n_resumed"] == 0 and summary["n_embedded"] == N_IMAGES
+
+
+@pytest.mark.parametrize("precision,stage", [("fp32", "none"), ("bf16", "none"), ("fp32", "copy")])
+def test_same_embeddings_as_the_in_thread_loop(ingested, tmp_path, monkeypatch, precision, stage):
+    """Worker processes + shared memory + writer thread give exactly what the earlier loop gave: each image decoded
+    in this process, the float batch made on the CPU, batches of 4 in id order (one torch thread on both sides,
+    so the same kernels run). `copy`: batches as torch tensors from the staging thread (the GPU's path, without
+    pinning)."""
+    monkeypatch.setattr(embed, "loader_stage", lambda on_gpu: stage)
+    out = _copy(ingested, tmp_path / "b")
+    with Store.open(out) as store:
+        summary = run_stages(_cfg(precision=precision, n_threads=1, n_workers=2), store, ["embed"])["embed"]
+        ids, emb = store.embeddings()
+        paths = store.corpus_paths()
+    assert summary["n_workers"] == 2 and summary["batch_size"] == 4
+    model = load_embedding_model("tiny", "cpu", precision, models_dir=out / "models")
+    size, mode = model.image_size, model.spec.resize_mode
+    reference = []
+    with threads.restore_torch_threads(), torch.inference_mode():
+        torch.set_num_threads(1)
+        for i in range(0, len(ids), 4):
+            arrays = np.stack([load_corpus_array(out / paths[int(j)], size, mode) for j in ids[i:i + 4]])
+            reference.append(model(arrays_to_batch(arrays)).numpy())
+    assert np.array_equal(emb, np.concatenate(reference))
+
+
+def test_loader_ways_agree_and_report_damaged_files(ingested, tmp_path):
+    """Shared-memory views (processes), the staging thread, and threads instead of processes yield the same
+    batches; a ring of 2 slots is reused across 6 batches; a damaged file is reported, not yielded."""
+    out = _copy(ingested, tmp_path / "b")
+    (out / "corpus" / "00000005.jpg").write_bytes(b"garbage")
+    with Store.open(out, read_only=True) as store:
+        items = sorted(store.corpus_paths().items())[:11]
+
+    def collect(**kw) -> list:
+        with CorpusBatches(out, items, 2, 112, "resize", n_workers=2, n_slots=2, **kw) as batches:
+            return [(b.image_ids.tolist(), np.array(b.arrays_bhw3.numpy() if isinstance(b.arrays_bhw3, torch.Tensor)
+                                                    else b.arrays_bhw3), b.n_items, b.skipped) for b in batches]
+
+    views, staged, in_threads = collect(), collect(stage="copy"), collect(processes=False)
+    assert [b[0] for b in views] == [[0, 1], [2, 3], [4], [6, 7], [8, 9], [10]]
+    assert [b[2] for b in views] == [2, 2, 2, 2, 2, 1]
+    (source, reason), = views[2][3]
+    assert source == "image 5 (corpus/00000005.jpg)" and "cannot read the corpus copy corpus/00000005.jpg" in reason
+    for other in (staged, in_threads):
+        assert [(b[0], b[2], b[3]) for b in other] == [(b[0], b[2], b[3]) for b in views]
+        assert all(np.array_equal(x[1], y[1]) for x, y in zip(other, views))
+    assert np.array_equal(views[3][1][1], load_corpus_array(out / "corpus/00000007.jpg", 112, "resize"))
+
+
+def test_model_step_halves_its_batch_when_the_gpu_runs_out(tiny_model, monkeypatch):
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+    whole = embed.embed_batch(tiny_model, arrays)
+    real = embed.embed_batch
+    sizes = []
+
+    def small_gpu(model, a):
+        sizes.append(len(a))
+        if len(a) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, a)
+
+    monkeypatch.setattr(embed, "embed_batch", small_gpu)
+    step = embed._ModelStep(tiny_model, 8)
+    assert np.allclose(step(arrays), whole, atol=1e-5) and step.piece == 2
+    assert sizes == [8, 4, 2, 2, 2, 2]
+    sizes.clear()
+    step(arrays)
+    assert sizes == [2, 2, 2, 2], "the smaller piece is kept"
 
 
 def test_damaged_corpus_file_is_skipped(ingested, tmp_path):

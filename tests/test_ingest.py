@@ -292,3 +292,94 @@ def test_hf_dataset_from_a_local_folder(tmp_path):
         assert store.query("SELECT source, label, width, height FROM images ORDER BY image_id") == [
             (f"hf://{folder}/validation/0", "church", 40, 30), (f"hf://{folder}/validation/2", "tench", 40, 30)]
         assert store.scalar("SELECT source FROM skipped_inputs") == f"hf://{folder}/validation/1"
+
+
+def _photo_folder(folder: Path) -> Path:
+    """Ten small JPEGs of different sizes, the 4th empty and the 8th corrupt."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(10):
+        path = folder / f"img{i:02d}.jpg"
+        if i == 3:
+            path.write_bytes(b"")
+        elif i == 7:
+            path.write_bytes(b"\xff\xd8\xff\xe0" + rng.integers(0, 255, 500, dtype=np.uint8).tobytes())
+        else:
+            Image.fromarray(rng.integers(0, 255, (40 + i, 60 + i, 3), dtype=np.uint8)).save(path, quality=90)
+    return folder
+
+
+def _interrupted_ingest(out: Path, source: str, monkeypatch, after_tasks: int) -> None:
+    """An ingest stopped by Ctrl-C when `after_tasks` tasks (one input each here) have been journaled."""
+    real_append = ingest._Journal.append
+    calls = {"n": 0}
+
+    def append_then_interrupt(self, lines):
+        calls["n"] += 1
+        if calls["n"] > after_tasks:
+            raise KeyboardInterrupt
+        real_append(self, lines)
+
+    monkeypatch.setattr(ingest._Journal, "append", append_then_interrupt)
+    cfg = load_config("tiny", overrides={"ingest": {"source": source, "n_workers": 2}})
+    with Store.open(out) as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(cfg, store, ["ingest"])
+        assert store.stage_row("ingest")["status"] == "interrupted" and store.count("images") == 0
+    monkeypatch.setattr(ingest._Journal, "append", real_append)
+
+
+def _result(out: Path) -> tuple[list, list, list[bytes]]:
+    with Store.open(out, read_only=True) as store:
+        rows = store.query("SELECT image_id, source, label, label_id, width, height, corpus_path FROM images "
+                           "ORDER BY image_id")
+        skipped = store.query("SELECT source, reason FROM skipped_inputs ORDER BY source")
+    return rows, skipped, [(out / r[6]).read_bytes() for r in rows]
+
+
+def test_interrupted_ingest_resumes_without_redoing_finished_copies(tmp_path, monkeypatch):
+    folder = _photo_folder(tmp_path / "in")
+    source = f"folder:{folder}"
+    out = tmp_path / "out"
+    _interrupted_ingest(out, source, monkeypatch, after_tasks=4)
+    journal = out / "corpus" / ingest.JOURNAL_NAME
+    assert len(journal.read_text().splitlines()) == 4
+    done = {i: (out / "corpus" / f"{i:08d}.jpg").stat() for i in range(3)}  # inputs 0-2 good, input 3 empty
+
+    summary = _ingest_closed(out, source, n_workers=2)
+    assert summary["n_resumed"] == 4 and summary["n_images"] == 8 and summary["n_skipped"] == 2
+    for i, before in done.items():
+        after = (out / "corpus" / f"{i:08d}.jpg").stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"copy {i} was rewritten"
+    assert not journal.exists() and not (out / "corpus" / ingest.INCOMING_NAME).exists()
+    _ingest_closed(tmp_path / "fresh", source)
+    assert _result(out) == _result(tmp_path / "fresh"), "the resumed ingest equals an uninterrupted one"
+
+    # An input changed since the interrupt: it and everything after it are decoded again.
+    out2 = tmp_path / "out2"
+    _interrupted_ingest(out2, source, monkeypatch, after_tasks=4)
+    Image.new("RGB", (90, 30), (0, 200, 0)).save(folder / "img01.jpg")
+    summary = _ingest_closed(out2, source, n_workers=2)
+    assert summary["n_resumed"] == 1
+    _ingest_closed(tmp_path / "fresh2", source)
+    assert _result(out2) == _result(tmp_path / "fresh2")
+    assert _result(out2)[0][1][4:6] == (90, 30)
+
+
+def test_workers_and_threads_give_identical_corpus(tmp_path):
+    """Image ids, rows and corpus bytes do not depend on the worker count or on processes vs threads."""
+    folder = _photo_folder(tmp_path / "in")
+    _ingest_closed(tmp_path / "one", f"folder:{folder}", n_workers=1)
+    _ingest_closed(tmp_path / "three", f"folder:{folder}", n_workers=3)
+    rows, skipped, copies = _result(tmp_path / "one")
+    assert len(rows) == 8 and [r[0] for r in rows] == list(range(8)) and len(skipped) == 2
+    assert _result(tmp_path / "three") == (rows, skipped, copies)
+    # The copies are exactly what decode_image makes of each source (the path threads took before).
+    sources = [Path(r[1]) for r in rows]
+    assert copies == [ingest.decode_image(p, 10 ** 9, 256).jpeg for p in sources]
+
+
+def _ingest_closed(out_dir: Path, source: str, **ingest_overrides) -> dict:
+    store, summary = _ingest(out_dir, source, **ingest_overrides)
+    store.close()
+    return summary

@@ -17,6 +17,23 @@ from atlasgen.store import Store
 N_IMAGES = 1200
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out.extend(int(c) for c in f.read().split())
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that may never come in a container does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_killed_mid_embed_resumes_without_redoing_finished_chunks(tmp_path):
     config = tmp_path / "atlas.toml"
     # Small chunks and batches so the kill lands between commits.
@@ -44,8 +61,15 @@ def test_killed_mid_embed_resumes_without_redoing_finished_chunks(tmp_path):
         time.sleep(0.02)
     assert proc.poll() is None, f"the build ended before it could be killed mid-embed: {progress['tail'][-800:]!r}"
     assert progress["n"] >= 64, "embed progress never reached 64 images"
+    workers = _children(proc.pid)
+    assert workers, "embed decodes in worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # The workers notice that their parent is gone and exit (they must not linger, decoding or waiting).
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "worker processes outlived the killed build"
 
     with Store.open(out, read_only=True) as store:
         assert store.stage_row("embed")["status"] == "running"

@@ -1,13 +1,15 @@
 """Embed: every ingested image → the model's CLS `pooler_output` in `embeddings`.
 
-Corpus JPEGs are decoded and resized by worker threads (`pil_to_array`, our own preprocessing) while
-the model runs on the previous batch; the model runs in bf16 where the hardware is fast at it
-(`precision = "auto"`). Embeddings are committed per chunk of `chunk_size` images, one transaction each,
-so an interrupted run resumes with the images that have no embedding yet.
+Here (the local executor) the work is three separable pieces: the loader (`loader.CorpusBatches`: worker
+processes decode and resize corpus JPEGs into shared memory, several batches ahead of the model; on CUDA a thread
+stages them in pinned memory for asynchronous copies), the pure model step `embed_batch`, and the writer
+(`workers.StoreWriter`: a thread with its own store connection commits each chunk of `chunk_size` images in one
+transaction while the model goes on). The model runs in bf16 where the hardware is fast at it (`precision =
+"auto"`). An interrupted run resumes with the images that have no embedding yet.
 
-A chunk is an executor's unit (`embed_unit`, pure): here, or on Ray workers (`[run] executor = "ray"`), which
-get the model's weights through Ray's object store and the JPEGs as bytes (or read them from the output
-folder when `[run] shared_corpus`); only this process writes the store.
+On Ray (`[run] executor = "ray"`) a chunk is an executor's unit (`embed_unit`, pure): the workers get the model's
+weights through Ray's object store and the JPEGs as bytes (or read them from the output folder when `[run]
+shared_corpus`), decode in threads and call the same `embed_batch`; only this process writes the store.
 """
 from __future__ import annotations
 
@@ -17,39 +19,64 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..config import EmbedConfig
 from ..errors import StageInputError
-from ..executor import LocalExecutor, PackedModel, resolve_precision
-from ..model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_to_array, resolve_device
+from ..executor import PackedModel, resolve_precision
+from ..loader import CorpusBatches, load_corpus_array
+from ..model import EmbeddingModel, load_embedding_model, resolve_device
 from ..progress import bar, say
 from ..store import Store
 from ..threads import ThreadTuner, restore_torch_threads
+from ..workers import StoreWriter, resolve_n_workers
 from .base import Stage
 
 STAGE = "embed"
+CPU_BATCH_SIZE = 32        # batch_size = 0 on a CPU: what the CPU path always used
+MAX_GPU_BATCH_SIZE = 1024  # ViT-S/16 in bf16 on an H100 is at its full rate by then
+REMOTE_DECODE_THREADS = 2  # n_workers = 0 on a Ray worker: its decode threads (the earlier default)
 
 
-def load_corpus_array(path: Path | BinaryIO, size: int, resize_mode: str) -> np.ndarray:
-    """One corpus JPEG (a path, or its bytes as a file object) → uint8 (size, size, 3), exactly as the model
-    sees it."""
-    with Image.open(path) as image:
-        # DCT-domain downscaling when the JPEG is much bigger than the model input (a no-op for our
-        # 256 px corpus at 224).
-        image.draft("RGB", (size, size))
-        return pil_to_array(image, size, resize_mode)
-
-
-def embed_batch(model: EmbeddingModel, arrays_bhw3: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) → float32 (B, D) embeddings."""
-    device = next(model.backbone.parameters()).device
+def embed_batch(model: EmbeddingModel, arrays_bhw3) -> np.ndarray:
+    """uint8 (B, H, W, 3) → float32 (B, D) embeddings. `arrays_bhw3` is a numpy array or a uint8 torch tensor
+    (pinned, for an asynchronous copy to the GPU); the uint8 → [0, 1] float conversion runs on the model's
+    device, with the same float ops as on the CPU."""
+    device = model.mean_c11.device
     with torch.inference_mode():
-        return model(arrays_to_batch(arrays_bhw3).to(device)).cpu().numpy()
+        pixels = arrays_bhw3 if isinstance(arrays_bhw3, torch.Tensor) else \
+            torch.from_numpy(np.ascontiguousarray(arrays_bhw3))
+        pixels = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return model(pixels).cpu().numpy()
+
+
+def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int:
+    """`batch_size = 0`: CPU_BATCH_SIZE on a CPU; on a GPU the largest power of two ≤ MAX_GPU_BATCH_SIZE whose
+    activations fit in 40% of the free memory (an estimate; a batch that still runs out is halved). `free_bytes`:
+    the free memory of the GPU the units run on (a remote worker's); None = the model's own device."""
+    device = model.mean_c11.device
+    if free_bytes is None and device.type != "cuda":
+        return CPU_BATCH_SIZE
+    config = model.backbone.config
+    size = model.image_size
+    n_tokens = (size // config.patch_size) ** 2 + 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+    bytes_per_value = torch.finfo(model.dtype).bits // 8
+    per_image = (n_tokens * (8 * config.hidden_size + 2 * config.intermediate_size) * bytes_per_value
+                 + size * size * 3 * (1 + 4 * 3))  # uint8 input, then float pixels, normalised, cast
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    batch = MAX_GPU_BATCH_SIZE
+    while batch > CPU_BATCH_SIZE and batch * per_image > 0.4 * free_bytes:
+        batch //= 2
+    return batch
+
+
+def loader_stage(on_gpu: bool) -> str:
+    """How batches reach the model: pinned staging for an asynchronous copy to a GPU, else shared-memory views."""
+    return "pinned" if on_gpu else "none"
 
 
 @dataclass
@@ -78,7 +105,7 @@ class EmbedWorker:
     model: EmbeddingModel | PackedModel   # packed when it travels to a Ray worker
     device: str
     batch_size: int
-    n_decode_threads: int
+    n_decode_threads: int                 # decode threads on a Ray worker
     tuner: ThreadTuner | None = None      # local only: picks torch threads by timing real batches
 
 
@@ -157,7 +184,7 @@ def _with_bytes(unit: EmbedUnit) -> EmbedUnit:
 
 
 def run(cfg: EmbedConfig, store: Store, executor=None) -> dict:
-    assert cfg.batch_size >= 1 and cfg.chunk_size >= 1, "embed.batch_size and embed.chunk_size must be ≥ 1"
+    assert cfg.batch_size >= 0 and cfg.chunk_size >= 1, "embed.batch_size must be ≥ 0 and chunk_size ≥ 1"
     n_total = store.count("images")
     if n_total == 0:
         raise StageInputError("there are no ingested images to embed",
@@ -166,18 +193,69 @@ def run(cfg: EmbedConfig, store: Store, executor=None) -> dict:
     n_done_before = n_total - len(todo)
     if n_done_before:
         say(f"embed: {n_done_before} of {n_total} images already embedded, resuming")
-    # Nothing to do needs no cluster: the model is loaded here for the summary only.
-    executor = executor if executor is not None and todo else LocalExecutor()
-    if executor.remote:
-        # Every worker uses the precision resolved for the hardware the units run on (asked of a worker).
-        precision = resolve_precision(cfg.precision, executor.unit_hardware(cfg.device).bf16_fast)
-        model = load_embedding_model(cfg.model, "cpu", precision, models_dir=store.paths.models_dir)
-        payload = EmbedWorker(PackedModel.pack(model), cfg.device, cfg.batch_size, cfg.n_workers)
-        tuner = None
-    else:
-        model = load_embedding_model(cfg.model, cfg.device, cfg.precision, models_dir=store.paths.models_dir)
-        tuner = ThreadTuner(cfg.n_threads, -(-len(todo) // cfg.batch_size))
-        payload = EmbedWorker(model, cfg.device, cfg.batch_size, cfg.n_workers, tuner)
+    # Nothing to do needs no cluster (the model is loaded here for the summary only).
+    if executor is not None and executor.remote and todo:
+        return _run_remote(cfg, store, executor, todo, n_total, n_done_before)
+    return _run_local(cfg, store, todo, n_total, n_done_before)
+
+
+def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_total: int, n_done_before: int) -> dict:
+    """Loader processes → the model here → the writer thread."""
+    model = load_embedding_model(cfg.model, cfg.device, cfg.precision, models_dir=store.paths.models_dir)
+    on_gpu = model.mean_c11.device.type == "cuda"
+    batch_size = cfg.batch_size or auto_batch_size(model)
+    n_workers = resolve_n_workers(cfg.n_workers)
+    n_embedded = 0
+    skipped: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    tuner = ThreadTuner(cfg.n_threads, -(-len(todo) // batch_size))
+    step = _ModelStep(model, batch_size)
+    batches = CorpusBatches(store.paths.out_dir, todo, batch_size, model.spec.image_size, model.spec.resize_mode,
+                            n_workers, stage=loader_stage(on_gpu))
+    n_workers = batches.n_workers  # no more than there are units to decode
+    with restore_torch_threads(), batches, StoreWriter(store) as writer, \
+            bar(total=n_total, desc="embed", unit="img") as progress:
+        progress.update(n_done_before)
+        chunk_ids: list[np.ndarray] = []
+        chunk_emb: list[np.ndarray] = []
+        n_in_chunk = 0
+        for batch in batches:
+            skipped.extend(batch.skipped)
+            if len(batch.image_ids):
+                tuner.before_batch()
+                t_batch = time.perf_counter()
+                emb_bd = step(batch.arrays_bhw3)
+                tuner.after_batch(time.perf_counter() - t_batch, len(batch.image_ids))
+                assert np.isfinite(emb_bd).all(), "the model returned non-finite embeddings"
+                chunk_ids.append(batch.image_ids)
+                chunk_emb.append(emb_bd)
+            n_in_chunk += batch.n_items
+            progress.update(batch.n_items)
+            if n_in_chunk >= cfg.chunk_size:
+                n_embedded += _commit(writer, chunk_ids, chunk_emb)
+                chunk_ids, chunk_emb, n_in_chunk = [], [], 0
+        n_embedded += _commit(writer, chunk_ids, chunk_emb)
+    if skipped:
+        store.replace_skips(STAGE, skipped)
+        say(f"embed: {len(skipped)} corpus image(s) could not be read (see skipped_inputs)")
+    seconds = time.perf_counter() - t0
+    return {"n_embedded": n_embedded, "n_resumed": n_done_before, "n_embeddings": store.count("embeddings"),
+            "n_skipped": len(skipped), "dim": model.dim, "dtype": str(model.dtype).replace("torch.", ""),
+            "images_per_s": round(n_embedded / seconds, 1) if seconds > 0 else None,
+            "n_threads": tuner.last_chosen or tuner.candidates[0], "batch_size": batch_size,
+            "n_workers": n_workers}
+
+
+def _run_remote(cfg: EmbedConfig, store: Store, executor, todo: list[tuple[int, str]], n_total: int,
+                n_done_before: int) -> dict:
+    """Chunks as units on the executor's workers; each result committed here as it arrives."""
+    # Every worker uses the precision resolved for the hardware the units run on (asked of a worker).
+    hardware = executor.unit_hardware(cfg.device)
+    precision = resolve_precision(cfg.precision, hardware.bf16_fast)
+    model = load_embedding_model(cfg.model, "cpu", precision, models_dir=store.paths.models_dir)
+    batch_size = cfg.batch_size or auto_batch_size(model, hardware.free_bytes if hardware.device_type == "cuda"
+                                                   else None)
+    payload = EmbedWorker(PackedModel.pack(model), cfg.device, batch_size, cfg.n_workers or REMOTE_DECODE_THREADS)
     out_dir = store.paths.out_dir
     units = [EmbedUnit([item[0] for item in chunk], [item[1] for item in chunk], str(out_dir.resolve()))
              for chunk in _split(todo, cfg.chunk_size)]
@@ -187,7 +265,7 @@ def run(cfg: EmbedConfig, store: Store, executor=None) -> dict:
     shown: dict[int, int] = {}  # images of a unit already on the progress bar
 
     def on_step(unit: EmbedUnit, k: int) -> None:
-        n = min(cfg.batch_size, len(unit.image_ids) - k * cfg.batch_size)
+        n = min(batch_size, len(unit.image_ids) - k * batch_size)
         shown[unit.image_ids[0]] = shown.get(unit.image_ids[0], 0) + n
         progress.update(n)
 
@@ -209,11 +287,41 @@ def run(cfg: EmbedConfig, store: Store, executor=None) -> dict:
     summary = {"n_embedded": n_embedded, "n_resumed": n_done_before, "n_embeddings": store.count("embeddings"),
                "n_skipped": len(skipped), "dim": model.dim, "dtype": str(model.dtype).replace("torch.", ""),
                "images_per_s": round(n_embedded / seconds, 1) if seconds > 0 else None}
-    if tuner is not None:
-        summary["n_threads"] = tuner.last_chosen or tuner.candidates[0]
-    else:
-        summary.update(executor=executor.name, n_workers=executor.n_workers)
+    summary.update(executor=executor.name, n_workers=executor.n_workers, batch_size=batch_size)
     return summary
+
+
+def _commit(writer: StoreWriter, chunk_ids: list[np.ndarray], chunk_emb: list[np.ndarray]) -> int:
+    """Hand one chunk to the writer (one transaction); returns its number of embeddings."""
+    if not chunk_ids:
+        return 0
+    ids = np.concatenate(chunk_ids)
+    writer.submit(Store.add_embeddings, ids, np.concatenate(chunk_emb))
+    return len(ids)
+
+
+class _ModelStep:
+    """`embed_batch` over a loader batch, in pieces of `piece` images; on a GPU that runs out of memory the
+    piece is halved and the batch retried (the auto batch size is an estimate)."""
+
+    def __init__(self, model: EmbeddingModel, piece: int):
+        self.model = model
+        self.piece = piece
+
+    def __call__(self, arrays_bhw3) -> np.ndarray:
+        while True:
+            try:
+                n = len(arrays_bhw3)
+                if n <= self.piece:
+                    return embed_batch(self.model, arrays_bhw3)
+                return np.concatenate([embed_batch(self.model, arrays_bhw3[i:i + self.piece])
+                                       for i in range(0, n, self.piece)])
+            except torch.cuda.OutOfMemoryError:
+                if self.piece <= 1:
+                    raise
+                self.piece //= 2
+                torch.cuda.empty_cache()
+                say(f"embed: the GPU ran out of memory; model batches of {self.piece} from now on")
 
 
 def _split(items: list, size: int) -> list[list]:

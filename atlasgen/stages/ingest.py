@@ -9,13 +9,14 @@ source order, so the same corpus always gets the same ids.
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import itertools
 import json
 import os
 import re
+import shutil
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -26,9 +27,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .. import hub, tinyset
 from ..config import IngestConfig
 from ..errors import AtlasError, DataLoadError
-from ..paths import atomic_path
 from ..progress import bar, say
 from ..store import Store
+from ..workers import WorkerPool, ordered_map, resolve_n_workers
 from .base import Stage
 
 STAGE = "ingest"
@@ -374,21 +375,9 @@ def candidates_for(cfg: IngestConfig, store: Store) -> tuple[Iterable[Candidate]
 
 
 # --- the stage -----------------------------------------------------------------------------------
-def _ordered_map(fn, items: Iterable, n_workers: int, window: int) -> Iterator:
-    """fn over items in threads, results in input order, at most `window` in flight (bounded memory)."""
-    with ThreadPoolExecutor(max_workers=max(1, n_workers), thread_name_prefix="ingest") as pool:
-        pending: deque = deque()
-        try:
-            for item in items:
-                pending.append((item, pool.submit(fn, item)))
-                if len(pending) >= window:
-                    item0, fut = pending.popleft()
-                    yield item0, fut
-            while pending:
-                yield pending.popleft()
-        finally:
-            for _, fut in pending:
-                fut.cancel()
+JOURNAL_NAME = ".ingest-journal.jsonl"  # in corpus/: what an unfinished run has done (see _Journal)
+INCOMING_NAME = ".incoming"             # in corpus/: copies written by the workers before they get their id
+MAX_TASK_SIZE = 16                      # inputs per worker task
 
 
 def run(cfg: IngestConfig, store: Store) -> dict:
@@ -402,23 +391,24 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     if total == 0 and not skipped:
         raise DataLoadError(f"no images found in {description}",
                             "point --images at a folder of .jpg/.png files, or use --preset tiny")
-
-    def work(cand: Candidate) -> Decoded:
-        try:
-            data = cand.read if isinstance(cand.read, Path) else cand.read()
-        except SkipInput:
-            raise
-        except Exception as e:  # e.g. a streamed row that fails to download
-            raise SkipInput(f"cannot read the input: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        return decode_image(data, cfg.max_pixels, cfg.corpus_side)
-
+    n_workers = resolve_n_workers(cfg.n_workers)
+    if total is not None:
+        n_workers = max(1, min(n_workers, total))  # a handful of images on a many-core machine forks fewer
+    corpus_dir = store.paths.corpus_dir
+    incoming_dir = corpus_dir / INCOMING_NAME
+    shutil.rmtree(incoming_dir, ignore_errors=True)  # left by a killed run
+    incoming_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {k: [] for k in ("image_id", "source", "label", "width", "height", "corpus_path")}
-    n_workers = max(1, cfg.n_workers)
     # PIL refuses images over 2 × MAX_IMAGE_PIXELS on its own; our max_pixels check is the one that counts.
+    # Set before the workers fork, so they inherit it.
     pil_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max(cfg.max_pixels, pil_limit or 0)
     try:
-        _read_all(candidates, work, rows, skipped, store, total, n_workers, cfg.limit)
+        with _Journal(corpus_dir / JOURNAL_NAME) as journal, bar(total=total, desc="ingest", unit="img") as progress:
+            rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit)
+            if not (cfg.limit and len(rows["image_id"]) >= cfg.limit):
+                _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total)
+            n_resumed, stale_ids = journal.n_resumed, journal.max_image_id
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
     # Labels are numbered in sorted name order (for a Hugging Face dataset too, so ids never depend on it).
@@ -431,6 +421,11 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         "width": pa.array(rows["width"], pa.int32()), "height": pa.array(rows["height"], pa.int32()),
         "corpus_path": pa.array(rows["corpus_path"], pa.string())}, skipped, STAGE)
     n_images = len(rows["image_id"])
+    # Committed: the journal has done its job; copies an earlier, longer run left beyond the last id go too.
+    (corpus_dir / JOURNAL_NAME).unlink(missing_ok=True)
+    shutil.rmtree(incoming_dir, ignore_errors=True)
+    for image_id in range(n_images, stale_ids + 1):
+        store.paths.corpus_image(image_id).unlink(missing_ok=True)
     if n_images == 0:
         raise DataLoadError(f"none of the {len(skipped)} inputs in {description} could be read",
                             "see: atlasgen query \"SELECT * FROM skipped_inputs\"; or use --preset tiny")
@@ -438,32 +433,203 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         say(f"ingest: skipped {source}: {reason}")
     if len(skipped) > 5:
         say(f"ingest: ... and {len(skipped) - 5} more skipped inputs")
-    return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": len(label_ids), "source": cfg.source}
+    return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": len(label_ids), "source": cfg.source,
+            "n_resumed": n_resumed, "n_workers": n_workers}
 
 
-def _read_all(candidates: Iterable[Candidate], work, rows: dict[str, list], skipped: list[tuple[str, str]],
-              store: Store, total: int | None, n_workers: int, limit: int) -> None:
-    """Decode in threads (in order), write each accepted image's corpus copy, collect the table rows."""
+def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str, list],
+              skipped: list[tuple[str, str]], store: Store, journal: "_Journal", progress, n_workers: int,
+              total: int | None) -> None:
+    """Decode and write corpus copies in worker processes, tasks of a few inputs each and a bounded number in
+    flight; here, in input order, give each accepted copy its id (a rename), collect the table rows and
+    journal what was done."""
+    incoming_dir = store.paths.corpus_dir / INCOMING_NAME
     out_dir = store.paths.out_dir
-    with bar(total=total, desc="ingest", unit="img") as progress:
-        for cand, fut in _ordered_map(work, candidates, n_workers, window=4 * n_workers + 4):
-            try:
-                decoded = fut.result()
-            except SkipInput as e:
-                skipped.append((cand.source, str(e)))
+    task_size = MAX_TASK_SIZE if total is None else max(1, min(MAX_TASK_SIZE, total // (4 * n_workers)))
+    work = functools.partial(_decode_task, incoming_dir=str(incoming_dir), max_pixels=cfg.max_pixels,
+                             corpus_side=cfg.corpus_side)
+    with WorkerPool(work, n_workers, "ingest") as pool:
+        for metas, results in ordered_map(pool, _tasks(candidates, journal.next_index, task_size),
+                                          window=4 * n_workers):
+            lines = []
+            for cand, (index, width, height, stat, reason) in zip(metas, results):
+                if reason is not None:
+                    skipped.append((cand.source, reason))
+                    lines.append(_Journal.line(index, cand.source, stat, None, 0, 0, reason))
+                else:
+                    image_id = len(rows["image_id"])
+                    corpus_path = store.paths.corpus_image(image_id)
+                    os.replace(incoming_dir / f"{index}.jpg", corpus_path)
+                    for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
+                                       ("width", width), ("height", height),
+                                       ("corpus_path", corpus_path.relative_to(out_dir).as_posix())):
+                        rows[key].append(value)
+                    lines.append(_Journal.line(index, cand.source, stat, image_id, width, height, None))
                 progress.update(1)
-                continue
-            image_id = len(rows["image_id"])
-            corpus_path = store.paths.corpus_image(image_id)
-            with atomic_path(corpus_path) as tmp_path:
-                tmp_path.write_bytes(decoded.jpeg)
-            for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
-                               ("width", decoded.width), ("height", decoded.height),
-                               ("corpus_path", corpus_path.relative_to(out_dir).as_posix())):
-                rows[key].append(value)
-            progress.update(1)
-            if limit and len(rows["image_id"]) >= limit:
+                if cfg.limit and len(rows["image_id"]) >= cfg.limit:
+                    break
+            journal.append(lines)
+            if cfg.limit and len(rows["image_id"]) >= cfg.limit:
                 break
+
+
+def _tasks(candidates: Iterator[Candidate], first_index: int, task_size: int
+           ) -> Iterator[tuple[list[Candidate], list[tuple[int, object, str | None]]]]:
+    """(candidates, task) pairs: a task is [(index, input, reason)], the input a file path (str) or encoded
+    bytes, or a reason when reading it here already failed (a streamed dataset row)."""
+    metas: list[Candidate] = []
+    task: list[tuple[int, object, str | None]] = []
+    for index, cand in enumerate(candidates, start=first_index):
+        if isinstance(cand.read, Path):
+            item = (index, str(cand.read), None)
+        else:
+            try:
+                item = (index, cand.read(), None)
+            except SkipInput as e:
+                item = (index, None, str(e))
+            except Exception as e:  # e.g. a streamed row that fails to download
+                item = (index, None, f"cannot read the input: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        metas.append(cand)
+        task.append(item)
+        if len(task) >= task_size:
+            yield metas, task
+            metas, task = [], []
+    if task:
+        yield metas, task
+
+
+def _decode_task(task: list[tuple[int, object, str | None]], incoming_dir: str, max_pixels: int,
+                 corpus_side: int) -> list[tuple[int, int, int, tuple[int, int] | None, str | None]]:
+    """In a worker: decode each input and write its corpus copy to incoming/<index>.jpg. Returns (index, width,
+    height, (file size, mtime) of a file input, skip reason or None) per input."""
+    out = []
+    for index, data, reason in task:
+        stat = None
+        if reason is None:
+            if isinstance(data, str):
+                path = Path(data)
+                try:
+                    st = path.stat()
+                    stat = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    pass  # decode_image reports it
+                data = path
+            try:
+                decoded = decode_image(data, max_pixels, corpus_side)
+            except SkipInput as e:
+                reason = str(e)
+            else:
+                Path(incoming_dir, f"{index}.jpg").write_bytes(decoded.jpeg)
+                out.append((index, decoded.width, decoded.height, stat, None))
+                continue
+        out.append((index, 0, 0, stat, reason))
+    return out
+
+
+class _Journal:
+    """What an unfinished ingest has done, one JSON line per input in input order: [index, source, [file size,
+    mtime] or null, image_id or null, width, height, skip reason or null]. Written after each copy is in place,
+    deleted once the images table is committed. A rerun with the same config (the pipeline resets the stage,
+    corpus/ and all, when the config changes) reuses the longest prefix that still matches the inputs: same
+    source, same file size and mtime, the same image id, its copy present. Those are neither decoded nor written
+    again; everything from the first mismatch on is redone."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.n_resumed = 0        # inputs taken from the journal
+        self.next_index = 0       # the first input this run decodes
+        self.max_image_id = -1    # the highest image id the journal knew (stale copies above the new count go)
+
+    def __enter__(self) -> "_Journal":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+b")
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._file.close()
+
+    @staticmethod
+    def line(index: int, source: str, stat, image_id: int | None, width: int, height: int, reason: str | None) -> bytes:
+        return (json.dumps([index, source, list(stat) if stat else None, image_id, width, height, reason],
+                           ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+    def append(self, lines: list[bytes]) -> None:
+        if lines:
+            self._file.write(b"".join(lines))
+            self._file.flush()
+
+    def resume(self, candidates: Iterator[Candidate], rows: dict[str, list], skipped: list[tuple[str, str]],
+               store: Store, progress, limit: int) -> Iterator[Candidate]:
+        """Take the matching prefix into `rows`/`skipped`; returns the candidates still to decode."""
+        f = self._file
+        f.seek(0)
+        offset = 0
+        for index, cand in enumerate(candidates):
+            if limit and len(rows["image_id"]) >= limit:
+                return self._cut(offset, itertools.chain([cand], candidates), index)
+            raw = f.readline()
+            entry = self._parse(raw)
+            if entry is None or not self._matches(entry, index, cand, len(rows["image_id"]), store):
+                return self._cut(offset, itertools.chain([cand], candidates), index)
+            offset += len(raw)
+            _, _, _, image_id, width, height, reason = entry
+            if reason is not None:
+                skipped.append((cand.source, reason))
+            else:
+                corpus_path = store.paths.corpus_image(image_id).relative_to(store.paths.out_dir).as_posix()
+                for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
+                                   ("width", width), ("height", height), ("corpus_path", corpus_path)):
+                    rows[key].append(value)
+                self.max_image_id = max(self.max_image_id, image_id)
+            self.n_resumed += 1
+            progress.update(1)
+        return self._cut(offset, iter(()), self.n_resumed)
+
+    def _cut(self, offset: int, rest: Iterator[Candidate], next_index: int) -> Iterator[Candidate]:
+        """Keep the journal up to `offset` (what was reused); note the highest id in the part dropped."""
+        for raw in iter(self._file.readline, b""):
+            entry = self._parse(raw)
+            if entry is None:
+                break
+            if entry[3] is not None:
+                self.max_image_id = max(self.max_image_id, entry[3])
+        self._file.truncate(offset)
+        self._file.seek(offset)
+        self.next_index = next_index
+        if self.n_resumed:
+            say(f"ingest: {self.n_resumed} input(s) already done by an unfinished run, resuming")
+        return rest
+
+    @staticmethod
+    def _parse(raw: bytes) -> list | None:
+        if not raw.endswith(b"\n"):
+            return None  # end of file, or a line cut short by a kill
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            return None
+        return entry if isinstance(entry, list) and len(entry) == 7 else None
+
+    @staticmethod
+    def _matches(entry: list, index: int, cand: Candidate, next_id: int, store: Store) -> bool:
+        e_index, e_source, e_stat, image_id, _, _, reason = entry
+        if e_index != index or e_source != cand.source:
+            return False
+        if isinstance(cand.read, Path):
+            try:
+                st = cand.read.stat()
+            except OSError:
+                return False
+            if e_stat != [st.st_size, st.st_mtime_ns]:
+                return False
+        if reason is not None:
+            return True
+        if image_id != next_id:
+            return False
+        try:
+            return store.paths.corpus_image(image_id).stat().st_size > 0
+        except OSError:
+            return False
 
 
 SPEC = Stage("ingest", IngestConfig, run, tables=("images",), folders=("corpus_dir",), skips=True)

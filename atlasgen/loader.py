@@ -1,0 +1,191 @@
+"""Model-ready batches of corpus images for embed: decoded and resized in worker processes, straight into
+shared memory.
+
+`CorpusBatches(...)` yields `Batch(image_ids, arrays_bhw3, skipped)` in the order of its items. Each batch is
+split into units, one per worker, and every worker writes its images (uint8, the model's size) into a ring of
+shared-memory slots, one batch per slot; results on the queues are only a few bytes per unit. A slot is refilled
+only after the consumer has asked for the next batch, so a yielded batch stays valid until then.
+
+`stage` says what the consumer receives:
+- "none": numpy views of the shared slots (CPU: the model reads them in place).
+- "pinned": torch tensors in page-locked memory, filled by a background thread while the model runs, so the
+  copy to the GPU can be asynchronous (`tensor.to("cuda", non_blocking=True)`).
+- "copy": the same background thread into ordinary memory (tests the staging path without a GPU).
+"""
+from __future__ import annotations
+
+import mmap
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .model import pil_to_array
+from .workers import WorkerPool
+
+STAGES = ("none", "pinned", "copy")
+
+
+def load_corpus_array(path: Path | BinaryIO, size: int, resize_mode: str) -> np.ndarray:
+    """One corpus JPEG (a path, or its bytes as a file object) → uint8 (size, size, 3), exactly as the model
+    sees it."""
+    with Image.open(path) as image:
+        # DCT-domain downscaling when the JPEG is much bigger than the model input (a no-op for our
+        # 256 px corpus at 224).
+        image.draft("RGB", (size, size))
+        return pil_to_array(image, size, resize_mode)
+
+
+@dataclass
+class Batch:
+    image_ids: np.ndarray                 # int64 (B,) of the images that decoded
+    arrays_bhw3: object                   # uint8 (B, size, size, 3): numpy array, or torch tensor when staged
+    n_items: int                          # items this batch covered (decoded + skipped)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) for skipped_inputs
+
+
+class CorpusBatches:
+    """Batches of `items` ((image_id, corpus path relative to `root`), in order) as the model sees them.
+
+        with CorpusBatches(out_dir, todo, 32, 224, "resize", n_workers=2) as batches:
+            for batch in batches:
+                ...
+    """
+
+    def __init__(self, root: Path, items: Sequence[tuple[int, str]], batch_size: int, size: int, resize_mode: str,
+                 n_workers: int, stage: str = "none", n_slots: int = 3, processes: bool | None = None):
+        assert stage in STAGES, stage
+        assert batch_size >= 1 and n_workers >= 1 and n_slots >= 2
+        self.root = Path(root)
+        self.items = list(items)
+        self.batch_size = batch_size
+        self.size = size
+        self.resize_mode = resize_mode
+        self.stage = stage
+        self.n_slots = n_slots
+        self.processes = processes
+        # One unit per worker per batch.
+        self.unit_size = max(1, -(-batch_size // n_workers))
+        self.batches = [self.items[i:i + batch_size] for i in range(0, len(self.items), batch_size)]
+        # No more workers than units to decode (a small corpus on a many-core machine forks fewer).
+        self.n_workers = max(1, min(n_workers, sum(-(-len(b) // self.unit_size) for b in self.batches)))
+
+    def __enter__(self) -> "CorpusBatches":
+        shape = (self.n_slots, self.batch_size, self.size, self.size, 3)
+        n_bytes = int(np.prod(shape))
+        self._pool = WorkerPool(self._decode_unit, self.n_workers, "embed", processes=self.processes)
+        if self._pool.processes:
+            # Anonymous shared memory (MAP_SHARED): forked workers write into the same pages; not limited by the
+            # size of /dev/shm as POSIX shared memory would be.
+            self._mmap = mmap.mmap(-1, max(1, n_bytes))
+            self._slots = np.frombuffer(self._mmap, np.uint8, n_bytes).reshape(shape)
+        else:
+            self._mmap = None
+            self._slots = np.empty(shape, np.uint8)
+        self._pool.__enter__()  # forks: after the slots exist
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self._pool.close(clean=exc_type is None)
+        # The mapping is freed with the last view of it (a consumer may still hold the last batch).
+        self._slots = self._mmap = None
+
+    # --- in the workers --------------------------------------------------------------------------------
+    def _decode_unit(self, task: tuple[int, int, list[tuple[int, str]]]) -> list[tuple[int, str]]:
+        """Decode one unit into its slot; returns (index in unit, reason) for each image that failed."""
+        slot, offset, items = task
+        failed = []
+        for i, (_, rel_path) in enumerate(items):
+            try:
+                self._slots[slot, offset + i] = load_corpus_array(self.root / rel_path, self.size, self.resize_mode)
+            except Exception as e:  # corpus files are ours, but a user may have deleted or damaged one
+                text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                failed.append((i, f"cannot read the corpus copy {rel_path}: {text}"))
+        return failed
+
+    # --- in this process -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        raw = self._slot_batches()
+        if self.stage == "none":
+            return raw
+        return self._staged(raw)
+
+    def _submit(self, b: int) -> None:
+        slot = b % self.n_slots
+        batch = self.batches[b]
+        for offset in range(0, len(batch), self.unit_size):
+            self._pool.submit((b, offset), (slot, offset, batch[offset:offset + self.unit_size]))
+
+    def _slot_batches(self) -> Iterator[Batch]:
+        """Batches as views of the shared slots; batch b's slot is refilled (with batch b + n_slots) only
+        when the consumer asks for batch b + 1."""
+        n_submitted = 0
+        for b, batch in enumerate(self.batches):
+            while n_submitted < len(self.batches) and n_submitted < b + self.n_slots:
+                self._submit(n_submitted)
+                n_submitted += 1
+            failed: dict[int, str] = {}
+            for offset in range(0, len(batch), self.unit_size):
+                for i, reason in self._pool.result((b, offset)):
+                    failed[offset + i] = reason
+            arrays = self._slots[b % self.n_slots, :len(batch)]
+            ids = np.fromiter((image_id for image_id, _ in batch), np.int64, len(batch))
+            skipped = []
+            if failed:
+                good = [i for i in range(len(batch)) if i not in failed]
+                skipped = [(f"image {batch[i][0]} ({batch[i][1]})", failed[i]) for i in sorted(failed)]
+                arrays, ids = arrays[good], ids[good]
+            yield Batch(ids, arrays, len(batch), skipped)
+
+    def _staged(self, raw: Iterator[Batch]) -> Iterator[Batch]:
+        """Copy each batch out of its slot into one of three staging tensors in a background thread, one batch
+        ahead of the consumer. Three suffice: the consumer's, the one waiting in the queue, the one being
+        filled (the queue holds one, so filling batch b + 2 starts only after the consumer took b + 1)."""
+        import torch
+        pin = self.stage == "pinned"
+        buffers = [torch.empty((self.batch_size, self.size, self.size, 3), dtype=torch.uint8, pin_memory=pin)
+                   for _ in range(3)]
+        handoff: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    handoff.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def fill() -> None:
+            try:
+                for k, batch in enumerate(raw):
+                    n = len(batch.image_ids)
+                    staged = buffers[k % 3][:n]
+                    if n:
+                        staged.copy_(torch.from_numpy(np.ascontiguousarray(batch.arrays_bhw3)))
+                    if not put(Batch(batch.image_ids, staged, batch.n_items, batch.skipped)):
+                        return
+                put(done)
+            except BaseException as e:  # raised again in the consumer
+                put(e)
+
+        thread = threading.Thread(target=fill, name="atlasgen-embed-stage", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = handoff.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+            raw.close()

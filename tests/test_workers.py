@@ -1,0 +1,59 @@
+"""Worker processes and the store writer thread: results by key and in order, a task's error and a dead worker
+raised in the parent, workers gone with the pool, writes handed over committed even when the caller fails."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from atlasgen.errors import AtlasError
+from atlasgen.store import Store
+from atlasgen.workers import StoreWriter, WorkerError, WorkerPool, ordered_map
+
+
+def _square_or_fail(x: int) -> tuple[int, int]:
+    if x == 13:
+        raise ValueError("thirteen")
+    return x * x, os.getpid()
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_pool_results_in_order_and_errors(processes):
+    with WorkerPool(_square_or_fail, 2, "test", processes=processes) as pool:
+        got = list(ordered_map(pool, ((i, i) for i in range(20) if i != 13), window=3))
+        assert [m for m, _ in got] == [i for i in range(20) if i != 13]
+        assert [r[0] for _, r in got] == [i * i for i in range(20) if i != 13]
+        pids = {r[1] for _, r in got}
+        assert (os.getpid() not in pids) == processes, "processes run elsewhere, threads here"
+        pool.submit("bad", 13)
+        with pytest.raises(WorkerError if processes else ValueError, match="thirteen"):
+            pool.result("bad")
+    if processes:
+        assert all(not p.is_alive() for p in pool._procs), "leaving the block stops the workers"
+
+
+def test_dead_worker_is_one_clear_error():
+    with pytest.raises(AtlasError, match="worker process.*died"):
+        with WorkerPool(lambda x: time.sleep(30), 1, "test") as pool:
+            pool.submit(0, 0)
+            time.sleep(0.3)
+            os.kill(pool._procs[0].pid, signal.SIGKILL)
+            pool.result(0)
+
+
+def test_store_writer_commits_what_was_handed_over(tmp_path):
+    emb = np.ones((3, 4), np.float32)
+    with Store.open(tmp_path / "b") as store:
+        with pytest.raises(KeyboardInterrupt):
+            with StoreWriter(store) as writer:
+                writer.submit(Store.add_embeddings, np.arange(3), emb)
+                writer.submit(Store.add_embeddings, np.arange(3, 6), emb)
+                raise KeyboardInterrupt
+        assert store.count("embeddings") == 6, "writes handed over before the interrupt are committed"
+        with pytest.raises(Exception):  # a duplicate key (DuckDB's message varies)
+            with StoreWriter(store) as writer:
+                writer.submit(Store.add_embeddings, np.arange(3), emb)  # ids already there
+        assert store.count("embeddings") == 6, "the failed chunk rolled back"
