@@ -213,7 +213,7 @@ def explain_error(e: duckdb.Error, store) -> AtlasError:
         return AtlasError(f"query failed: {first}",
                           "see DuckDB's functions: SELECT DISTINCT function_name FROM duckdb_functions()")
     return AtlasError(f"query failed: {first}",
-                      "see README 'The store' for the tables and columns, DuckDB's SQL reference for the rest")
+                      "see docs/STORE.md for the tables and columns, DuckDB's SQL reference for the rest")
 
 
 # --- running -------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The DuckDB store: the single source of truth, and a product users query with SQL.
 
-The schema is documented in the README ("The store"); keep both in step and bump
+The schema is documented in docs/STORE.md; keep both in step and bump
 SCHEMA_VERSION on any incompatible change.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ The SAELens check runs twice: always against SAELens's documented format (cfg.js
 names and shapes, and its TopK encode formula `topk(relu((x - b_dec) @ W_enc + b_enc), k)` written out here in
 numpy), and, where the `sae_lens` package is installed, through `sae_lens.SAE.load_from_disk(...).encode`.
 The CI does not install sae_lens (its dependencies would pull a second torch stack); that check was run by
-hand with sae-lens 6.54.12 (see README "Exporting the store")."""
+hand with sae-lens 6.54.12 (see docs/STORE.md "Exporting the store")."""
 from __future__ import annotations
 
 import importlib.util
