@@ -238,7 +238,7 @@ def main() -> None:
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
-    except ImportError:
+    except Exception:  # an older or newer transformers without it: the bars are only noise
         pass
     t_start = time.perf_counter()
     gpu_name = f" ({torch.cuda.get_device_name(device)})" if on_gpu else ""
