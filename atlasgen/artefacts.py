@@ -33,12 +33,11 @@ def _ingest(store: Store) -> str | None:
 
 def _train(store: Store) -> str | None:
     from .sae import CONFIG_FILE, WEIGHTS_FILE
-    run = store.sae_run_used_by("train")
-    if run is None:
-        return None
-    folder = Path(run["weights_path"]).parent.relative_to(store.paths.out_dir)
-    return _first_missing(store.paths.out_dir, [(folder / WEIGHTS_FILE).as_posix(), (folder / CONFIG_FILE).as_posix()],
-                          "SAE files")
+    files = []
+    for weights_path in store.sae_weight_paths():  # every run the store lists (train's reset clears them)
+        folder = Path(weights_path).parent
+        files += [(folder / WEIGHTS_FILE).as_posix(), (folder / CONFIG_FILE).as_posix()]
+    return _first_missing(store.paths.out_dir, files, "SAE files") if files else None
 
 
 def _encode(store: Store) -> str | None:

@@ -101,18 +101,23 @@ def environment_error(exc: BaseException, out: Path | None) -> AtlasError | None
 def _open_store(out: Path, read_only: bool = False):
     """Store.open; when a running build holds the store, the error says how far that build is."""
     from .errors import StoreLockedError
-    from .paths import BuildPaths
-    from .status import brief, running_build
     from .store import Store
     try:
         return Store.open(out, read_only=read_only)
     except StoreLockedError as e:
-        doc = running_build(BuildPaths(Path(out)), e.pid)
-        if doc is None:
-            raise
-        raise StoreLockedError(f"a build is running in {out} (pid {doc['pid']}), so the store is locked: {brief(doc)}",
-                               f"wait for it to finish; `atlasgen info --out {out}` shows its progress", pid=e.pid
-                               ) from None
+        raise _lock_error(out, e) from None
+
+
+def _lock_error(out: Path, e):
+    """A locked store's error; when the lock is a running build's, one that says how far that build is."""
+    from .errors import StoreLockedError
+    from .paths import BuildPaths
+    from .status import brief, running_build
+    doc = running_build(BuildPaths(Path(out)), e.pid)
+    if doc is None:
+        return e
+    return StoreLockedError(f"a build is running in {out} (pid {doc['pid']}), so the store is locked: {brief(doc)}",
+                            f"wait for it to finish; `atlasgen info --out {out}` shows its progress", pid=e.pid)
 
 
 def make_config(store, preset: str | None, config: Path | None, images: Path | None, dataset: str | None,
@@ -321,8 +326,12 @@ def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store 
     Example: atlasgen query "SELECT feature_id, label, frequency FROM features ORDER BY frequency DESC LIMIT 10"
     """
     from .query import check_format, format_rows, run_query
+    from .errors import StoreLockedError
     check_format(fmt)
-    result = run_query(out, sql, limit)
+    try:
+        result = run_query(out, sql, limit)
+    except StoreLockedError as e:
+        raise _lock_error(out, e) from None
     if result is None:
         return
     typer.echo(format_rows(result, fmt))

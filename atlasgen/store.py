@@ -764,10 +764,10 @@ class Store:
             self.con.execute(f"SET {setting}")
 
     def table_names(self) -> list[str]:
-        """The store's tables (main schema), by name."""
+        """The store's tables and views (main schema: `features` is a view), by name."""
         return [r[0] for r in self.con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
-            "AND table_type = 'BASE TABLE' ORDER BY table_name").fetchall()]
+            "AND table_type IN ('BASE TABLE', 'VIEW') ORDER BY table_name").fetchall()]
 
     def table_columns(self, table: str) -> list[tuple[str, str]]:
         """(column name, DuckDB type) of `table`, in column order."""
@@ -795,6 +795,10 @@ class Store:
     def schema_version(self) -> int:
         return int(self.scalar("SELECT value FROM meta WHERE key = 'schema_version'"))
     # --- faults: artefact checks (artefacts.py) ----------------------------------------------------------
+    def sae_weight_paths(self) -> list[str]:
+        """Every SAE run's weights file, relative to the output folder."""
+        return [r[0] for r in self.con.execute("SELECT weights_path FROM sae_runs ORDER BY run_id").fetchall()]
+
     def corpus_copy_paths(self) -> list[str]:
         """Every image's corpus copy, relative to the output folder, by image id."""
         return [r[0] for r in self.con.execute("SELECT corpus_path FROM images ORDER BY image_id").fetchall()]

@@ -92,9 +92,9 @@ def test_schema_json_describes_every_column(tiny_encoded, exported):
 def test_schema_comments_parse_for_every_column():
     """Every column declared in SCHEMA_SQL is found (a described or an undescribed one)."""
     described = schema_descriptions(SCHEMA_SQL)
-    assert len(described) == SCHEMA_SQL.count("CREATE TABLE")
+    assert len(described) == SCHEMA_SQL.count("CREATE TABLE") + SCHEMA_SQL.count("CREATE OR REPLACE VIEW")
     assert list(described["features"])[:4] == ["feature_id", "n_active", "frequency", "max_value"]
-    assert described["features"]["umap_x"] == described["features"]["umap_y"] == "co-activation UMAP (NULL for dead features)"
+    assert described["features"]["umap_x"] == described["features"]["umap_y"] == "co-activation UMAP (no row for dead features)"
     assert described["images"]["image_id"] is None
 
 

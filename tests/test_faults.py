@@ -26,6 +26,7 @@ from atlasgen.cli import app
 from atlasgen.errors import DiskFullError, StoreDamagedError, StoreLockedError
 from atlasgen.paths import BuildPaths, atomic_dir, atomic_path, parse_temp_name, sweep_stale_temps, temp_path
 from atlasgen.store import Store
+from atlasgen.testing import insert_synthetic, synthetic_activity
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -131,10 +132,9 @@ def test_site_and_layout_reset_keep_what_readers_see(tmp_path):
 @pytest.fixture(scope="module")
 def store_file(tmp_path_factory) -> Path:
     """A real store with a few hundred KB of rows (so there are data blocks to damage)."""
-    from atlasgen.stages import layout
     out = tmp_path_factory.mktemp("store")
     with Store.open(out) as store:
-        layout.insert_synthetic(store, layout.synthetic_activity(400, 300, 8, seed=0))
+        insert_synthetic(store, synthetic_activity(400, 300, 8, seed=0))
     return BuildPaths(out).store_path
 
 
@@ -235,6 +235,7 @@ import sys, time
 from atlasgen.progress import bar, set_quiet
 from atlasgen.status import build_status
 from atlasgen.store import Store
+from atlasgen.testing import insert_synthetic, synthetic_activity
 set_quiet(True)
 store = Store.open(sys.argv[1])
 if sys.argv[2] == "build":
@@ -335,7 +336,7 @@ def test_full_disk_writing_corpus_copies_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_bytes", _no_space)
     out = tmp_path / "out"
     text = assert_one_line_error(runner.invoke(app, ["ingest", "--images", str(images), "--out", str(out), "--quiet"]),
-                                 "no space left on the device while writing", "corpus/00000000.jpg", "free there",
+                                 "no space left on the device while writing", str(out), "free there",
                                  "run the same command again")
     assert "Errno" not in text
     assert not list((out / "corpus").glob(".*")), "no temp file left"

@@ -362,7 +362,8 @@ def test_one_picture_per_feature_on_the_map_and_the_site(synthetic_out, tmp_path
         site_stage.run(SiteConfig(search_index=False), store)
 
     site_dir = out / "site"
-    mosaic = np.asarray(Image.open(site_dir / "map" / "0" / "0_0.webp").convert("RGB"), np.float64)
+    (map_dir,) = (site_dir / "map").iterdir()  # map/<content hash>/
+    mosaic = np.asarray(Image.open(map_dir / "0" / "0_0.webp").convert("RGB"), np.float64)
     for fid, (x, y) in zip(placed, cells):
         cell = mosaic[y * cell_px:(y + 1) * cell_px, x * cell_px:(x + 1) * cell_px]
         errors = {path: np.abs(cell - layout._cell_image(path, cell_px)).mean()
