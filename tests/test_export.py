@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from atlasgen.cli import app
 from atlasgen.export import schema_descriptions
-from atlasgen.store import SCHEMA_SQL, Store
+from atlasgen.store import SCHEMA_VERSION, SCHEMA_SQL, Store
 
 runner = CliRunner()
 HAS_SAE_LENS = importlib.util.find_spec("sae_lens") is not None
@@ -74,7 +74,7 @@ def test_every_table_reads_back_equal(tiny_encoded, exported):
 
 def test_schema_json_describes_every_column(tiny_encoded, exported):
     schema = json.loads((exported / "schema.json").read_text())
-    assert schema["format"] == "atlasgen-export" and schema["store_schema_version"] == 1
+    assert schema["format"] == "atlasgen-export" and schema["store_schema_version"] == SCHEMA_VERSION
     with Store.open(tiny_encoded, read_only=True) as store:
         for table in store.table_names():
             entry = schema["tables"][table]
