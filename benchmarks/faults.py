@@ -155,7 +155,7 @@ def problems_after_build(out: Path, clean: dict | None) -> list[str]:
             missing = missing_artefacts(store, stage)
             if missing:
                 found.append(f"{stage}: {missing}")
-        named = {out / p for p in store.render_paths()} | {out / p for p in store.corpus_paths()}
+        named = {out / p for p in store.render_paths()} | {out / p for p in store.corpus_copy_paths()}
     on_disk = {p for d in ("renders", "corpus") for p in (out / d).rglob("*") if p.is_file()}
     for path in sorted(on_disk - named)[:3]:
         found.append(f"{path.relative_to(out)} is not named by the store")
