@@ -10,9 +10,10 @@ this process alone saves them.
 
 Renders are immutable artifacts keyed by `render_id` = hash(kind, target, seed, variant, settings), where
 the settings are everything that changes a picture (steps, views, lr, tv, size, precision, the model, the
-SAE run). A run plans its targets, skips those whose render already exists, and commits per batch, so an
-interrupted run resumes where it stopped and `atlasgen render --features 1,2,3` adds just those. Renders made
-with other settings (an older SAE, other steps, ...) are superseded: a run deletes them before it starts.
+SAE run, the stopping rule). A run plans its targets, skips those whose render already exists, and commits
+per unit, so an interrupted run resumes where it stopped and `atlasgen render --features 1,2,3` adds just
+those. Renders made with other settings (an older SAE, other steps, ...) are superseded: a run deletes them
+before it starts.
 
 Target spaces: a feature target compares the SAE-normalised embedding (embedding − corpus mean, scaled) with
 the feature's unit decoder row; an image target compares the raw embedding with the image's stored embedding.
