@@ -206,8 +206,10 @@ def test_packed_model_and_sae_rebuild_the_same_functions(tiny_model, precision):
     from atlasgen.executor import PackedModel, PackedSAE
     from atlasgen.model import EmbeddingModel
     from atlasgen.sae import SparseAutoencoder
-    model = EmbeddingModel(tiny_model.backbone, tiny_model.spec, getattr(torch, {"fp32": "float32",
-                                                                               "bf16": "bfloat16"}[precision]))
+    import copy
+    # A copy: EmbeddingModel casts the backbone in place, and the session's tiny model must stay fp32.
+    model = EmbeddingModel(copy.deepcopy(tiny_model.backbone), tiny_model.spec,
+                           getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[precision]))
     rebuilt = PackedModel.pack(model).build(torch.device("cpu"))
     assert rebuilt.dtype == model.dtype
     pixels = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(0))
