@@ -93,14 +93,7 @@ def today_ingest(cfg: IngestConfig, store: Store) -> dict:
                 break
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
-    label_ids = {name: i for i, name in enumerate(sorted({l for l in rows["label"] if l is not None}))}
-    rows["label_id"] = [label_ids[l] if l is not None else None for l in rows["label"]]
-    import pyarrow as pa
-    store.replace_images({
-        "image_id": pa.array(rows["image_id"], pa.int32()), "source": pa.array(rows["source"], pa.string()),
-        "label": pa.array(rows["label"], pa.string()), "label_id": pa.array(rows["label_id"], pa.int32()),
-        "width": pa.array(rows["width"], pa.int32()), "height": pa.array(rows["height"], pa.int32()),
-        "corpus_path": pa.array(rows["corpus_path"], pa.string())}, skipped, "ingest")
+    ingest.commit_images(store, rows, skipped)  # the same commit as the stage: only the reading differs
     assert total == len(rows["image_id"]) + len(skipped) or cfg.limit
     return {"n_images": len(rows["image_id"])}
 

@@ -411,15 +411,7 @@ def run(cfg: IngestConfig, store: Store) -> dict:
             n_resumed, stale_ids = journal.n_resumed, journal.max_image_id
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
-    # Labels are numbered in sorted name order (for a Hugging Face dataset too, so ids never depend on it).
-    label_ids = {name: i for i, name in enumerate(sorted({l for l in rows["label"] if l is not None}))}
-    rows["label_id"] = [label_ids[l] if l is not None else None for l in rows["label"]]
-    import pyarrow as pa
-    store.replace_images({
-        "image_id": pa.array(rows["image_id"], pa.int32()), "source": pa.array(rows["source"], pa.string()),
-        "label": pa.array(rows["label"], pa.string()), "label_id": pa.array(rows["label_id"], pa.int32()),
-        "width": pa.array(rows["width"], pa.int32()), "height": pa.array(rows["height"], pa.int32()),
-        "corpus_path": pa.array(rows["corpus_path"], pa.string())}, skipped, STAGE)
+    n_labels = commit_images(store, rows, skipped)
     n_images = len(rows["image_id"])
     # Committed: the journal has done its job; copies an earlier, longer run left beyond the last id go too.
     (corpus_dir / JOURNAL_NAME).unlink(missing_ok=True)
@@ -433,8 +425,23 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         say(f"ingest: skipped {source}: {reason}")
     if len(skipped) > 5:
         say(f"ingest: ... and {len(skipped) - 5} more skipped inputs")
-    return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": len(label_ids), "source": cfg.source,
+    return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": n_labels, "source": cfg.source,
             "n_resumed": n_resumed, "n_workers": n_workers}
+
+
+def commit_images(store: Store, rows: dict[str, list], skipped: list[tuple[str, str]]) -> int:
+    """Number the labels and write every accepted image and every skipped input, in one transaction; returns
+    the number of labels."""
+    import pyarrow as pa
+    # Labels are numbered in sorted name order (for a Hugging Face dataset too, so ids never depend on it).
+    label_ids = {name: i for i, name in enumerate(sorted({l for l in rows["label"] if l is not None}))}
+    rows["label_id"] = [label_ids[l] if l is not None else None for l in rows["label"]]
+    store.replace_images({
+        "image_id": pa.array(rows["image_id"], pa.int32()), "source": pa.array(rows["source"], pa.string()),
+        "label": pa.array(rows["label"], pa.string()), "label_id": pa.array(rows["label_id"], pa.int32()),
+        "width": pa.array(rows["width"], pa.int32()), "height": pa.array(rows["height"], pa.int32()),
+        "corpus_path": pa.array(rows["corpus_path"], pa.string())}, skipped, STAGE)
+    return len(label_ids)
 
 
 def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str, list],
