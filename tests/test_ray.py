@@ -44,13 +44,8 @@ SMALL_RENDER = ('[render]\nfeatures = "top:8"\nn_seeds = 1\nn_steps = 6\nbatch_t
                 'n_auto_pairs = 1\nslerp_steps = 3\nn_threads = 1\n')
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One thread, as a 1-CPU Ray worker has (on a shared 2-core machine more threads are slower anyway)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread, as a 1-CPU Ray worker has (on a shared 2-core machine more threads are slower anyway).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,8 @@ from atlasgen.store import Store
 N_IMAGES, N_FEATURES = 24, 192
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One thread: on a shared 2-core machine OpenMP barriers make 2 threads several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread: on a shared 2-core machine OpenMP barriers make 2 threads several times slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -161,17 +156,7 @@ def _legacy_invert():
     return sys.modules["bench_render"].legacy_invert
 
 
-@pytest.fixture
-def one_thread():
-    """Both loops under one torch thread: earlier tests (Ray, the thread tuner) may leave another thread count
-    behind, and a different reduction order in the matmuls drifts the two trajectories apart."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_engine_reproduces_todays_loop_step_for_step(tiny_model, one_thread):
+def test_engine_reproduces_todays_loop_step_for_step(tiny_model):
     """With stopping off, the continuous-batching engine (own Adam, schedules drawn up front, no host sync)
     takes the same steps as today's loop: same per-step losses, and the last picture's cosine at least."""
     dirs_bd = torch.randn(4, tiny_model.dim, generator=torch.Generator().manual_seed(5))
@@ -254,7 +239,7 @@ def test_batched_adam_matches_torch_adam_with_one_step_count_per_slot():
             assert torch.allclose(ours[k], refs[k], atol=1e-6), f"slot {k} left torch.optim.Adam at step {step}"
 
 
-def test_tiny_preset_quality_does_not_drop(tiny_model, sae_and_emb, one_thread):
+def test_tiny_preset_quality_does_not_drop(tiny_model, sae_and_emb):
     """The tiny preset's render settings on 12 of its features: the new engine (no early stop within 24 steps,
     the better of best and last picture) reaches at least today's loop's cosine and own-feature-first share."""
     sae, _ = sae_and_emb
