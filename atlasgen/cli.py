@@ -74,12 +74,50 @@ def handles_errors(fn):
             _fail(e.message, e.hint)
         except KeyboardInterrupt:
             _fail("interrupted", "run the same command again to resume where it stopped", code=130)
+        except Exception as e:
+            error = environment_error(e, kwargs.get("out"))
+            if error is None:
+                raise
+            _fail(error.message, error.hint)
     return wrapper
 
 
+def environment_error(exc: BaseException, out: Path | None) -> AtlasError | None:
+    """A failure of the machine rather than of atlasgen, wherever it shows: a full disk (any writer: open,
+    Pillow, safetensors, DuckDB) or a damaged or locked store. None for anything else (a bug keeps its
+    traceback)."""
+    import duckdb
+
+    from .errors import disk_full_error, is_no_space
+    if isinstance(exc, duckdb.Error) and out is not None:
+        from .paths import BuildPaths
+        from .store import classify_store_error
+        return classify_store_error(exc, BuildPaths(Path(out)).store_path)
+    if is_no_space(exc):
+        return disk_full_error(getattr(exc, "filename", None) or (out if out is not None else Path.cwd()))
+    return None
+
+
 def _open_store(out: Path, read_only: bool = False):
+    """Store.open; when a running build holds the store, the error says how far that build is."""
+    from .errors import StoreLockedError
     from .store import Store
-    return Store.open(out, read_only=read_only)
+    try:
+        return Store.open(out, read_only=read_only)
+    except StoreLockedError as e:
+        raise _lock_error(out, e) from None
+
+
+def _lock_error(out: Path, e):
+    """A locked store's error; when the lock is a running build's, one that says how far that build is."""
+    from .errors import StoreLockedError
+    from .paths import BuildPaths
+    from .status import brief, running_build
+    doc = running_build(BuildPaths(Path(out)), e.pid)
+    if doc is None:
+        return e
+    return StoreLockedError(f"a build is running in {out} (pid {doc['pid']}), so the store is locked: {brief(doc)}",
+                            f"wait for it to finish; `atlasgen info --out {out}` shows its progress", pid=e.pid)
 
 
 def make_config(store, preset: str | None, config: Path | None, images: Path | None, dataset: str | None,
@@ -288,8 +326,12 @@ def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store 
     Example: atlasgen query "SELECT feature_id, label, frequency FROM features ORDER BY frequency DESC LIMIT 10"
     """
     from .query import check_format, format_rows, run_query
+    from .errors import StoreLockedError
     check_format(fmt)
-    result = run_query(out, sql, limit)
+    try:
+        result = run_query(out, sql, limit)
+    except StoreLockedError as e:
+        raise _lock_error(out, e) from None
     if result is None:
         return
     typer.echo(format_rows(result, fmt))
@@ -322,13 +364,29 @@ def export(to: Annotated[Path, typer.Option("--to", help="Folder to write (new, 
 @app.command()
 @handles_errors
 def info(out: OutOpt = Path("build")):
-    """Show what the store holds, per stage: status, config hash, counts.
+    """Show what the store holds, per stage: status, config hash, counts. While a build runs (and holds the
+    store's lock) it shows that build's progress instead: stage, done/total, rate and ETA.
 
     Example: atlasgen info --out build/
     """
     from .stages import REGISTRY
+    from .errors import StoreLockedError
+    from .paths import BuildPaths
+    from .status import describe, read_status, running_build
     from .store import OUTPUT_TABLES_ALL
-    with _open_store(out, read_only=True) as store:
+    paths = BuildPaths(Path(out))
+    try:
+        store = _open_store(out, read_only=True)
+    except StoreLockedError as e:
+        doc = running_build(paths, e.pid)
+        if doc is None:
+            raise
+        typer.echo(f"store: {paths.store_path} (locked by the running build)")
+        for line in describe(doc):
+            typer.echo(line)
+        return
+    last_build = read_status(paths)
+    with store:
         typer.echo(f"store: {store.paths.store_path}")
         for name in REGISTRY.names:
             row = store.stage_row(name)
@@ -342,6 +400,9 @@ def info(out: OutOpt = Path("build")):
         typer.echo("tables:")
         for table in OUTPUT_TABLES_ALL:
             typer.echo(f"  {table:18s} {store.count(table):>10,d} rows")
+    if last_build is not None:
+        for line in describe(last_build, running=False):
+            typer.echo(line)
 
 
 @app.command()

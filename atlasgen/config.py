@@ -206,7 +206,7 @@ class LayoutConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    # Sweeps as TOML tables under [[probe.sweeps]]; see README "Probes". Each has name, kind
+    # Sweeps as TOML tables under [[probe.sweeps]]; see docs/PIPELINE.md "Probes". Each has name, kind
     # ("size" | "count" | "readout"), object ("shape:KIND:COLOUR" or an image file, RGBA or with `key`
     # colour), background ("#rrggbb", a colour name or an image file), features (ids to chart; empty =
     # the strongest over the sweep), and per kind: sizes / size + counts / items.
@@ -328,7 +328,7 @@ def _read_toml(path: Path) -> dict:
     except FileNotFoundError:
         raise AtlasError(f"config file {path} does not exist", "check the --config path") from None
     except tomllib.TOMLDecodeError as e:
-        raise AtlasError(f"{path} is not valid TOML: {e}", "fix the file (see README 'Configuration')") from None
+        raise AtlasError(f"{path} is not valid TOML: {e}", "fix the file (see docs/CONFIGURATION.md)") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -27,3 +27,63 @@ class DataLoadError(AtlasError):
 
 class StageInputError(AtlasError):
     """A stage was asked to run before the stage it needs (e.g. encode before train)."""
+
+
+class DiskFullError(AtlasError):
+    """The disk (or the user's quota) ran out while writing a file."""
+
+
+# How each writer we use reports a full disk: OSError errno, safetensors' Rust io::Error, DuckDB's text.
+_NO_SPACE_TEXTS = ("No space left on device", "StorageFull", "Disk quota exceeded", "QuotaExceeded")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether `exc` (from open/write, Pillow, safetensors or DuckDB) means the disk is full."""
+    import errno
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(t in text for t in _NO_SPACE_TEXTS)
+
+
+def free_bytes(path) -> int | None:
+    """Free space on the file system holding `path` (or its nearest existing parent)."""
+    import shutil
+    from pathlib import Path
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def disk_full_error(path) -> DiskFullError:
+    """The one message for a full disk: which path, how much is free there, and what to do."""
+    return DiskFullError(f"no space left on the device while writing {path} ({human_bytes(free_bytes(path))} free "
+                         "there)", "free some space (or build into a bigger disk with --out), then run the same "
+                               "command again: finished work is kept and the build resumes")
+
+
+class StoreLockedError(AtlasError):
+    """Another process holds the store's write lock (DuckDB allows one writer and no readers beside it)."""
+
+    def __init__(self, message: str, hint: str = "", pid: int | None = None):
+        super().__init__(message, hint)
+        self.pid = pid
+
+
+class StoreDamagedError(AtlasError):
+    """The store file is not a DuckDB database, is truncated, or fails its checksums."""

@@ -58,6 +58,10 @@ def schema_descriptions(schema_sql: str | None = None) -> dict[str, dict[str, st
         for name in re.findall(r"(?:^|,)\s*([a-z_][a-z0-9_]*)\s+[A-Z]", code.strip()):
             if name.upper() not in ("PRIMARY", "UNIQUE", "FOREIGN", "CHECK", "CONSTRAINT"):
                 current[name] = comment.strip() or None
+    # The `features` view is feature_stats joined with feature_map: its columns are described there.
+    if "feature_stats" in tables and "feature_map" in tables:
+        tables["features"] = {**tables["feature_stats"],
+                              **{k: v for k, v in tables["feature_map"].items() if k != "feature_id"}}
     return tables
 
 
@@ -122,7 +126,7 @@ def write_saelens(store, folder: Path) -> dict | None:
     when the store has no trained SAE."""
     from safetensors.numpy import save_file
     from .sae import SparseAutoencoder
-    run = store.latest_sae_run()
+    run = store.sae_run_used_by("encode")  # the SAE whose activations the store holds
     if run is None:
         return None
     sae = SparseAutoencoder.load(Path(run["weights_path"]))

@@ -4,12 +4,19 @@ Stages hand data to each other only through the store and through these paths.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
+import re
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from importlib import resources
+
+from .errors import DiskFullError, disk_full_error, is_no_space
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,11 @@ class BuildPaths:
     @property
     def store_path(self) -> Path:
         return self.out_dir / "atlas.duckdb"
+
+    @property
+    def status_path(self) -> Path:
+        """What a running build is doing (`atlasgen info` reads it while the store is locked): status.py."""
+        return self.out_dir / "atlas.status.json"
 
     @property
     def corpus_dir(self) -> Path:
@@ -109,41 +121,157 @@ def _resource_dir(package: str, repo_folder: str) -> Path:
     return path
 
 
+# --- work in progress: one naming rule, so leftovers of a killed process can be found -----------------
+# `.NAME.tmp<PID>`: NAME being written by process PID; `.NAME.old<PID>`: the NAME it replaced, being removed.
+# Both sit beside NAME. A later run removes those whose process is gone (`sweep_stale_temps`).
+TEMP_KINDS = ("tmp", "old")
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)(?P<pid>[0-9]+)$")
+
+
+def temp_path(final_path: Path, kind: str = "tmp", pid: int | None = None) -> Path:
+    """The temp name of `final_path` for `kind` (tmp | old) and process `pid` (default: this one)."""
+    assert kind in TEMP_KINDS, f"unknown temp kind {kind}"
+    final_path = Path(final_path)
+    return final_path.with_name(f".{final_path.name}.{kind}{os.getpid() if pid is None else pid}")
+
+
+def parse_temp_name(name: str) -> tuple[str, str, int] | None:
+    """(NAME, kind, pid) if `name` follows the temp naming rule, else None."""
+    match = _TEMP_RE.match(name)
+    return (match["name"], match["kind"], int(match["pid"])) if match else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (this process counts as alive)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def sweep_stale_temps(root: Path) -> list[Path]:
+    """Remove the temp files and folders of dead processes below `root` (temps of live ones are left
+    alone). A `.NAME.old<PID>` whose NAME is missing (a swap cut short between its two renames) is renamed
+    back to NAME instead, so a published folder is never lost. Returns the paths removed or restored."""
+    root = Path(root)
+    done: list[Path] = []
+    if not root.is_dir():
+        return done
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in list(dirnames) + filenames:
+            parsed = parse_temp_name(name)
+            if parsed is None:
+                continue
+            if name in dirnames:
+                dirnames.remove(name)  # never look inside a temp folder
+            final_name, kind, pid = parsed
+            if pid_alive(pid):
+                continue
+            path = here / name
+            final_path = here / final_name
+            try:
+                if kind == "old" and not final_path.exists():
+                    os.replace(path, final_path)
+                elif path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            done.append(path)
+    return done
+
+
 @contextmanager
 def atomic_path(final_path: Path):
-    """Yield a temp path beside `final_path`; rename it into place only if the block succeeds."""
+    """Yield a temp path beside `final_path`; rename it into place only if the block succeeds.
+    A full disk becomes a DiskFullError naming `final_path` and the space left there."""
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = final_path.with_name(f".{final_path.name}.tmp{os.getpid()}")
+    tmp_path = temp_path(final_path)
     try:
         yield tmp_path
         os.replace(tmp_path, final_path)
+    except Exception as e:
+        if is_no_space(e) and not isinstance(e, DiskFullError):
+            raise disk_full_error(final_path) from None
+        raise
     finally:
-        if tmp_path.exists():
-            if tmp_path.is_dir():
-                shutil.rmtree(tmp_path)
+        if tmp_path.exists() or tmp_path.is_symlink():
+            if tmp_path.is_dir() and not tmp_path.is_symlink():
+                shutil.rmtree(tmp_path, ignore_errors=True)
             else:
-                tmp_path.unlink()
+                tmp_path.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_dir(final_dir: Path):
-    """Yield a fresh empty temp folder beside `final_dir`; if the block succeeds, swap it into place
-    (the old folder, if any, is moved aside first and then removed), else remove it."""
+    """Yield a fresh empty temp folder beside `final_dir`; if the block succeeds, swap it into place, else
+    remove it. Readers of `final_dir` see the old folder until the swap and the new one after it: on Linux
+    the two are exchanged in one step (renameat2 RENAME_EXCHANGE); elsewhere the old folder is first
+    renamed to `.NAME.old<PID>` (which `sweep_stale_temps` puts back if the process dies right then)."""
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp{os.getpid()}")
-    old_dir = final_dir.with_name(f".{final_dir.name}.old{os.getpid()}")
+    tmp_dir = temp_path(final_dir)
+    old_dir = temp_path(final_dir, "old")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
     try:
         yield tmp_dir
-        if final_dir.exists():
-            os.replace(final_dir, old_dir)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        if final_dir.exists() and exchange_paths(tmp_dir, final_dir):
+            pass  # tmp_dir now holds the old folder; removed below
+        else:
+            if final_dir.exists():
+                os.replace(final_dir, old_dir)
+            os.replace(tmp_dir, final_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+    except Exception as e:
+        if is_no_space(e) and not isinstance(e, DiskFullError):
+            raise disk_full_error(final_dir) from None
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). False where the system or the
+    file system cannot (the caller falls back to two renames)."""
+    func = _renameat2()
+    if func is None:
+        return False
+    if func(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no glibc ≥ 2.28 (musl, old systems)
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    return func
 
 
 def link_or_copy(src: Path, dst: Path) -> bool:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import time
 from typing import Iterable
 
+from .artefacts import missing_artefacts
 from .config import AtlasConfig, config_hash, config_json
 from .errors import AtlasError
 from .executor import make_executor
+from .paths import sweep_stale_temps
 from .progress import say
 from .stages import REGISTRY
+from .status import enter_stage, keeps_build_status
 from .store import Store
 
 
@@ -27,6 +30,7 @@ def stage_hash(cfg: AtlasConfig, store: Store, name: str) -> str:
     return config_hash(cfg.stage(name), _input_identities(store, name))
 
 
+@keeps_build_status
 def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False,
                executor=None) -> dict[str, dict]:
     """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped).
@@ -42,13 +46,19 @@ def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: boo
 
 def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool, executor) -> dict[str, dict]:
     summaries: dict[str, dict] = {}
+    sweep_stale_temps(store.paths.out_dir)  # leftovers of killed runs (temp names of dead processes)
     for stage in REGISTRY.ordered(stages):
         name = stage.name
+        enter_stage(name)
         this_hash = stage_hash(cfg, store, name)
         if not force and store.stage_is_done(name, this_hash):
-            say(f"{name}: up to date (config {this_hash}), skipped")
-            summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
-            continue
+            # Done only while its artefacts exist: a deleted file makes the stage run again.
+            missing = missing_artefacts(store, name)
+            if missing is None:
+                say(f"{name}: up to date (config {this_hash}), skipped")
+                summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
+                continue
+            say(f"{name}: {missing}, so it runs again")
         row = store.stage_row(name)
         if force or row is None or row["config_hash"] != this_hash:
             stage.reset_outputs(store)

@@ -19,10 +19,33 @@ def is_quiet() -> bool:
     return _quiet
 
 
+class _Bar(tqdm):
+    """tqdm that also reports counts to the build status file (status.py), quiet or not."""
+
+    def __init__(self, *args, tracker=None, **kwargs):
+        self._tracker = tracker
+        super().__init__(*args, **kwargs)
+
+    def update(self, n=1):
+        if self._tracker is not None and n:
+            self._tracker.advance(n)
+        return super().update(n)
+
+
 def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
-    """A progress bar (rate and ETA) unless quiet; use as an iterable or call .update(n)."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=_quiet, file=sys.stderr,
-                dynamic_ncols=True, mininterval=0.5, leave=False)
+    """A progress bar (rate and ETA) unless quiet; use as an iterable or call .update(n). During a build its
+    counts also go to the status file that `atlasgen info` shows (even when quiet)."""
+    from . import status
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    tracker = status.track(desc, total, unit)
+    if tracker is not None and iterable is not None:
+        iterable = tracker.counted(iterable)  # counted as consumed; tqdm's own update() calls are not
+        tracker_for_updates = None
+    else:
+        tracker_for_updates = tracker
+    return _Bar(iterable, total=total, desc=desc, unit=unit, disable=_quiet, file=sys.stderr,
+                dynamic_ncols=True, mininterval=0.5, leave=False, tracker=tracker_for_updates)
 
 
 def say(message: str) -> None:

@@ -173,6 +173,10 @@ def syntax_error(e: Exception) -> AtlasError:
 
 def explain_error(e: duckdb.Error, store) -> AtlasError:
     """A DuckDB error from running a checked query → one line and the hint that matches it."""
+    from .store import classify_store_error
+    damaged = classify_store_error(e, store.paths.store_path)  # a corrupt block shows only when it is read
+    if damaged is not None:
+        return damaged
     text = str(e)
     first = _first_line(e)
     if isinstance(e, duckdb.ParserException):
@@ -209,7 +213,7 @@ def explain_error(e: duckdb.Error, store) -> AtlasError:
         return AtlasError(f"query failed: {first}",
                           "see DuckDB's functions: SELECT DISTINCT function_name FROM duckdb_functions()")
     return AtlasError(f"query failed: {first}",
-                      "see README 'The store' for the tables and columns, DuckDB's SQL reference for the rest")
+                      "see docs/STORE.md for the tables and columns, DuckDB's SQL reference for the rest")
 
 
 # --- running -------------------------------------------------------------------------------------

@@ -102,8 +102,16 @@ def load_stage_sae(store, used_by: str = "encode") -> tuple[SparseAutoencoder, s
     if run is None:
         raise StageInputError(f"the store has no trained SAE used by the {used_by} stage",
                               f"run `atlasgen {used_by}` (or `atlasgen build`) first")
-    weights_path = Path(run["weights_path"])
-    if not weights_path.exists() or not (weights_path.parent / CONFIG_FILE).exists():
-        raise StageInputError(f"the SAE weights of run {run['run_id']} are missing ({weights_path})",
-                              "retrain it: `atlasgen train --force --out DIR` (then build again)")
-    return SparseAutoencoder.load(weights_path), run["run_id"]
+    folder = Path(run["weights_path"]).parent
+    out = store.paths.out_dir
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise StageInputError(f"the SAE files of train run {run['run_id']} are missing: "
+                              f"{', '.join(str(folder / m) for m in missing)}",
+                              f"run `atlasgen build --out {out}`: it trains the SAE again (same config, same result)")
+    try:
+        return SparseAutoencoder.load(folder), run["run_id"]
+    except Exception as e:  # a damaged file: safetensors, json and torch raise many kinds
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StageInputError(f"the SAE files in {folder} cannot be read: {text}",
+                              f"delete {folder} and run `atlasgen build --out {out}`: it trains the SAE again") from None

@@ -1,5 +1,5 @@
 """`atlasgen serve`: serve OUT/site over http on this machine (Pagefind search and the data files need http,
-not file://), with the same security headers the site gets on Netlify."""
+not file://), with the same headers the site gets on Netlify (atlasgen/headers.py)."""
 from __future__ import annotations
 
 import errno
@@ -9,7 +9,7 @@ import mimetypes
 from pathlib import Path
 
 from .errors import AtlasError
-from .site.core import SECURITY_HEADERS
+from .headers import headers_for
 
 # Types Python's table may lack; with nosniff the browser refuses scripts and wasm sent with a wrong type.
 mimetypes.add_type("application/wasm", ".wasm")
@@ -19,12 +19,13 @@ mimetypes.add_type("application/json", ".json")
 
 
 class SiteHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files plus security headers; no directory listings; quiet unless `verbose`."""
+    """Static files with the headers netlify.toml sets (headers.HEADER_RULES); no directory listings;
+    quiet unless `verbose`."""
 
     verbose = False
 
     def end_headers(self) -> None:
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in headers_for(self.path).items():
             self.send_header(name, value)
         super().end_headers()
 

@@ -1,11 +1,12 @@
 """The DuckDB store: the single source of truth, and a product users query with SQL.
 
-The schema is documented in the README ("The store"); keep both in step and bump
+The schema is documented in docs/STORE.md; keep both in step and bump
 SCHEMA_VERSION on any incompatible change.
 """
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Iterator
 import duckdb
 import numpy as np
 
-from .errors import AtlasError, StoreVersionError
+from .errors import AtlasError, StoreDamagedError, StoreLockedError, StoreVersionError
 from .paths import BuildPaths
 
 # 2: features split into feature_stats (encode) + feature_map (layout) behind a `features` view;
@@ -157,6 +158,77 @@ OUTPUT_TABLES_ALL = ("images", "skipped_inputs", "embeddings", "sae_runs", "sae_
                      "probes")
 
 
+# --- what went wrong with a store file, in one line -----------------------------------------------------
+_LOCK_PID_RE = re.compile(r"\(PID (\d+)\)")
+
+
+def process_name(pid: int) -> str | None:
+    """The command line of a running process, shortened (Linux /proc; None elsewhere or when gone)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    words = [a.decode(errors="replace") for a in argv if a]
+    if len(words) >= 3 and words[1] == "-m":
+        words = words[2:]  # python -m atlasgen.cli build ... → atlasgen.cli build ...
+    elif words and Path(words[0]).name.startswith("python") and len(words) > 1:
+        words = words[1:]
+    text = " ".join(" ".join([Path(words[0]).name, *words[1:]]).split()) if words else ""
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def store_error(exc: BaseException, path: Path) -> AtlasError:
+    """The one-line user error for a DuckDB failure opening the store at `path`: see `classify_store_error`;
+    anything else becomes a generic "cannot use the store" line (still no traceback)."""
+    error = classify_store_error(exc, path)
+    if error is not None:
+        return error
+    text = str(exc)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "Permission denied" in text:
+        return AtlasError(f"cannot open the store {path}: permission denied",
+                          "check the file's owner and permissions, or pass another --out")
+    return AtlasError(f"cannot use the store {path}: {first}",
+                      "check that --out is an atlasgen output folder on a working disk")
+
+
+def classify_store_error(exc: BaseException, path: Path) -> AtlasError | None:
+    """The user error for a store failure we recognise, whenever it shows (opening the store or in the middle
+    of a stage): locked by another process, not a DuckDB file, truncated, corrupt, a corrupt write-ahead log,
+    a full disk. None for anything else (a bug in our SQL must still show its traceback)."""
+    from .errors import disk_full_error, human_bytes, is_no_space
+    path = Path(path)
+    text = str(exc)
+    first = text.splitlines()[0] if text else type(exc).__name__
+    out = path.parent
+    size = path.stat().st_size if path.exists() else None
+    rebuild = (f"restore {path.name} from a copy, or move it away and run `atlasgen build --out {out}` (same "
+               "--preset/--config) to rebuild it from the images")
+    if "Could not set lock" in text or "Conflicting lock" in text:
+        match = _LOCK_PID_RE.search(text)
+        pid = int(match.group(1)) if match else None
+        name = process_name(pid) if pid else None
+        who = f"process {pid}" + (f" ({name})" if name else "") if pid else "another process"
+        return StoreLockedError(f"the store {path} is in use by {who}",
+                                "wait for it to finish" + (f", or stop it with `kill {pid}`" if pid else "") +
+                                f"; `atlasgen info --out {out}` shows a running build's progress", pid=pid)
+    if is_no_space(exc):
+        return disk_full_error(path)
+    if "not a valid DuckDB database file" in text:
+        return StoreDamagedError(f"{path} is not a DuckDB database ({human_bytes(size)} of something else)",
+                                 f"point --out at an atlasgen output folder; if this was the store, {rebuild}")
+    if "Could not read enough bytes" in text:
+        return StoreDamagedError(f"the store {path} is truncated: it has {human_bytes(size)}, DuckDB needs more "
+                                 f"({first.split(': ', 1)[-1]})", rebuild)
+    if "WAL" in text and ("Corrupt" in text or "replaying" in text):
+        return StoreDamagedError(f"the store's write-ahead log {path}.wal is corrupt ({first})",
+                                 f"move {path.name}.wal away and run the same command again: the store goes back to "
+                                 f"its last checkpoint and unfinished stages run again; or {rebuild}")
+    if "Corrupt database file" in text or "checksum" in text:
+        return StoreDamagedError(f"the store {path} is corrupt ({first})", rebuild)
+    return None
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -178,14 +250,14 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             con = duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as e:
-            raise AtlasError(f"cannot open the store {path}: {str(e).splitlines()[0]}",
-                             "is another atlasgen process using this output folder?") from None
         except duckdb.Error as e:
-            raise AtlasError(f"{path} is not a DuckDB atlas store: {str(e).splitlines()[0]}",
-                             "point --out at an atlasgen output folder, or delete the file") from None
+            raise store_error(e, path) from None
         store = cls(con, paths, read_only)
-        store._check_or_create_schema()
+        try:
+            store._check_or_create_schema()
+        except duckdb.Error as e:
+            con.close()
+            raise store_error(e, path) from None
         return store
 
     def _check_or_create_schema(self) -> None:
@@ -218,8 +290,12 @@ class Store:
     def __enter__(self) -> "Store":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except duckdb.Error:
+            if exc is None:  # a failing close must not hide the error that is already on its way out
+                raise
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -227,7 +303,10 @@ class Store:
         try:
             yield self.con
         except BaseException:
-            self.con.execute("ROLLBACK")
+            try:
+                self.con.execute("ROLLBACK")
+            except duckdb.Error:  # e.g. the database was invalidated by a full disk: keep the first error
+                pass
             raise
         self.con.execute("COMMIT")
 
@@ -685,10 +764,10 @@ class Store:
             self.con.execute(f"SET {setting}")
 
     def table_names(self) -> list[str]:
-        """The store's tables (main schema), by name."""
+        """The store's tables and views (main schema: `features` is a view), by name."""
         return [r[0] for r in self.con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' "
-            "AND table_type = 'BASE TABLE' ORDER BY table_name").fetchall()]
+            "AND table_type IN ('BASE TABLE', 'VIEW') ORDER BY table_name").fetchall()]
 
     def table_columns(self, table: str) -> list[tuple[str, str]]:
         """(column name, DuckDB type) of `table`, in column order."""
@@ -715,6 +794,28 @@ class Store:
 
     def schema_version(self) -> int:
         return int(self.scalar("SELECT value FROM meta WHERE key = 'schema_version'"))
+    # --- faults: artefact checks (artefacts.py) ----------------------------------------------------------
+    def sae_weight_paths(self) -> list[str]:
+        """Every SAE run's weights file, relative to the output folder."""
+        return [r[0] for r in self.con.execute("SELECT weights_path FROM sae_runs ORDER BY run_id").fetchall()]
+
+    def corpus_copy_paths(self) -> list[str]:
+        """Every image's corpus copy, relative to the output folder, by image id."""
+        return [r[0] for r in self.con.execute("SELECT corpus_path FROM images ORDER BY image_id").fetchall()]
+
+    def top_image_ids(self) -> list[int]:
+        """The images that have a thumbnail (those among some feature's top images)."""
+        return [int(r[0]) for r in self.con.execute(
+            "SELECT DISTINCT image_id FROM top_images ORDER BY image_id").fetchall()]
+
+    def render_paths(self) -> list[str]:
+        """Every render's WebP, relative to the output folder."""
+        return [r[0] for r in self.con.execute("SELECT path FROM renders ORDER BY render_id").fetchall()]
+
+    def probe_image_paths(self) -> list[str]:
+        """Every probe step's picture, relative to the output folder."""
+        return [r[0] for r in self.con.execute(
+            "SELECT DISTINCT image_path FROM probes WHERE image_path IS NOT NULL ORDER BY 1").fetchall()]
 
     # --- ingest/embed speed ------------------------------------------------------------------------------
     def for_thread(self) -> "Store":

@@ -10,6 +10,7 @@ through queues and stay small (paths, ids, reasons); big outputs go through shar
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -67,8 +68,15 @@ class WorkerPool:
             self._results = ctx.Queue()
             self._procs = [ctx.Process(target=_worker_loop, args=(self.fn, self._tasks, self._results, os.getpid()),
                                        name=f"atlasgen-{self.name}-{i}", daemon=True) for i in range(self.n_workers)]
-            for proc in self._procs:
-                proc.start()
+            # Objects alive at the fork stay out of the children's garbage collector: a child that collects an
+            # inherited object another thread of this process was using (a Playwright greenlet, a DuckDB or
+            # torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open).
+            gc.freeze()
+            try:
+                for proc in self._procs:
+                    proc.start()
+            finally:
+                gc.unfreeze()
         else:
             from concurrent.futures import ThreadPoolExecutor
             self._executor = ThreadPoolExecutor(self.n_workers, thread_name_prefix=f"atlasgen-{self.name}")

@@ -5,7 +5,7 @@ The SAELens check runs twice: always against SAELens's documented format (cfg.js
 names and shapes, and its TopK encode formula `topk(relu((x - b_dec) @ W_enc + b_enc), k)` written out here in
 numpy), and, where the `sae_lens` package is installed, through `sae_lens.SAE.load_from_disk(...).encode`.
 The CI does not install sae_lens (its dependencies would pull a second torch stack); that check was run by
-hand with sae-lens 6.54.12 (see README "Exporting the store")."""
+hand with sae-lens 6.54.12 (see docs/STORE.md "Exporting the store")."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from atlasgen.cli import app
 from atlasgen.export import schema_descriptions
-from atlasgen.store import SCHEMA_SQL, Store
+from atlasgen.store import SCHEMA_VERSION, SCHEMA_SQL, Store
 
 runner = CliRunner()
 HAS_SAE_LENS = importlib.util.find_spec("sae_lens") is not None
@@ -40,7 +40,7 @@ def store_activations(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image ids, embeddings, dense top-k capped activations from the `activations` table)."""
     with Store.open(out, read_only=True) as store:
         ids_n, emb_nd = store.embeddings()
-        n_features = store.latest_sae_run()["n_features"]
+        n_features = store.sae_run_used_by("encode")["n_features"]
         rows = store.query("SELECT image_id, feature_id, value FROM activations")
     acts_nf = np.zeros((len(ids_n), n_features), np.float32)
     row_of = {int(i): r for r, i in enumerate(ids_n)}
@@ -74,7 +74,7 @@ def test_every_table_reads_back_equal(tiny_encoded, exported):
 
 def test_schema_json_describes_every_column(tiny_encoded, exported):
     schema = json.loads((exported / "schema.json").read_text())
-    assert schema["format"] == "atlasgen-export" and schema["store_schema_version"] == 1
+    assert schema["format"] == "atlasgen-export" and schema["store_schema_version"] == SCHEMA_VERSION
     with Store.open(tiny_encoded, read_only=True) as store:
         for table in store.table_names():
             entry = schema["tables"][table]
@@ -92,9 +92,9 @@ def test_schema_json_describes_every_column(tiny_encoded, exported):
 def test_schema_comments_parse_for_every_column():
     """Every column declared in SCHEMA_SQL is found (a described or an undescribed one)."""
     described = schema_descriptions(SCHEMA_SQL)
-    assert len(described) == SCHEMA_SQL.count("CREATE TABLE")
+    assert len(described) == SCHEMA_SQL.count("CREATE TABLE") + SCHEMA_SQL.count("CREATE OR REPLACE VIEW")
     assert list(described["features"])[:4] == ["feature_id", "n_active", "frequency", "max_value"]
-    assert described["features"]["umap_x"] == described["features"]["umap_y"] == "co-activation UMAP (NULL for dead features)"
+    assert described["features"]["umap_x"] == described["features"]["umap_y"] == "co-activation UMAP (no row for dead features)"
     assert described["images"]["image_id"] is None
 
 

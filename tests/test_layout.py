@@ -218,22 +218,39 @@ def test_bad_input_is_a_user_error(tmp_path):
     store.close()
 
 
-def test_reset_clears_columns_and_map_and_the_map_page_copies_it(tmp_path, synthetic):
+def test_reset_clears_columns_and_the_map_page_copies_the_map_under_its_content_hash(tmp_path, synthetic):
     from atlasgen.site.assets import SiteFiles
     from atlasgen.site.pages.feature_map import map_context
     store = _store_with(tmp_path / "out", synthetic)
     cfg = LayoutConfig(n_map_features=30, grid_side=8, n_neighbors=10, cell_px=16, tile_px=32)
-    layout.run(cfg, store)
+    summary = layout.run(cfg, store)
     site_dir = tmp_path / "site"
-    context = map_context(store, SiteFiles(store.paths.out_dir, site_dir))
-    assert context["map"]["n_placed"] == 30 and context["map"]["grid_side"] == 8
+    ctx = map_context(store, SiteFiles(store.paths.out_dir, site_dir))["map"]
+    assert ctx["n_placed"] == 30 and ctx["grid_side"] == 8
+    tag = summary["content_hash"]
+    assert ctx["index_url"] == f"map/{tag}/index.json" and ctx["tiles_url"] == f"map/{tag}/"
     src_files = sorted(p.relative_to(store.paths.map_dir) for p in store.paths.map_dir.rglob("*") if p.is_file())
-    dst_files = sorted(p.relative_to(site_dir / "map") for p in (site_dir / "map").rglob("*") if p.is_file())
+    dst_files = sorted(p.relative_to(site_dir / "map" / tag) for p in (site_dir / "map").rglob("*") if p.is_file())
     assert src_files == dst_files and len(src_files) > 3
     layout.reset(store)
-    assert not store.paths.map_dir.exists()
     assert store.scalar("SELECT count(*) FROM features WHERE umap_x IS NOT NULL OR grid_x IS NOT NULL") == 0
-    assert (site_dir / "map" / "index.json").exists(), "the site copy is the site stage's to remove"
+    assert (store.paths.map_dir / "index.json").exists(), "reset keeps the map until a new one is swapped in"
+    store.close()
+
+
+def test_map_content_hash_follows_the_tiles(tmp_path, synthetic):
+    """Same input, same hash (URLs stay cached); other tiles, another hash (no stale tile under /map/*)."""
+    store = _store_with(tmp_path / "out", synthetic)
+    cfg = LayoutConfig(n_map_features=30, grid_side=8, n_neighbors=10, cell_px=16, tile_px=32)
+    first = layout.run(cfg, store)["content_hash"]
+    assert layout.run(cfg, store)["content_hash"] == first
+    index = json.loads((store.paths.map_dir / "index.json").read_text())
+    assert index["content_hash"] == first == layout.map_content_hash(store.paths.map_dir, index)
+    tile = next((store.paths.map_dir / "0").glob("*.webp"))
+    tile.write_bytes(tile.read_bytes() + b"\0")
+    assert layout.map_content_hash(store.paths.map_dir, index) != first, "a changed tile changes the hash"
+    assert layout.run(LayoutConfig(n_map_features=30, grid_side=8, n_neighbors=10, cell_px=20, tile_px=32),
+                      store)["content_hash"] != first
     store.close()
 
 

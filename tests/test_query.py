@@ -29,7 +29,7 @@ def small_out(tmp_path_factory) -> Path:
         store.con.execute("INSERT INTO images (image_id, source, label, corpus_path) VALUES "
                           "(1, 'a.jpg', 'cat', 'corpus/1.jpg'), (2, 'b.jpg', 'dog', 'corpus/2.jpg'), "
                           "(3, 'c.jpg', 'cat', 'corpus/3.jpg')")
-        store.con.execute("INSERT INTO features (feature_id, n_active, frequency, label) VALUES "
+        store.con.execute("INSERT INTO feature_stats (feature_id, n_active, frequency, label) VALUES "
                           "(0, 2, 0.66, 'cat (2/3)'), (1, 1, 0.33, 'dog (1/1)'), (2, 0, 0.0, NULL)")
         store.con.execute("CHECKPOINT")
     return out

@@ -181,3 +181,14 @@ def test_a_user_error_in_a_stage_is_recorded_and_printed_in_one_line(tmp_path):
     with Store.open(out, read_only=True) as store:
         row = store.stage_row("ingest")
     assert row["status"] == "failed" and row["error"]
+
+
+@pytest.mark.parametrize("module", ["atlasgen.site.pages", "atlasgen.headers", "atlasgen.serve", "atlasgen.stages",
+                                    "atlasgen.pipeline", "atlasgen.site.query"])
+def test_no_import_cycle_whichever_module_comes_first(module):
+    """The stages import the site package (the site stage) and the site package reads stage file names: each
+    entry point must import first, in a fresh interpreter, without a cycle."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from atlasgen.stages import render
 from atlasgen.config import RenderConfig, load_config
 from atlasgen.inversion import InversionSettings
 from atlasgen.model import arrays_to_batch
+from atlasgen.paths import sweep_stale_temps
 from atlasgen.progress import set_quiet
 from atlasgen.sae import SparseAutoencoder
 from atlasgen.testing import record_sae
@@ -158,7 +161,17 @@ def _legacy_invert():
     return sys.modules["bench_render"].legacy_invert
 
 
-def test_engine_reproduces_todays_loop_step_for_step(tiny_model):
+@pytest.fixture
+def one_thread():
+    """Both loops under one torch thread: earlier tests (Ray, the thread tuner) may leave another thread count
+    behind, and a different reduction order in the matmuls drifts the two trajectories apart."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_engine_reproduces_todays_loop_step_for_step(tiny_model, one_thread):
     """With stopping off, the continuous-batching engine (own Adam, schedules drawn up front, no host sync)
     takes the same steps as today's loop: same per-step losses, and the last picture's cosine at least."""
     dirs_bd = torch.randn(4, tiny_model.dim, generator=torch.Generator().manual_seed(5))
@@ -241,7 +254,7 @@ def test_batched_adam_matches_torch_adam_with_one_step_count_per_slot():
             assert torch.allclose(ours[k], refs[k], atol=1e-6), f"slot {k} left torch.optim.Adam at step {step}"
 
 
-def test_tiny_preset_quality_does_not_drop(tiny_model, sae_and_emb):
+def test_tiny_preset_quality_does_not_drop(tiny_model, sae_and_emb, one_thread):
     """The tiny preset's render settings on 12 of its features: the new engine (no early stop within 24 steps,
     the better of best and last picture) reaches at least today's loop's cosine and own-feature-first share."""
     sae, _ = sae_and_emb
@@ -485,11 +498,17 @@ def test_reset_keeps_renders_and_tidies(store_dir):
         render.run(small_cfg(features="0,1"), store)
         paths = [r[0] for r in store.query("SELECT path FROM renders ORDER BY path")]
         (store_dir / paths[0]).unlink()
-        stray = store.paths.renders_dir / "feature" / ".x.webp.tmp123"
+        # A temp file of a killed render (paths.temp_path's rule): the pipeline's sweep removes it.
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        stray = store.paths.renders_dir / "feature" / f".x.webp.tmp{dead.pid}"
         stray.write_bytes(b"x")
+        orphan = store.paths.renders_dir / "feature" / "nobody.webp"
+        orphan.write_bytes(b"x")
         render.reset(store)
         assert [r[0] for r in store.query("SELECT path FROM renders")] == paths[1:]
-        assert not stray.exists()
+        assert not orphan.exists() and stray.exists()
+        assert sweep_stale_temps(store.paths.out_dir) == [stray] and not stray.exists()
         summary = render.run(small_cfg(features="0,1"), store)
         assert summary["n_rendered"] == 1 and store.count("renders") == 2
 

@@ -44,7 +44,7 @@ def synthetic(tmp_path_factory) -> Path:
 def build_site(src: Path, dst: Path, cfg: SiteConfig) -> tuple[Path, dict]:
     shutil.copytree(src, dst)
     with Store.open(dst) as store:
-        summary = site.run(cfg, store, page_providers=())
+        summary = site.run(cfg, store)
     return dst, summary
 
 

@@ -97,7 +97,7 @@ def test_cli_query_and_errors(tmp_path):
     result = runner.invoke(app, ["query", "DELETE FROM images", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "read-only" in result.output
     result = runner.invoke(app, ["query", "SELEC nonsense", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "query failed" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "syntax error" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["info", "--out", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "no atlas store" in result.output
 

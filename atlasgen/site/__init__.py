@@ -9,6 +9,6 @@ calls `pages.build`).
   module per page.
 """
 from .assets import decomposition_css
-from .core import SECURITY_HEADERS, csp_header, csp_meta, make_env, url_path
+from .core import csp_header, csp_meta, make_env, url_path
 
-__all__ = ["SECURITY_HEADERS", "csp_header", "csp_meta", "decomposition_css", "make_env", "url_path"]
+__all__ = ["csp_header", "csp_meta", "decomposition_css", "make_env", "url_path"]

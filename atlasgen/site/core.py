@@ -34,12 +34,7 @@ def csp_meta() -> str:
     return "; ".join(f"{k} {v}" for k, v in CSP_DIRECTIVES if k not in _HEADER_ONLY)
 
 
-SECURITY_HEADERS = {
-    "Content-Security-Policy": csp_header(),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-}
+# The HTTP headers (this CSP among them) are one table in atlasgen/headers.py, for serve and netlify.toml.
 
 
 # --- Jinja environment and filters (all registered here) ------------------------------------------

@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ def _greyscale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def too_many_pixels(n_pixels: int | None, max_pixels: int, size: tuple[int, int] | None = None) -> str:
+    """The one skip reason for an oversized image (ours and Pillow's DecompressionBombError alike)."""
+    what = (f"{size[0]}×{size[1]} = " if size else "") + (f"{n_pixels:,} pixels" if n_pixels else "the image")
+    return (f"decompression bomb: {what} is more than ingest.max_pixels = {max_pixels:,} (raise ingest.max_pixels "
+            "to accept it)")
+
+
 def decode_image(data: bytes | Path, max_pixels: int, corpus_side: int) -> Decoded:
     """Decode one input into a normalised JPEG, or raise SkipInput with the reason."""
     rgb, width, height = decode_rgb(data, max_pixels, corpus_side)
@@ -127,8 +135,7 @@ def decode_rgb(data: bytes | Path, max_pixels: int, corpus_side: int,
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise SkipInput(f"decompression bomb: {width}×{height} = {width * height:,} pixels is more than "
-                                f"ingest.max_pixels = {max_pixels:,}")
+                raise SkipInput(too_many_pixels(width * height, max_pixels, (width, height)))
             if image.format == "JPEG":
                 # Decode big JPEGs at a reduced scale straight away (DCT scaling): much faster, same result.
                 small = small_draft_side and min(width, height) <= corpus_side
@@ -138,7 +145,9 @@ def decode_rgb(data: bytes | Path, max_pixels: int, corpus_side: int,
     except SkipInput:
         raise
     except Image.DecompressionBombError as e:
-        raise SkipInput(f"decompression bomb: {e}") from None
+        # Pillow refuses images over 2 × Image.MAX_IMAGE_PIXELS inside Image.open, before our check.
+        found = re.search(r"\(([0-9]+) pixels\)", str(e))
+        raise SkipInput(too_many_pixels(int(found.group(1)) if found else None, max_pixels)) from None
     except UnidentifiedImageError:
         raise SkipInput("not an image (the file's format is not one PIL can identify)") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files

@@ -12,9 +12,9 @@ frequency instead), and the square root damps the few very frequent companions e
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -75,12 +75,12 @@ def run(cfg: LayoutConfig, store) -> dict:
     t_tiles = time.perf_counter() - t2
     return {"n_live": int(len(live_ids)), "n_placed": int(n_map), "grid_side": cfg.grid_side,
             "n_levels": tiles["n_levels"], "n_tiles": tiles["n_tiles"], "n_pictures": tiles["n_pictures"],
-            "umap_seconds": round(t_umap, 2), "grid_seconds": round(t_grid, 2), "tile_seconds": round(t_tiles, 2)}
+            "content_hash": tiles["content_hash"], "umap_seconds": round(t_umap, 2), "grid_seconds": round(t_grid, 2), "tile_seconds": round(t_tiles, 2)}
 
 
 def reset(store) -> None:
+    """Clears the map positions. map/ stays until `write_map` swaps the new map in (the site copies it)."""
     store.clear_stage_outputs("layout", ("feature_map",), skips=False)
-    shutil.rmtree(store.paths.map_dir, ignore_errors=True)
 
 
 def _read_features(store) -> dict:
@@ -266,8 +266,23 @@ def write_map(store, cfg: LayoutConfig, placed_ids: np.ndarray, cells_m2: np.nda
                  "url": f"features/{int(f)}.html"}
                 for f, c, lab in zip(placed_ids, cells_m2, labels)],
         }
+        index["content_hash"] = map_content_hash(tmp_dir, index)
         (tmp_dir / MAP_INDEX_NAME).write_text(json.dumps(index, separators=(",", ":")))
-    return {"n_levels": len(stats["levels"]), "n_tiles": stats["n_tiles"], "n_pictures": stats["n_pictures"]}
+    return {"n_levels": len(stats["levels"]), "n_tiles": stats["n_tiles"], "n_pictures": stats["n_pictures"],
+            "content_hash": index["content_hash"]}
+
+
+def map_content_hash(map_dir: Path, index: dict) -> str:
+    """A hash of every tile's bytes and of the index (without this hash): the site serves the map under
+    `map/<hash>/`, so a tile's URL changes whenever any tile or the index does, and the year-long immutable
+    cache rule for /map/* (netlify.toml, `atlasgen serve`) never shows a stale tile."""
+    digest = hashlib.sha256()
+    body = {k: v for k, v in index.items() if k != "content_hash"}
+    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for path in sorted(p for p in Path(map_dir).rglob("*") if p.is_file() and p.name != MAP_INDEX_NAME):
+        digest.update(path.relative_to(map_dir).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _write_tiles(out_dir: Path, store, cfg: LayoutConfig, placed_ids, cells_m2) -> dict:

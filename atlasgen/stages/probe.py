@@ -2,7 +2,7 @@
 as whole vs sliced) run through the store's model and SAE *without* the top-k cap, so every non-zero
 feature activation is recorded in `probes`.
 
-Sweeps are TOML tables under `[[probe.sweeps]]` (schema in README "Probes" and `parse_sweep`):
+Sweeps are TOML tables under `[[probe.sweeps]]` (schema in docs/PIPELINE.md "Probes" and `parse_sweep`):
 
     [[probe.sweeps]]
     name = "circle-size"            # unique; letters, digits, - and _
@@ -174,7 +174,7 @@ def _int_list(value, where: str) -> list[int]:
 def parse_sweep(raw: dict, cfg: ProbeConfig, n_features: int | None = None) -> tuple[Sweep, dict]:
     """Validate one [[probe.sweeps]] table and build its pictures. Returns the sweep and its resolved spec."""
     if not isinstance(raw, dict):
-        raise AtlasError("each [[probe.sweeps]] entry must be a table", "see README 'Probes'")
+        raise AtlasError("each [[probe.sweeps]] entry must be a table", "see docs/PIPELINE.md 'Probes'")
     name = str(raw.get("name", ""))
     where = f"[[probe.sweeps]] {name or '(unnamed)'}"
     if not _NAME_RE.match(name):

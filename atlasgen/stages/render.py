@@ -10,9 +10,10 @@ this process alone saves them.
 
 Renders are immutable artifacts keyed by `render_id` = hash(kind, target, seed, variant, settings), where
 the settings are everything that changes a picture (steps, views, lr, tv, size, precision, the model, the
-SAE run). A run plans its targets, skips those whose render already exists, and commits per batch, so an
-interrupted run resumes where it stopped and `atlasgen render --features 1,2,3` adds just those. Renders made
-with other settings (an older SAE, other steps, ...) are superseded: a run deletes them before it starts.
+SAE run, the stopping rule). A run plans its targets, skips those whose render already exists, and commits
+per unit, so an interrupted run resumes where it stopped and `atlasgen render --features 1,2,3` adds just
+those. Renders made with other settings (an older SAE, other steps, ...) are superseded: a run deletes them
+before it starts.
 
 Target spaces: a feature target compares the SAE-normalised embedding (embedding − corpus mean, scaled) with
 the feature's unit decoder row; an image target compares the raw embedding with the image's stored embedding.
@@ -40,7 +41,7 @@ from ..errors import AtlasError, StageInputError
 from ..executor import LocalExecutor, PackedModel, PackedSAE, resolve_precision
 from ..inversion import InversionSettings
 from ..model import load_embedding_model, resolve_device
-from ..paths import atomic_path
+from ..paths import atomic_path, parse_temp_name
 from ..progress import bar, say
 from ..sae import SparseAutoencoder, load_stage_sae
 from ..store import Store, now
@@ -608,8 +609,8 @@ def _summary(store: Store, targets: list[Target], n_rendered: int, n_superseded:
 
 def reset(store: Store) -> None:
     """Renders are immutable artifacts keyed by their own id, so a config change or --force keeps them (run()
-    drops the ones made with other settings). Reset only tidies: temp files, rows whose file is gone (they are
-    redone), and files no row points to."""
+    drops the ones made with other settings). Reset only tidies: rows whose file is gone (they are redone) and
+    files no row points to (temp files of dead runs go in the pipeline's sweep, render's resume included)."""
     renders_dir = store.paths.renders_dir
     if not renders_dir.exists():
         if store.count("renders"):
@@ -625,7 +626,8 @@ def reset(store: Store) -> None:
     if missing:
         store.delete_renders(missing)
     for path in renders_dir.rglob("*"):
-        if path.is_file() and (".tmp" in path.name or path.resolve() not in known):
+        # Temp files follow paths.temp_path's rule; the pipeline's sweep removes those of dead processes.
+        if path.is_file() and parse_temp_name(path.name) is None and path.resolve() not in known:
             path.unlink(missing_ok=True)
 
 

@@ -6,7 +6,6 @@ Everything is fetched with a few bulk reads, so 12,288 feature pages take second
 """
 from __future__ import annotations
 
-import shutil
 
 from .. import paths as paths_mod
 from ..config import SiteConfig
@@ -22,7 +21,8 @@ def run(cfg: SiteConfig, store) -> dict:
 
 
 def reset(store) -> None:
-    shutil.rmtree(store.paths.site_dir, ignore_errors=True)
+    """Nothing to clear: `run` builds the new site beside the old one and swaps it in, so readers keep the
+    old site until the new one is complete (and keep it if the run fails or is killed)."""
 
 
 SPEC = Stage("site", SiteConfig, run, inputs=("layout", "probe", "toy"), folders=("site_dir",), reset=reset)

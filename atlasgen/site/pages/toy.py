@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ...stages.toy import FRAMES_FILE
 from ..assets import SiteFiles
 from ..charts import toy_final_svg
 from ..core import SiteWriter
@@ -16,6 +15,7 @@ FINAL_SVG_FILE = "final.svg"
 def toy_context(store, files: SiteFiles) -> dict | None:
     """Put the toy's frames (and the final picture as an .svg file) into the site; the page's context, or
     None when the toy has not run."""
+    from ...stages.toy import FRAMES_FILE  # here: the stages import the site package (the site stage)
     frames_path = store.paths.toy_dir / FRAMES_FILE
     if not frames_path.exists():
         return None
