@@ -121,12 +121,13 @@ def _split(items: list, size: int) -> list[list]:
 
 # --- the other measurements -----------------------------------------------------------------------------------
 def naive_rate(model_path: Path, paths: list[Path], batch_size: int) -> float:
-    """The Hugging Face model batch by batch in fp32 on PIL-preprocessed source JPEGs, no overlap."""
+    """The Hugging Face model batch by batch in fp32 on PIL-preprocessed source JPEGs, no overlap; model loading
+    included, as in the other paths' rates."""
     from transformers import DINOv3ViTModel
+    t0 = time.perf_counter()
     model = DINOv3ViTModel.from_pretrained(model_path).eval()
     mean = np.array(IMAGENET_MEAN, np.float32)
     std = np.array(IMAGENET_STD, np.float32)
-    t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(paths), batch_size):
             arrays = []
@@ -221,17 +222,18 @@ def one_run(args) -> None:
     if device.type == "cuda":
         (torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)).sum().item()
     fn = today_embed if args.one == "today" else embed.run
-    cfg = EmbedConfig(model=args.model, device=device.type, batch_size=args.batch_size, n_workers=args.n_workers)
+    cfg = EmbedConfig(model=args.model, device=device.type, batch_size=args.batch_size, n_workers=args.n_workers,
+                      n_threads=args.n_threads)
     print("RESULT " + json.dumps(run_embed(fn, cfg, Path(args.store), device), default=str), flush=True)
 
 
 def run_isolated(which: str, store_dir: Path, model_path: Path, device: torch.device, batch_size: int,
-                 n_workers: int) -> dict:
+                 n_workers: int, n_threads: int = 0) -> dict:
     """One run in a fresh process (clean peak memory, workers forked from a process like `atlasgen embed`'s),
     then its embeddings read here."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", which, "--store", str(store_dir),
            "--model", str(model_path), "--device", device.type, "--batch-size", str(batch_size),
-           "--n-workers", str(n_workers)]
+           "--n-workers", str(n_workers), "--n-threads", str(n_threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not results:
@@ -261,6 +263,9 @@ def main() -> None:
                              "figures; on CUDA today's default 32 for today's path and the auto size for the new)")
     parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the naive Hugging Face loop (default: on a CPU only)")
+    parser.add_argument("--n-threads", type=int, default=0,
+                        help="torch threads for both paths (default 0: each tunes its own, which on a busy CPU adds "
+                             "noise of its own)")
     parser.add_argument("--one", choices=("today", "new"), help=argparse.SUPPRESS)  # one run (a child process)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -343,7 +348,7 @@ def main() -> None:
             """One run in a fresh process, shown at once (a run cut short by a timeout keeps what it printed).
             Its rate: images over the wall time of the stage's run(), model loading included."""
             try:
-                r = run_isolated(which, store_dir, model_path, device, batch_size, n_workers)
+                r = run_isolated(which, store_dir, model_path, device, batch_size, n_workers, args.n_threads)
             except Exception as e:
                 print(f"  {name}, {n} images: FAILED: {type(e).__name__}: {e}", flush=True)
                 return None
@@ -371,7 +376,7 @@ def main() -> None:
             ceiling = measure_ceiling(best.get("new path", {}).get("n_threads") or torch.get_num_threads())
         if naive_rates:
             print(f"naive fp32 loop (batch {batch_today}, torch default threads), {n_images} images: "
-                  f"{max(naive_rates):9.1f} img/s", flush=True)
+                  f"{max(naive_rates):9.1f} img/s end to end", flush=True)
         for name, r in best.items():
             how = (f"{r['n_workers']} decode threads" if name == "today's path" else
                    f"{r['n_workers']} worker processes{', pinned' if on_gpu else ''}, writer thread")
