@@ -66,33 +66,58 @@ class CorpusBatches:
         self.size = size
         self.resize_mode = resize_mode
         self.stage = stage
-        self.n_slots = n_slots
+        self.n_slots = n_slots    # batches decoded ahead: one being consumed, the others being filled
         self.processes = processes
         # One unit per worker per batch.
         self.unit_size = max(1, -(-batch_size // n_workers))
         self.batches = [self.items[i:i + batch_size] for i in range(0, len(self.items), batch_size)]
         # No more workers than units to decode (a small corpus on a many-core machine forks fewer).
         self.n_workers = max(1, min(n_workers, sum(-(-len(b) // self.unit_size) for b in self.batches)))
+        self._started = False
 
-    def __enter__(self) -> "CorpusBatches":
-        shape = (self.n_slots, self.batch_size, self.size, self.size, 3)
+    def start(self) -> "CorpusBatches":
+        """Allocate the ring, fork the workers and hand them the first `n_slots` batches, so decoding runs while
+        the caller does something else (embed loads the model). Entering the block starts it too."""
+        if self._started:
+            return self
+        # The ring is never bigger than the work: a small corpus maps a small ring.
+        n_slots = min(self.n_slots, max(1, len(self.batches)))
+        capacity = min(self.batch_size, max(1, len(self.items)))
+        shape = (n_slots, capacity, self.size, self.size, 3)
         n_bytes = int(np.prod(shape))
-        self._pool = WorkerPool(self._decode_unit, self.n_workers, "embed", processes=self.processes)
+        # Nothing to decode forks nothing.
+        processes = self.processes if self.batches else False
+        self._pool = WorkerPool(self._decode_unit, self.n_workers, "embed", processes=processes)
         if self._pool.processes:
             # Anonymous shared memory (MAP_SHARED): forked workers write into the same pages; not limited by the
             # size of /dev/shm as POSIX shared memory would be.
-            self._mmap = mmap.mmap(-1, max(1, n_bytes))
+            self._mmap = mmap.mmap(-1, n_bytes)
             self._slots = np.frombuffer(self._mmap, np.uint8, n_bytes).reshape(shape)
         else:
             self._mmap = None
             self._slots = np.empty(shape, np.uint8)
         self._pool.__enter__()  # forks: after the slots exist
+        self._started = True
+        self._n_submitted = 0
+        while self._n_submitted < min(len(self.batches), self.n_slots):
+            self._submit(self._n_submitted)
+            self._n_submitted += 1
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
-        self._pool.close(clean=exc_type is None)
+    def close(self, clean: bool = True) -> None:
+        """Stop the workers (at once unless `clean` and every batch was taken)."""
+        if not self._started:
+            return
+        self._started = False
+        self._pool.close(clean=clean)
         # The mapping is freed with the last view of it (a consumer may still hold the last batch).
         self._slots = self._mmap = None
+
+    def __enter__(self) -> "CorpusBatches":
+        return self if self._started else self.start()
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(clean=exc_type is None)
 
     # --- in the workers --------------------------------------------------------------------------------
     def _decode_unit(self, task: tuple[int, int, list[tuple[int, str]]]) -> list[tuple[int, str]]:
@@ -115,7 +140,7 @@ class CorpusBatches:
         return self._staged(raw)
 
     def _submit(self, b: int) -> None:
-        slot = b % self.n_slots
+        slot = b % len(self._slots)
         batch = self.batches[b]
         for offset in range(0, len(batch), self.unit_size):
             self._pool.submit((b, offset), (slot, offset, batch[offset:offset + self.unit_size]))
@@ -123,16 +148,17 @@ class CorpusBatches:
     def _slot_batches(self) -> Iterator[Batch]:
         """Batches as views of the shared slots; batch b's slot is refilled (with batch b + n_slots) only
         when the consumer asks for batch b + 1."""
-        n_submitted = 0
+        assert self._started, "iterate inside the with-block (or after start())"
+        n_slots = len(self._slots)
         for b, batch in enumerate(self.batches):
-            while n_submitted < len(self.batches) and n_submitted < b + self.n_slots:
-                self._submit(n_submitted)
-                n_submitted += 1
+            while self._n_submitted < len(self.batches) and self._n_submitted < b + n_slots:
+                self._submit(self._n_submitted)
+                self._n_submitted += 1
             failed: dict[int, str] = {}
             for offset in range(0, len(batch), self.unit_size):
                 for i, reason in self._pool.result((b, offset)):
                     failed[offset + i] = reason
-            arrays = self._slots[b % self.n_slots, :len(batch)]
+            arrays = self._slots[b % n_slots, :len(batch)]
             ids = np.fromiter((image_id for image_id, _ in batch), np.int64, len(batch))
             skipped = []
             if failed:
@@ -147,8 +173,8 @@ class CorpusBatches:
         filled (the queue holds one, so filling batch b + 2 starts only after the consumer took b + 1)."""
         import torch
         pin = self.stage == "pinned"
-        buffers = [torch.empty((self.batch_size, self.size, self.size, 3), dtype=torch.uint8, pin_memory=pin)
-                   for _ in range(3)]
+        # Allocated while the workers decode the first batches (start() handed them over).
+        buffers = [torch.empty(self._slots.shape[1:], dtype=torch.uint8, pin_memory=pin) for _ in range(3)]
         handoff: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
         done = object()

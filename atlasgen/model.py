@@ -76,6 +76,34 @@ def read_preprocess_spec(model_path: Path | None, config) -> PreprocessSpec:
     return PreprocessSpec(size, tuple(mean), tuple(std), mode)
 
 
+def peek_preprocess_spec(model_ref: str, models_dir: Path | None = None) -> PreprocessSpec | None:
+    """What `load_embedding_model(model_ref, ...)` will give as `model.spec`, read from the checkpoint's JSON files
+    alone (no weights, no network), so data loading can start while the model loads. None when it cannot tell
+    (a hub model not in the local cache, the tiny model not written yet, anything unexpected)."""
+    from types import SimpleNamespace
+    try:
+        if model_ref == TINY_MODEL_REF:
+            if models_dir is None:
+                return None
+            path: Path | None = Path(models_dir) / "tiny-dinov3"
+            config_path = path / "config.json"
+        elif Path(model_ref).expanduser().exists():
+            path = Path(model_ref).expanduser()
+            config_path = path / "config.json"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+            found = try_to_load_from_cache(model_ref, "config.json")
+            if not isinstance(found, str):
+                return None
+            path, config_path = None, Path(found)  # a hub id: load_embedding_model reads no processor config
+        config = json.loads(config_path.read_text())
+        if config.get("model_type") != "dinov3_vit":
+            return None
+        return read_preprocess_spec(path, SimpleNamespace(image_size=config.get("image_size") or 224))
+    except Exception:  # any doubt: the caller loads the model first, as it always could
+        return None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

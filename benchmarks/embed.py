@@ -11,9 +11,12 @@
   PIL-preprocessed source JPEGs, no overlap, torch's default threads).
 
 The corpus: generated ImageNet-sized photos (500×375 JPEG, ~60 KB) ingested to 256 px copies. Today's and the
-new path each run at two corpus sizes (N/4 and N); the rate is the stage's own (model loading excluded) at N,
-and the peak memory at both sizes shows whether memory grows with N: this process's peak RSS plus its workers'
-peak unique memory (USS; pages shared with this process, such as the shared-memory batches, count once).
+new path each run in a fresh process (as `atlasgen embed` does; torch imported and CUDA initialised before the
+clock starts, with the model classes' import) at two corpus sizes, N and a smaller one (N/4, or 4 batches of the new path where N allows, so
+its ring of 3 batches is full at both). The rate is images over the wall time of the stage's `run()`, model
+loading included ("end to end"; the new path decodes while the model loads), at N; the peak memory at both
+sizes shows whether memory grows with N: the process's peak RSS plus its workers' peak unique memory (USS;
+pages shared with the process, such as the shared-memory batches, count once).
 
     python benchmarks/embed.py --device cuda --n-images 8000    # a GPU machine (budget: well under 100 s)
     python benchmarks/embed.py --device cpu --quick             # 2-core box: 48 images, a few minutes
@@ -24,6 +27,8 @@ the summary follows.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,12 +121,13 @@ def _split(items: list, size: int) -> list[list]:
 
 # --- the other measurements -----------------------------------------------------------------------------------
 def naive_rate(model_path: Path, paths: list[Path], batch_size: int) -> float:
-    """The Hugging Face model batch by batch in fp32 on PIL-preprocessed source JPEGs, no overlap."""
+    """The Hugging Face model batch by batch in fp32 on PIL-preprocessed source JPEGs, no overlap; model loading
+    included, as in the other paths' rates."""
     from transformers import DINOv3ViTModel
+    t0 = time.perf_counter()
     model = DINOv3ViTModel.from_pretrained(model_path).eval()
     mean = np.array(IMAGENET_MEAN, np.float32)
     std = np.array(IMAGENET_STD, np.float32)
-    t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(paths), batch_size):
             arrays = []
@@ -192,7 +198,7 @@ def profile_today(model, corpus_paths: list[Path], batch_size: int, chunk_size: 
 
 
 def run_embed(fn, cfg: EmbedConfig, out_dir: Path, device: torch.device) -> dict:
-    """One embed into `out_dir` (after a reset): the stage's summary + wall seconds, peak memory, embeddings."""
+    """One embed into `out_dir` (after a reset): the stage's summary + wall seconds and peak memory."""
     with Store.open(out_dir) as store:
         embed.SPEC.reset_outputs(store)
         if device.type == "cuda":
@@ -201,14 +207,46 @@ def run_embed(fn, cfg: EmbedConfig, out_dir: Path, device: torch.device) -> dict
             t0 = time.perf_counter()
             summary = fn(cfg, store)
             wall_s = time.perf_counter() - t0
-        _, emb = store.embeddings()
     gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {**summary, "wall_s": wall_s, "peak": peak, "gpu_peak_bytes": gpu_peak, "emb": emb}
+    return {**summary, "wall_s": wall_s, "main_bytes": peak.main_bytes, "workers_bytes": peak.workers_bytes,
+            "gpu_peak_bytes": gpu_peak}
 
 
-def _mem(peak: PeakMemory) -> str:
-    return (f"{peak.peak_bytes / GIB:.2f} GiB (this process {peak.main_bytes / GIB:.2f} + workers "
-            f"{peak.workers_bytes / GIB:.2f})")
+def one_run(args) -> None:
+    """`--one today|new`: a single embed in this fresh process, as `atlasgen embed` runs it, with torch imported
+    and CUDA initialised first (once-per-process costs, not the stage's); prints one RESULT line of JSON."""
+    device = resolve_device(args.device)
+    # Once-per-process costs, paid before the clock as every later stage of a build would find them paid: the
+    # model classes' import, the CUDA context and its GEMM library handle.
+    from transformers import AutoModel, DINOv3ViTModel  # noqa: F401
+    if device.type == "cuda":
+        (torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)).sum().item()
+    fn = today_embed if args.one == "today" else embed.run
+    cfg = EmbedConfig(model=args.model, device=device.type, batch_size=args.batch_size, n_workers=args.n_workers,
+                      n_threads=args.n_threads)
+    print("RESULT " + json.dumps(run_embed(fn, cfg, Path(args.store), device), default=str), flush=True)
+
+
+def run_isolated(which: str, store_dir: Path, model_path: Path, device: torch.device, batch_size: int,
+                 n_workers: int, n_threads: int = 0) -> dict:
+    """One run in a fresh process (clean peak memory, workers forked from a process like `atlasgen embed`'s),
+    then its embeddings read here."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", which, "--store", str(store_dir),
+           "--model", str(model_path), "--device", device.type, "--batch-size", str(batch_size),
+           "--n-workers", str(n_workers), "--n-threads", str(n_threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        raise RuntimeError(f"exit code {proc.returncode}: {proc.stderr.strip()[-3000:]}")
+    r = json.loads(results[-1][len("RESULT "):])
+    with Store.open(store_dir, read_only=True) as store:
+        r["emb"] = store.embeddings()[1]
+    return r
+
+
+def _mem(r: dict) -> str:
+    return (f"{(r['main_bytes'] + r['workers_bytes']) / GIB:.2f} GiB (the process {r['main_bytes'] / GIB:.2f} + "
+            f"workers {r['workers_bytes'] / GIB:.2f})")
 
 
 def main() -> None:
@@ -225,21 +263,33 @@ def main() -> None:
                              "figures; on CUDA today's default 32 for today's path and the auto size for the new)")
     parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the naive Hugging Face loop (default: on a CPU only)")
+    parser.add_argument("--n-threads", type=int, default=0,
+                        help="torch threads for both paths (default 0: each tunes its own, which on a busy CPU adds "
+                             "noise of its own)")
+    parser.add_argument("--one", choices=("today", "new"), help=argparse.SUPPRESS)  # one run (a child process)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--n-workers", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    on_gpu = device.type == "cuda"
-    n_images = args.n_images or (48 if args.quick else 8000 if on_gpu else 96)
-    n_small = max(1, n_images // 4)
-    rounds = args.rounds or (1 if args.quick or on_gpu else 2)
-    batch_today = args.batch_size or (32 if on_gpu else 8 if args.quick else 16)
-    batch_new = args.batch_size or (0 if on_gpu else batch_today)
-    naive = args.naive if args.naive is not None else not on_gpu
     set_quiet(True)
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load
     except Exception:  # an older or newer transformers without it: the bars are only noise
         pass
+    if args.one:
+        one_run(args)
+        return
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    n_images = args.n_images or (48 if args.quick else 8000 if on_gpu else 96)
+    rounds = args.rounds or (1 if args.quick or on_gpu else 2)
+    batch_today = args.batch_size or (32 if on_gpu else 8 if args.quick else 16)
+    batch_new = args.batch_size or (0 if on_gpu else batch_today)
+    naive = args.naive if args.naive is not None else not on_gpu
+    # The small size has at least 4 of the new path's batches where N allows, so its ring of 3 batches is full
+    # at both sizes and the comparison shows what grows with the corpus.
+    n_small = max(1, n_images // 4, min(4 * (batch_new or embed.MAX_GPU_BATCH_SIZE), n_images // 2))
     t_start = time.perf_counter()
     gpu_name = f" ({torch.cuda.get_device_name(device)})" if on_gpu else ""
     print(f"embed benchmark: {device.type}{gpu_name}, {n_cores()} cores, torch {torch.__version__}, "
@@ -255,7 +305,7 @@ def main() -> None:
         with Store.open(tmp_path / "small") as store:
             ingest.run(IngestConfig(source=f"folder:{folder}", limit=n_small), store)
         print(f"corpus: {n_images} generated 500×375 JPEGs (written in {t_gen:.1f} s), ingested to 256 px copies "
-              f"(N and N/4 = {n_small}: {time.perf_counter() - t0:.1f} s)", flush=True)
+              f"(N and the small size {n_small}: {time.perf_counter() - t0:.1f} s)", flush=True)
         model_path = ensure_random_model(tmp_path / "models" / "vits16", vits16_config())
         sources = sorted(folder.rglob("*.jpg"))
         corpus = sorted((tmp_path / "big" / "corpus").glob("*.jpg"))
@@ -287,65 +337,65 @@ def main() -> None:
                 print(f"model-only ceiling FAILED: {type(e).__name__}: {e}", flush=True)
                 traceback.print_exc()
 
-        cfg_today = EmbedConfig(model=str(model_path), device=device.type, batch_size=batch_today, n_workers=2)
-        cfg_new = EmbedConfig(model=str(model_path), device=device.type, batch_size=batch_new)
-        contenders = [("today's path", today_embed, cfg_today), ("new path", embed.run, cfg_new)]
-        results: dict[str, list[dict]] = {name: [] for name, _, _ in contenders}
+        # (name, --one, batch size, workers): today's defaults (batch 32 on CUDA, 2 decode threads), the new ones.
+        contenders = [("today's path", "today", batch_today, 2), ("new path", "new", batch_new, 0)]
+        results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         small: dict[str, dict] = {}
         naive_rates: list[float] = []
 
-        def run_and_show(name, fn, cfg, out_dir: Path, n: int) -> dict | None:
-            """One run, shown at once (a run cut short by a timeout keeps what it printed)."""
+        def run_and_show(name: str, which: str, batch_size: int, n_workers: int, store_dir: Path, n: int
+                         ) -> dict | None:
+            """One run in a fresh process, shown at once (a run cut short by a timeout keeps what it printed).
+            Its rate: images over the wall time of the stage's run(), model loading included."""
             try:
-                r = run_embed(fn, cfg, out_dir, device)
+                r = run_isolated(which, store_dir, model_path, device, batch_size, n_workers, args.n_threads)
             except Exception as e:
                 print(f"  {name}, {n} images: FAILED: {type(e).__name__}: {e}", flush=True)
-                traceback.print_exc()
                 return None
-            print(f"  {name}, {n} images: {r['images_per_s']:.1f} img/s ({r['wall_s']:.1f} s with model loading; "
-                  f"batch {r['batch_size']}, {r['n_workers']} {'threads' if fn is today_embed else 'worker processes'})"
-                  f", peak memory {_mem(r['peak'])}", flush=True)
+            r["rate"] = r["n_embedded"] / r["wall_s"]
+            print(f"  {name}, {n} images: {r['rate']:.1f} img/s ({r['wall_s']:.2f} s with model loading; batch "
+                  f"{r['batch_size']}, {r['n_workers']} {'threads' if which == 'today' else 'worker processes'}), "
+                  f"peak memory {_mem(r)}", flush=True)
             return r
 
-        for name, fn, cfg in contenders:  # the small size first (also warms the GPU)
-            r = run_and_show(name, fn, cfg, tmp_path / "small", n_small)
+        for name, *how in contenders:  # the small size first
+            r = run_and_show(name, *how, tmp_path / "small", n_small)
             if r is not None:
                 small[name] = r
         for _ in range(rounds):  # other jobs may share the machine: alternate, keep each one's best round
             if naive:
                 naive_rates.append(naive_rate(model_path, sources, batch_today))
                 print(f"  naive fp32 loop, {n_images} images: {naive_rates[-1]:.1f} img/s", flush=True)
-            for name, fn, cfg in contenders:
-                r = run_and_show(name, fn, cfg, tmp_path / "big", n_images)
+            for name, *how in contenders:
+                r = run_and_show(name, *how, tmp_path / "big", n_images)
                 if r is not None:
                     results[name].append(r)
 
-        best = {name: max(runs, key=lambda r: r["images_per_s"]) for name, runs in results.items() if runs}
+        best = {name: max(runs, key=lambda r: r["rate"]) for name, runs in results.items() if runs}
         if ceiling is None:
             ceiling = measure_ceiling(best.get("new path", {}).get("n_threads") or torch.get_num_threads())
         if naive_rates:
             print(f"naive fp32 loop (batch {batch_today}, torch default threads), {n_images} images: "
-                  f"{max(naive_rates):9.1f} img/s", flush=True)
+                  f"{max(naive_rates):9.1f} img/s end to end", flush=True)
         for name, r in best.items():
             how = (f"{r['n_workers']} decode threads" if name == "today's path" else
                    f"{r['n_workers']} worker processes{', pinned' if on_gpu else ''}, writer thread")
             line = (f"{name} ({r['dtype']}, batch {r['batch_size']}, {how}, {r['n_threads']} torch thread(s)), "
-                    f"{n_images} images: {r['images_per_s']:9.1f} img/s = {r['images_per_s'] / ceiling:6.1%} of the "
-                    f"ceiling ({r['wall_s']:.1f} s with model loading)")
+                    f"{n_images} images: {r['rate']:9.1f} img/s end to end = {r['rate'] / ceiling:6.1%} of the "
+                    f"ceiling ({r['wall_s']:.2f} s, model loading included)")
             if name == "new path" and "today's path" in best:
-                today_rate = best["today's path"]["images_per_s"]
-                line += f"; {r['images_per_s'] / today_rate:.2f}x today's"
+                line += f"; {r['rate'] / best[contenders[0][0]]['rate']:.2f}x today's"
             if naive_rates:
-                line += f"; {r['images_per_s'] / max(naive_rates):.2f}x naive"
+                line += f"; {r['rate'] / max(naive_rates):.2f}x naive"
             print(line, flush=True)
         for name, r in best.items():
             if name in small:
                 s = small[name]
                 gpu = (f"; GPU (torch max allocated) {s['gpu_peak_bytes'] / GIB:.2f} → "
                        f"{r['gpu_peak_bytes'] / GIB:.2f} GiB" if on_gpu else "")
-                ratio = r["peak"].peak_bytes / max(s["peak"].peak_bytes, 1)
-                print(f"peak memory, {name}: {n_small} images {_mem(s['peak'])}; {n_images} images {_mem(r['peak'])} "
-                      f"(×{ratio:.2f} for ×{n_images / n_small:.0f} images){gpu}", flush=True)
+                ratio = (r["main_bytes"] + r["workers_bytes"]) / max(s["main_bytes"] + s["workers_bytes"], 1)
+                print(f"peak memory (a fresh process per run), {name}: {n_small} images {_mem(s)}; {n_images} images "
+                      f"{_mem(r)} (×{ratio:.2f} for ×{n_images / n_small:.1f} images){gpu}", flush=True)
         if len(best) == 2:
             a, b = best["today's path"]["emb"], best["new path"]["emb"]
             if a.shape == b.shape:

@@ -170,6 +170,37 @@ def test_loader_ways_agree_and_report_damaged_files(ingested, tmp_path):
     assert np.array_equal(views[3][1][1], load_corpus_array(out / "corpus/00000007.jpg", 112, "resize"))
 
 
+def test_loader_starts_while_the_model_loads_and_a_wrong_peek_is_harmless(ingested, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from atlasgen import model as model_mod
+    out = _copy(ingested, tmp_path / "b")
+    spec = model_mod.peek_preprocess_spec("tiny", out / "models")
+    assert spec == load_embedding_model("tiny", "cpu", "fp32", models_dir=out / "models").spec
+    assert model_mod.peek_preprocess_spec("tiny", tmp_path / "nowhere") is None, "not written yet"
+    assert model_mod.peek_preprocess_spec("facebook/no-such-model-cached") is None, "no network, no cache"
+
+    order = []
+    real_start, real_load = embed.CorpusBatches.start, embed.load_embedding_model
+    monkeypatch.setattr(embed.CorpusBatches, "start", lambda self: (order.append(("start", self.size)),
+                                                                    real_start(self))[1])
+    monkeypatch.setattr(embed, "load_embedding_model", lambda *a, **k: (order.append(("load", None)),
+                                                                         real_load(*a, **k))[1])
+    with Store.open(out) as store:
+        run_stages(_cfg(precision="fp32", n_threads=1), store, ["embed"])
+        _, emb = store.embeddings()
+    assert order == [("start", 112), ("load", None)], "decoding starts before the model loads"
+
+    # A peek that disagrees with the loaded model: the loader is started again at the model's size.
+    order.clear()
+    monkeypatch.setattr(embed, "peek_preprocess_spec", lambda ref, models_dir: replace(spec, image_size=64))
+    with Store.open(_copy(ingested, tmp_path / "c")) as store:
+        run_stages(_cfg(precision="fp32", n_threads=1), store, ["embed"])
+        _, emb_again = store.embeddings()
+    assert order == [("start", 64), ("load", None), ("start", 112)]
+    assert np.array_equal(emb, emb_again)
+
+
 def test_model_step_halves_its_batch_when_the_gpu_runs_out(tiny_model, monkeypatch):
     rng = np.random.default_rng(0)
     arrays = rng.integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
