@@ -135,9 +135,13 @@ class RenderConfig:
     # Per-target stopping: from min_steps on, checked every 10 of its own steps, a target stops when its best
     # whole-picture cosine rose by less than stop_delta over its last stop_window steps; its slot is then
     # refilled with the next target. stop_delta = 0: every target takes n_steps steps.
-    min_steps: int = 100
-    stop_window: int = 50
+    min_steps: int = 60
+    stop_window: int = 30
     stop_delta: float = 0.004
+    # A feature's render stops early only once its own feature is the strongest SAE feature on its best
+    # picture (else it goes on to n_steps), and its result is a picture where it is, when one is: a picture
+    # of a feature should make that feature fire most. Other targets stop on the cosine rule alone.
+    stop_own_first: bool = True
     # Adam learning rate for the transformer generator's weights (×5 for pixels / fourier).
     lr: float = 0.01
     # Weight of the total-variation penalty (mean |neighbour difference|) against −cosine.
@@ -150,9 +154,11 @@ class RenderConfig:
     unit_targets: int = field(default=0, metadata=NO_HASH)
     # Output side in px (0 = the model's input size).
     size: int = 0
-    # Side in px of the local views (the second half of the n_views, 5–40 % crops); 0 = the model's input
-    # size. DINO trains on 96 px local crops; smaller local views cost a fraction of the model's work.
-    local_size: int = 0
+    # Side in px of the local views (the second half of the n_views, 5–40 % crops), when smaller than the
+    # model's input size; 0 = the input size. DINO trains on 96 px local crops, so the model reads them as it
+    # was trained to, and at 224 px input they cost a fifth of a global view (issue 10's H100 run: 1.45× per
+    # target-step, cosine not lower).
+    local_size: int = 96
     # Render pairs: sums, slerps and orthogonalised pairs; explicit "a,b" strings, plus the strongest
     # co-activating and the most similar pairs (n_auto_pairs of each).
     pairs: tuple[str, ...] = ()

@@ -11,6 +11,10 @@ improving (`min_steps`, `stop_window`, `stop_delta`, checked every `STOP_CHECK_E
 slot is then refilled from the queue. Nothing of a target depends on its batch, its slot or its neighbours,
 so it renders the same alone, in any batch and under continuous batching (up to float rounding).
 
+A caller may also pass `ready(embeddings, targets) → bool per target`, a test of a picture's embedding (the
+render stage asks whether a feature's own SAE feature is the strongest on it): a target then stops early only
+once its best picture passes, and its result is the best picture that passes, if either candidate does.
+
 Each step scores `n_views` augmented views per target that mimic DINO's training views (random resized
 global and local crops, flips, colour jitter, blur, small translations), so the optimiser cannot cheat with
 high-frequency noise, plus `tv_weight` × total variation of the picture. View 0 is the whole picture, so its
@@ -380,7 +384,7 @@ def make_chunk_loss(model: EmbeddingModel, settings: InversionSettings) -> Calla
     """loss(pictures (C,3,H,W), uniforms (C,V,N_AUG), directions (C,D), centres (C,D)) → (per-target loss
     (C,), whole-picture cosine (C,)): the part of a step that `torch.compile` can take as one graph."""
     size = model.image_size
-    split = settings.augment and settings.n_views > 1 and settings.local_size not in (0, size)
+    split = settings.augment and settings.n_views > 1 and local_side(settings.local_size, size) != size
 
     def chunk_loss(img_c3hw, u_cvk, dirs_cd, centres_cd):
         c = img_c3hw.shape[0]
@@ -417,12 +421,16 @@ def _device_index(values: list[int], device: torch.device) -> torch.Tensor:
     return t
 
 
+# A picture test for early stopping: (embeddings (k, D) on the device, target indices) → bool (k,).
+Ready = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
 class Inverter:
     """Renders a list of targets with `n_slots` slots (continuous batching; see the module docstring).
 
     `compile`: run the chunk loss (augmentations, model, cosine) through torch.compile; if compiling or the
-    first compiled steps fail, one line says so and the engine goes on eager. `static_shapes` (default: on
-    CUDA) pads every model pass to `chunk_targets` targets so the compiled graph never recompiles; on a CPU
+    first compiled steps fail, one line says so and the engine goes on eager. `static_shapes` (default: when
+    compiling on CUDA) pads every model pass to `chunk_targets` targets so the compiled graph never recompiles; on a CPU
     the passes hold only the active targets (nothing is computed for empty slots)."""
 
     def __init__(self, model: EmbeddingModel, settings: InversionSettings, n_slots: int, compile: bool = False,
@@ -430,7 +438,9 @@ class Inverter:
         self.model, self.settings = model, settings
         self.device = next(model.backbone.parameters()).device
         self.n_slots = max(1, int(n_slots))
-        self.static_shapes = self.device.type == "cuda" if static_shapes is None else static_shapes
+        # Padding every pass to one shape is what keeps a compiled graph from recompiling; eager, it would only
+        # waste work (a 1-target unit of the ablation padded to a whole pass).
+        self.static_shapes = (compile and self.device.type == "cuda") if static_shapes is None else static_shapes
         self.n_views = settings.n_views if settings.augment else 1
         self.chunk_targets = max(1, settings.max_views_per_pass // self.n_views)
         self.eager_loss = make_chunk_loss(model, settings)
@@ -443,24 +453,28 @@ class Inverter:
 
     def run(self, directions_nd: torch.Tensor, seeds: list[int], centres_nd: torch.Tensor | None = None,
             on_step: Callable[[int], None] | None = None, on_done: Callable[[int], None] | None = None,
-            pixels: bool = False) -> InversionResult:
+            pixels: bool = False, ready: Ready | None = None) -> InversionResult:
         """Optimise one picture per target so that cosine(embedding − centre, direction) is maximal.
 
         `centres_nd`: the point each direction is measured from (the SAE's input mean for feature
         directions, zero for raw image embeddings). `seeds[i]` alone decides target i's initialisation and
         augmentations. `on_step(n_active)` after every step; `on_done(n)` when n targets have finished.
-        `pixels`: return uint8 pictures (`pixels_bhw3`) instead of float ones (less host memory)."""
+        `pixels`: return uint8 pictures (`pixels_bhw3`) instead of float ones (less host memory).
+        `ready(embeddings (k, D) on the device, target indices)` → bool (k,): the extra test a picture must
+        pass before its target may stop early (see the module docstring); it must depend only on each
+        target's own embedding, so a target still renders the same in any batch."""
         assert directions_nd.ndim == 2 and len(seeds) == directions_nd.shape[0], "one seed per target direction"
-        run = _Run(self, directions_nd, seeds, centres_nd, on_step, on_done, pixels)
+        run = _Run(self, directions_nd, seeds, centres_nd, on_step, on_done, pixels, ready)
         return run.go()
 
 
 class _Run:
     """The state of one `Inverter.run`: slots, their targets, the stacked weights and the queue."""
 
-    def __init__(self, inv: Inverter, directions_nd, seeds, centres_nd, on_step, on_done, pixels: bool):
+    def __init__(self, inv: Inverter, directions_nd, seeds, centres_nd, on_step, on_done, pixels: bool,
+                 ready: "Ready | None" = None):
         st = inv.settings
-        self.inv, self.st, self.dev = inv, st, inv.device
+        self.inv, self.st, self.dev, self.ready = inv, st, inv.device, ready
         self.on_step, self.on_done, self.pixels = on_step, on_done, pixels
         self.n = len(seeds)
         self.seeds = [int(x) for x in seeds]
@@ -578,9 +592,11 @@ class _Run:
             check = [k for k in live if k not in done and self.slot_steps[k] >= st.min_steps]
             if check:
                 cos0_sh = self.cos0_hist.cpu().numpy()  # the one wait for the GPU per checkpoint
-                for k in check:
-                    if converged(cos0_sh[k, :self.slot_steps[k]], st.stop_window, st.stop_delta):
-                        done.append(k)
+                stop = [k for k in check if converged(cos0_sh[k, :self.slot_steps[k]], st.stop_window, st.stop_delta)]
+                if stop and self.ready is not None:
+                    ok = self._ready_best(stop)
+                    stop = [k for k, passed in zip(stop, ok) if passed]
+                done += stop
         if done:
             self._finish(sorted(done))
             for k in done:
@@ -589,22 +605,38 @@ class _Run:
             if self.on_done is not None:
                 self.on_done(len(done))
 
+    def _embed(self, pictures_n3hw: torch.Tensor) -> torch.Tensor:
+        chunk = max(1, self.st.max_views_per_pass)
+        return torch.cat([self.inv.model(pictures_n3hw[lo:lo + chunk]) for lo in range(0, len(pictures_n3hw), chunk)])
+
+    @torch.no_grad()
+    def _ready_best(self, slots: list[int]) -> list[bool]:
+        """Whether the best picture so far of each slot passes `ready` (slots past min_steps have one)."""
+        idx = torch.tensor(slots, dtype=torch.long, device=self.dev)
+        emb = self._embed(self.best_img.index_select(0, idx))
+        return [bool(x) for x in self.ready(emb, [self.slot_target[k] for k in slots]).cpu()]
+
     @torch.no_grad()
     def _finish(self, slots: list[int]) -> None:
         """Record the results of the targets in `slots`: the better (un-augmented cosine) of their best
-        picture during the optimisation and their last picture."""
-        model, dev = self.inv.model, self.dev
+        picture during the optimisation and their last picture; with `ready`, one that passes it wins over
+        one that does not."""
+        dev = self.dev
         idx = torch.tensor(slots, dtype=torch.long, device=dev)
         last = self.param().float().index_select(0, idx)
         best = self.best_img.index_select(0, idx)
-        cand = torch.cat([last, best])
-        chunk = max(1, self.st.max_views_per_pass)
-        emb = torch.cat([model(cand[lo:lo + chunk]) for lo in range(0, len(cand), chunk)])
+        emb = self._embed(torch.cat([last, best]))
         dirs, centres = self.dirs.index_select(0, idx), self.centres.index_select(0, idx)
         cos = cosine_to_targets(emb, torch.cat([dirs, dirs]), torch.cat([centres, centres]))
         m = len(slots)
         has_best = self.best_cos.index_select(0, idx) > float("-inf")
-        use_best = has_best & (cos[m:] > cos[:m])
+        better = cos[m:] > cos[:m]
+        if self.ready is not None:
+            targets = [self.slot_target[k] for k in slots]
+            ok_last = self.ready(emb[:m], targets).to(dev)
+            ok_best = self.ready(emb[m:], targets).to(dev)
+            better = torch.where(ok_best != ok_last, ok_best, better)
+        use_best = has_best & better
         images = torch.where(use_best.view(-1, 1, 1, 1), best, last)
         emb = torch.where(use_best.view(-1, 1), emb[m:], emb[:m]).cpu()
         cos = torch.where(use_best, cos[m:], cos[:m]).cpu()
@@ -728,10 +760,10 @@ def converged(cos0_s: np.ndarray, window: int, delta: float) -> bool:
 
 def invert(model: EmbeddingModel, directions_bd: torch.Tensor, seeds: list[int], settings: InversionSettings,
            centres_bd: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None,
-           n_slots: int | None = None, compile: bool = False) -> InversionResult:
+           n_slots: int | None = None, compile: bool = False, ready: Ready | None = None) -> InversionResult:
     """Render every target (see `Inverter.run`) with `n_slots` slots (default: all targets at once)."""
     return Inverter(model, settings, n_slots or len(seeds), compile=compile).run(
-        directions_bd, seeds, centres_bd, on_step=on_step)
+        directions_bd, seeds, centres_bd, on_step=on_step, ready=ready)
 
 
 # --- sizing (how many targets and views a GPU holds) ----------------------------------------------------
@@ -790,6 +822,12 @@ def view_bytes(shape: ModelShape, side: int) -> float:
     return 1.25 * (model + pixels)
 
 
+def local_side(local_size: int, image_size: int) -> int:
+    """The side the local views are rendered at: `local_size` when set and smaller than the model's input
+    size (a larger one would cost more than a global view for no gain), else the input size."""
+    return local_size if 0 < local_size < image_size else image_size
+
+
 def slot_bytes(picture_side: int, n_steps: int, n_views: int) -> float:
     """Memory one slot holds: the transformer generator's activations and weights (with gradient and two
     Adam moments), the picture (and its gradient and best copy) and the augmentation schedule."""
@@ -805,7 +843,7 @@ def step_bytes(shape: ModelShape, n_slots: int, views_per_pass: int, n_views: in
                n_steps: int, local_size: int = 0) -> float:
     """Estimated GPU memory of a render step (what `auto_batch` keeps under its budget)."""
     n_global = math.ceil(n_views / 2)
-    local = local_size or shape.image_size
+    local = local_side(local_size, shape.image_size)
     per_view = (n_global * view_bytes(shape, shape.image_size) + (n_views - n_global) * view_bytes(shape, local)) / n_views
     return n_slots * slot_bytes(picture_side, n_steps, n_views) + views_per_pass * per_view
 

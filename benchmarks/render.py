@@ -49,7 +49,7 @@ from atlasgen.inversion import (InversionSettings, Inverter, ModelShape, augment
                                 draw_augmentations, forward_flops, make_param, target_generators, total_variation)
 from atlasgen.model import (ensure_random_model, load_embedding_model, resolve_device, tiny_config,  # noqa: E402
                             vits16_config)
-from atlasgen.stages.render import rng_seed  # noqa: E402
+from atlasgen.stages.render import own_first_test, rng_seed  # noqa: E402
 from atlasgen.stages.train import train_sae  # noqa: E402
 
 ATLAS_TARGETS = 12_288 * 4
@@ -160,8 +160,9 @@ def make_targets(model, device: torch.device, n_targets: int, n_pictures: int, s
 
 
 @torch.no_grad()
-def quality(bench: Bench, images_n3hw: torch.Tensor, idx: list[int]) -> tuple[float, float]:
-    """(mean final cosine, own-feature-first share) of pictures of the targets `idx`."""
+def own_first_and_cosine(bench: Bench, images_n3hw: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per target of `idx`: (whole-picture cosine to its target, whether its own feature is the strongest SAE
+    feature on the picture), both on the CPU."""
     model, dev = bench.model, bench.device
     emb = torch.cat([model(images_n3hw[lo:lo + 256].to(dev)) for lo in range(0, len(idx), 256)])
     cos = cosine_to_targets(emb, bench.dirs_nd[idx].to(dev), bench.centres_nd[idx].to(dev))
@@ -169,6 +170,12 @@ def quality(bench: Bench, images_n3hw: torch.Tensor, idx: list[int]) -> tuple[fl
     own = torch.tensor([bench.feature_ids[i] for i in idx], device=dev)
     first = acts.argmax(dim=1) == own
     first &= acts.gather(1, own[:, None])[:, 0] > 0
+    return cos.float().cpu(), first.cpu()
+
+
+def quality(bench: Bench, images_n3hw: torch.Tensor, idx: list[int]) -> tuple[float, float]:
+    """(mean final cosine, own-feature-first share) of pictures of the targets `idx`."""
+    cos, first = own_first_and_cosine(bench, images_n3hw, idx)
     return float(cos.mean()), float(first.float().mean())
 
 
@@ -220,7 +227,7 @@ def view_flops(shape: ModelShape, settings: InversionSettings) -> float:
     """Model FLOPs per view of one step (forward + backward ≈ 3 forwards), averaged over the views."""
     v = settings.n_views if settings.augment else 1
     n_global = math.ceil(v / 2) if settings.augment else 1
-    local = settings.local_size or shape.image_size
+    local = inversion.local_side(settings.local_size, shape.image_size)
     fwd = (n_global * forward_flops(shape, shape.image_size) + (v - n_global) * forward_flops(shape, local)) / v
     return 3 * fwd
 
@@ -240,9 +247,12 @@ def baseline_speed(bench: Bench, settings: InversionSettings, n_timed: int) -> t
     return 1000 * (stamps[-1] - stamps[0]) / n_timed, peak_gib(bench.device)
 
 
-def run_engine(bench: Bench, settings: InversionSettings, n_slots: int, idx: list[int], compile: bool):
-    """The new engine on targets `idx`: (result, wall seconds, peak GiB, compile/warm-up seconds)."""
+def run_engine(bench: Bench, settings: InversionSettings, n_slots: int, idx: list[int], compile: bool,
+               gate: bool = True):
+    """The new engine on targets `idx`: (result, wall seconds, peak GiB, compile/warm-up seconds). `gate`:
+    the render stage's own-first test for stopping (`RenderConfig.stop_own_first`)."""
     inv = Inverter(bench.model, settings, n_slots, compile=compile)
+    ready = own_first_test(bench.sae, [bench.feature_ids[i] for i in idx], bench.device) if gate else None
     warm = 0.0
     if compile:
         # Compile (or load from the cache) on a short run first, so the timed run is steady state.
@@ -257,29 +267,46 @@ def run_engine(bench: Bench, settings: InversionSettings, n_slots: int, idx: lis
     reset_peak(bench.device)
     sync(bench.device)
     t0 = time.perf_counter()
-    result = inv.run(bench.dirs_nd[idx], [bench.seeds[i] for i in idx], bench.centres_nd[idx])
+    result = inv.run(bench.dirs_nd[idx], [bench.seeds[i] for i in idx], bench.centres_nd[idx], ready=ready)
     sync(bench.device)
     return result, time.perf_counter() - t0, peak_gib(bench.device), warm, inv
 
 
-def replay_stopping(cos0_sn: np.ndarray, rules: list[tuple[int, int, float, int]]) -> list[tuple]:
+def replay_stopping(cos0_sn: np.ndarray, rules: list[tuple[int, int, float, int]],
+                    first_rn: np.ndarray, record_every: int, gate: bool = False) -> list[tuple]:
     """For each (min_steps, stop_window, stop_delta, n_steps): the rule with (mean steps, mean best
-    whole-picture cosine) when every target follows it on its own recorded history (checked every
-    STOP_CHECK_EVERY steps, as the engine does)."""
+    whole-picture cosine, own-feature-first share) when every target follows it on its own recorded history
+    (checked every STOP_CHECK_EVERY steps, as the engine does). The pictures are those recorded every
+    `record_every` steps (`first_rn`: own feature first, record × target): the rule keeps the best of them up
+    to the stop. `gate`: the own-first test too (`RenderConfig.stop_own_first`): a target stops early only
+    when its best picture so far has its own feature first, and keeps the best picture that does, if any."""
     out = []
     every = inversion.STOP_CHECK_EVERY
     for min_steps, window, delta, n_max in rules:
-        steps, best = [], []
+        steps, best, first = [], [], []
         for k in range(cos0_sn.shape[1]):
             h = cos0_sn[:n_max, k]
+
+            def best_record(stop: int) -> int:
+                recorded = np.arange(0, stop, record_every)
+                return int(recorded[int(np.argmax(h[recorded]))])
+
             stop = n_max
             for s in range(every, n_max, every):
-                if s >= min_steps and inversion.converged(h[:s], window, delta):
+                if s >= min_steps and inversion.converged(h[:s], window, delta) and (
+                        not gate or first_rn[best_record(s) // record_every, k]):
                     stop = s
                     break
+            pick = best_record(stop)
+            if gate:
+                passing = [r for r in range(0, stop, record_every) if first_rn[r // record_every, k]]
+                if passing:
+                    pick = max(passing, key=lambda r: h[r])
             steps.append(stop)
-            best.append(float(np.max(h[:stop])))
-        out.append((min_steps, window, delta, n_max, float(np.mean(steps)), float(np.mean(best))))
+            best.append(float(h[pick]))
+            first.append(float(first_rn[pick // record_every, k]))
+        out.append((min_steps, window, delta, n_max, float(np.mean(steps)), float(np.mean(best)),
+                    float(np.mean(first))))
     return out
 
 
@@ -290,17 +317,19 @@ def main() -> None:
                     help="tiny 2-layer model, 2 views, 64 px, a few dozen steps (a few minutes on 2 CPU cores)")
     ap.add_argument("--model", default=None, help="a DINOv3 checkpoint folder (default: random ViT-S/16 weights)")
     ap.add_argument("--quality-targets", type=int, default=None,
-                    help="targets scored for quality by both settings (default 40; 8 with --quick)")
+                    help="targets scored for quality by both settings (default 128; 16 with --quick): the own-feature-first "
+                         "share is a proportion, so fewer targets make it noisy (±8 points at 40)")
     ap.add_argument("--speed-targets", type=int, default=None,
                     help="targets in the timed run of the new defaults, quality targets first (default 2 × slots; "
                          "24 with --quick)")
     ap.add_argument("--timed-steps", type=int, default=8, help="timed steps of the baseline's speed measurement")
     ap.add_argument("--replay-steps", type=int, default=None,
-                    help="run the baseline's quality targets this far for the stopping replay (default 300; "
-                         "--quick: the larger step count of the two settings)")
-    ap.add_argument("--variants", default="local96,views6",
-                    help="comma-separated extra rows, run eager on the quality targets (GPU or --quick): local96 "
-                         "(local views at 96 px), views6 / views4 (6 / 4 views), none")
+                    help="run the baseline's quality targets this far for the stopping replay (default: the larger step "
+                         "count of the two settings)")
+    ap.add_argument("--variants", default="local0,views6",
+                    help="comma-separated extra rows, run eager on the quality targets (GPU or --quick): local0 "
+                         "(local views at the model's input size, as before), local96 (at 96 px), views6 / views4 "
+                         "(6 / 4 views), nogate / gate (stop_own_first off / on), none")
     ap.add_argument("--compile", default="auto", help="auto | on | off for the new defaults (auto: on CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: torch's default)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -321,11 +350,11 @@ def main() -> None:
         shape = ModelShape.of(model)
         # Today's defaults and the new ones (the engine settings of RenderConfig); --quick scales both down.
         if args.quick:
-            base = InversionSettings(n_views=2, n_steps=24, size=64, stop_delta=0)
+            base = InversionSettings(n_views=2, n_steps=24, size=64, stop_delta=0, local_size=0)
             new = InversionSettings(n_views=2, n_steps=40, size=64, min_steps=20, stop_window=10,
                                     stop_delta=cfg.stop_delta, local_size=cfg.local_size)
         else:
-            base = InversionSettings(n_views=8, n_steps=BASELINE_STEPS, stop_delta=0)
+            base = InversionSettings(n_views=8, n_steps=BASELINE_STEPS, stop_delta=0, local_size=0)
             new = InversionSettings(param=cfg.param, augment=cfg.augment, n_views=cfg.n_views, n_steps=cfg.n_steps,
                                     lr=cfg.lr, tv_weight=cfg.tv_weight, size=cfg.size, min_steps=cfg.min_steps,
                                     stop_window=cfg.stop_window, stop_delta=cfg.stop_delta, local_size=cfg.local_size)
@@ -337,7 +366,7 @@ def main() -> None:
             n_slots, vpp = inversion.CPU_SLOTS, inversion.CPU_VIEWS_PER_PASS
         new = replace(new, max_views_per_pass=vpp)
         compile_new = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-        n_quality = args.quality_targets or (8 if args.quick else 40)
+        n_quality = args.quality_targets or (16 if args.quick else 128)
         n_speed = args.speed_targets or (24 if args.quick else 2 * n_slots)
         n_speed = max(n_speed, n_quality)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -367,11 +396,17 @@ def main() -> None:
         ms_ts = ms_step / BASELINE_SLOTS
         t0 = time.perf_counter()
         # The baseline's quality run goes on to replay_steps, so the replay table can try a larger n_steps too.
-        n_max = max(base.n_steps, new.n_steps, args.replay_steps or (0 if args.quick else 300))
+        n_max = max(base.n_steps, new.n_steps, args.replay_steps or 0)
+        # The pictures every STOP_CHECK_EVERY steps too: the replay scores the picture each rule would keep.
+        every = inversion.STOP_CHECK_EVERY
         final, cos0_sn, recorded = legacy_invert(
             model, bench.dirs_nd[q_idx], [bench.seeds[i] for i in q_idx],
-            replace(base, n_steps=n_max, max_views_per_pass=vpp), bench.centres_nd[q_idx], record_at=(base.n_steps,))
+            replace(base, n_steps=n_max, max_views_per_pass=vpp), bench.centres_nd[q_idx],
+            record_at=tuple(sorted(set(range(0, n_max, every)) | {base.n_steps, n_max})))
         q_base = quality(bench, recorded[base.n_steps], q_idx)
+        scored = {step: own_first_and_cosine(bench, pictures, q_idx) for step, pictures in sorted(recorded.items())}
+        recorded.clear()
+        first_rn = np.stack([scored[step][1].numpy() for step in range(0, n_max, every)]).astype(np.float64)
         print(f"baseline quality run: {len(q_idx)} targets × {n_max} steps in {time.perf_counter() - t0:.0f} s",
               flush=True)
         rows.append(Row(f"baseline: today's defaults ({BASELINE_SLOTS} targets, {BASELINE_VIEWS_PER_PASS} views/pass, "
@@ -379,24 +414,34 @@ def main() -> None:
                         view_flops(shape, base) * base.n_views / (ms_ts * 1e-3) / 1e12, peak, *q_base))
 
         # The stopping rule replayed on the baseline's per-step whole-picture cosines.
-        maxima = sorted({new.n_steps, n_max})
+        maxima = sorted({new.n_steps, n_max} | ({150} if n_max > 150 else set()))
         rules = sorted({(new.min_steps, new.stop_window, new.stop_delta, new.n_steps)} | {
-            (m, w, d, x) for m in ((10, 20) if args.quick else (60, 100)) for w in ((10,) if args.quick else (30, 50))
-            for d in (0.002, 0.004, 0.008) for x in maxima})
+            (m, w, d, x) for m in ((10, 20) if args.quick else (40, 60, 80, 100)) for w in ((10,) if args.quick else (30, 50))
+            for d in (0.004, 0.008) for x in maxima})
         print(f"== stopping rule replayed on the baseline's whole-picture cosines ({n_quality} targets, "
               f"≤{n_max} steps; 'best' = best cosine up to the stop; at {base.n_steps} fixed steps the last "
               f"picture's is {float(cos0_sn[base.n_steps - 1].mean()) if base.n_steps else float('nan'):.4f}, "
               f"the best {float(cos0_sn[:base.n_steps].max(0).values.mean()) if base.n_steps else float('nan'):.4f})")
-        print(f"{'min_steps':>9} {'window':>6} {'delta':>6} {'n_steps':>7} {'mean steps':>10} {'best cos':>8}")
-        for m, w, d, x, steps, best in replay_stopping(cos0_sn.numpy(), rules):
+        print(f"{'':>31} {'cosine rule':^26}   {'+ own-first test (stop_own_first)':^26}")
+        print(f"{'min_steps':>9} {'window':>6} {'delta':>6} {'n_steps':>7} {'steps':>8} {'best cos':>8} {'own-1st':>7}"
+              f"   {'steps':>8} {'best cos':>8} {'own-1st':>7}")
+        plain = replay_stopping(cos0_sn.numpy(), rules, first_rn, every)
+        gated = replay_stopping(cos0_sn.numpy(), rules, first_rn, every, gate=True)
+        for (m, w, d, x, steps, best, first), (*_, g_steps, g_best, g_first) in zip(plain, gated):
             mark = "  ← defaults" if (m, w, d, x) == (new.min_steps, new.stop_window, new.stop_delta, new.n_steps) else ""
-            print(f"{m:>9} {w:>6} {d:>6} {x:>7} {steps:>10.1f} {best:>8.4f}{mark}")
+            print(f"{m:>9} {w:>6} {d:>6} {x:>7} {steps:>8.1f} {best:>8.4f} {first:>7.3f}   {g_steps:>8.1f} "
+                  f"{g_best:>8.4f} {g_first:>7.3f}{mark}")
+        print("the baseline's last picture after a fixed number of steps (same targets):")
+        print(f"{'steps':>9} {'cosine':>7} {'own-1st':>7}")
+        for step, (cos, first) in scored.items():
+            if step and (step % (2 * every) == 0 or step == n_max):
+                print(f"{step:>9} {float(cos.mean()):>7.4f} {float(first.float().mean()):>7.3f}")
         print(f"\n{HEADER}")
         print(format_row(rows[0]))
 
         # 2. The new defaults: continuous batching, stopping, auto sizing, compile.
         idx = list(range(n_speed))
-        result, wall, peak, warm, inv = run_engine(bench, new, n_slots, idx, compile_new)
+        result, wall, peak, warm, inv = run_engine(bench, new, n_slots, idx, compile_new, cfg.stop_own_first)
         n_ts = result.n_target_steps
         # Steady state: the engine's time per target-step while every slot was busy (not the start-up or the
         # tail of this one short run, which a whole atlas of many units mostly does not have).
@@ -405,7 +450,8 @@ def main() -> None:
         q_new = quality(bench, result.images_b3hw[q_idx], q_idx)
         compiled = "compiled" if inv.compiled else "eager"
         rows.append(Row(f"new defaults ({n_slots} slots, {vpp} views/pass, ≤{new.n_steps} steps, stop "
-                        f"{new.min_steps}/{new.stop_window}/{new.stop_delta}, {compiled})", ms_ts, mean_steps,
+                        f"{new.min_steps}/{new.stop_window}/{new.stop_delta}{' +own-1st' if cfg.stop_own_first else ''}, "
+                        f"local {new.local_size or 'full'}, {compiled})", ms_ts, mean_steps,
                         3.6e6 / (ms_ts * mean_steps), 3600 * len(idx) / wall,
                         view_flops(shape, new) * new.n_views / (ms_ts * 1e-3) / 1e12, peak, *q_new,
                         note=f"{len(idx)} targets in {wall:.1f} s; warm-up/compile {warm:.1f} s; steps "
@@ -415,25 +461,28 @@ def main() -> None:
         # 3. Variants, eager on the quality targets, next to the new defaults eager.
         variants = [v for v in args.variants.split(",") if v and v != "none"] if device.type == "cuda" or args.quick else []
         if variants:
-            res, wall_ref, peak, _, _ = run_engine(bench, new, n_slots, q_idx, False)
+            res, wall_ref, peak, _, _ = run_engine(bench, new, n_slots, q_idx, False, cfg.stop_own_first)
             ref_ms = res.steady_ms_per_target_step or 1000 * wall_ref / max(res.n_target_steps, 1)
             rows.append(Row("  new defaults, eager (quality targets)", ref_ms, res.n_target_steps / len(q_idx),
                             3.6e6 / (ref_ms * res.n_target_steps / len(q_idx)), None,
                             view_flops(shape, new) * new.n_views / (ref_ms * 1e-3) / 1e12, peak,
                             *quality(bench, res.images_b3hw, q_idx)))
             for name in variants:
-                change = {"local96": {"local_size": 96 if not args.quick else 48}, "views6": {"n_views": 6},
+                change = {"local0": {"local_size": 0}, "local96": {"local_size": 96 if not args.quick else 48},
+                          "views6": {"n_views": 6}, "nogate": {}, "gate": {},
                           "views4": {"n_views": 4}}.get(name)
                 if change is None:
-                    print(f"unknown variant {name!r} (known: local96, views6, views4): skipped")
+                    print(f"unknown variant {name!r} (known: local0, local96, views6, views4, nogate, gate): skipped")
                     continue
                 settings = replace(new, **change)
-                res, wall_v, peak, _, _ = run_engine(bench, settings, n_slots, q_idx, False)
+                gate = {"nogate": False, "gate": True}.get(name, cfg.stop_own_first)
+                res, wall_v, peak, _, _ = run_engine(bench, settings, n_slots, q_idx, False, gate)
                 v_ms = res.steady_ms_per_target_step or 1000 * wall_v / max(res.n_target_steps, 1)
                 v_steps = res.n_target_steps / len(q_idx)
                 # Compiled speed estimated from the eager ratio against the new defaults' eager run.
                 est_ms = rows[1].ms_per_target_step * v_ms / ref_ms
-                rows.append(Row(f"  + {name} ({', '.join(f'{k}={v}' for k, v in change.items())}), eager", v_ms,
+                what = ', '.join(f'{k}={v}' for k, v in change.items()) or f"stop_own_first={gate}"
+                rows.append(Row(f"  + {name} ({what}), eager", v_ms,
                                 v_steps, 3.6e6 / (v_ms * v_steps), None,
                                 view_flops(shape, settings) * settings.n_views / (v_ms * 1e-3) / 1e12, peak,
                                 *quality(bench, res.images_b3hw, q_idx),

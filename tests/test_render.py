@@ -161,7 +161,8 @@ def test_engine_reproduces_todays_loop_step_for_step(tiny_model):
     takes the same steps as today's loop: same per-step losses, and the last picture's cosine at least."""
     dirs_bd = torch.randn(4, tiny_model.dim, generator=torch.Generator().manual_seed(5))
     seeds = [3, 1, 4, 1]
-    settings = InversionSettings(n_views=3, n_steps=10, size=64, stop_delta=0)
+    # local_size=0: today's loop renders every view at the model's input size.
+    settings = InversionSettings(n_views=3, n_steps=10, size=64, stop_delta=0, local_size=0)
     final, cos0_sb, _ = _legacy_invert()(tiny_model, dirs_bd, seeds, settings)
     new = inversion.invert(tiny_model, dirs_bd, seeds, settings, n_slots=3)
     assert torch.allclose(new.cos0_sb, cos0_sb, atol=1e-5), "the engine's trajectory left today's"
@@ -241,7 +242,7 @@ def test_batched_adam_matches_torch_adam_with_one_step_count_per_slot():
 
 def test_tiny_preset_quality_does_not_drop(tiny_model, sae_and_emb):
     """The tiny preset's render settings on 12 of its features: the new engine (no early stop within 24 steps,
-    the better of best and last picture) reaches at least today's loop's cosine and own-feature-first share."""
+    the better of best and last picture, preferring one with its own feature first) reaches at least today's loop's cosine and own-feature-first share."""
     sae, _ = sae_and_emb
     tiny = load_config("tiny").render
     assert tiny.min_steps >= tiny.n_steps or tiny.stop_delta == 0, "the tiny preset should not stop early"
@@ -251,9 +252,11 @@ def test_tiny_preset_quality_does_not_drop(tiny_model, sae_and_emb):
     seeds = [render.rng_seed(("feature", f), 0) for f in features]
     settings = InversionSettings(param=tiny.param, n_views=tiny.n_views, n_steps=tiny.n_steps, size=tiny.size,
                                  lr=tiny.lr, tv_weight=tiny.tv_weight, min_steps=tiny.min_steps,
-                                 stop_window=tiny.stop_window, stop_delta=tiny.stop_delta)
+                                 stop_window=tiny.stop_window, stop_delta=tiny.stop_delta, local_size=tiny.local_size)
     final, _, _ = _legacy_invert()(tiny_model, dirs_bd, seeds, settings, centres_bd)
-    new = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd=centres_bd)
+    # As the render stage runs it: with the own-feature-first test (stop_own_first) when the preset has it.
+    ready = render.own_first_test(sae, features, torch.device("cpu")) if tiny.stop_own_first else None
+    new = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd=centres_bd, ready=ready)
 
     def scores(images):
         with torch.no_grad():
@@ -514,3 +517,48 @@ def test_cli_render_features_renders_just_those(tiny_encoded, tmp_path):
         assert store.query("SELECT DISTINCT kind FROM renders") == [("feature",)]
     bad = CliRunner().invoke(app, ["render", "--features", "1,99999", "--preset", "tiny", "--out", str(out), "--quiet"])
     assert bad.exit_code == 2 and "out of range" in bad.output and "Traceback" not in bad.output
+
+
+def test_own_first_test_gates_early_stopping_and_the_picture(tiny_model, sae_and_emb):
+    """`ready` (the render stage's stop_own_first): a target stops early only once its best picture passes,
+    its result prefers a passing picture, and it still renders the same alone and in a batch."""
+    sae, _ = sae_and_emb
+    features = [0, 8, 16, 24, 32]
+    dirs_bd = sae.feature_directions()[features]
+    centres_bd = sae.input_mean.expand(len(features), -1)
+    seeds = [11, 22, 33, 44, 55]
+    settings = InversionSettings(n_views=2, n_steps=50, size=48, min_steps=20, stop_window=10, stop_delta=0.02)
+    free = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd=centres_bd)
+    assert free.steps_b.min() < settings.n_steps, "no target stopped early: the test would not test the gate"
+
+    def never(emb, targets):
+        return torch.zeros(len(targets), dtype=torch.bool)
+
+    def always(emb, targets):
+        return torch.ones(len(targets), dtype=torch.bool)
+
+    assert inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd, ready=never).steps_b.tolist() == [50] * 5
+    passed = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd, ready=always)
+    assert passed.steps_b.tolist() == free.steps_b.tolist()
+    assert torch.allclose(passed.images_b3hw, free.images_b3hw, atol=1e-5)
+
+    ready = render.own_first_test(sae, features, torch.device("cpu"))
+    gated = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd, ready=ready)
+    assert (gated.steps_b >= free.steps_b).all()
+    assert gated.steps_b.min() < settings.n_steps, "no gated target stopped early: nothing below is checked"
+    with torch.no_grad():
+        acts = sae.encode_embeddings(tiny_model(gated.images_b3hw))
+    first = acts.argmax(dim=1) == torch.tensor(features)
+    for k, n in enumerate(gated.steps_b.tolist()):
+        if n < settings.n_steps:  # stopped early: only with its own feature first on its picture
+            assert first[k], f"target {k} stopped at step {n} without its feature first"
+    # The test reads each target's own embedding only: alone, a target renders as in the batch.
+    k = 3
+    alone = inversion.invert(tiny_model, dirs_bd[k:k + 1], seeds[k:k + 1], settings, centres_bd[k:k + 1],
+                             ready=render.own_first_test(sae, features[k:k + 1], torch.device("cpu")))
+    assert alone.steps_b[0] == gated.steps_b[k]
+    assert torch.allclose(alone.images_b3hw[0], gated.images_b3hw[k], atol=1e-4)
+    # Targets that are not features always pass.
+    mixed = render.own_first_test(sae, [None, features[0]], torch.device("cpu"))
+    assert render.own_first_test(sae, [None, None], torch.device("cpu")) is None
+    assert bool(mixed(torch.zeros(1, tiny_model.dim), [0])[0])

@@ -103,7 +103,8 @@ def settings_for(cfg: RenderConfig, model_ref: str, dtype: torch.dtype, sae_run:
     return {"engine": ENGINE_VERSION, "n_views": cfg.n_views, "n_steps": cfg.n_steps, "lr": cfg.lr,
             "tv_weight": cfg.tv_weight, "size": cfg.size, "precision": str(dtype).replace("torch.", ""),
             "min_steps": cfg.min_steps, "stop_window": cfg.stop_window, "stop_delta": cfg.stop_delta,
-            "local_size": cfg.local_size, "model": model_ref, "sae_run": sae_run}
+            "local_size": cfg.local_size, "stop_own_first": cfg.stop_own_first, "model": model_ref,
+            "sae_run": sae_run}
 
 
 # --- planning -------------------------------------------------------------------------------------------
@@ -334,6 +335,25 @@ class UnitResult:
         return int(self.steps_b.sum())
 
 
+def own_first_test(sae: SparseAutoencoder, own_features: list[int | None], device: torch.device):
+    """The engine's `ready` test for these targets: a feature target's picture passes when its own feature
+    is the strongest (and active) SAE feature on it; other targets (None) always pass. None when no target
+    is a feature."""
+    if all(f is None for f in own_features):
+        return None
+    own_n = torch.tensor([-1 if f is None else f for f in own_features], dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def ready(emb_kd: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        own_k = own_n[torch.tensor(targets, dtype=torch.long, device=device)]
+        acts_kf = sae.encode_embeddings(emb_kd.to(device))
+        own_act_k = acts_kf.gather(1, own_k.clamp(min=0)[:, None])[:, 0]
+        first_k = (acts_kf.argmax(dim=1) == own_k) & (own_act_k > 0)
+        return first_k | (own_k < 0)
+
+    return ready
+
+
 def render_unit(ctx: RenderContext, targets: list[Target], on_step: Callable[[int], None] | None = None,
                 on_done: Callable[[int], None] | None = None) -> UnitResult:
     """Render one unit (targets of one variant): pure compute, no store and no files."""
@@ -343,8 +363,10 @@ def render_unit(ctx: RenderContext, targets: list[Target], on_step: Callable[[in
     centre_d = ctx.sae.input_mean.detach().float().cpu()
     dirs_nd = torch.from_numpy(np.stack([tg.direction_d for tg in targets])).float()
     centres_nd = torch.stack([centre_d if tg.space == "sae" else torch.zeros_like(centre_d) for tg in targets])
+    ready = own_first_test(ctx.sae, [tg.feature_a if tg.kind == "feature" else None for tg in targets],
+                           ctx.device) if ctx.cfg.stop_own_first else None
     result = ctx.engine(variant).run(dirs_nd, [tg.rng_seed for tg in targets], centres_nd, on_step=on_step,
-                                     on_done=on_done, pixels=True)
+                                     on_done=on_done, pixels=True, ready=ready)
     with torch.no_grad():
         acts_nf = ctx.sae.encode_embeddings(result.embeddings_bd.to(ctx.device)).cpu()
     self_act, self_rank = [], []
