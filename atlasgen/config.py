@@ -131,17 +131,21 @@ class RenderConfig:
     # Augmented views scored per target per optimisation step.
     n_views: int = 8
     # The most Adam steps a target takes (it may stop earlier: min_steps, stop_window, stop_delta).
-    n_steps: int = 200
+    n_steps: int = 150
     # Per-target stopping: from min_steps on, checked every 10 of its own steps, a target stops when its best
     # whole-picture cosine rose by less than stop_delta over its last stop_window steps; its slot is then
     # refilled with the next target. stop_delta = 0: every target takes n_steps steps.
-    min_steps: int = 60
+    # (Chosen on an H100 from the stopping replay of benchmarks/render.py: docs/BENCHMARKS.md.)
+    min_steps: int = 80
     stop_window: int = 30
     stop_delta: float = 0.004
-    # A feature's render stops early only once its own feature is the strongest SAE feature on its best
-    # picture (else it goes on to n_steps), and its result is a picture where it is, when one is: a picture
-    # of a feature should make that feature fire most. Other targets stop on the cosine rule alone.
-    stop_own_first: bool = True
+    # A feature's picture should make that feature fire most: at every check (10 steps) its best picture so
+    # far is tested, and the result is the best picture on which its own feature is the strongest SAE feature,
+    # when there is one (else the best picture). Costs one model pass per target per check (~1 %).
+    prefer_own_first: bool = True
+    # With prefer_own_first: a feature's render also stops early only once it has such a picture (else it
+    # goes on to n_steps). Raises the own-feature-first share further, but most targets then run n_steps.
+    stop_own_first: bool = False
     # Adam learning rate for the transformer generator's weights (×5 for pixels / fourier).
     lr: float = 0.01
     # Weight of the total-variation penalty (mean |neighbour difference|) against −cosine.

@@ -12,8 +12,10 @@ slot is then refilled from the queue. Nothing of a target depends on its batch, 
 so it renders the same alone, in any batch and under continuous batching (up to float rounding).
 
 A caller may also pass `ready(embeddings, targets) → bool per target`, a test of a picture's embedding (the
-render stage asks whether a feature's own SAE feature is the strongest on it): a target then stops early only
-once its best picture passes, and its result is the best picture that passes, if either candidate does.
+render stage asks whether a feature's own SAE feature is the strongest on it). At every check the engine then
+tests each target's best picture so far and keeps the best one that passed; the result is the best passing
+picture (of the last, the best and the best passing one) when there is one. With `stop_own_first` a target
+also stops early only once it has a passing picture.
 
 Each step scores `n_views` augmented views per target that mimic DINO's training views (random resized
 global and local crops, flips, colour jitter, blur, small translations), so the optimiser cannot cheat with
@@ -79,6 +81,8 @@ class InversionSettings:
     stop_delta: float = _DEFAULTS.stop_delta
     # Side of the local (second-half) views in px; 0 = the model's input size like the global views.
     local_size: int = _DEFAULTS.local_size
+    # With a `ready` test: stop early only once a picture passed it.
+    stop_own_first: bool = _DEFAULTS.stop_own_first
     # Chunking views bounds memory only: per-target gradients are independent, so the result is the same
     # beyond float rounding. (The stage resolves the config's 0 = auto before it gets here.)
     max_views_per_pass: int = 64
@@ -460,9 +464,9 @@ class Inverter:
         directions, zero for raw image embeddings). `seeds[i]` alone decides target i's initialisation and
         augmentations. `on_step(n_active)` after every step; `on_done(n)` when n targets have finished.
         `pixels`: return uint8 pictures (`pixels_bhw3`) instead of float ones (less host memory).
-        `ready(embeddings (k, D) on the device, target indices)` → bool (k,): the extra test a picture must
-        pass before its target may stop early (see the module docstring); it must depend only on each
-        target's own embedding, so a target still renders the same in any batch."""
+        `ready(embeddings (k, D) on the device, target indices)` → bool (k,): the test a picture should pass
+        (see the module docstring); it must depend only on each target's own embedding, so a target still
+        renders the same in any batch."""
         assert directions_nd.ndim == 2 and len(seeds) == directions_nd.shape[0], "one seed per target direction"
         run = _Run(self, directions_nd, seeds, centres_nd, on_step, on_done, pixels, ready)
         return run.go()
@@ -515,6 +519,10 @@ class _Run:
         self.cos0_hist = torch.full((s, hist), float("nan"), device=dev)
         self.best_cos = torch.full((s,), float("-inf"), device=dev)
         self.best_img = torch.zeros(s, 3, self.size, self.size, device=dev)
+        if self.ready is not None:
+            # The best picture so far that passed `ready` (tested at the checks), by whole-picture cosine.
+            self.pass_cos = torch.full((s,), float("-inf"), device=dev)
+            self.pass_img = torch.zeros(s, 3, self.size, self.size, device=dev)
         for k, i in enumerate(first):
             self.slot_target[k], self.slot_live[k] = i, True
         self._active_key = None
@@ -547,6 +555,8 @@ class _Run:
             self.loss_hist.index_fill_(0, idx, float("nan"))
             self.cos0_hist.index_fill_(0, idx, float("nan"))
             self.best_cos.index_fill_(0, idx, float("-inf"))
+            if self.ready is not None:
+                self.pass_cos.index_fill_(0, idx, float("-inf"))
         for k, i in zip(slots, targets):
             self.slot_target[k], self.slot_steps[k], self.slot_live[k] = i, 0, True
 
@@ -587,15 +597,17 @@ class _Run:
         """Finish targets that reached n_steps or whose cosine stopped improving; refill their slots."""
         st = self.st
         live = [k for k in range(self.n_slots) if self.slot_live[k]]
+        if self.ready is not None:
+            self._keep_passing([k for k in live if self.slot_steps[k] > 0])
         done = [k for k in live if self.slot_steps[k] >= self.n_max]
         if st.stops_early:
             check = [k for k in live if k not in done and self.slot_steps[k] >= st.min_steps]
             if check:
                 cos0_sh = self.cos0_hist.cpu().numpy()  # the one wait for the GPU per checkpoint
                 stop = [k for k in check if converged(cos0_sh[k, :self.slot_steps[k]], st.stop_window, st.stop_delta)]
-                if stop and self.ready is not None:
-                    ok = self._ready_best(stop)
-                    stop = [k for k, passed in zip(stop, ok) if passed]
+                if stop and self.ready is not None and st.stop_own_first:
+                    has_pass = (self.pass_cos > float("-inf")).cpu()
+                    stop = [k for k in stop if has_pass[k]]
                 done += stop
         if done:
             self._finish(sorted(done))
@@ -610,36 +622,47 @@ class _Run:
         return torch.cat([self.inv.model(pictures_n3hw[lo:lo + chunk]) for lo in range(0, len(pictures_n3hw), chunk)])
 
     @torch.no_grad()
-    def _ready_best(self, slots: list[int]) -> list[bool]:
-        """Whether the best picture so far of each slot passes `ready` (slots past min_steps have one)."""
+    def _keep_passing(self, slots: list[int]) -> None:
+        """Test the best picture so far of `slots` with `ready`; keep it as the slot's best passing picture
+        when it passes and beats the one kept (one model pass over the slots per check: ~1 % of the steps)."""
+        if not slots:
+            return
         idx = torch.tensor(slots, dtype=torch.long, device=self.dev)
-        emb = self._embed(self.best_img.index_select(0, idx))
-        return [bool(x) for x in self.ready(emb, [self.slot_target[k] for k in slots]).cpu()]
+        best_img, best_cos = self.best_img.index_select(0, idx), self.best_cos.index_select(0, idx)
+        ok = self.ready(self._embed(best_img), [self.slot_target[k] for k in slots]).to(self.dev)
+        take = ok & (best_cos > self.pass_cos.index_select(0, idx))
+        self.pass_cos.index_copy_(0, idx, torch.where(take, best_cos, self.pass_cos.index_select(0, idx)))
+        self.pass_img.index_copy_(0, idx, torch.where(take.view(-1, 1, 1, 1), best_img, self.pass_img.index_select(0, idx)))
 
     @torch.no_grad()
     def _finish(self, slots: list[int]) -> None:
         """Record the results of the targets in `slots`: the better (un-augmented cosine) of their best
-        picture during the optimisation and their last picture; with `ready`, one that passes it wins over
-        one that does not."""
+        picture during the optimisation and their last picture; with `ready`, the best of those two and the
+        best passing picture among the ones that pass it, when one does."""
         dev = self.dev
         idx = torch.tensor(slots, dtype=torch.long, device=dev)
-        last = self.param().float().index_select(0, idx)
-        best = self.best_img.index_select(0, idx)
-        emb = self._embed(torch.cat([last, best]))
-        dirs, centres = self.dirs.index_select(0, idx), self.centres.index_select(0, idx)
-        cos = cosine_to_targets(emb, torch.cat([dirs, dirs]), torch.cat([centres, centres]))
         m = len(slots)
-        has_best = self.best_cos.index_select(0, idx) > float("-inf")
-        better = cos[m:] > cos[:m]
+        cands = [self.param().float().index_select(0, idx), self.best_img.index_select(0, idx)]
+        valid = [torch.ones(m, dtype=torch.bool, device=dev), self.best_cos.index_select(0, idx) > float("-inf")]
+        if self.ready is not None:
+            cands.append(self.pass_img.index_select(0, idx))
+            valid.append(self.pass_cos.index_select(0, idx) > float("-inf"))
+        n_c = len(cands)
+        emb_cmd = self._embed(torch.cat(cands)).view(n_c, m, -1)
+        dirs, centres = self.dirs.index_select(0, idx), self.centres.index_select(0, idx)
+        cos_cm = cosine_to_targets(emb_cmd, dirs.expand(n_c, -1, -1), centres.expand(n_c, -1, -1))
+        # Score: the cosine, +2 for passing `ready` (cosines are ≤ 1), −inf for a candidate that does not exist.
+        score_cm = cos_cm.float().clone()
         if self.ready is not None:
             targets = [self.slot_target[k] for k in slots]
-            ok_last = self.ready(emb[:m], targets).to(dev)
-            ok_best = self.ready(emb[m:], targets).to(dev)
-            better = torch.where(ok_best != ok_last, ok_best, better)
-        use_best = has_best & better
-        images = torch.where(use_best.view(-1, 1, 1, 1), best, last)
-        emb = torch.where(use_best.view(-1, 1), emb[m:], emb[:m]).cpu()
-        cos = torch.where(use_best, cos[m:], cos[:m]).cpu()
+            for c in range(n_c):
+                score_cm[c] += 2.0 * self.ready(emb_cmd[c], targets).to(dev).float()
+        score_cm = torch.where(torch.stack(valid), score_cm, torch.full_like(score_cm, float("-inf")))
+        pick_m = score_cm.argmax(dim=0)
+        ar = torch.arange(m, device=dev)
+        images = torch.stack(cands)[pick_m, ar]
+        emb = emb_cmd[pick_m, ar].cpu()
+        cos = cos_cm[pick_m, ar].cpu()
         loss_sh = self.loss_hist.index_select(0, idx).cpu()
         cos0_sh = self.cos0_hist.index_select(0, idx).cpu()
         images = images.cpu()

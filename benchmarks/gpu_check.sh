@@ -55,8 +55,9 @@ if [ "$SMOKE" = 1 ]; then
     SHAPE=tiny_config; N_IMAGES=240; BENCH_ARGS="--quick"; BENCH_TIMEOUT=900; BUILD_TIMEOUT=900
 else
     # Expected on an H100: ~15 s setup, ~3 min benchmark, ~2 min build (5-5.5 min in all).
-    DEVICE=cuda; SHAPE=vits16_config; N_IMAGES=3000; BENCH_ARGS="--variants local96"; BENCH_TIMEOUT=200
-    BUILD_TIMEOUT=140
+    DEVICE=cuda; SHAPE=vits16_config; N_IMAGES=3000; BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-"--variants none"}
+    BENCH_TIMEOUT=230
+    BUILD_TIMEOUT=170
 fi
 echo "device $DEVICE, model shape $SHAPE, work folder $WORK, smoke=$SMOKE"
 
@@ -71,23 +72,26 @@ print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
 EOF
 
 # GPU_CHECK_PARTS picks parts (default all): render (the render benchmark), ingest (ingest and embed
-# benchmarks), build (the short build).
+# benchmarks), build (the short build). GPU_CHECK_BENCH_ARGS replaces the render benchmark's arguments (e.g.
+# "--variants none --baseline-json docs/gpu/<earlier run>.json" for a short confirmation of new defaults);
+# GPU_CHECK_BENCH_IMAGES sets the ingest and embed benchmarks' corpus size (default 4000).
 PARTS=${GPU_CHECK_PARTS:-render,ingest,build}
 if [[ ",$PARTS," == *",render,"* ]]; then
 section "3. render benchmark (timeout ${BENCH_TIMEOUT} s)"
 # shellcheck disable=SC2086
 timeout --signal=INT --kill-after=10 "$BENCH_TIMEOUT" \
-    $PY benchmarks/render.py --device "$DEVICE" $BENCH_ARGS ${OUT:+--json "$OUT/render_bench.json"}
+    $PY benchmarks/render.py --device "$DEVICE" $BENCH_ARGS ${OUT:+--json "$OUT/render_bench.json"} \
+    ${OUT:+--replay-json "$OUT/render_replay.json"}
 echo "render benchmark exit code $?"
 fi
 
 if [[ ",$PARTS," == *",ingest,"* ]] && [ -f benchmarks/ingest.py ]; then
-section "3b. ingest and embed benchmarks (timeout 100 s each)"
+section "3b. ingest and embed benchmarks (timeout 120 s each)"
 N_BENCH=${GPU_CHECK_BENCH_IMAGES:-4000}
 [ "$SMOKE" = 1 ] && N_BENCH=64
-timeout --signal=INT --kill-after=10 100 $PY benchmarks/ingest.py --n-images "$N_BENCH"
+timeout --signal=INT --kill-after=10 120 $PY benchmarks/ingest.py --n-images "$N_BENCH"
 echo "ingest benchmark exit code $?"
-timeout --signal=INT --kill-after=10 100 $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH"
+timeout --signal=INT --kill-after=10 120 $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH"
 echo "embed benchmark exit code $?"
 fi
 

@@ -248,11 +248,12 @@ def baseline_speed(bench: Bench, settings: InversionSettings, n_timed: int) -> t
 
 
 def run_engine(bench: Bench, settings: InversionSettings, n_slots: int, idx: list[int], compile: bool,
-               gate: bool = True):
-    """The new engine on targets `idx`: (result, wall seconds, peak GiB, compile/warm-up seconds). `gate`:
-    the render stage's own-first test for stopping (`RenderConfig.stop_own_first`)."""
+               own_first: bool = True):
+    """The new engine on targets `idx`: (result, wall seconds, peak GiB, compile/warm-up seconds).
+    `own_first`: with the render stage's own-feature-first test (`RenderConfig.prefer_own_first`; the
+    settings' stop_own_first says whether it also gates stopping)."""
     inv = Inverter(bench.model, settings, n_slots, compile=compile)
-    ready = own_first_test(bench.sae, [bench.feature_ids[i] for i in idx], bench.device) if gate else None
+    ready = own_first_test(bench.sae, [bench.feature_ids[i] for i in idx], bench.device) if own_first else None
     warm = 0.0
     if compile:
         # Compile (or load from the cache) on a short run first, so the timed run is steady state.
@@ -272,14 +273,19 @@ def run_engine(bench: Bench, settings: InversionSettings, n_slots: int, idx: lis
     return result, time.perf_counter() - t0, peak_gib(bench.device), warm, inv
 
 
+REPLAY_MODES = ("cosine", "prefer", "stop")
+VARIANTS = ("local0", "local96", "views6", "views4", "noprefer", "stopfirst")
+
+
 def replay_stopping(cos0_sn: np.ndarray, rules: list[tuple[int, int, float, int]],
-                    first_rn: np.ndarray, record_every: int, gate: bool = False) -> list[tuple]:
-    """For each (min_steps, stop_window, stop_delta, n_steps): the rule with (mean steps, mean best
-    whole-picture cosine, own-feature-first share) when every target follows it on its own recorded history
-    (checked every STOP_CHECK_EVERY steps, as the engine does). The pictures are those recorded every
-    `record_every` steps (`first_rn`: own feature first, record × target): the rule keeps the best of them up
-    to the stop. `gate`: the own-first test too (`RenderConfig.stop_own_first`): a target stops early only
-    when its best picture so far has its own feature first, and keeps the best picture that does, if any."""
+                    first_rn: np.ndarray, record_every: int, mode: str = "cosine") -> list[tuple]:
+    """For each (min_steps, stop_window, stop_delta, n_steps): the rule with (mean steps, mean cosine of the
+    kept picture, own-feature-first share) when every target follows it on its own recorded history (checked
+    every STOP_CHECK_EVERY steps, as the engine does). The pictures are those recorded every `record_every`
+    steps (`first_rn`: own feature first, record × target). `mode`: "cosine": keep the best picture by cosine
+    up to the stop; "prefer" (`RenderConfig.prefer_own_first`): keep the best one with its own feature first
+    when there is one; "stop" (`stop_own_first` too): and stop early only once there is one."""
+    assert mode in REPLAY_MODES
     out = []
     every = inversion.STOP_CHECK_EVERY
     for min_steps, window, delta, n_max in rules:
@@ -287,21 +293,18 @@ def replay_stopping(cos0_sn: np.ndarray, rules: list[tuple[int, int, float, int]
         for k in range(cos0_sn.shape[1]):
             h = cos0_sn[:n_max, k]
 
-            def best_record(stop: int) -> int:
-                recorded = np.arange(0, stop, record_every)
-                return int(recorded[int(np.argmax(h[recorded]))])
+            def passing(stop: int) -> list[int]:
+                return [r for r in range(0, stop, record_every) if first_rn[r // record_every, k]]
 
             stop = n_max
             for s in range(every, n_max, every):
                 if s >= min_steps and inversion.converged(h[:s], window, delta) and (
-                        not gate or first_rn[best_record(s) // record_every, k]):
+                        mode != "stop" or passing(s)):
                     stop = s
                     break
-            pick = best_record(stop)
-            if gate:
-                passing = [r for r in range(0, stop, record_every) if first_rn[r // record_every, k]]
-                if passing:
-                    pick = max(passing, key=lambda r: h[r])
+            recorded = list(range(0, stop, record_every))
+            pool = (passing(stop) or recorded) if mode != "cosine" else recorded
+            pick = max(pool, key=lambda r: h[r])
             steps.append(stop)
             best.append(float(h[pick]))
             first.append(float(first_rn[pick // record_every, k]))
@@ -329,10 +332,16 @@ def main() -> None:
     ap.add_argument("--variants", default="local0,views6",
                     help="comma-separated extra rows, run eager on the quality targets (GPU or --quick): local0 "
                          "(local views at the model's input size, as before), local96 (at 96 px), views6 / views4 "
-                         "(6 / 4 views), nogate / gate (stop_own_first off / on), none")
+                         "(6 / 4 views), noprefer (prefer_own_first off), stopfirst (stop_own_first on), none")
     ap.add_argument("--compile", default="auto", help="auto | on | off for the new defaults (auto: on CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: torch's default)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--replay-json", type=Path, default=None,
+                    help="also write the baseline's per-step cosines and per-record own-first flags here (to "
+                         "replay other stopping rules later)")
+    ap.add_argument("--baseline-json", type=Path, default=None,
+                    help="skip the baseline and the replay: take the baseline row from an earlier run's --json "
+                         "on the same machine and targets (a short confirmation run of the new defaults)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -357,7 +366,8 @@ def main() -> None:
             base = InversionSettings(n_views=8, n_steps=BASELINE_STEPS, stop_delta=0, local_size=0)
             new = InversionSettings(param=cfg.param, augment=cfg.augment, n_views=cfg.n_views, n_steps=cfg.n_steps,
                                     lr=cfg.lr, tv_weight=cfg.tv_weight, size=cfg.size, min_steps=cfg.min_steps,
-                                    stop_window=cfg.stop_window, stop_delta=cfg.stop_delta, local_size=cfg.local_size)
+                                    stop_window=cfg.stop_window, stop_delta=cfg.stop_delta, local_size=cfg.local_size,
+                                    stop_own_first=cfg.stop_own_first)
         picture_side = new.size or model.image_size
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -392,56 +402,65 @@ def main() -> None:
         rows: list[Row] = Rows()
         print(HEADER)
         # 1. The baseline: today's loop and defaults.
-        ms_step, peak = baseline_speed(bench, base, args.timed_steps)
-        ms_ts = ms_step / BASELINE_SLOTS
-        t0 = time.perf_counter()
-        # The baseline's quality run goes on to replay_steps, so the replay table can try a larger n_steps too.
-        n_max = max(base.n_steps, new.n_steps, args.replay_steps or 0)
-        # The pictures every STOP_CHECK_EVERY steps too: the replay scores the picture each rule would keep.
-        every = inversion.STOP_CHECK_EVERY
-        final, cos0_sn, recorded = legacy_invert(
-            model, bench.dirs_nd[q_idx], [bench.seeds[i] for i in q_idx],
-            replace(base, n_steps=n_max, max_views_per_pass=vpp), bench.centres_nd[q_idx],
-            record_at=tuple(sorted(set(range(0, n_max, every)) | {base.n_steps, n_max})))
-        q_base = quality(bench, recorded[base.n_steps], q_idx)
-        scored = {step: own_first_and_cosine(bench, pictures, q_idx) for step, pictures in sorted(recorded.items())}
-        recorded.clear()
-        first_rn = np.stack([scored[step][1].numpy() for step in range(0, n_max, every)]).astype(np.float64)
-        print(f"baseline quality run: {len(q_idx)} targets × {n_max} steps in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-        rows.append(Row(f"baseline: today's defaults ({BASELINE_SLOTS} targets, {BASELINE_VIEWS_PER_PASS} views/pass, "
-                        f"{base.n_steps} steps, eager)", ms_ts, base.n_steps, 3.6e6 / (ms_ts * base.n_steps), None,
-                        view_flops(shape, base) * base.n_views / (ms_ts * 1e-3) / 1e12, peak, *q_base))
+        if args.baseline_json:
+            earlier = json.loads(args.baseline_json.read_text())[0]
+            rows.append(Row(**{k: v for k, v in earlier.items() if k != "atlas_hours"}
+                            | {"name": earlier["name"] + f" [from {args.baseline_json.name}]"}))
+        else:
+            ms_step, peak = baseline_speed(bench, base, args.timed_steps)
+            ms_ts = ms_step / BASELINE_SLOTS
+            t0 = time.perf_counter()
+            # The baseline's quality run goes on to replay_steps, so the replay table can try a larger n_steps too.
+            n_max = max(base.n_steps, new.n_steps, args.replay_steps or 0)
+            # The pictures every STOP_CHECK_EVERY steps too: the replay scores the picture each rule would keep.
+            every = inversion.STOP_CHECK_EVERY
+            final, cos0_sn, recorded = legacy_invert(
+                model, bench.dirs_nd[q_idx], [bench.seeds[i] for i in q_idx],
+                replace(base, n_steps=n_max, max_views_per_pass=vpp), bench.centres_nd[q_idx],
+                record_at=tuple(sorted(set(range(0, n_max, every)) | {base.n_steps, n_max})))
+            q_base = quality(bench, recorded[base.n_steps], q_idx)
+            scored = {step: own_first_and_cosine(bench, pictures, q_idx) for step, pictures in sorted(recorded.items())}
+            recorded.clear()
+            first_rn = np.stack([scored[step][1].numpy() for step in range(0, n_max, every)]).astype(np.float64)
+            print(f"baseline quality run: {len(q_idx)} targets × {n_max} steps in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+            rows.append(Row(f"baseline: today's defaults ({BASELINE_SLOTS} targets, {BASELINE_VIEWS_PER_PASS} views/pass, "
+                            f"{base.n_steps} steps, eager)", ms_ts, base.n_steps, 3.6e6 / (ms_ts * base.n_steps), None,
+                            view_flops(shape, base) * base.n_views / (ms_ts * 1e-3) / 1e12, peak, *q_base))
 
-        # The stopping rule replayed on the baseline's per-step whole-picture cosines.
-        maxima = sorted({new.n_steps, n_max} | ({150} if n_max > 150 else set()))
-        rules = sorted({(new.min_steps, new.stop_window, new.stop_delta, new.n_steps)} | {
-            (m, w, d, x) for m in ((10, 20) if args.quick else (40, 60, 80, 100)) for w in ((10,) if args.quick else (30, 50))
-            for d in (0.004, 0.008) for x in maxima})
-        print(f"== stopping rule replayed on the baseline's whole-picture cosines ({n_quality} targets, "
-              f"≤{n_max} steps; 'best' = best cosine up to the stop; at {base.n_steps} fixed steps the last "
-              f"picture's is {float(cos0_sn[base.n_steps - 1].mean()) if base.n_steps else float('nan'):.4f}, "
-              f"the best {float(cos0_sn[:base.n_steps].max(0).values.mean()) if base.n_steps else float('nan'):.4f})")
-        print(f"{'':>31} {'cosine rule':^26}   {'+ own-first test (stop_own_first)':^26}")
-        print(f"{'min_steps':>9} {'window':>6} {'delta':>6} {'n_steps':>7} {'steps':>8} {'best cos':>8} {'own-1st':>7}"
-              f"   {'steps':>8} {'best cos':>8} {'own-1st':>7}")
-        plain = replay_stopping(cos0_sn.numpy(), rules, first_rn, every)
-        gated = replay_stopping(cos0_sn.numpy(), rules, first_rn, every, gate=True)
-        for (m, w, d, x, steps, best, first), (*_, g_steps, g_best, g_first) in zip(plain, gated):
-            mark = "  ← defaults" if (m, w, d, x) == (new.min_steps, new.stop_window, new.stop_delta, new.n_steps) else ""
-            print(f"{m:>9} {w:>6} {d:>6} {x:>7} {steps:>8.1f} {best:>8.4f} {first:>7.3f}   {g_steps:>8.1f} "
-                  f"{g_best:>8.4f} {g_first:>7.3f}{mark}")
-        print("the baseline's last picture after a fixed number of steps (same targets):")
-        print(f"{'steps':>9} {'cosine':>7} {'own-1st':>7}")
-        for step, (cos, first) in scored.items():
-            if step and (step % (2 * every) == 0 or step == n_max):
-                print(f"{step:>9} {float(cos.mean()):>7.4f} {float(first.float().mean()):>7.3f}")
-        print(f"\n{HEADER}")
-        print(format_row(rows[0]))
+            # The stopping rule replayed on the baseline's per-step whole-picture cosines.
+            maxima = sorted({new.n_steps, n_max} | ({150} if n_max > 150 else set()))
+            rules = sorted({(new.min_steps, new.stop_window, new.stop_delta, new.n_steps)} | {
+                (m, w, d, x) for m in ((10, 20) if args.quick else (40, 60, 80, 100)) for w in ((10,) if args.quick else (30, 50))
+                for d in (0.004, 0.008) for x in maxima})
+            print(f"== stopping rule replayed on the baseline's whole-picture cosines ({n_quality} targets, "
+                  f"≤{n_max} steps; 'best' = best cosine up to the stop; at {base.n_steps} fixed steps the last "
+                  f"picture's is {float(cos0_sn[base.n_steps - 1].mean()) if base.n_steps else float('nan'):.4f}, "
+                  f"the best {float(cos0_sn[:base.n_steps].max(0).values.mean()) if base.n_steps else float('nan'):.4f})")
+            print(f"{'':>31} {'cosine rule alone':^26}   {'+ prefer_own_first':^26}   {'+ stop_own_first':^26}")
+            print(f"{'min_steps':>9} {'window':>6} {'delta':>6} {'n_steps':>7}" +
+                  f"   {'steps':>8} {'cosine':>8} {'own-1st':>7}" * 3)
+            replays = [replay_stopping(cos0_sn.numpy(), rules, first_rn, every, mode) for mode in REPLAY_MODES]
+            mode_now = "stop" if new.stop_own_first else "prefer" if cfg.prefer_own_first else "cosine"
+            for i, (m, w, d, x) in enumerate(rules):
+                mark = (f"  ← defaults ({mode_now})" if (m, w, d, x) == (new.min_steps, new.stop_window, new.stop_delta,
+                                                                           new.n_steps) else "")
+                print(f"{m:>9} {w:>6} {d:>6} {x:>7}" + "".join(
+                    f"   {r[i][4]:>8.1f} {r[i][5]:>8.4f} {r[i][6]:>7.3f}" for r in replays) + mark)
+            if args.replay_json:
+                args.replay_json.write_text(json.dumps({"cos0_sn": cos0_sn.numpy().round(5).tolist(),
+                                                        "first_rn": first_rn.astype(int).tolist(), "every": every}))
+            print("the baseline's last picture after a fixed number of steps (same targets):")
+            print(f"{'steps':>9} {'cosine':>7} {'own-1st':>7}")
+            for step, (cos, first) in scored.items():
+                if step and (step % (2 * every) == 0 or step == n_max):
+                    print(f"{step:>9} {float(cos.mean()):>7.4f} {float(first.float().mean()):>7.3f}")
+            print(f"\n{HEADER}")
+            print(format_row(rows[0]))
 
         # 2. The new defaults: continuous batching, stopping, auto sizing, compile.
         idx = list(range(n_speed))
-        result, wall, peak, warm, inv = run_engine(bench, new, n_slots, idx, compile_new, cfg.stop_own_first)
+        result, wall, peak, warm, inv = run_engine(bench, new, n_slots, idx, compile_new, cfg.prefer_own_first)
         n_ts = result.n_target_steps
         # Steady state: the engine's time per target-step while every slot was busy (not the start-up or the
         # tail of this one short run, which a whole atlas of many units mostly does not have).
@@ -450,7 +469,8 @@ def main() -> None:
         q_new = quality(bench, result.images_b3hw[q_idx], q_idx)
         compiled = "compiled" if inv.compiled else "eager"
         rows.append(Row(f"new defaults ({n_slots} slots, {vpp} views/pass, ≤{new.n_steps} steps, stop "
-                        f"{new.min_steps}/{new.stop_window}/{new.stop_delta}{' +own-1st' if cfg.stop_own_first else ''}, "
+                        f"{new.min_steps}/{new.stop_window}/{new.stop_delta}{' +prefer-own' if cfg.prefer_own_first else ''}"
+                        f"{' +stop-own' if new.stop_own_first else ''}, "
                         f"local {new.local_size or 'full'}, {compiled})", ms_ts, mean_steps,
                         3.6e6 / (ms_ts * mean_steps), 3600 * len(idx) / wall,
                         view_flops(shape, new) * new.n_views / (ms_ts * 1e-3) / 1e12, peak, *q_new,
@@ -461,7 +481,7 @@ def main() -> None:
         # 3. Variants, eager on the quality targets, next to the new defaults eager.
         variants = [v for v in args.variants.split(",") if v and v != "none"] if device.type == "cuda" or args.quick else []
         if variants:
-            res, wall_ref, peak, _, _ = run_engine(bench, new, n_slots, q_idx, False, cfg.stop_own_first)
+            res, wall_ref, peak, _, _ = run_engine(bench, new, n_slots, q_idx, False, cfg.prefer_own_first)
             ref_ms = res.steady_ms_per_target_step or 1000 * wall_ref / max(res.n_target_steps, 1)
             rows.append(Row("  new defaults, eager (quality targets)", ref_ms, res.n_target_steps / len(q_idx),
                             3.6e6 / (ref_ms * res.n_target_steps / len(q_idx)), None,
@@ -469,19 +489,19 @@ def main() -> None:
                             *quality(bench, res.images_b3hw, q_idx)))
             for name in variants:
                 change = {"local0": {"local_size": 0}, "local96": {"local_size": 96 if not args.quick else 48},
-                          "views6": {"n_views": 6}, "nogate": {}, "gate": {},
+                          "views6": {"n_views": 6}, "noprefer": {}, "stopfirst": {"stop_own_first": True},
                           "views4": {"n_views": 4}}.get(name)
                 if change is None:
-                    print(f"unknown variant {name!r} (known: local0, local96, views6, views4, nogate, gate): skipped")
+                    print(f"unknown variant {name!r} (known: {', '.join(VARIANTS)}): skipped")
                     continue
                 settings = replace(new, **change)
-                gate = {"nogate": False, "gate": True}.get(name, cfg.stop_own_first)
-                res, wall_v, peak, _, _ = run_engine(bench, settings, n_slots, q_idx, False, gate)
+                own_first = cfg.prefer_own_first and name != "noprefer"
+                res, wall_v, peak, _, _ = run_engine(bench, settings, n_slots, q_idx, False, own_first)
                 v_ms = res.steady_ms_per_target_step or 1000 * wall_v / max(res.n_target_steps, 1)
                 v_steps = res.n_target_steps / len(q_idx)
                 # Compiled speed estimated from the eager ratio against the new defaults' eager run.
                 est_ms = rows[1].ms_per_target_step * v_ms / ref_ms
-                what = ', '.join(f'{k}={v}' for k, v in change.items()) or f"stop_own_first={gate}"
+                what = ', '.join(f'{k}={v}' for k, v in change.items()) or f"prefer_own_first={own_first}"
                 rows.append(Row(f"  + {name} ({what}), eager", v_ms,
                                 v_steps, 3.6e6 / (v_ms * v_steps), None,
                                 view_flops(shape, settings) * settings.n_views / (v_ms * 1e-3) / 1e12, peak,

@@ -103,7 +103,8 @@ def settings_for(cfg: RenderConfig, model_ref: str, dtype: torch.dtype, sae_run:
     return {"engine": ENGINE_VERSION, "n_views": cfg.n_views, "n_steps": cfg.n_steps, "lr": cfg.lr,
             "tv_weight": cfg.tv_weight, "size": cfg.size, "precision": str(dtype).replace("torch.", ""),
             "min_steps": cfg.min_steps, "stop_window": cfg.stop_window, "stop_delta": cfg.stop_delta,
-            "local_size": cfg.local_size, "stop_own_first": cfg.stop_own_first, "model": model_ref,
+            "local_size": cfg.local_size, "prefer_own_first": cfg.prefer_own_first,
+            "stop_own_first": cfg.stop_own_first, "model": model_ref,
             "sae_run": sae_run}
 
 
@@ -302,6 +303,7 @@ class RenderContext:
         return InversionSettings(param=param, augment=augment, n_views=cfg.n_views, n_steps=cfg.n_steps, lr=cfg.lr,
                                  tv_weight=cfg.tv_weight, size=cfg.size, min_steps=cfg.min_steps,
                                  stop_window=cfg.stop_window, stop_delta=cfg.stop_delta, local_size=cfg.local_size,
+                                 stop_own_first=cfg.stop_own_first,
                                  max_views_per_pass=self.sizing.views_per_pass)
 
     def engine(self, variant: str) -> inversion.Inverter:
@@ -364,7 +366,7 @@ def render_unit(ctx: RenderContext, targets: list[Target], on_step: Callable[[in
     dirs_nd = torch.from_numpy(np.stack([tg.direction_d for tg in targets])).float()
     centres_nd = torch.stack([centre_d if tg.space == "sae" else torch.zeros_like(centre_d) for tg in targets])
     ready = own_first_test(ctx.sae, [tg.feature_a if tg.kind == "feature" else None for tg in targets],
-                           ctx.device) if ctx.cfg.stop_own_first else None
+                           ctx.device) if ctx.cfg.prefer_own_first else None
     result = ctx.engine(variant).run(dirs_nd, [tg.rng_seed for tg in targets], centres_nd, on_step=on_step,
                                      on_done=on_done, pixels=True, ready=ready)
     with torch.no_grad():
