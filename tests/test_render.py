@@ -519,15 +519,17 @@ def test_cli_render_features_renders_just_those(tiny_encoded, tmp_path):
     assert bad.exit_code == 2 and "out of range" in bad.output and "Traceback" not in bad.output
 
 
-def test_own_first_test_gates_early_stopping_and_the_picture(tiny_model, sae_and_emb):
-    """`ready` (the render stage's stop_own_first): a target stops early only once its best picture passes,
-    its result prefers a passing picture, and it still renders the same alone and in a batch."""
+def test_own_first_test_picks_the_picture_and_can_gate_stopping(tiny_model, sae_and_emb):
+    """`ready` (the render stage's own-feature-first test): the result prefers a passing picture
+    (prefer_own_first) without changing when targets stop; with stop_own_first a target stops early only once
+    it has one; either way a target renders the same alone and in a batch."""
     sae, _ = sae_and_emb
     features = [0, 8, 16, 24, 32]
     dirs_bd = sae.feature_directions()[features]
     centres_bd = sae.input_mean.expand(len(features), -1)
     seeds = [11, 22, 33, 44, 55]
     settings = InversionSettings(n_views=2, n_steps=50, size=48, min_steps=20, stop_window=10, stop_delta=0.02)
+    gating = replace(settings, stop_own_first=True)
     free = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd=centres_bd)
     assert free.steps_b.min() < settings.n_steps, "no target stopped early: the test would not test the gate"
 
@@ -537,27 +539,35 @@ def test_own_first_test_gates_early_stopping_and_the_picture(tiny_model, sae_and
     def always(emb, targets):
         return torch.ones(len(targets), dtype=torch.bool)
 
-    assert inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd, ready=never).steps_b.tolist() == [50] * 5
-    passed = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd, ready=always)
-    assert passed.steps_b.tolist() == free.steps_b.tolist()
-    assert torch.allclose(passed.images_b3hw, free.images_b3hw, atol=1e-5)
+    assert inversion.invert(tiny_model, dirs_bd, seeds, gating, centres_bd, ready=never).steps_b.tolist() == [50] * 5
+    for ready, st in ((always, gating), (never, settings)):  # a test every or no picture passes changes nothing
+        same = inversion.invert(tiny_model, dirs_bd, seeds, st, centres_bd, ready=ready)
+        assert same.steps_b.tolist() == free.steps_b.tolist()
+        assert torch.allclose(same.images_b3hw, free.images_b3hw, atol=1e-5)
+
+    def own_first(images):
+        with torch.no_grad():
+            acts = sae.encode_embeddings(tiny_model(images))
+        return acts.argmax(dim=1) == torch.tensor(features)
 
     ready = render.own_first_test(sae, features, torch.device("cpu"))
-    gated = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd, ready=ready)
+    preferred = inversion.invert(tiny_model, dirs_bd, seeds, settings, centres_bd, ready=ready)
+    assert preferred.steps_b.tolist() == free.steps_b.tolist(), "prefer_own_first must not change the stops"
+    assert own_first(preferred.images_b3hw).sum() >= own_first(free.images_b3hw).sum()
+    gated = inversion.invert(tiny_model, dirs_bd, seeds, gating, centres_bd, ready=ready)
     assert (gated.steps_b >= free.steps_b).all()
     assert gated.steps_b.min() < settings.n_steps, "no gated target stopped early: nothing below is checked"
-    with torch.no_grad():
-        acts = sae.encode_embeddings(tiny_model(gated.images_b3hw))
-    first = acts.argmax(dim=1) == torch.tensor(features)
+    first = own_first(gated.images_b3hw)
     for k, n in enumerate(gated.steps_b.tolist()):
         if n < settings.n_steps:  # stopped early: only with its own feature first on its picture
             assert first[k], f"target {k} stopped at step {n} without its feature first"
     # The test reads each target's own embedding only: alone, a target renders as in the batch.
     k = 3
-    alone = inversion.invert(tiny_model, dirs_bd[k:k + 1], seeds[k:k + 1], settings, centres_bd[k:k + 1],
-                             ready=render.own_first_test(sae, features[k:k + 1], torch.device("cpu")))
-    assert alone.steps_b[0] == gated.steps_b[k]
-    assert torch.allclose(alone.images_b3hw[0], gated.images_b3hw[k], atol=1e-4)
+    for st, batch in ((settings, preferred), (gating, gated)):
+        alone = inversion.invert(tiny_model, dirs_bd[k:k + 1], seeds[k:k + 1], st, centres_bd[k:k + 1],
+                                 ready=render.own_first_test(sae, features[k:k + 1], torch.device("cpu")))
+        assert alone.steps_b[0] == batch.steps_b[k]
+        assert torch.allclose(alone.images_b3hw[0], batch.images_b3hw[k], atol=1e-4)
     # Targets that are not features always pass.
     mixed = render.own_first_test(sae, [None, features[0]], torch.device("cpu"))
     assert render.own_first_test(sae, [None, None], torch.device("cpu")) is None
