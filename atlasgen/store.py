@@ -5,6 +5,7 @@ SCHEMA_VERSION on any incompatible change.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from contextlib import contextmanager
@@ -410,22 +411,29 @@ class Store:
         offsets = pa.array(np.arange(0, (len(emb_nd) + 1) * dim, dim, dtype=np.int32))
         batch = pa.table({"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)),
                           "embedding": pa.ListArray.from_arrays(offsets, values)})
-        self.con.register("_emb_batch", batch)
-        try:
+        with self._registered("_emb_batch", batch):
             self.con.execute("INSERT INTO embeddings SELECT image_id, embedding FROM _emb_batch")
-        finally:
-            self.con.unregister("_emb_batch")
+
+    @contextmanager
+    def _registered(self, name: str, arrow_table):
+        """`arrow_table` visible to SQL as `name` for the block. When the block fails, the connection may be
+        in an aborted transaction where unregistering fails too: the block's error is the one raised."""
+        self.con.register(name, arrow_table)
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.con.unregister(name)
+            raise
+        self.con.unregister(name)
 
     def insert_frame(self, table: str, columns: dict[str, Any]) -> None:
         """Bulk insert columns (name → numpy array or list) into `table`, by column name."""
         import pyarrow as pa
         arrow = pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in columns.items()})
-        self.con.register("_frame", arrow)
-        try:
+        with self._registered("_frame", arrow):
             cols = ", ".join(columns)
             self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _frame")
-        finally:
-            self.con.unregister("_frame")
 
     # --- the SAE runs ----------------------------------------------------------------------------------
     def sae_run(self, run_id: str) -> dict | None:

@@ -490,3 +490,16 @@ def test_serve_sends_the_netlify_headers(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_failed_bulk_insert_raises_its_own_error(tmp_path):
+    """A failing INSERT from a registered Arrow table is the error raised (unregistering after it may fail
+    too in an aborted transaction, and must not hide it)."""
+    from atlasgen.store import Store
+    from atlasgen.testing import make_synthetic_store
+    with Store.open(make_synthetic_store(tmp_path / "out", n_features=8, n_images=20)) as store:
+        with pytest.raises(Exception) as err:
+            with store.transaction():
+                store.insert_frame("no_such_table", {"a": [1, 2]})
+        assert "no_such_table" in str(err.value)
+        assert store.query("SELECT 1")[0][0] == 1  # the connection is usable afterwards
