@@ -66,6 +66,7 @@ def site_figures(folder: Path) -> dict:
     """Every file under `folder`: count, total bytes, the largest file and the fullest directory."""
     n, total, largest, largest_path, fullest, fullest_dir = 0, 0, 0, "", 0, ""
     by_top: dict[str, int] = {}
+    sizes: list[tuple[int, str]] = []
     for root, _, files in os.walk(folder):
         if len(files) > fullest:
             fullest, fullest_dir = len(files), os.path.relpath(root, folder)
@@ -75,11 +76,13 @@ def site_figures(folder: Path) -> dict:
         for name in files:
             size = os.path.getsize(os.path.join(root, name))
             n, total = n + 1, total + size
+            sizes.append((size, os.path.relpath(os.path.join(root, name), folder)))
             if size > largest:
                 largest, largest_path = size, os.path.relpath(os.path.join(root, name), folder)
     return {"n_files": n, "total_bytes": total, "largest_bytes": largest, "largest_path": largest_path,
             "fullest_dir_files": fullest, "fullest_dir": fullest_dir,
-            "files_by_folder": dict(sorted(by_top.items(), key=lambda kv: -kv[1]))}
+            "files_by_folder": dict(sorted(by_top.items(), key=lambda kv: -kv[1])),
+            "largest_files": sorted(sizes, reverse=True)[:5]}
 
 
 def check_host_limits(figures: dict) -> list[tuple[str, str, int, int, bool]]:
@@ -119,6 +122,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2,048 features instead of 12,288 (under a minute)")
     parser.add_argument("--no-search", action="store_true", help="skip the Pagefind index")
     parser.add_argument("--keep", type=Path, default=None, help="build into this folder and keep it")
+    parser.add_argument("--no-sql", action="store_true", help="leave the Query page (and its DuckDB-WASM engine) out")
     parser.add_argument("--n-map", type=int, default=None,
                         help="features on the map (default 2,500; 400 with --quick; 0: no map)")
     args = parser.parse_args()
@@ -145,7 +149,7 @@ def main() -> None:
                   f"{placed['n_tiles']:,} tiles in {placed['n_levels']} levels ({time.perf_counter() - t0:.1f}s, "
                   "the layout stage's tiling; not part of the site time)")
         t0 = time.perf_counter()
-        summary = site.run(SiteConfig(search_index=not args.no_search), store)
+        summary = site.run(SiteConfig(search_index=not args.no_search, sql=not args.no_sql), store)
         seconds = time.perf_counter() - t0
         n_files, size = _dir_size(store.paths.site_dir)
         html = list(store.paths.site_dir.rglob("*.html"))
@@ -165,6 +169,7 @@ def main() -> None:
     print(f"whole site: {figures['n_files']:,} files, {figures['total_bytes'] / MiB:.1f} MiB; largest file "
           f"{figures['largest_path']} ({figures['largest_bytes'] / MiB:.1f} MiB); fullest folder "
           f"{figures['fullest_dir']}/ ({figures['fullest_dir_files']:,} files)")
+    print("largest files: " + ", ".join(f"{p} {b / MiB:.1f} MiB" for b, p in figures["largest_files"]))
     print("files by top folder: " + ", ".join(f"{k} {v:,}" for k, v in figures["files_by_folder"].items()))
     print(f"query page (DuckDB-WASM engine in the site): {'yes' if summary.get('query_page') else 'no'}")
     print("static host limits checked:")
