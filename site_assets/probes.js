@@ -1,5 +1,6 @@
-// Probe sweeps: a slider per sweep picks the step; the probe picture, its caption, the chart's dashed
-// marker and the legend's values follow. Data comes from data-* attributes written at build time.
+// Probe sweeps: a slider per sweep picks the step; the probe picture, its caption, the charts' dashed
+// markers (each chart layout has its own, at the x positions in its data-xs) and the legend's values follow.
+// Data comes from data-* attributes written at build time.
 (function () {
   "use strict";
 
@@ -8,14 +9,13 @@
   }
 
   function init(section) {
-    var srcs = parse(section, "srcs"), labels = parse(section, "labels"), xs = parse(section, "xs"),
-        values = parse(section, "values");
+    var srcs = parse(section, "srcs"), labels = parse(section, "labels"), values = parse(section, "values");
+    var charts = section.querySelectorAll(".probe-chart");
     var slider = section.querySelector(".probe-slider");
     if (!slider || !srcs.length) { return; }
     var root = section.getAttribute("data-root") || "";
     var img = section.querySelector(".probe-image");
     var caption = section.querySelector(".probe-step-label");
-    var marker = section.querySelector(".probe-marker");
     var outs = section.querySelectorAll(".probe-value");
 
     function show(i) {
@@ -23,9 +23,12 @@
       img.src = root + srcs[i];
       img.alt = "probe picture at " + labels[i];
       caption.textContent = labels[i];
-      if (marker && xs.length > i) {
-        marker.setAttribute("x1", xs[i]);
-        marker.setAttribute("x2", xs[i]);
+      for (var c = 0; c < charts.length; c++) {
+        var xs = parse(charts[c], "xs"), marker = charts[c].querySelector(".probe-marker");
+        if (marker && xs.length > i) {
+          marker.setAttribute("x1", xs[i]);
+          marker.setAttribute("x2", xs[i]);
+        }
       }
       for (var k = 0; k < outs.length; k++) {
         var v = values[i] && values[i][k];
@@ -35,9 +38,10 @@
     }
 
     slider.addEventListener("input", function () { show(parseInt(slider.value, 10)); });
-    // A click on the chart jumps to the nearest step.
-    var svg = section.querySelector(".probe-chart");
-    if (svg && xs.length) {
+    // A click on a chart jumps to the nearest step.
+    Array.prototype.forEach.call(charts, function (svg) {
+      var xs = parse(svg, "xs");
+      if (!xs.length) { return; }
       svg.addEventListener("click", function (ev) {
         var box = svg.getBoundingClientRect(), vb = svg.viewBox.baseVal;
         var x = (ev.clientX - box.left) / box.width * vb.width;
@@ -46,7 +50,7 @@
         slider.value = String(best);
         show(best);
       });
-    }
+    });
     slider.closest("label").hidden = false;
     show(parseInt(slider.value, 10) || 0);
   }

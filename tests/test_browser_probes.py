@@ -17,7 +17,9 @@ def test_probes_page_slider_moves_picture_and_marker(page, site_url):
     slider = sweep.locator(".probe-slider")
     assert slider.is_visible(), "probes.js unhides the slider"
     img = sweep.locator(".probe-image")
-    marker = sweep.locator(".probe-marker")
+    marker = sweep.locator(".probe-layout-wide .probe-marker")  # the layout a desktop shows
+    narrow_marker = sweep.locator(".probe-layout-narrow .probe-marker")
+    nx0 = narrow_marker.get_attribute("x1")
     src0, x0 = img.get_attribute("src"), marker.get_attribute("x1")
     caption0 = sweep.locator(".probe-step-label").inner_text()
     values0 = [v.inner_text() for v in sweep.locator(".probe-value").all()]
@@ -27,6 +29,7 @@ def test_probes_page_slider_moves_picture_and_marker(page, site_url):
     assert sweep.get_attribute("data-step") == "5"
     assert img.get_attribute("src") != src0 and img.get_attribute("src").endswith("005.webp")
     assert float(marker.get_attribute("x1")) > float(x0)
+    assert float(narrow_marker.get_attribute("x1")) > float(nx0), "the phone layout's marker follows too"
     assert sweep.locator(".probe-step-label").inner_text() != caption0 == "112px"
     assert sweep.locator(".probe-step-label").inner_text() == "40px"
     # the legend's values follow the step: they are the step-5 column of the chart's data

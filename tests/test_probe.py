@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -160,11 +161,18 @@ def test_probe_site_page_has_charts(probed, tmp_path):
     context = probes_context(store, SiteFiles(store.paths.out_dir, tmp_path))
     sweeps = context["sweeps"]
     assert [s["name"] for s in sweeps] == ["circle-size", "circle-count", "circle-readout"]
+    colour_of = {}
+    for s in sweeps:
+        assert set(s["charts"]) == {"wide", "narrow"}, "each chart in a desktop and a phone layout"
+        for f in s["features"]:  # one colour per feature on the whole page
+            assert colour_of.setdefault(f["feature_id"], f["colour"]) == f["colour"]
     for s in sweeps[:2]:
-        assert "<polyline" in s["chart"] and "probe-marker" in s["chart"]
-        assert len(json.loads(s["xs_json"])) == len(s["steps"])
+        for chart in s["charts"].values():
+            assert "<polyline" in chart and "probe-marker" in chart and 'class="y-title"' in chart
+            xs = json.loads(re.search(r'data-xs="([^"]*)"', chart).group(1))
+            assert len(xs) == len(s["steps"]) and xs == sorted(xs)
         assert len(s["features"]) == 4
-    assert "<rect" in sweeps[2]["chart"]
+    assert "<rect" in sweeps[2]["charts"]["wide"]
     for s in sweeps:
         for st in s["steps"]:
             assert (tmp_path / st["src"]).exists()
@@ -174,7 +182,8 @@ def test_probe_site_page_has_charts(probed, tmp_path):
 
 def test_tiny_build_probes_page_has_charts(tiny_build):
     html = (tiny_build / "site" / "probes.html").read_text()
-    assert html.count('class="probe-chart"') == 2 and html.count('class="probe-bars"') == 1
+    # two sweeps with lines and one readout, each in a wide and a narrow layout
+    assert html.count('class="probe-chart"') == 2 * 2 and html.count('class="probe-bars"') == 1 * 2
     assert html.count("<polyline") >= 2
     assert 'src="assets/probes.js"' in html
     for name, n_steps in (("circle-size", 10), ("circle-count", 12), ("circle-readout", 3)):

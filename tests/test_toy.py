@@ -56,9 +56,34 @@ def test_final_svg_has_class_arrows(toy_store, tmp_path):
         context = toy_context(store, SiteFiles(out, tmp_path))
     svg = (tmp_path / "toy" / "final.svg").read_text()
     assert svg.startswith("<svg") and svg == str(context["toy"]["final_svg"])
-    assert svg.count("marker-end=") == 10 and svg.count("<circle") > 100
-    assert (tmp_path / "toy" / "frames.json").read_text() == (out / "toy" / "frames.json").read_text()
+    assert svg.count("marker-end=") == 10
+    assert svg.count("<circle") == context["toy"]["n_codes"], "every digit of the last frame is drawn"
     assert not (out / "toy" / "final.svg").exists(), "the toy stage writes data; the site draws it"
+
+
+def test_site_toy_data_is_compact_and_exact(toy_store, tmp_path):
+    """The site's toy data (toy.json + int16 codes.bin) holds every frame to within the quantisation step,
+    in at most a third of the stage's frames.json, and its view holds every code of every frame."""
+    import numpy as np
+    from atlasgen.site.assets import SiteFiles
+    from atlasgen.site.pages.toy import toy_context
+    out, _, _ = toy_store
+    with Store.open(out, read_only=True) as store:
+        toy_context(store, SiteFiles(out, tmp_path))
+    source = json.loads((out / "toy" / "frames.json").read_text())
+    meta = json.loads((tmp_path / "toy" / "toy.json").read_text())
+    raw = (tmp_path / "toy" / "codes.bin").read_bytes()
+    assert not (tmp_path / "toy" / "frames.json").exists()
+    site_bytes = len(raw) + (tmp_path / "toy" / "toy.json").stat().st_size
+    assert site_bytes * 3 <= (out / "toy" / "frames.json").stat().st_size
+    codes = np.frombuffer(raw, "<i2").reshape(meta["n_frames"], meta["n_codes"], 2) * meta["scale"]
+    expected = np.asarray([f["codes"] for f in source["frames"]])
+    assert np.abs(codes - expected).max() <= meta["scale"] / 2 + 1e-9
+    assert meta["steps"] == [f["step"] for f in source["frames"]] and meta["labels"] == source["labels"]
+    b = meta["bounds"]
+    assert (b["x0"] < expected[..., 0].min() and expected[..., 0].max() < b["x1"]
+            and b["y0"] < expected[..., 1].min() and expected[..., 1].max() < b["y1"]), "every frame fits the view"
+    assert b["x1"] - b["x0"] < 1.5 * max(np.ptp(expected[..., 0]), np.ptp(expected[..., 1])), "the view is tight"
 
 
 def test_toy_is_seeded():

@@ -1,12 +1,16 @@
 """The probes page (`probes.html`): one chart per probe sweep (lines along a size/count sweep, bars for a
-readout) with the sweep's pictures (`OUT/probes/` → `site/probes/`); probes.js drives the sliders."""
+readout) with the sweep's pictures (`OUT/probes/` → `site/probes/`); probes.js drives the sliders.
+
+Colours are assigned once for the whole page (`feature_colours` over every sweep's features in page order),
+so a feature has one colour in every chart and legend. Each chart is written in two layouts (wide and
+narrow, see `charts.PROBE_LAYOUTS`); probes.css shows the one that fits its box."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from ..assets import SiteFiles
-from ..charts import PALETTE, probe_bars_svg, probe_line_svg
+from ..charts import PROBE_LAYOUTS, feature_colours, probe_bars_svg, probe_line_svg
 from ..core import SiteWriter
 from ..data import SiteData
 
@@ -22,16 +26,20 @@ def probes_context(store, files: SiteFiles) -> dict | None:
     steps_by_sweep = store.probe_steps()
     sweeps = []
     order = [n for n in named if n in steps_by_sweep] + sorted(set(steps_by_sweep) - set(named))
+    n_auto = int(cfg.get("n_auto_features", 4))
+    ids_by_sweep = {name: [int(f) for f in (named.get(name, {}).get("features") or chosen_by_sweep.get(name)
+                                            or store.probe_strongest_features(name, n_auto))] for name in order}
+    # One palette assignment for the whole page: a feature keeps its colour from chart to chart.
+    colour_of = feature_colours(f for name in order for f in ids_by_sweep[name])
     for name in order:
         spec = named.get(name, {})
         steps = steps_by_sweep[name]
-        n_auto = int(cfg.get("n_auto_features", 4))
-        feature_ids = spec.get("features") or chosen_by_sweep.get(name) or store.probe_strongest_features(name, n_auto)
+        feature_ids = ids_by_sweep[name]
         values = store.probe_values(name)
-        labels_by_feature = store.feature_labels([int(f) for f in feature_ids])
-        series = [{"feature_id": int(f), "label": labels_by_feature.get(int(f)) or "",
-                   "colour": PALETTE[k % len(PALETTE)], "href": f"features/{int(f)}.html",
-                   "values": [values.get((int(f), s[0]), 0.0) for s in steps]} for k, f in enumerate(feature_ids)]
+        labels_by_feature = store.feature_labels(feature_ids)
+        series = [{"feature_id": f, "label": labels_by_feature.get(f) or "", "colour": colour_of[f],
+                   "href": f"features/{f}.html", "values": [values.get((f, s[0]), 0.0) for s in steps]}
+                  for f in feature_ids]
         srcs = []
         for step, _, _, image_path in steps:
             src_path = store.paths.out_dir / image_path
@@ -46,11 +54,11 @@ def probes_context(store, files: SiteFiles) -> dict | None:
                  "srcs_json": json.dumps(srcs), "labels_json": json.dumps(step_labels),
                  "values_json": json.dumps([[round(s["values"][i], 4) for s in series] for i in range(len(steps))])}
         if kind == "readout":
-            entry["chart"] = probe_bars_svg(entry["title"], step_labels, series)
-            entry["xs_json"] = "[]"
+            entry["charts"] = {layout: probe_bars_svg(entry["title"], step_labels, series, layout)
+                               for layout in PROBE_LAYOUTS}
         else:
-            entry["chart"], xs = probe_line_svg(entry["title"], step_labels, series)
-            entry["xs_json"] = json.dumps([round(x, 1) for x in xs])
+            entry["charts"] = {layout: probe_line_svg(entry["title"], step_labels, series, layout)[0]
+                               for layout in PROBE_LAYOUTS}
         sweeps.append(entry)
     # A finished probe stage without sweeps still gets its page, which says how to add some.
     return {"page_title": "Probes", "sweeps": sweeps}
