@@ -8,23 +8,25 @@
   var dialog = document.createElement("dialog");
   dialog.className = "lightbox";
   dialog.setAttribute("aria-label", "Enlarged picture");
-  var big = document.createElement("img");
-  big.className = "lightbox-picture";
-  big.alt = "";
+  // The large picture exists only while the lightbox is open (an <img> without a file would count as broken).
+  var big = null;
   var caption = document.createElement("p");
   caption.className = "lightbox-caption";
   var close = document.createElement("button");
   close.type = "button";
   close.className = "lightbox-close";
   close.textContent = "Close (Esc)";
-  dialog.append(close, big, caption);
+  dialog.append(close, caption);
   document.body.appendChild(dialog);
   var opener = null;
 
   function open(img) {
     opener = img;
+    big = document.createElement("img");
+    big.className = "lightbox-picture";
     big.src = img.dataset.full || img.currentSrc || img.src;
     big.alt = img.alt;
+    dialog.insertBefore(big, caption);
     var li = img.closest("li, figure");
     caption.textContent = li ? li.textContent.replace(/\s+/g, " ").trim() : img.alt;
     dialog.showModal();
@@ -32,7 +34,10 @@
   }
   close.addEventListener("click", function () { dialog.close(); });
   dialog.addEventListener("click", function (e) { if (e.target === dialog) { dialog.close(); } });
-  dialog.addEventListener("close", function () { if (opener) { opener.focus(); } });
+  dialog.addEventListener("close", function () {
+    if (big) { big.remove(); big = null; }
+    if (opener) { opener.focus(); }
+  });
   Array.prototype.forEach.call(pictures, function (img) {
     img.tabIndex = 0;
     img.classList.add("zoom-in");
