@@ -50,11 +50,11 @@ def _open(page, url: str):
 
 
 def _load_all_pictures(page) -> None:
-    """Scroll to the bottom (lazy pictures load) and wait until every picture has loaded."""
-    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    """Load every picture now (lazy ones too) and wait until each has loaded, so none is still in flight when
+    the test clicks away."""
+    page.evaluate("() => document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
+    page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=15_000)
     page.wait_for_load_state("networkidle")
-    page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=10_000)
-    page.evaluate("window.scrollTo(0, 0)")
 
 
 def _broken_images(page) -> list[str]:
@@ -82,6 +82,7 @@ def test_inversions_page_shows_every_image_render_and_the_ablation(reader, site_
     n_image, n_ablation = len(facts["image_renders"]), len(facts["ablation_renders"])
     assert n_image >= 2 and n_ablation == 3, "the tiny build inverts images and runs the ablation"
     _open(page, site_url + "index.html")
+    _load_all_pictures(page)
     page.click("main a[href='inversions.html']")
     page.wait_for_load_state("networkidle")
     assert page.url.endswith("inversions.html")
@@ -198,7 +199,7 @@ def test_overview_gives_dead_one_meaning(reader, site_url, facts):
     shown = page.locator("dd.dead-features").inner_text()
     assert shown.startswith(f"{n_dead:,} (") and f"{100 * n_dead / len(features):.1f}%" in shown
     # The training curve of features idle for a window of steps is not called "dead".
-    titles = page.locator("svg.plot title").all_inner_texts()
+    titles = page.locator("svg.plot title").all_text_contents()
     assert titles and not any("dead" in t.lower() for t in titles) and any("idle" in t for t in titles)
     save_screenshot(page, f"reader-overview-{view}")
     page.watch.assert_clean()
