@@ -254,3 +254,21 @@ def test_missing_page_gets_the_404_page_with_status_404(reader, served_url):
     # The browser logs the 404 document itself as a console error; nothing else may fail.
     errors = [e for e in page.watch.console_errors if "404" not in e]
     assert not errors and not page.watch.failed and not page.watch.external
+
+
+def test_examples_by_band_follow_the_quantiles_and_skip_top_images(tiny_build):
+    """Store.feature_examples_by_band: band 0 at or above q90, 1 from q50 to q90, 2 below q50; never a top
+    image; at most n per band; strongest first within a band."""
+    with Store.open(tiny_build, read_only=True) as store:
+        examples = store.feature_examples_by_band(4)
+        features = {f["feature_id"]: f for f in store.feature_rows()}
+        tops = store.top_images_by_feature()
+    assert len({band for rows in examples.values() for band, *_ in rows}) == 3
+    for fid, rows in examples.items():
+        f, top_ids = features[fid], {i for i, _ in tops.get(fid, ())}
+        for band, image_id, value, _ in rows:
+            assert image_id not in top_ids
+            assert {0: value >= f["q90"], 1: f["q50"] <= value < f["q90"], 2: value < f["q50"]}[band]
+        for band in range(3):
+            values = [v for b, _, v, _ in rows if b == band]
+            assert len(values) <= 4 and values == sorted(values, reverse=True)

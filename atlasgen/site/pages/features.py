@@ -16,7 +16,7 @@ from ..data import SiteData
 # Example images from lower activation ranges, beside the top images (as Anthropic's and Neuronpedia's feature
 # dashboards show them): how many per range, and each range's heading (Store.feature_examples_by_band's bands).
 N_EXAMPLES_PER_BAND = 6
-BAND_TITLES = ("Top 10% of its activations", "Between the median and the top 10%", "Below the median")
+BAND_TITLES = ("Top 10% of its activations (after the top images)", "Between the median and the top 10%", "Below the median")
 
 
 def _example_picture(data: SiteData, image_id: int, corpus_path: str | None):
@@ -27,7 +27,7 @@ def _example_picture(data: SiteData, image_id: int, corpus_path: str | None):
     return pic
 
 
-def _bands(data: SiteData, f: dict, rows: list) -> list[dict]:
+def _bands(data: SiteData, rows: list) -> list[dict]:
     """The feature's example images grouped by activation range, ranges with no image left out."""
     bands: dict[int, list] = defaultdict(list)
     for band, image_id, value, corpus_path in rows:
@@ -87,7 +87,7 @@ def write_feature_pages(writer: SiteWriter, data: SiteData) -> None:
         f = data.features[index]
         fid = f["feature_id"]
         ctx = _feature_page_context(data, index, sums_by_feature.get(fid, []))
-        ctx.update({"bands": _bands(data, f, examples.get(fid, [])), "rank": ranks[fid],
+        ctx.update({"bands": _bands(data, examples.get(fid, [])), "rank": ranks[fid],
                     "n_ranked": len(data.features), "n_live": n_live, "best_pic": data.best.get(fid)})
         out_rel = f"features/{fid}.html"
         writer.write_html(out_rel, template.render({"root": "../", "page_path": out_rel,
