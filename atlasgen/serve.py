@@ -33,6 +33,22 @@ class SiteHandler(http.server.SimpleHTTPRequestHandler):
         self.send_error(404, "No such page")
         return None
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """A 404 sends the site's own 404.html (as Netlify does), with status 404; other errors as usual."""
+        page = Path(self.directory) / "404.html"
+        if code != 404 or self.command not in ("GET", "HEAD") or not page.is_file():
+            super().send_error(code, message, explain)
+            return
+        body = page.read_bytes()
+        self.send_response(404, message)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        if self.command == "GET":
+            self.wfile.write(body)
+
     def log_message(self, format: str, *args) -> None:
         if self.verbose:
             super().log_message(format, *args)

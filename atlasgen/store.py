@@ -830,3 +830,32 @@ class Store:
         """A second Store on the same database for one other thread (a DuckDB connection must not be used
         by two threads at once); close it when that thread is done."""
         return Store(self.con.cursor(), self.paths, self.read_only)
+
+    # --- site pages: inversions page, feature examples by activation range (issue 13) --------------------
+    def image_inversion_renders(self) -> list[dict]:
+        """Inversions of corpus images (kinds 'image' and 'ablation'; RENDER_COLUMNS), by image, kind, seed,
+        variant."""
+        cols = self.RENDER_COLUMNS
+        return [dict(zip(cols, r)) for r in self.con.execute(
+            f"SELECT {', '.join(cols)} FROM renders WHERE kind IN ('image', 'ablation') "
+            "ORDER BY image_id, kind, seed, variant, render_id").fetchall()]
+
+    def feature_examples_by_band(self, n_per_band: int) -> dict[int, list[tuple[int, int, float, str | None]]]:
+        """feature id → [(band, image id, activation, corpus_path)]: up to `n_per_band` images from each of three
+        activation ranges of the images where the feature fires (band 0: at or above its 90th percentile q90,
+        1: from the median q50 to q90, 2: below q50), leaving out its top images (shown on their own). The pick
+        inside a band is a fixed pseudo-random sample (a hash of image and feature), taken first from images that
+        already have a thumbnail (some feature's top image), so the site adds few new picture files; strongest
+        first."""
+        return self._grouped("""
+            WITH thumbed AS (SELECT DISTINCT image_id, true AS has_thumb FROM top_images)
+            SELECT feature_id, band, image_id, value, corpus_path FROM (
+                SELECT a.feature_id, a.image_id, a.value,
+                       CASE WHEN a.value >= s.q90 THEN 0 WHEN a.value >= s.q50 THEN 1 ELSE 2 END AS band,
+                       hash(a.image_id, a.feature_id) AS pick
+                FROM activations a JOIN feature_stats s USING (feature_id)
+                WHERE NOT EXISTS (SELECT 1 FROM top_images t
+                                  WHERE t.feature_id = a.feature_id AND t.image_id = a.image_id))
+            JOIN images USING (image_id) LEFT JOIN thumbed USING (image_id)
+            QUALIFY row_number() OVER (PARTITION BY feature_id, band ORDER BY has_thumb NULLS LAST, pick) <= ?
+            ORDER BY feature_id, band, value DESC, image_id""", [int(n_per_band)])

@@ -1,6 +1,8 @@
 // All-features listing: load the feature table from data-NNN.json chunks and sort/filter it in the browser.
 // Rows: [id, label, frequency, strength, n_active, picture (from the site root), width, height].
 // Without JS the page keeps its static first page and the links to the other pages by id.
+// Dead features (they fire on no image) are left out unless "show dead features" is ticked; frequency and
+// strength sort most first, id and label in order (the "descending" box follows the sort, and can be changed).
 (function () {
   "use strict";
   var grid = document.getElementById("feature-grid");
@@ -11,7 +13,8 @@
   var sortSel = document.getElementById("feature-sort");
   var desc = document.getElementById("feature-desc");
   var filter = document.getElementById("feature-filter");
-  var liveOnly = document.getElementById("feature-live");
+  var showDead = document.getElementById("feature-dead");
+  var empty = document.getElementById("feature-empty");
   var count = document.getElementById("feature-count");
   var more = document.getElementById("feature-more");
   var rows = [];
@@ -34,12 +37,13 @@
       none.className = "no-picture"; none.textContent = "no picture";
       a.appendChild(none);
     }
-    [["tile-id", "#" + r[0]], ["tile-label", r[1] || "unlabelled"],
-     ["tile-extra", (100 * r[2]).toFixed(2) + "% · strength " + r[3].toPrecision(3)]].forEach(function (p) {
+    var extra = (100 * r[2]).toFixed(2) + "% · strength " + r[3].toPrecision(3);
+    [["tile-id", "#" + r[0]], ["tile-label", r[1] || "unlabelled"], ["tile-extra", extra]].forEach(function (p) {
       var s = document.createElement("span");
-      s.className = p[0]; s.textContent = p[1];
+      s.className = p[0]; s.textContent = p[1]; s.title = p[1];
       a.appendChild(s);
     });
+    a.title = "#" + r[0] + " " + (r[1] || "unlabelled") + " · fires on " + extra;
     return a;
   }
 
@@ -48,7 +52,7 @@
     var col = { id: 0, label: 1, frequency: 2, strength: 3 }[key];
     var needle = filter.value.trim().toLowerCase().replace(/^#/, "");
     var list = rows.filter(function (r) {
-      if (liveOnly.checked && !r[4]) { return false; }
+      if (!showDead.checked && !r[4]) { return false; }
       return !needle || String(r[0]) === needle || (r[1] || "").toLowerCase().indexOf(needle) >= 0;
     });
     list.sort(function (a, b) {
@@ -65,13 +69,22 @@
     var frag = document.createDocumentFragment();
     list.slice(0, shown).forEach(function (r) { frag.appendChild(tile(r)); });
     grid.replaceChildren(frag);
-    count.textContent = list.length.toLocaleString() + " features" +
+    count.textContent = list.length.toLocaleString() + (list.length === 1 ? " feature" : " features") +
       (loaded < nChunks ? " (loading " + loaded + "/" + nChunks + ")" : "");
     more.hidden = list.length <= shown;
+    var needle = filter.value.trim();
+    empty.hidden = list.length > 0 || loaded < nChunks;
+    empty.textContent = needle ? "No feature matches \u201c" + needle + "\u201d" +
+      (showDead.checked ? "." : " among the features that fire (tick \u201cshow dead features\u201d to search them too).")
+      : "No feature to show.";
   }
 
   function reset() { shown = perPage; render(); }
-  [sortSel, desc, liveOnly].forEach(function (el) { el.addEventListener("change", reset); });
+  sortSel.addEventListener("change", function () {
+    desc.checked = sortSel.value === "frequency" || sortSel.value === "strength";
+    reset();
+  });
+  [desc, showDead].forEach(function (el) { el.addEventListener("change", reset); });
   filter.addEventListener("input", reset);
   form.addEventListener("submit", function (e) { e.preventDefault(); });
   more.addEventListener("click", function () { shown += perPage; render(); });

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNIQUE_LABEL = "strawberry"
 UNIQUE_FEATURE = 5
 PAGES = ("index.html", "features/index.html", "features/page-002.html", f"features/{UNIQUE_FEATURE}.html",
-         "decompositions.html", "combinations.html", "search.html", "map.html", "probes.html", "toy.html")
+         "inversions.html", "decompositions.html", "combinations.html", "search.html", "map.html", "probes.html",
+         "toy.html")
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +85,9 @@ def test_listing_sorts_filters_and_pages(page, synthetic_url):
     grid = page.locator("#feature-grid a.tile")
     assert grid.count() == 60
     assert page.locator("#feature-pages").is_hidden()
+    assert "270 features" in page.locator("#feature-count").inner_text()  # dead ones (a tenth) hidden at first
     page.select_option("#feature-sort", "frequency")
-    page.check("#feature-desc")
+    assert page.is_checked("#feature-desc")  # frequency and strength sort most first by default
     freqs = [float(t.split("%")[0]) for t in grid.locator(".tile-extra").all_inner_texts()]
     assert freqs == sorted(freqs, reverse=True) and freqs[0] > freqs[-1]
     page.fill("#feature-filter", UNIQUE_LABEL)
@@ -94,9 +96,9 @@ def test_listing_sorts_filters_and_pages(page, synthetic_url):
     page.click("#feature-more")
     assert grid.count() == 120
     page.select_option("#feature-sort", "id")
-    page.uncheck("#feature-desc")
-    page.check("#feature-live")
-    assert "270 features" in page.locator("#feature-count").inner_text()  # 300 minus the dead tenth
+    assert not page.is_checked("#feature-desc")
+    page.check("#feature-dead")
+    assert "300 features" in page.locator("#feature-count").inner_text()  # the dead tenth shown on request
     page.watch.assert_clean()
 
 
@@ -165,7 +167,8 @@ def test_overview_search_form_prefills(page, synthetic_url):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rel", ("index.html", "features/index.html", "features/0.html", "decompositions.html",
+@pytest.mark.parametrize("rel", ("index.html", "features/index.html", "features/0.html", "inversions.html",
+                                 "decompositions.html",
                                  "combinations.html", "search.html", "map.html", "probes.html", "toy.html"))
 def test_tiny_build_pages_load_clean(page, site_url, rel):
     """The real tiny build, other stages' pages included."""

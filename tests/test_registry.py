@@ -33,7 +33,8 @@ def test_registry_order_inputs_tables_and_pages():
         assert stage.config is section_classes()[stage.name]
     # Every output table of the store has exactly one writing stage (skipped_inputs is per-stage rows).
     assert set(REGISTRY.table_writers) == set(OUTPUT_TABLES_ALL) - {"skipped_inputs"}
-    assert REGISTRY.page_stages == {"map.html": "layout", "probes.html": "probe", "toy.html": "toy"}
+    assert REGISTRY.page_stages == {"map.html": "layout", "probes.html": "probe", "toy.html": "toy",
+                                   "inversions.html": "render"}
     assert [s.name for s in REGISTRY.ordered(["site", "ingest", "render"])] == ["ingest", "render", "site"]
 
 

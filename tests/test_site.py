@@ -95,6 +95,11 @@ def crawl(site_dir: Path) -> dict[str, list[str]]:
             if parsed.scheme or parsed.netloc:
                 problems["external"].append(f"{page.name}: {url}")
                 continue
+            if parsed.path.startswith("/") and page.relative_to(site_dir).as_posix() == "404.html":
+                # The host sends 404.html for a missing path at any depth: only links from its root work there.
+                if not (site_dir / unquote(parsed.path).lstrip("/")).is_file():
+                    problems["broken"].append(f"404.html: {url}")
+                continue
             if parsed.path.startswith("/"):
                 problems["absolute"].append(f"{page.name}: {url}")
                 continue
@@ -228,12 +233,12 @@ def test_pictures_have_sizes_and_are_hard_linked(built):
 def test_overview_and_svg_plots(built):
     site_dir, _ = built
     text = (site_dir / "index.html").read_text()
-    assert text.count('<svg class="plot line"') == 4  # fvu, mse, L0, dead fraction
+    assert text.count('<svg class="plot line"') == 4  # fvu, mse, L0, idle features during training
     assert "synthetic-vits16" in text and "0.210" in text  # model name and the run's FVU
-    assert "1 inputs skipped" in text
+    assert "1 input skipped" in text
     assert text.count('class="tile"') == SiteConfig().n_gallery
-    for href in ("features/index.html", "map.html", "combinations.html", "decompositions.html", "probes.html",
-                 "toy.html", "search.html"):
+    for href in ("features/index.html", "map.html", "inversions.html", "combinations.html", "decompositions.html",
+                 "probes.html", "toy.html", "search.html"):
         assert f'href="{href}"' in text
 
 
@@ -282,7 +287,7 @@ def test_combinations_page(built, synthetic_out):
 
 def test_page_table_gives_the_nav_and_every_stage_page_has_a_writer():
     assert pages.NAV == (("Overview", "index.html"), ("Features", "features/index.html"), ("Map", "map.html"),
-                         ("Combinations", "combinations.html"), ("Decompositions", "decompositions.html"),
+                         ("Inversions", "inversions.html"), ("Combinations", "combinations.html"), ("Decompositions", "decompositions.html"),
                          ("Probes", "probes.html"), ("Toy", "toy.html"), ("Search", "search.html"))
     written_by = {p.path: p.write for p in pages.PAGES}
     assert {path for provided in pages.stage_pages().values() for path in provided} <= set(written_by)
@@ -312,10 +317,11 @@ def test_stage_pages_are_written_once_their_stage_has_run(built):
 def test_stage_pages_are_placeholders_until_their_stage_has_run(synthetic_out, tmp_path):
     out = shutil.copytree(synthetic_out, tmp_path / "build")
     with Store.open(out) as store:
-        store.con.execute("DELETE FROM stage_runs WHERE stage IN ('layout', 'probe', 'toy')")
+        store.con.execute("DELETE FROM stage_runs WHERE stage IN ('layout', 'probe', 'toy', 'render')")
         site_stage.run(SiteConfig(search_index=False), store)
     site_dir = out / "site"
-    for page, stage in (("map.html", "layout"), ("probes.html", "probe"), ("toy.html", "toy")):
+    for page, stage in (("map.html", "layout"), ("probes.html", "probe"), ("toy.html", "toy"),
+                        ("inversions.html", "render")):
         text = (site_dir / page).read_text()
         assert "was not built" in text and f"atlasgen {stage} --out" in text, page
     assert not (site_dir / "probes").exists()

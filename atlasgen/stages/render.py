@@ -657,4 +657,4 @@ def reset(store: Store) -> None:
 
 # Renders are immutable artefacts keyed by their own id: its reset only tidies (see `reset`).
 SPEC = Stage("render", RenderConfig, run, inputs=("encode",), tables=("renders",), folders=("renders_dir",),
-             reset=reset, executor=True)
+             reset=reset, executor=True, pages=("inversions.html",))

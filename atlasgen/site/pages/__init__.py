@@ -21,6 +21,8 @@ from .combinations import write_combinations
 from .decompositions import write_decompositions
 from .feature_map import write_map
 from .features import write_feature_pages, write_listing
+from .inversions import write_inversions
+from .not_found import write_not_found
 from .overview import write_overview
 from .probes import write_probes
 from .search import index_search, write_search
@@ -40,11 +42,13 @@ PAGES = (
     Page("index.html", "Overview", write_overview),
     Page("features/index.html", "Features", write_listing),
     Page("map.html", "Map", write_map),
+    Page("inversions.html", "Inversions", write_inversions),
     Page("combinations.html", "Combinations", write_combinations),
     Page("decompositions.html", "Decompositions", write_decompositions),
     Page("probes.html", "Probes", write_probes),
     Page("toy.html", "Toy", write_toy),
     Page("search.html", "Search", write_search),
+    Page("404.html", None, write_not_found),
 )
 NAV = tuple((p.title, p.path) for p in PAGES if p.title)
 

@@ -2,13 +2,49 @@
 `page-NNN.html` pages and the `data-NNN.json` chunks that features.js sorts and filters)."""
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
 from ...progress import bar
 from ..core import SiteWriter
 from ..data import SiteData
+
+
+# Example images from lower activation ranges, beside the top images (as Anthropic's and Neuronpedia's feature
+# dashboards show them): how many per range, and each range's heading (Store.feature_examples_by_band's bands).
+N_EXAMPLES_PER_BAND = 6
+BAND_TITLES = ("Top 10% of its activations (after the top images)", "Between the median and the top 10%", "Below the median")
+
+
+def _example_picture(data: SiteData, image_id: int, corpus_path: str | None):
+    """An example image's picture: its thumbnail if it has one, else its corpus copy."""
+    pic = data.thumb(image_id)
+    if pic is None and corpus_path and (data.store.paths.out_dir / corpus_path).is_file():
+        pic = data.files.picture(corpus_path, f"corpus/{data.thumb_tag}/{Path(corpus_path).name}")
+    return pic
+
+
+def _bands(data: SiteData, rows: list) -> list[dict]:
+    """The feature's example images grouped by activation range, ranges with no image left out."""
+    bands: dict[int, list] = defaultdict(list)
+    for band, image_id, value, corpus_path in rows:
+        bands[band].append({"image_id": image_id, "value": value, "label": data.image_labels.get(image_id),
+                            "pic": _example_picture(data, image_id, corpus_path)})
+    out = []
+    for band in sorted(bands):
+        values = [e["value"] for e in bands[band]]
+        out.append({"band": band, "title": BAND_TITLES[band] if band < len(BAND_TITLES) else f"range {band}",
+                    "low": min(values), "high": max(values), "examples": bands[band]})
+    return out
+
+
+def frequency_ranks(features: list[dict]) -> dict[int, int]:
+    """feature id → its rank by how often it fires (1 = most often; ties share the best rank)."""
+    freqs = sorted(-(f["frequency"] or 0.0) for f in features)
+    return {f["feature_id"]: bisect.bisect_left(freqs, -(f["frequency"] or 0.0)) + 1 for f in features}
 
 
 def _feature_page_context(data: SiteData, index: int, sums: list[dict]) -> dict:
@@ -44,9 +80,15 @@ def write_feature_pages(writer: SiteWriter, data: SiteData) -> None:
             if r["feature_b"] != r["feature_a"]:
                 sums_by_feature[r["feature_b"]].append(r)
     template = writer.env.get_template("feature.html")
+    examples = data.store.feature_examples_by_band(N_EXAMPLES_PER_BAND)
+    ranks = frequency_ranks(data.features)
+    n_live = sum(1 for f in data.features if (f["n_active"] or 0) > 0)
     for index in bar(range(len(data.features)), desc="feature pages", unit="page"):
-        fid = data.features[index]["feature_id"]
+        f = data.features[index]
+        fid = f["feature_id"]
         ctx = _feature_page_context(data, index, sums_by_feature.get(fid, []))
+        ctx.update({"bands": _bands(data, examples.get(fid, [])), "rank": ranks[fid],
+                    "n_ranked": len(data.features), "n_live": n_live, "best_pic": data.best.get(fid)})
         out_rel = f"features/{fid}.html"
         writer.write_html(out_rel, template.render({"root": "../", "page_path": out_rel,
                                                     "site_title": writer.cfg.title, **ctx}))
