@@ -6,7 +6,7 @@
 // reopens it; #f=<id> alone centres on that feature. Zoom z is a tile level: at z = the top level one
 // screen pixel shows one mosaic pixel (the finest tiles' native size, the most the view zooms in: beyond
 // it cells would only blur), each level down halves that.
-// The view is bounded: a map larger than the viewport always covers it, a smaller one stays wholly inside.
+// The view is bounded: a map larger than the viewport always covers it, a smaller one is centred.
 (function () {
   "use strict";
   var root = document.querySelector(".map-viewport");
@@ -73,6 +73,7 @@
     feats.forEach(function (f) { byCell.set(f.y * idx.grid_side + f.x, f); byId.set(f.id, f); });
     fillFindList();
     root.classList.add("ready");
+    sizeViewport();   // again: the page above the map may have settled since the script started
     fitLimits();
     var hadHash = applyHash();
     if (!hadHash) fitAll();
@@ -101,11 +102,11 @@
     zMax = topZ();                              // the finest tiles' native size
     zMin = Math.min(fitZoom(), zMax);           // the whole map
   }
-  // v within [half, side - half] (the map covers the viewport) or, when the map is the smaller,
-  // within [side - half, half] (the map stays wholly inside it).
+  // v within [half, side - half]: the map covers the viewport; a map smaller than the viewport along an
+  // axis is centred along it.
   function bound(v, half, side) {
-    var a = half, b = side - half;
-    return Math.min(Math.max(a, b), Math.max(Math.min(a, b), v));
+    if (half >= side / 2) return side / 2;
+    return Math.min(side - half, Math.max(half, v));
   }
   function clampView() {
     view.z = Math.min(zMax, Math.max(zMin, view.z));
