@@ -38,8 +38,10 @@
   var neighbourMarks = [];
 
   sizeViewport();
-  Promise.all([getJson(root.getAttribute("data-index")),
-               getJson(root.getAttribute("data-labels")).catch(function () { return null; })])
+  // The labels file carries the index's geometry too, so it is the one request; the index is the fallback.
+  getJson(root.getAttribute("data-labels"))
+    .then(function (labels) { return labels.map ? [labels.map, labels] : getJson(root.getAttribute("data-index")).then(function (idx) { return [idx, labels]; }); },
+          function () { return getJson(root.getAttribute("data-index")).then(function (idx) { return [idx, null]; }); })
     .then(function (r) { start(r[0], r[1]); })
     .catch(function (e) { say("The map could not be loaded (" + e.message + ")."); });
 
@@ -56,7 +58,9 @@
     if (labels && labels.features) {
       names = labels.names || [];
       return labels.features.map(function (r) {
-        return { id: r[0], x: r[1], y: r[2], name: r[3] >= 0 ? names[r[3]] : "", label: r[4] || "",
+        var name = r[3] >= 0 ? names[r[3]] : "", label = r[4] || "";
+        if (name && label.charAt(0) === "(") label = name + " " + label;   // "(11/16)" stands for "name (11/16)"
+        return { id: r[0], x: r[1], y: r[2], name: name, label: label || name,
                  neighbours: r[5] || [], url: "features/" + r[0] + ".html" };
       });
     }

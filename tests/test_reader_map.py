@@ -30,8 +30,23 @@ def labels(tiny_build):
     (path,) = (tiny_build / "site" / "map").glob("*/labels-*.json")
     data = json.loads(path.read_text())
     names = data["names"]
-    return [{"id": r[0], "x": r[1], "y": r[2], "name": names[r[3]] if r[3] >= 0 else "", "label": r[4],
-             "neighbours": r[5]} for r in data["features"]]
+    out = []
+    for r in data["features"]:
+        name = names[r[3]] if r[3] >= 0 else ""
+        label = f"{name} {r[4]}" if name and r[4].startswith("(") else r[4]   # "(11/16)" stands for "name (11/16)"
+        out.append({"id": r[0], "x": r[1], "y": r[2], "name": name, "label": label, "neighbours": r[5]})
+    return out
+
+
+def test_the_map_page_is_light(tiny_build, labels):
+    """Under 300 KB before pictures: the page, its styles and script, and the one data file it fetches."""
+    site = tiny_build / "site"
+    (labels_path,) = (site / "map").glob("*/labels-*.json")
+    parts = [site / "map.html", site / "assets" / "site.css", site / "assets" / "map.css", site / "assets" / "map.js",
+             labels_path]
+    assert sum(p.stat().st_size for p in parts) < 300_000
+    # Each placed feature is one short row (about 70 bytes at the real scale's label lengths).
+    assert labels_path.stat().st_size < 120 * len(labels) + 2_000
 
 
 @pytest.fixture(params=sorted(VIEWPORTS))

@@ -7,8 +7,13 @@ click card need, read from the store through `SiteData` (so a relabelled store s
 new layout): each placed feature's cell, its label and its strongest co-activating neighbours. Compact on
 purpose (one array per feature, label names once), so the page stays light at thousands of placed features:
 
-    {"version": 1, "names": [label name, ...],
-     "features": [[id, x, y, name index or -1, label or "", [neighbour id, ...]], ...]}   # strongest first
+    {"version": 1, "map": {grid_side, cell_px, tile_px, full_px, levels, tile_format} (the index's geometry),
+     "names": [label name, ...],
+     "features": [[id, x, y, name index or -1, label, [neighbour id, ...]], ...]}   # strongest first
+
+where a label "<its name> (11/16)" is written "(11/16)" (map.js puts the name back): about 70 bytes a feature.
+
+The page fetches only this file (the index, with its own copy of every placed feature, stays for tools).
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import weakref
 from ..core import SiteWriter
 from ..data import SiteData
 
+# What map.js needs of the index besides the features.
+GEOMETRY_KEYS = ("grid_side", "cell_px", "tile_px", "full_px", "levels", "tile_format")
 # Neighbours a clicked cell shows (its strongest co-activating features), at most.
 N_MAP_NEIGHBOURS = 4
 # SiteData → what `map_files` put into that site (the tiles go in once per build).
@@ -68,9 +75,12 @@ def map_labels(data: SiteData, index: dict) -> dict:
             name_at[name] = len(names)
             names.append(name)
         neighbours = [int(o) for o, _ in data.coactive.get(fid, ())[:N_MAP_NEIGHBOURS]]
-        rows.append([fid, int(x), int(y), name_at[name] if name else -1, f.get("label") or entry.get("label") or "",
-                     neighbours])
-    return {"version": 1, "names": names, "features": rows}
+        label = f.get("label") or entry.get("label") or ""
+        if name and label.startswith(name + " ("):
+            label = label[len(name) + 1:]
+        rows.append([fid, int(x), int(y), name_at[name] if name else -1, label, neighbours])
+    return {"version": 1, "map": {k: index[k] for k in GEOMETRY_KEYS if k in index}, "names": names,
+            "features": rows}
 
 
 def map_context(data: SiteData) -> dict:
