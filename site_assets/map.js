@@ -333,6 +333,18 @@
   function drawMarker() {
     if (!selected) { marker.hidden = true; } else { marker.hidden = false; placeBox(marker, selected, 0); }
     neighbourMarks.forEach(function (m) { placeBox(m.el, m.f, -2); });
+    placeCard();
+  }
+  // The card sits on the side away from its cell: left or right on a wide map, top or bottom on a narrow one
+  // (a phone), so it never hides the cell it describes; the find status takes the other end.
+  function placeCard() {
+    if (!card || card.hidden || !selected) return;
+    var s = size(), p = cellOnScreen(selected.x + 0.5, selected.y + 0.5);
+    var narrow = s.w < 2.2 * card.offsetWidth;
+    var right = !narrow && p.x < s.w / 2, low = narrow && p.y < s.h / 2;
+    card.classList.toggle("at-right", right);
+    card.classList.toggle("at-bottom", low);
+    root.classList.toggle("card-low", low);
   }
 
   // --- the overview inset (navigator): the whole map, the view's rectangle; click or drag to move --------
@@ -428,7 +440,7 @@
     if (m) {
       var f = byId.get(parseInt(m[1], 10));
       if (!f) { say("Feature #" + m[1] + " is not on the map (only the strongest " + feats.length + " are)."); return; }
-      show(f, "Feature #" + f.id + (f.label ? " · " + f.label : ""));
+      show(f, "");
       return;
     }
     var ql = q.toLowerCase();
@@ -440,20 +452,27 @@
     lastHit = ql === lastQuery ? (lastHit + 1) % hits.length : 0;
     lastQuery = ql;
     var hit = hits[lastHit];
-    show(hit, "Feature #" + hit.id + " · " + hit.label + " — " + (lastHit + 1) + " of " + hits.length +
-         " matching “" + q + "”" + (hits.length > 1 ? " (Enter again for the next)" : ""));
+    show(hit, (lastHit + 1) + " of " + hits.length + " matching “" + q + "”" +
+         (hits.length > 1 ? " · Enter again for the next" : ""));
   }
-  function show(f, text) {
-    say(text);
+  // The found feature's card says which match it is (the status line is for what was not found).
+  function show(f, note) {
+    say("");
     flyTo(f);
-    openCard(f);
+    openCard(f, note);
   }
 
   // --- the card of a clicked cell: its label, its strongest co-activating neighbours, its page -----------
-  function openCard(f) {
+  function openCard(f, note) {
     if (!card) return;
     selected = f;
     card.textContent = "";
+    if (note) {
+      var noteEl = document.createElement("p");
+      noteEl.className = "map-card-note";
+      noteEl.textContent = note;
+      card.appendChild(noteEl);
+    }
     var head = document.createElement("p");
     head.className = "map-card-head";
     var strong = document.createElement("strong");
@@ -511,6 +530,7 @@
   function closeCard() {
     if (!card) return;
     card.hidden = true;
+    root.classList.remove("card-low");
     card.removeAttribute("data-feature");
     clearNeighbours();
   }
@@ -529,6 +549,7 @@
       else { moved = CLICK_SLOP + 1; pinch = pinchDistance(); }
       root.classList.add("dragging");
       hideTip();
+      say("");
     });
     root.addEventListener("pointermove", function (e) {
       var p = pointers.get(e.pointerId);

@@ -188,13 +188,17 @@ def test_find_a_feature_by_id_and_by_label(reader, site_url, index, labels):
     assert b["x"] <= marker["x"] and marker["x"] + marker["width"] <= b["x"] + b["width"] + 1
     assert b["y"] <= marker["y"] and marker["y"] + marker["height"] <= b["y"] + b["height"] + 1
     assert f"#{f['id']}" in reader.locator(".map-card").inner_text()
+    card = reader.locator(".map-card").bounding_box()
+    overlap_x = min(card["x"] + card["width"], marker["x"] + marker["width"]) - max(card["x"], marker["x"])
+    overlap_y = min(card["y"] + card["height"], marker["y"] + marker["height"]) - max(card["y"], marker["y"])
+    assert overlap_x <= 0 or overlap_y <= 0, "the card does not hide the feature it describes"
     # By label (part of it, any case): the strongest feature with that label first, the next one on Enter.
     name = next(g["name"] for g in labels if g["name"] and g["id"] != f["id"])
     query = name.split()[0].upper() if len(name.split()[0]) > 2 else name
     hits = [g for g in labels if query.lower() in g["name"].lower() or query.lower() in g["label"].lower()]
     find(reader, query, hits[0]["id"])
     assert settle(reader)["f"] == hits[0]["id"]
-    assert "of" in reader.locator(".map-status").inner_text()
+    assert f"1 of {len(hits)} matching" in reader.locator(".map-card").inner_text()
     if len(hits) > 1:
         find(reader, query, hits[1]["id"])
         assert settle(reader)["f"] == hits[1]["id"]
