@@ -554,7 +554,10 @@
     root.addEventListener("pointermove", function (e) {
       var p = pointers.get(e.pointerId);
       if (!p) {
-        if (e.pointerType === "mouse" && !(card && card.contains(e.target))) { pointer = { clientX: e.clientX, clientY: e.clientY }; hover(pointer); }
+        if (e.pointerType !== "mouse") return;
+        if (card && card.contains(e.target)) { pointer = null; hideTip(); return; }   // the card is on top
+        pointer = { clientX: e.clientX, clientY: e.clientY };
+        hover(pointer);
         return;
       }
       if (pointers.size === 1) {
