@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -219,19 +220,31 @@ def test_bad_input_is_a_user_error(tmp_path):
 
 
 def test_reset_clears_columns_and_the_map_page_copies_the_map_under_its_content_hash(tmp_path, synthetic):
+    from atlasgen.config import SiteConfig
     from atlasgen.site.assets import SiteFiles
+    from atlasgen.site.data import SiteData
     from atlasgen.site.pages.feature_map import map_context
     store = _store_with(tmp_path / "out", synthetic)
     cfg = LayoutConfig(n_map_features=30, grid_side=8, n_neighbors=10, cell_px=16, tile_px=32)
     summary = layout.run(cfg, store)
     site_dir = tmp_path / "site"
-    ctx = map_context(store, SiteFiles(store.paths.out_dir, site_dir))["map"]
+    data = SiteData(store, SiteConfig(), SiteFiles(store.paths.out_dir, site_dir))
+    ctx = map_context(data)["map"]
     assert ctx["n_placed"] == 30 and ctx["grid_side"] == 8
     tag = summary["content_hash"]
     assert ctx["index_url"] == f"map/{tag}/index.json" and ctx["tiles_url"] == f"map/{tag}/"
+    assert re.fullmatch(rf"map/{tag}/labels-[0-9a-f]{{12}}\.json", ctx["labels_url"])
     src_files = sorted(p.relative_to(store.paths.map_dir) for p in store.paths.map_dir.rglob("*") if p.is_file())
-    dst_files = sorted(p.relative_to(site_dir / "map" / tag) for p in (site_dir / "map").rglob("*") if p.is_file())
+    dst_files = sorted(p.relative_to(site_dir / "map" / tag) for p in (site_dir / "map").rglob("*")
+                       if p.is_file() and not p.name.startswith("labels-"))
     assert src_files == dst_files and len(src_files) > 3
+    # The labels file: every placed feature at its cell from the store, strongest first like the index.
+    labels = json.loads((site_dir / ctx["labels_url"]).read_text())
+    index = json.loads((store.paths.map_dir / "index.json").read_text())
+    assert [r[0] for r in labels["features"]] == [f["id"] for f in index["features"]]
+    cells = {f["feature_id"]: (f["grid_x"], f["grid_y"]) for f in store.feature_rows()}
+    assert all(cells[fid] == (x, y) for fid, x, y, *_ in labels["features"])
+    assert all(-1 <= r[3] < len(labels["names"]) and len(r[5]) <= 4 for r in labels["features"])
     layout.reset(store)
     assert store.scalar("SELECT count(*) FROM features WHERE umap_x IS NOT NULL OR grid_x IS NOT NULL") == 0
     assert (store.paths.map_dir / "index.json").exists(), "reset keeps the map until a new one is swapped in"

@@ -161,14 +161,18 @@ def bar_svg(value: float | None, max_value: float | None, cls: str = "bar") -> M
                   f'<rect class="bar-bg" width="100" height="6"/><rect width="{100 * frac:.1f}" height="6"/></svg>')
 
 
-def minimap_svg(x: int | None, y: int | None, side: int | None, size: int = 96) -> Markup:
-    """Where a feature sits on the map grid: a square with one dot."""
+def minimap_svg(x: int | None, y: int | None, side: int | None, size: int = 96, picture: str | None = None
+                ) -> Markup:
+    """Where a feature sits on the map grid: a square with one dot; with `picture` (the URL of the whole map
+    in one picture, the map's overview tile) the map is drawn behind the dot."""
     if x is None or y is None or not side:
         return Markup("")
     cx, cy = (x + 0.5) * size / side, (y + 0.5) * size / side
+    image = (f'<image class="minimap-map" href="{escape(picture)}" width="{size}" height="{size}" '
+             'preserveAspectRatio="none"/>' if picture else "")
     return Markup(svg_open("minimap", size, size, f"map cell {x}, {y}")
-                  + f'<rect class="minimap-bg" width="{size}" height="{size}"/>'
-                  f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{max(2.5, size / side / 2):.1f}"/></svg>')
+                  + f'<rect class="minimap-bg" width="{size}" height="{size}"/>' + image
+                  + f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{max(2.5, size / side / 2):.1f}"/></svg>')
 
 
 # --- probe sweeps ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from ...progress import bar
 from ..core import SiteWriter
 from ..data import SiteData
+from .feature_map import map_overview_url
 
 
 # Example images from lower activation ranges, beside the top images (as Anthropic's and Neuronpedia's feature
@@ -68,7 +69,8 @@ def _feature_page_context(data: SiteData, index: int, sums: list[dict]) -> dict:
     next_id = data.features[index + 1]["feature_id"] if index + 1 < len(data.features) else None
     return {"f": f, "renders": renders, "top": top, "similar": similar, "coactive": coactive, "combos": combos,
             "probes": data.probes_of.get(fid, []), "prev_id": prev_id, "next_id": next_id,
-            "on_map": f["grid_x"] is not None, "picture": data.best.get(fid), "map_side": data.map_side}
+            "on_map": f["grid_x"] is not None, "picture": data.best.get(fid), "map_side": data.map_side,
+            "map_overview": map_overview_url(data)}
 
 
 def write_feature_pages(writer: SiteWriter, data: SiteData) -> None:
