@@ -23,24 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from atlasgen.site.hosting import HOST_LIMITS, check_host_limits, site_figures  # noqa: E402,F401
 from atlasgen.testing import make_synthetic_store  # noqa: E402
-
-MiB = 1 << 20
-# What static hosts serve (checked 2026-11): (host, what, limit, measure). `measure` names a figure of
-# `site_figures`. Sources: Cloudflare Pages limits (developers.cloudflare.com/pages/platform/limits: Free plan
-# 20,000 files per site, 100,000 on paid plans since 2026-01; 25 MiB per file); Netlify (docs.netlify.com/site-deploys/overview:
-# no limit on files per deploy, 54,000 files per directory; "files over 10 MB are not well supported by our
-# CDN" in its build notes); GitHub Pages (published site at most 1 GB; git refuses files over 100 MiB).
-HOST_LIMITS = (
-    ("Cloudflare Pages (Free)", "files per site", 20_000, "n_files"),
-    ("Cloudflare Pages (paid)", "files per site", 100_000, "n_files"),
-    ("Cloudflare Pages", "bytes per file", 25 * MiB, "largest_bytes"),
-    ("Netlify", "files per directory", 54_000, "fullest_dir_files"),
-    ("Netlify", "bytes per file (CDN upload)", 10 * 1000 * 1000, "largest_bytes"),
-    ("GitHub Pages", "bytes in the site", 1000 * 1000 * 1000, "total_bytes"),
-    ("GitHub Pages", "bytes per file", 100 * MiB, "largest_bytes"),
-)
-
 
 def _baseline_write(n_files: int, total_bytes: int, folder: Path) -> float:
     """Seconds to write n_files files of total_bytes in plain Python: the floor for any generator."""
@@ -60,34 +44,6 @@ def _dir_size(folder: Path) -> tuple[int, int]:
             n += 1
             size += os.path.getsize(os.path.join(root, name))
     return n, size
-
-
-def site_figures(folder: Path) -> dict:
-    """Every file under `folder`: count, total bytes, the largest file and the fullest directory."""
-    n, total, largest, largest_path, fullest, fullest_dir = 0, 0, 0, "", 0, ""
-    by_top: dict[str, int] = {}
-    sizes: list[tuple[int, str]] = []
-    for root, _, files in os.walk(folder):
-        if len(files) > fullest:
-            fullest, fullest_dir = len(files), os.path.relpath(root, folder)
-        top = Path(os.path.relpath(root, folder)).parts[:1]
-        key = f"{top[0]}/" if top and top[0] != "." else "(top level)"
-        by_top[key] = by_top.get(key, 0) + len(files)
-        for name in files:
-            size = os.path.getsize(os.path.join(root, name))
-            n, total = n + 1, total + size
-            sizes.append((size, os.path.relpath(os.path.join(root, name), folder)))
-            if size > largest:
-                largest, largest_path = size, os.path.relpath(os.path.join(root, name), folder)
-    return {"n_files": n, "total_bytes": total, "largest_bytes": largest, "largest_path": largest_path,
-            "fullest_dir_files": fullest, "fullest_dir": fullest_dir,
-            "files_by_folder": dict(sorted(by_top.items(), key=lambda kv: -kv[1])),
-            "largest_files": sorted(sizes, reverse=True)[:5]}
-
-
-def check_host_limits(figures: dict) -> list[tuple[str, str, int, int, bool]]:
-    """(host, what, limit, measured, ok) for every limit in HOST_LIMITS."""
-    return [(host, what, limit, figures[key], figures[key] <= limit) for host, what, limit, key in HOST_LIMITS]
 
 
 def place_on_map(store, n_map: int) -> dict:

@@ -492,3 +492,19 @@ def test_tiny_build_site_crawls_clean(tiny_build):
         fid = store.scalar("SELECT feature_a FROM renders WHERE kind = 'feature' LIMIT 1")
     assert len(list((site_dir / "features").glob("[0-9]*.html"))) == n_features
     assert "<img" in (site_dir / "features" / f"{fid}.html").read_text()
+
+
+def test_hosting_notes_name_the_limit_the_file_and_the_fix(tmp_path):
+    """The site stage says which static-host limits a site is over (here a 30 MiB engine file, written sparse)."""
+    from atlasgen.site.hosting import hosting_notes
+    (tmp_path / "index.html").write_text("<p>hi</p>")
+    assert hosting_notes(tmp_path)[1] == []
+    engine = tmp_path / "assets" / "duckdb" / "duckdb-eh.wasm"
+    engine.parent.mkdir(parents=True)
+    with open(engine, "wb") as f:
+        f.truncate(30 << 20)
+    figures, notes = hosting_notes(tmp_path)
+    assert figures["largest_path"].endswith("duckdb-eh.wasm") and figures["n_files"] == 2
+    assert any("Cloudflare Pages" in n and "duckdb-eh.wasm" in n and "sql = false" in n
+               for n in notes), notes
+    assert not any("GitHub Pages" in n for n in notes)  # 30 MiB is within its 100 MiB per file

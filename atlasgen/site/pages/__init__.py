@@ -17,6 +17,8 @@ from ..assets import SiteFiles
 from ..core import SiteWriter, make_env
 from .. import query
 from ..data import SiteData
+from ..hosting import hosting_notes
+from ...progress import say
 from .combinations import write_combinations
 from .decompositions import write_decompositions
 from .feature_map import write_map
@@ -101,7 +103,13 @@ def build(cfg: SiteConfig, store, site_dir: Path) -> dict:
     if cfg.search_index:
         index_search(site_dir)
     t_search = time.perf_counter() - t0 - t_pages
-    return {"n_pages": writer.n_pages, "n_feature_pages": len(data.features), "n_pictures": files.n_pictures,
+    # What a static host will take: one line per limit the site is over (e.g. the Query page's engine is
+    # larger than Cloudflare Pages' 25 MiB per file), so a reader learns it before a deploy fails.
+    figures, host_notes = hosting_notes(site_dir)
+    for line in host_notes:
+        say(line)
+    return {"n_files": figures["n_files"], "total_bytes": figures["total_bytes"], "host_limits_over": len(host_notes),
+            "n_pages": writer.n_pages, "n_feature_pages": len(data.features), "n_pictures": files.n_pictures,
             "n_missing_pictures": files.n_missing, "n_copied_pictures": files.n_copied,
             "seconds_data": round(t_data, 2), "seconds_pages": round(t_pages, 2),
             "seconds_search": round(t_search, 2), "search_index": cfg.search_index, **query_summary}
