@@ -396,6 +396,17 @@ def main() -> None:
                 ratio = (r["main_bytes"] + r["workers_bytes"]) / max(s["main_bytes"] + s["workers_bytes"], 1)
                 print(f"peak memory (a fresh process per run), {name}: {n_small} images {_mem(s)}; {n_images} images "
                       f"{_mem(r)} (×{ratio:.2f} for ×{n_images / n_small:.1f} images){gpu}", flush=True)
+        for name, r in best.items():
+            # wall = fixed + n / steady, read off the two sizes: how much of the end-to-end rate is start-up
+            # (model load, first device calls, workers, the first batch) and what a large corpus would reach.
+            s = small.get(name)
+            if s is None or n_images <= n_small or r["wall_s"] <= s["wall_s"]:
+                continue
+            steady = (n_images - n_small) / (r["wall_s"] - s["wall_s"])
+            fixed = s["wall_s"] - n_small / steady
+            print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady "
+                  f"({steady / ceiling:.0%} of the ceiling); at 50,000 images ~{50_000 / (fixed + 50_000 / steady):,.0f} "
+                  f"img/s end to end (an estimate from two measured points)", flush=True)
         if len(best) == 2:
             a, b = best["today's path"]["emb"], best["new path"]["emb"]
             if a.shape == b.shape:
