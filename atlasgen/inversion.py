@@ -598,7 +598,10 @@ class _Run:
         st = self.st
         live = [k for k in range(self.n_slots) if self.slot_live[k]]
         if self.ready is not None:
-            self._keep_passing([k for k in live if self.slot_steps[k] > 0])
+            # Only a best picture that beats the kept passing one can change it (this also skips slots whose
+            # best has not moved since it passed).
+            improved = (self.best_cos > self.pass_cos).cpu()
+            self._keep_passing([k for k in live if self.slot_steps[k] > 0 and improved[k]])
         done = [k for k in live if self.slot_steps[k] >= self.n_max]
         if st.stops_early:
             check = [k for k in live if k not in done and self.slot_steps[k] >= st.min_steps]
@@ -623,16 +626,17 @@ class _Run:
 
     @torch.no_grad()
     def _keep_passing(self, slots: list[int]) -> None:
-        """Test the best picture so far of `slots` with `ready`; keep it as the slot's best passing picture
-        when it passes and beats the one kept (one model pass over the slots per check: ~1 % of the steps)."""
+        """Test the best picture so far of `slots` (each better than its kept passing picture) with `ready`,
+        and keep those that pass as the slots' best passing pictures (at most one model pass over the slots
+        per check: ~1 % of the steps)."""
         if not slots:
             return
         idx = torch.tensor(slots, dtype=torch.long, device=self.dev)
-        best_img, best_cos = self.best_img.index_select(0, idx), self.best_cos.index_select(0, idx)
+        best_img = self.best_img.index_select(0, idx)
         ok = self.ready(self._embed(best_img), [self.slot_target[k] for k in slots]).to(self.dev)
-        take = ok & (best_cos > self.pass_cos.index_select(0, idx))
-        self.pass_cos.index_copy_(0, idx, torch.where(take, best_cos, self.pass_cos.index_select(0, idx)))
-        self.pass_img.index_copy_(0, idx, torch.where(take.view(-1, 1, 1, 1), best_img, self.pass_img.index_select(0, idx)))
+        self.pass_cos.index_copy_(0, idx, torch.where(ok, self.best_cos.index_select(0, idx),
+                                                      self.pass_cos.index_select(0, idx)))
+        self.pass_img.index_copy_(0, idx, torch.where(ok.view(-1, 1, 1, 1), best_img, self.pass_img.index_select(0, idx)))
 
     @torch.no_grad()
     def _finish(self, slots: list[int]) -> None:
@@ -655,8 +659,8 @@ class _Run:
         score_cm = cos_cm.float().clone()
         if self.ready is not None:
             targets = [self.slot_target[k] for k in slots]
-            for c in range(n_c):
-                score_cm[c] += 2.0 * self.ready(emb_cmd[c], targets).to(dev).float()
+            ok_cm = self.ready(emb_cmd.reshape(n_c * m, -1), targets * n_c).to(dev).view(n_c, m)
+            score_cm += 2.0 * ok_cm.float()
         score_cm = torch.where(torch.stack(valid), score_cm, torch.full_like(score_cm, float("-inf")))
         pick_m = score_cm.argmax(dim=0)
         ar = torch.arange(m, device=dev)
