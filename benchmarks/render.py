@@ -166,10 +166,8 @@ def own_first_and_cosine(bench: Bench, images_n3hw: torch.Tensor, idx: list[int]
     model, dev = bench.model, bench.device
     emb = torch.cat([model(images_n3hw[lo:lo + 256].to(dev)) for lo in range(0, len(idx), 256)])
     cos = cosine_to_targets(emb, bench.dirs_nd[idx].to(dev), bench.centres_nd[idx].to(dev))
-    acts = bench.sae.encode_embeddings(emb)
-    own = torch.tensor([bench.feature_ids[i] for i in idx], device=dev)
-    first = acts.argmax(dim=1) == own
-    first &= acts.gather(1, own[:, None])[:, 0] > 0
+    # The render stage's own test (`RenderConfig.prefer_own_first`), so the benchmark scores what it keeps.
+    first = own_first_test(bench.sae, [bench.feature_ids[i] for i in idx], dev)(emb, list(range(len(idx))))
     return cos.float().cpu(), first.cpu()
 
 
