@@ -5,10 +5,9 @@ SCHEMA_VERSION on any incompatible change.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -422,7 +421,7 @@ class Store:
         try:
             yield
         except BaseException:
-            with contextlib.suppress(Exception):
+            with suppress(Exception):
                 self.con.unregister(name)
             raise
         self.con.unregister(name)

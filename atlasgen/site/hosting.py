@@ -2,6 +2,7 @@
 limit a site is over, in its summary too) and by `benchmarks/site.py`."""
 from __future__ import annotations
 
+import heapq
 import os
 from pathlib import Path
 
@@ -24,25 +25,24 @@ HOST_LIMITS = (
 
 def site_figures(folder: Path) -> dict:
     """Every file under `folder`: count, total bytes, the largest file and the fullest directory."""
-    n, total, largest, largest_path, fullest, fullest_dir = 0, 0, 0, "", 0, ""
+    fullest, fullest_dir = 0, ""
     by_top: dict[str, int] = {}
     sizes: list[tuple[int, str]] = []
     for root, _, files in os.walk(folder):
+        rel_root = os.path.relpath(root, folder)
         if len(files) > fullest:
-            fullest, fullest_dir = len(files), os.path.relpath(root, folder)
-        top = Path(os.path.relpath(root, folder)).parts[:1]
+            fullest, fullest_dir = len(files), rel_root
+        top = Path(rel_root).parts[:1]
         key = f"{top[0]}/" if top and top[0] != "." else "(top level)"
         by_top[key] = by_top.get(key, 0) + len(files)
-        for name in files:
-            size = os.path.getsize(os.path.join(root, name))
-            n, total = n + 1, total + size
-            sizes.append((size, os.path.relpath(os.path.join(root, name), folder)))
-            if size > largest:
-                largest, largest_path = size, os.path.relpath(os.path.join(root, name), folder)
-    return {"n_files": n, "total_bytes": total, "largest_bytes": largest, "largest_path": largest_path,
+        sizes += [(os.path.getsize(os.path.join(root, name)), os.path.normpath(os.path.join(rel_root, name)))
+                  for name in files]
+    largest = heapq.nlargest(5, sizes)
+    return {"n_files": len(sizes), "total_bytes": sum(size for size, _ in sizes),
+            "largest_bytes": largest[0][0] if largest else 0, "largest_path": largest[0][1] if largest else "",
             "fullest_dir_files": fullest, "fullest_dir": fullest_dir,
             "files_by_folder": dict(sorted(by_top.items(), key=lambda kv: -kv[1])),
-            "largest_files": sorted(sizes, reverse=True)[:5]}
+            "largest_files": largest}
 
 
 def check_host_limits(figures: dict) -> list[tuple[str, str, int, int, bool]]:
@@ -53,14 +53,13 @@ def check_host_limits(figures: dict) -> list[tuple[str, str, int, int, bool]]:
 def hosting_notes(site_dir: Path) -> tuple[dict, list[str]]:
     """(figures, one line per host limit the site is over, naming the file or folder and what to do)."""
     figures = site_figures(site_dir)
+    where = {"largest_bytes": f" ({figures['largest_path']})", "fullest_dir_files": f" ({figures['fullest_dir']}/)"}
     notes = []
-    for host, what, limit, measured, ok in check_host_limits(figures):
-        if ok:
+    for host, what, limit, key in HOST_LIMITS:
+        if figures[key] <= limit:
             continue
-        where = {"largest_bytes": f" ({figures['largest_path']})", "fullest_dir_files": f" ({figures['fullest_dir']}/)"}
-        key = next(k for h, w, _, k in HOST_LIMITS if (h, w) == (host, what))
         hint = ("the Query page's engine: `[site] sql = false` leaves it out"
-                if "duckdb" in figures["largest_path"] and key == "largest_bytes" else
+                if key == "largest_bytes" and "duckdb" in figures["largest_path"] else
                 "fewer seeds or features (`[render] n_seeds`, `features`), or another host")
-        notes.append(f"site: over {host}'s {what}: {measured:,} > {limit:,}{where.get(key, '')}; {hint}")
+        notes.append(f"site: over {host}'s {what}: {figures[key]:,} > {limit:,}{where.get(key, '')}; {hint}")
     return figures, notes
