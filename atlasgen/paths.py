@@ -40,7 +40,7 @@ class BuildPaths:
         return self.out_dir / "corpus"
 
     def corpus_image(self, image_id: int) -> Path:
-        return self.corpus_dir / f"{image_id:08d}.jpg"
+        return self.out_dir / corpus_rel(image_id)
 
     @property
     def tiny_source_dir(self) -> Path:
@@ -297,3 +297,8 @@ def duckdb_wasm_modules() -> Path | None:
         if candidate and (Path(candidate) / "@duckdb" / "duckdb-wasm" / "package.json").is_file():
             return Path(candidate)
     return None
+
+
+def corpus_rel(image_id: int) -> str:
+    """An image's corpus copy relative to the output folder, as `images.corpus_path` records it."""
+    return f"corpus/{image_id:08d}.jpg"

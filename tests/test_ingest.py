@@ -3,6 +3,7 @@ labels come from class folders or an ImageNet-val labels file, an offline hub da
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -383,3 +384,34 @@ def _ingest_closed(out_dir: Path, source: str, **ingest_overrides) -> dict:
     store, summary = _ingest(out_dir, source, **ingest_overrides)
     store.close()
     return summary
+
+
+def test_listing_keeps_the_sorted_path_order_and_leaves_out_our_label_files(tmp_path):
+    """Image ids follow the order of the files' path parts (what sorting Paths gave before the listing worked
+    on strings); hidden and OS files are never listed; the label files inside the folder are neither inputs nor
+    skips; the first folder level is the label."""
+    folder = tmp_path / "data"
+    names = ["a/x.jpg", "a-b/y.jpg", "a.b/z.JPG", "A/q.png", "a/B.jpg", "a/b.jpg", "a/b/c.jpg", "a/b c/d.jpeg",
+             "a/b/.h.jpg", ".hidden/x.jpg", "a/Thumbs.db", "top.jpg", "Top.jpg", "10.jpg", "9.jpg", "é.jpg",
+             "notes.", "README", "labels.txt"]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    reference = sorted(Path(root) / f for root, dirs, files in os.walk(folder)
+                       for f in files if not (f.startswith(".") or f == "Thumbs.db" or ".hidden" in root))
+    cfg = load_config("tiny", overrides={"ingest": {"label_names_file": str(folder / "labels.txt")}}).ingest
+    (folder / "labels.txt").write_text("a apple\n")
+    cands, skipped = ingest.folder_candidates(folder, cfg)
+    images = [p for p in reference if p.suffix.lower() in ingest.IMAGE_EXTENSIONS]
+    assert [c.read for c in cands] == images and [c.source for c in cands] == [str(p) for p in images]
+    # 10.jpg, 9.jpg, A/q.png, Top.jpg, a/B.jpg
+    assert [c.label for c in cands][:5] == [None, None, "A", None, "apple"]
+    assert skipped == [(str(folder / "README"), "not an image file (extension none)"),
+                       (str(folder / "notes."), "not an image file (extension none)")]
+
+
+def test_ingest_summary_timeline_is_in_order(tmp_path):
+    summary = _ingest_closed(tmp_path / "out", "tiny", n_tiny_images=12)
+    timeline = summary["timeline_s"]
+    keys = ["listed", "first_result", "read", "done"]
+    assert list(timeline) == keys and all(0 <= timeline[a] <= timeline[b] for a, b in zip(keys, keys[1:])), timeline

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .. import hub, tinyset
 from ..config import IngestConfig
 from ..errors import AtlasError, DataLoadError
+from ..paths import corpus_rel
 from ..progress import bar, say
-from ..store import Store
+from ..store import Store, arrow_column
 from ..workers import WorkerPool, ordered_map, resolve_n_workers
 from .base import Stage
 
@@ -178,13 +180,25 @@ def _is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_NAMES
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    """Every non-hidden file below `folder`, in sorted order (hidden folders are not entered)."""
-    out = []
-    for root, dirs, files in os.walk(folder):
+def _suffix(rel: str) -> str:
+    """Path(rel).suffix without building the Path."""
+    name = rel.rsplit("/", 1)[-1]
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
+def _walk_files(folder: Path) -> list[str]:
+    """Every non-hidden file below `folder` as a posix path relative to it, in the order of its path's parts
+    (what sorting the Paths gave; image ids follow it). Hidden folders are not entered. Strings, not Paths: a
+    million-image folder is listed in seconds, not minutes."""
+    out: list[tuple[list[str], str]] = []
+    top = os.fspath(folder)
+    for root, dirs, files in os.walk(top):
         dirs[:] = sorted(d for d in dirs if not _is_ignored(d))
-        out.extend(Path(root) / f for f in sorted(files) if not _is_ignored(f))
-    return sorted(out)
+        prefix = "" if root == top else os.path.relpath(root, top).replace(os.sep, "/") + "/"
+        out.extend((prefix + f).split("/") for f in files if not _is_ignored(f))
+    out.sort()
+    return ["/".join(parts) for parts in out]
 
 
 def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[Path], str] | None = None
@@ -197,21 +211,24 @@ def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[Pa
     name = source_name or (lambda p: str(p))
     own_files = {Path(f).resolve() for f in (cfg.labels_file, cfg.label_names_file) if f}
     skipped: list[tuple[str, str]] = []
-    images: list[Path] = []
-    for path in _walk_files(folder):
-        if path.resolve() in own_files:
+    images: list[tuple[str, Path]] = []  # (path relative to the folder, path)
+    for rel in _walk_files(folder):
+        path = folder / rel
+        suffix = _suffix(rel)
+        # Our own label files are never inputs; only a file that is not an image could be one, so only those
+        # are resolved (a resolve per image would cost more than the listing).
+        if own_files and suffix.lower() not in IMAGE_EXTENSIONS and path.resolve() in own_files:
             continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(path)
+        if suffix.lower() in IMAGE_EXTENSIONS:
+            images.append((rel, path))
         else:
-            skipped.append((name(path), f"not an image file (extension {path.suffix or 'none'})"))
+            skipped.append((name(path), f"not an image file (extension {suffix or 'none'})"))
     names = read_label_names(Path(cfg.label_names_file)) if cfg.label_names_file else {}
     if cfg.labels_file:
-        labels = _labels_from_file(Path(cfg.labels_file), [p for p in images if p.parent == folder])
-        rows = [(p, labels.get(p)) for p in images]
+        labels = _labels_from_file(Path(cfg.labels_file), [p for rel, p in images if "/" not in rel])
+        rows = [(p, labels.get(p)) for _, p in images]
     else:
-        rows = [(p, p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None)
-                for p in images]
+        rows = [(p, rel.split("/", 1)[0] if "/" in rel else None) for rel, p in images]
     candidates = [Candidate(name(p), names.get(label, label) if label is not None else None, p) for p, label in rows]
     return candidates, skipped
 
@@ -383,7 +400,9 @@ MAX_TASK_SIZE = 16                      # inputs per worker task
 def run(cfg: IngestConfig, store: Store) -> dict:
     assert cfg.corpus_side >= 16, f"ingest.corpus_side must be ≥ 16, got {cfg.corpus_side}"
     assert cfg.max_pixels > 0, f"ingest.max_pixels must be > 0, got {cfg.max_pixels}"
+    t0 = time.perf_counter()
     candidates, skipped, description = candidates_for(cfg, store)
+    timeline_s = {"listed": time.perf_counter() - t0}  # seconds from the start; a streamed dataset lists lazily
     say(f"ingest: reading {description}")
     total = len(candidates) if isinstance(candidates, list) else None
     if total is not None and cfg.limit:
@@ -407,10 +426,12 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         with _Journal(corpus_dir / JOURNAL_NAME) as journal, bar(total=total, desc="ingest", unit="img") as progress:
             rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit)
             if not (cfg.limit and len(rows["image_id"]) >= cfg.limit):
-                _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total)
+                _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total,
+                          on_first=lambda: timeline_s.setdefault("first_result", time.perf_counter() - t0))
             n_resumed, stale_ids = journal.n_resumed, journal.max_image_id
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
+    timeline_s["read"] = time.perf_counter() - t0
     n_labels = commit_images(store, rows, skipped)
     n_images = len(rows["image_id"])
     # Committed: the journal has done its job; copies an earlier, longer run left beyond the last id go too.
@@ -425,8 +446,10 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         say(f"ingest: skipped {source}: {reason}")
     if len(skipped) > 5:
         say(f"ingest: ... and {len(skipped) - 5} more skipped inputs")
+    timeline_s["done"] = time.perf_counter() - t0
     return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": n_labels, "source": cfg.source,
-            "n_resumed": n_resumed, "n_workers": n_workers}
+            "n_resumed": n_resumed, "n_workers": n_workers,
+            "timeline_s": {k: round(v, 3) for k, v in timeline_s.items()}}
 
 
 def commit_images(store: Store, rows: dict[str, list], skipped: list[tuple[str, str]]) -> int:
@@ -436,28 +459,29 @@ def commit_images(store: Store, rows: dict[str, list], skipped: list[tuple[str, 
     # Labels are numbered in sorted name order (for a Hugging Face dataset too, so ids never depend on it).
     label_ids = {name: i for i, name in enumerate(sorted({l for l in rows["label"] if l is not None}))}
     rows["label_id"] = [label_ids[l] if l is not None else None for l in rows["label"]]
-    store.replace_images({
-        "image_id": pa.array(rows["image_id"], pa.int32()), "source": pa.array(rows["source"], pa.string()),
-        "label": pa.array(rows["label"], pa.string()), "label_id": pa.array(rows["label_id"], pa.int32()),
-        "width": pa.array(rows["width"], pa.int32()), "height": pa.array(rows["height"], pa.int32()),
-        "corpus_path": pa.array(rows["corpus_path"], pa.string())}, skipped, STAGE)
+    types = {"image_id": pa.int32(), "source": pa.string(), "label": pa.string(), "label_id": pa.int32(),
+             "width": pa.int32(), "height": pa.int32(), "corpus_path": pa.string()}
+    store.replace_images({name: arrow_column(rows[name], arrow_type) for name, arrow_type in types.items()},
+                         skipped, STAGE)
     return len(label_ids)
 
 
 def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str, list],
               skipped: list[tuple[str, str]], store: Store, journal: "_Journal", progress, n_workers: int,
-              total: int | None) -> None:
+              total: int | None, on_first: Callable[[], object] = lambda: None) -> None:
     """Decode and write corpus copies in worker processes, tasks of a few inputs each and a bounded number in
     flight; here, in input order, give each accepted copy its id (a rename), collect the table rows and
-    journal what was done."""
+    journal what was done. `on_first()` when the first task's results are in."""
     incoming_dir = store.paths.corpus_dir / INCOMING_NAME
-    out_dir = store.paths.out_dir
+    # Plain strings in the per-image loop: this process does it for every image while the workers decode.
+    incoming_prefix, out_prefix = os.fspath(incoming_dir) + os.sep, os.fspath(store.paths.out_dir) + os.sep
     task_size = MAX_TASK_SIZE if total is None else max(1, min(MAX_TASK_SIZE, total // (4 * n_workers)))
     work = functools.partial(_decode_task, incoming_dir=str(incoming_dir), max_pixels=cfg.max_pixels,
                              corpus_side=cfg.corpus_side)
     with WorkerPool(work, n_workers, "ingest") as pool:
         for metas, results in ordered_map(pool, _tasks(candidates, journal.next_index, task_size),
                                           window=4 * n_workers):
+            on_first()
             lines = []
             for cand, (index, width, height, stat, reason) in zip(metas, results):
                 if reason is not None:
@@ -465,16 +489,15 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
                     lines.append(_Journal.line(index, cand.source, stat, None, 0, 0, reason))
                 else:
                     image_id = len(rows["image_id"])
-                    corpus_path = store.paths.corpus_image(image_id)
-                    os.replace(incoming_dir / f"{index}.jpg", corpus_path)
+                    corpus_path = corpus_rel(image_id)
+                    os.replace(f"{incoming_prefix}{index}.jpg", out_prefix + corpus_path)
                     for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
-                                       ("width", width), ("height", height),
-                                       ("corpus_path", corpus_path.relative_to(out_dir).as_posix())):
+                                       ("width", width), ("height", height), ("corpus_path", corpus_path)):
                         rows[key].append(value)
                     lines.append(_Journal.line(index, cand.source, stat, image_id, width, height, None))
-                progress.update(1)
                 if cfg.limit and len(rows["image_id"]) >= cfg.limit:
                     break
+            progress.update(len(lines))
             journal.append(lines)
             if cfg.limit and len(rows["image_id"]) >= cfg.limit:
                 break
@@ -583,7 +606,7 @@ class _Journal:
             if reason is not None:
                 skipped.append((cand.source, reason))
             else:
-                corpus_path = store.paths.corpus_image(image_id).relative_to(store.paths.out_dir).as_posix()
+                corpus_path = corpus_rel(image_id)
                 for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
                                    ("width", width), ("height", height), ("corpus_path", corpus_path)):
                     rows[key].append(value)
