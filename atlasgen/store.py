@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,6 +17,83 @@ import numpy as np
 
 from .errors import AtlasError, StoreDamagedError, StoreLockedError, StoreVersionError
 from .paths import BuildPaths
+
+def arrow_column(values: Any, arrow_type: Any = None) -> Any:
+    """A numpy array or list → a pyarrow Array, built from buffers where it can. Why: pyarrow's `pa.array`
+    imports pandas on its first call (to check for pandas objects), ~0.3–0.5 s of import holding the GIL; in
+    `atlasgen embed` that landed in the writer thread's first commit, stalling the thread that feeds the GPU.
+    Handled here: 1-D numeric/bool numpy arrays, and lists of str, int, float or bool with None for nulls (a
+    datetime list too). Anything else (lists of lists, ...) goes to `pa.array`."""
+    import pyarrow as pa
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values if arrow_type is None or values.type == arrow_type else values.cast(arrow_type)
+    if isinstance(values, np.ndarray):
+        if values.ndim == 1 and values.dtype.kind in "iufb":
+            return _numpy_to_arrow(values, None, arrow_type)
+        return pa.array(values, arrow_type)
+    values = list(values)
+    kinds = {type(v) for v in values if v is not None}
+    if not kinds and arrow_type is not None:  # empty, or all null
+        return pa.nulls(len(values), arrow_type)
+    if kinds == {str} and (arrow_type is None or arrow_type == pa.string()):
+        encoded = [b"" if v is None else v.encode("utf-8") for v in values]
+        offsets = np.zeros(len(values) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+        if offsets[-1] >= 2 ** 31:
+            return pa.array(values, pa.string())
+        return pa.Array.from_buffers(pa.string(), len(values),
+                                     [_validity(values), pa.py_buffer(offsets.astype(np.int32)),
+                                      pa.py_buffer(b"".join(encoded))])
+    if kinds and kinds <= {int, float, bool, np.int32, np.int64, np.float32, np.float64, np.bool_}:
+        valid = np.fromiter((v is not None for v in values), bool, len(values))
+        filler = False if kinds <= {bool, np.bool_} else 0
+        filled = np.asarray([filler if v is None else v for v in values])
+        if filled.dtype.kind not in "iufb" or (filled.dtype.kind == "f" and arrow_type is not None
+                                                 and not pa.types.is_floating(arrow_type)):
+            return pa.array(values, arrow_type)  # e.g. ints beyond int64, or floats for an integer column
+        return _numpy_to_arrow(filled, None if valid.all() else valid, arrow_type)
+    if kinds == {datetime} and arrow_type is not None and pa.types.is_timestamp(arrow_type) and arrow_type.unit == "us"\
+            and arrow_type.tz is None:
+        micros = np.asarray([0 if v is None else _naive_micros(v) for v in values], np.int64)
+        return pa.Array.from_buffers(arrow_type, len(values), [_validity(values), pa.py_buffer(micros)])
+    return pa.array(values, arrow_type)
+
+
+_NUMPY_OF_ARROW = {"int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64, "uint8": np.uint8,
+                   "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "float": np.float32,
+                   "double": np.float64, "bool": np.bool_}
+
+
+def _numpy_to_arrow(values: np.ndarray, valid: np.ndarray | None, arrow_type: Any) -> Any:
+    import pyarrow as pa
+    arrow_type = arrow_type or pa.from_numpy_dtype(values.dtype)
+    np_type = _NUMPY_OF_ARROW.get(str(arrow_type))
+    if np_type is None:  # e.g. a timestamp or decimal target: let pyarrow convert
+        return pa.array(values, arrow_type, mask=None if valid is None else ~valid)
+    if np_type is np.bool_:
+        data = pa.py_buffer(np.packbits(np.asarray(values, bool), bitorder="little"))
+    else:
+        cast = values.astype(np_type, copy=False)
+        if cast.dtype.kind in "iu" and values.dtype.kind in "iu" and not np.array_equal(cast, values):
+            raise OverflowError(f"values do not fit {arrow_type}")
+        data = pa.py_buffer(np.ascontiguousarray(cast))
+    bitmap = None if valid is None else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(arrow_type, len(values), [bitmap, data])
+
+
+def _validity(values: list) -> Any:
+    import pyarrow as pa
+    if all(v is not None for v in values):
+        return None
+    return pa.py_buffer(np.packbits(np.fromiter((v is not None for v in values), bool, len(values)),
+                                    bitorder="little"))
+
+
+def _naive_micros(value: datetime) -> int:
+    """A naive datetime (as `now()` makes them) → microseconds since the epoch, as Arrow's timestamp[us]."""
+    assert value.tzinfo is None, "timestamps in the store are naive UTC"
+    return (value - datetime(1970, 1, 1)) // timedelta(microseconds=1)
+
 
 # 2: features split into feature_stats (encode) + feature_map (layout) behind a `features` view;
 #    stage_runs.error; the SAE run a stage used is in its summary.
@@ -406,10 +483,10 @@ class Store:
         import pyarrow as pa
         emb_nd = np.ascontiguousarray(emb_nd, dtype=np.float32)
         dim = emb_nd.shape[1]
-        values = pa.array(emb_nd.reshape(-1))
-        offsets = pa.array(np.arange(0, (len(emb_nd) + 1) * dim, dim, dtype=np.int32))
-        batch = pa.table({"image_id": pa.array(np.asarray(image_ids, dtype=np.int32)),
-                          "embedding": pa.ListArray.from_arrays(offsets, values)})
+        offsets = arrow_column(np.arange(0, (len(emb_nd) + 1) * dim, dim, dtype=np.int32))
+        batch = pa.Table.from_arrays([arrow_column(np.asarray(image_ids), pa.int32()),
+                                      pa.ListArray.from_arrays(offsets, arrow_column(emb_nd.reshape(-1)))],
+                                     names=["image_id", "embedding"])
         with self._registered("_emb_batch", batch):
             self.con.execute("INSERT INTO embeddings SELECT image_id, embedding FROM _emb_batch")
 
@@ -429,7 +506,7 @@ class Store:
     def insert_frame(self, table: str, columns: dict[str, Any]) -> None:
         """Bulk insert columns (name → numpy array or list) into `table`, by column name."""
         import pyarrow as pa
-        arrow = pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in columns.items()})
+        arrow = pa.Table.from_arrays([arrow_column(v) for v in columns.values()], names=list(columns))
         with self._registered("_frame", arrow):
             cols = ", ".join(columns)
             self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _frame")
@@ -486,9 +563,10 @@ class Store:
         if skipped:
             stamp = now()
             self.insert_frame("skipped_inputs", {
-                "source": pa.array([s for s, _ in skipped], pa.string()), "stage": pa.array([stage] * len(skipped)),
-                "reason": pa.array([r for _, r in skipped], pa.string()),
-                "skipped_at": pa.array([stamp] * len(skipped), pa.timestamp("us"))})
+                "source": arrow_column([s for s, _ in skipped], pa.string()),
+                "stage": arrow_column([stage] * len(skipped), pa.string()),
+                "reason": arrow_column([r for _, r in skipped], pa.string()),
+                "skipped_at": arrow_column([stamp] * len(skipped), pa.timestamp("us"))})
 
     def corpus_paths(self) -> dict[int, str]:
         """image_id → its normalised corpus copy, relative to the output folder."""
@@ -758,7 +836,7 @@ class Store:
                  "self_rank": pa.int32(), "created_at": pa.timestamp("us")}
         with self.transaction():
             self.con.execute("DELETE FROM renders WHERE render_id IN (SELECT unnest(?))", [columns["render_id"]])
-            self.insert_frame("renders", {k: pa.array(v, type=types.get(k)) for k, v in columns.items()})
+            self.insert_frame("renders", {k: arrow_column(v, types.get(k)) for k, v in columns.items()})
     # --- query and export (the store as a product) ---------------------------------------------
     def lock_down(self) -> None:
         """From here on this connection opens no file, URL or extension and no setting can change: what

@@ -113,3 +113,42 @@ def test_every_command_has_help_with_an_example():
     click_app = typer.main.get_command(app)
     for name, command in click_app.commands.items():
         assert command.help and "Example:" in command.help, f"`atlasgen {name}` help lacks an example"
+
+
+def test_arrow_columns_match_pyarrow_and_the_first_stages_never_import_pandas(tmp_path):
+    """`arrow_column` builds what `pa.array` builds; the writes of ingest and embed go through it, so a fresh
+    `atlasgen embed` does not pay pyarrow's import of pandas (~0.3–0.5 s holding the GIL) in its writer."""
+    import subprocess
+    import sys
+    from datetime import datetime
+
+    import pyarrow as pa
+
+    from atlasgen.store import arrow_column
+    cases = [(np.arange(5, dtype=np.int32), None), (np.arange(5), pa.int32()), (np.array([1.5, 2.5], np.float32), None),
+             (np.array([True, False, True] * 5), None), (["a", "bé", None, ""], pa.string()), (["a", "b"], None),
+             ([None, None], pa.string()), ([1, None, 3], pa.int32()), ([1, 2, 3], None), ([1.0, None], pa.float64()),
+             ([True, None, False], None), ([datetime(2026, 11, 26, 1, 2, 3, 456789), None], pa.timestamp("us")),
+             ([], pa.string()), ([], pa.int32()), (np.array([1, 2], np.int64), pa.float32()), ([[1, 2], [3]], None)]
+    for values, arrow_type in cases:
+        assert arrow_column(values, arrow_type).equals(pa.array(values, arrow_type)), (values, arrow_type)
+    with pytest.raises(OverflowError):
+        arrow_column(np.array([300]), pa.int8())
+
+    script = f"""
+import sys
+import numpy as np
+from atlasgen.store import Store
+from atlasgen.stages.ingest import commit_images
+with Store.open({str(tmp_path / 'fresh')!r}) as store:
+    commit_images(store, {{"image_id": [0, 1], "source": ["a.jpg", "b.jpg"], "label": ["x", None],
+                           "width": [5, 6], "height": [7, 8], "corpus_path": ["corpus/0.jpg", "corpus/1.jpg"]}},
+                  [("c.txt", "not an image")])
+    store.add_embeddings(np.array([0, 1]), np.ones((2, 3), np.float32))
+    store.replace_skips("embed", [("image 1", "damaged")])
+    assert store.count("embeddings") == 2 and store.count("skipped_inputs") == 2
+print("pandas" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False", "pandas was imported"
