@@ -74,6 +74,7 @@ class CorpusBatches:
         # No more workers than units to decode (a small corpus on a many-core machine forks fewer).
         self.n_workers = max(1, min(n_workers, sum(-(-len(b) // self.unit_size) for b in self.batches)))
         self._started = False
+        self._stager: _Stager | None = None
 
     def start(self) -> "CorpusBatches":
         """Allocate the ring, fork the workers and hand them the first `n_slots` batches, so decoding runs while
@@ -102,6 +103,10 @@ class CorpusBatches:
         while self._n_submitted < min(len(self.batches), self.n_slots):
             self._submit(self._n_submitted)
             self._n_submitted += 1
+        # The staging thread starts now too: allocating the page-locked buffers (which also brings up the CUDA
+        # context) and copying the first batch overlap what the caller does next (embed loads the model).
+        self._stager = _Stager(self._slot_batches(), self._slots.shape[1:], self.stage == "pinned") \
+            if self.stage != "none" else None
         return self
 
     def close(self, clean: bool = True) -> None:
@@ -109,6 +114,8 @@ class CorpusBatches:
         if not self._started:
             return
         self._started = False
+        if self._stager is not None:
+            self._stager.stop()
         self._pool.close(clean=clean)
         # The mapping is freed with the last view of it (a consumer may still hold the last batch).
         self._slots = self._mmap = None
@@ -134,10 +141,8 @@ class CorpusBatches:
 
     # --- in this process -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
-        raw = self._slot_batches()
-        if self.stage == "none":
-            return raw
-        return self._staged(raw)
+        assert self._started, "iterate inside the with-block (or after start())"
+        return self._slot_batches() if self._stager is None else self._stager.batches()
 
     def _submit(self, b: int) -> None:
         slot = b % len(self._slots)
@@ -167,51 +172,61 @@ class CorpusBatches:
                 arrays, ids = arrays[good], ids[good]
             yield Batch(ids, arrays, len(batch), skipped)
 
-    def _staged(self, raw: Iterator[Batch]) -> Iterator[Batch]:
-        """Copy each batch out of its slot into one of three staging tensors in a background thread, one batch
-        ahead of the consumer. Three suffice: the consumer's, the one waiting in the queue, the one being
-        filled (the queue holds one, so filling batch b + 2 starts only after the consumer took b + 1)."""
-        import torch
-        pin = self.stage == "pinned"
-        # Allocated while the workers decode the first batches (start() handed them over).
-        buffers = [torch.empty(self._slots.shape[1:], dtype=torch.uint8, pin_memory=pin) for _ in range(3)]
-        handoff: queue.Queue = queue.Queue(maxsize=1)
-        stop = threading.Event()
-        done = object()
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    handoff.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
 
-        def fill() -> None:
+class _Stager:
+    """Copies each batch out of its shared slot into one of three staging tensors in a background thread, one
+    batch ahead of the consumer. Three suffice: the consumer's, the one waiting in the queue, the one being
+    filled (the queue holds one, so filling batch b + 2 starts only after the consumer took b + 1)."""
+
+    def __init__(self, raw: Iterator[Batch], batch_shape: tuple[int, ...], pinned: bool):
+        self._raw = raw
+        self._handoff: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._done = object()
+        self._thread = threading.Thread(target=self._fill, args=(batch_shape, pinned), name="atlasgen-embed-stage",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
             try:
-                for k, batch in enumerate(raw):
-                    n = len(batch.image_ids)
-                    staged = buffers[k % 3][:n]
-                    if n:
-                        staged.copy_(torch.from_numpy(np.ascontiguousarray(batch.arrays_bhw3)))
-                    if not put(Batch(batch.image_ids, staged, batch.n_items, batch.skipped)):
-                        return
-                put(done)
-            except BaseException as e:  # raised again in the consumer
-                put(e)
+                self._handoff.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-        thread = threading.Thread(target=fill, name="atlasgen-embed-stage", daemon=True)
-        thread.start()
+    def _fill(self, batch_shape: tuple[int, ...], pinned: bool) -> None:
+        try:
+            import torch
+            buffers = [torch.empty(batch_shape, dtype=torch.uint8, pin_memory=pinned) for _ in range(3)]
+            for k, batch in enumerate(self._raw):
+                n = len(batch.image_ids)
+                staged = buffers[k % 3][:n]
+                if n:
+                    staged.copy_(torch.from_numpy(np.ascontiguousarray(batch.arrays_bhw3)))
+                if not self._put(Batch(batch.image_ids, staged, batch.n_items, batch.skipped)):
+                    return
+            self._put(self._done)
+        except BaseException as e:  # raised again in the consumer
+            self._put(e)
+
+    def batches(self) -> Iterator[Batch]:
+        """The staged batches, in order (one pass)."""
         try:
             while True:
-                item = handoff.get()
-                if item is done:
+                item = self._handoff.get()
+                if item is self._done:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            stop.set()
-            thread.join()
-            raw.close()
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop the thread (idempotent); the raw batches' generator is closed once the thread is out of it."""
+        self._stop.set()
+        self._thread.join()
+        self._raw.close()

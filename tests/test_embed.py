@@ -3,6 +3,7 @@ preprocessing against a hand computation and against the differentiable path ren
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,9 @@ def test_embeddings_shape_ids_and_classes(ingested, tmp_path):
         image_ids = [r[0] for r in store.query("SELECT image_id FROM images ORDER BY image_id")]
         labels = np.array([r[0] for r in store.query("SELECT label FROM images ORDER BY image_id")])
     assert summary["n_embedded"] == N_IMAGES and summary["dim"] == 96 and summary["dtype"] == "float32"
+    timeline = summary["timeline_s"]  # where the start-up goes (benchmarks/embed.py prints it)
+    keys = ["model_loaded", "first_batch_ready", "first_batch_done", "last_batch_done", "done"]
+    assert list(timeline) == keys and all(0 <= timeline[a] <= timeline[b] for a, b in zip(keys, keys[1:])), timeline
     assert list(ids) == image_ids and emb.shape == (N_IMAGES, 96) and np.isfinite(emb).all()
     # Even a random tiny ViT tells the generated classes apart: same-class pairs are closer.
     centred = emb - emb.mean(0)
@@ -286,3 +290,33 @@ def test_thread_tuner_keeps_the_fastest(monkeypatch):
         assert threads.ThreadTuner(0, n_batches=3).candidates == [4], "too few batches to tune: all cores"
     finally:
         torch.set_num_threads(before)
+
+
+def test_staging_starts_before_the_first_batch_is_asked_for(ingested, tmp_path):
+    """The staging thread copies the first batch while the caller is busy (embed: loading the model), and a
+    loader closed early, with or without a batch taken, stops it."""
+    with Store.open(ingested, read_only=True) as store:
+        items = sorted(store.corpus_paths().items())[:6]
+    batches = CorpusBatches(ingested, items, 2, 112, "resize", n_workers=2, stage="copy").start()
+    try:
+        deadline = time.monotonic() + 30
+        while not batches._stager._handoff.full() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batches._stager._handoff.full(), "the first batch is staged before anyone asks for it"
+        first = next(iter(batches))
+        assert first.image_ids.tolist() == [items[0][0], items[1][0]]
+    finally:
+        batches.close(clean=False)
+    assert not batches._stager._thread.is_alive()
+    untouched = CorpusBatches(ingested, items, 2, 112, "resize", n_workers=2, stage="copy").start()
+    untouched.close(clean=False)
+    assert not untouched._stager._thread.is_alive()
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_warm_up_kernels_run(dtype):
+    """What the warm-up thread runs on a GPU (it ignores its own failures there, so they are caught here)."""
+    out = embed.first_batch_kernels(torch.device("cpu"), dtype)
+    assert out.shape == (2, 2, 2, 8) and out.dtype == dtype
+    assert embed.warm_up_device(torch.device("cpu"), "auto") is None, "nothing to warm on a CPU"

@@ -14,6 +14,7 @@ shared_corpus`), decode in threads and call the same `embed_batch`; only this pr
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,8 @@ from ..config import EmbedConfig
 from ..errors import StageInputError
 from ..executor import PackedModel, resolve_precision
 from ..loader import CorpusBatches, load_corpus_array
-from ..model import EmbeddingModel, PreprocessSpec, load_embedding_model, peek_preprocess_spec, resolve_device
+from ..model import (EmbeddingModel, PreprocessSpec, load_embedding_model, peek_preprocess_spec, resolve_device,
+                     resolve_dtype)
 from ..progress import bar, say
 from ..store import Store
 from ..threads import ThreadTuner, restore_torch_threads
@@ -74,6 +76,35 @@ def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int
     while batch > CPU_BATCH_SIZE and batch * per_image > 0.4 * free_bytes:
         batch //= 2
     return batch
+
+
+def warm_up_device(device: torch.device, precision: str) -> threading.Thread | None:
+    """On a GPU, a thread that pays the once-per-process costs of a model's first batch (the CUDA context, loading
+    the cuDNN kernels behind the patch convolution and the GEMM and attention kernels) on tiny tensors, while the
+    caller loads the model from disk; None elsewhere. Its failure is ignored: the model's first batch then meets
+    the same problem and reports it."""
+    if device.type != "cuda":
+        return None
+
+    def run() -> None:
+        try:
+            first_batch_kernels(device, resolve_dtype(precision, device))
+            torch.cuda.synchronize(device)
+        except Exception:  # see the docstring
+            pass
+
+    thread = threading.Thread(target=run, name="atlasgen-embed-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def first_batch_kernels(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The kinds of kernel a ViT's forward uses (patch convolution, attention, layer norm, GEMM), on tiny tensors."""
+    x = torch.zeros(2, 3, 32, 32, device=device, dtype=dtype)
+    patches = torch.nn.functional.conv2d(x, torch.zeros(8, 3, 16, 16, device=device, dtype=dtype), stride=16)
+    tokens = patches.flatten(2).transpose(1, 2).reshape(2, 2, 2, 8)  # (B, heads, tokens, head dim)
+    attended = torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
+    return torch.nn.functional.layer_norm(attended, (8,)) @ torch.zeros(8, 8, device=device, dtype=dtype)
 
 
 def loader_stage(on_gpu: bool) -> str:
@@ -217,16 +248,21 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
 
     spec = peek_preprocess_spec(cfg.model, store.paths.models_dir) if todo else None
     batches = loader(spec) if spec is not None else None
+    warming = warm_up_device(device, cfg.precision) if todo else None  # after the fork: the workers never see it
     try:
         model = load_embedding_model(cfg.model, device, cfg.precision, models_dir=store.paths.models_dir)
     except BaseException:
         if batches is not None:
             batches.close(clean=False)
         raise
+    finally:
+        if warming is not None:
+            warming.join()
     if batches is None or (spec.image_size, spec.resize_mode) != (model.spec.image_size, model.spec.resize_mode):
         if batches is not None:  # the files said otherwise than the loaded model: decode again at its size
             batches.close(clean=False)
         batches = loader(model.spec)
+    timeline_s = {"model_loaded": time.perf_counter() - t0}
     n_workers = batches.n_workers  # no more than there are units to decode
     # On a GPU the model runs the loader's batches in pieces that fit its free memory (an estimate; a piece
     # that still runs out of memory is halved).
@@ -241,12 +277,14 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
         chunk_emb: list[np.ndarray] = []
         n_in_chunk = 0
         for batch in batches:
+            timeline_s.setdefault("first_batch_ready", time.perf_counter() - t0)
             skipped.extend(batch.skipped)
             if len(batch.image_ids):
                 tuner.before_batch()
                 t_batch = time.perf_counter()
                 emb_bd = step(batch.arrays_bhw3)
                 tuner.after_batch(time.perf_counter() - t_batch, len(batch.image_ids))
+                timeline_s.setdefault("first_batch_done", time.perf_counter() - t0)
                 assert np.isfinite(emb_bd).all(), "the model returned non-finite embeddings"
                 chunk_ids.append(batch.image_ids)
                 chunk_emb.append(emb_bd)
@@ -256,6 +294,7 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
                 n_embedded += _commit(writer, chunk_ids, chunk_emb)
                 chunk_ids, chunk_emb, n_in_chunk = [], [], 0
         n_embedded += _commit(writer, chunk_ids, chunk_emb)
+        timeline_s["last_batch_done"] = time.perf_counter() - t0
     if skipped:
         store.replace_skips(STAGE, skipped)
         say(f"embed: {len(skipped)} corpus image(s) could not be read (see skipped_inputs)")
@@ -264,7 +303,7 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
             "n_skipped": len(skipped), "dim": model.dim, "dtype": str(model.dtype).replace("torch.", ""),
             "images_per_s": round(n_embedded / seconds, 1) if seconds > 0 else None,
             "n_threads": tuner.last_chosen or tuner.candidates[0], "batch_size": batch_size,
-            "n_workers": n_workers}
+            "n_workers": n_workers, "timeline_s": {k: round(v, 3) for k, v in {**timeline_s, "done": seconds}.items()}}
 
 
 def _run_remote(cfg: EmbedConfig, store: Store, executor, todo: list[tuple[int, str]], n_total: int,
