@@ -353,9 +353,15 @@ def main() -> None:
                 print(f"  {name}, {n} images: FAILED: {type(e).__name__}: {e}", flush=True)
                 return None
             r["rate"] = r["n_embedded"] / r["wall_s"]
+            tl = r.get("timeline_s") or {}
+            timeline = (f"; timeline: model loaded {tl['model_loaded']:.2f} s, first batch ready "
+                        f"{tl['first_batch_ready']:.2f} s and embedded {tl['first_batch_done']:.2f} s, last batch "
+                        f"{tl['last_batch_done']:.2f} s, done {tl['done']:.2f} s"
+                        if {"model_loaded", "first_batch_ready", "first_batch_done", "last_batch_done", "done"} <= set(tl)
+                        else "")
             print(f"  {name}, {n} images: {r['rate']:.1f} img/s ({r['wall_s']:.2f} s with model loading; batch "
                   f"{r['batch_size']}, {r['n_workers']} {'threads' if which == 'today' else 'worker processes'}), "
-                  f"peak memory {_mem(r)}", flush=True)
+                  f"peak memory {_mem(r)}{timeline}", flush=True)
             return r
 
         for name, *how in contenders:  # the small size first

@@ -19,6 +19,7 @@ the summary follows.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -61,8 +62,29 @@ def _today_ordered_map(fn, items: Iterable, n_workers: int, window: int) -> Iter
                 fut.cancel()
 
 
+def today_folder_candidates(folder: Path) -> tuple[list[ingest.Candidate], list[tuple[str, str]]]:
+    """Today's listing of a class-folder corpus (a Path per file, each resolved to rule out the label files)."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not ingest._is_ignored(d))
+        out.extend(Path(root) / f for f in sorted(files) if not ingest._is_ignored(f))
+    own_files: set[Path] = set()
+    images, skipped = [], []
+    for path in sorted(out):
+        if path.resolve() in own_files:
+            continue
+        if path.suffix.lower() in ingest.IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            skipped.append((str(path), f"not an image file (extension {path.suffix or 'none'})"))
+    rows = [(p, p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None) for p in images]
+    return [ingest.Candidate(str(p), label, p) for p, label in rows], skipped
+
+
 def today_ingest(cfg: IngestConfig, store: Store) -> dict:
-    candidates, skipped, _ = ingest.candidates_for(cfg, store)
+    kind, rest = ingest.parse_source(cfg.source)
+    assert kind == "folder", "the benchmark's corpus is a folder"
+    candidates, skipped = today_folder_candidates(Path(rest).expanduser().resolve())
     total = len(candidates)
 
     def work(cand):
@@ -99,14 +121,21 @@ def today_ingest(cfg: IngestConfig, store: Store) -> dict:
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
-def measure(fn, cfg: IngestConfig, out_dir: Path) -> tuple[float, int, PeakMemory]:
-    """(seconds, images, peak memory of this process and its workers) of one ingest into a fresh folder."""
+def measure(fn, cfg: IngestConfig, out_dir: Path) -> tuple[float, int, PeakMemory, dict]:
+    """(seconds, images, peak memory of this process and its workers, the stage's timeline if it keeps one) of
+    one ingest into a fresh folder."""
     with Store.open(out_dir) as store:
         with PeakMemory() as peak:
             t0 = time.perf_counter()
             summary = fn(cfg, store)
             seconds = time.perf_counter() - t0
-    return seconds, summary["n_images"], peak
+    return seconds, summary["n_images"], peak, summary.get("timeline_s", {})
+
+
+def _timeline(timeline: dict) -> str:
+    return (f"; timeline: inputs listed {timeline['listed']:.2f} s, first copies {timeline['first_result']:.2f} s, "
+            f"all read {timeline['read']:.2f} s, committed {timeline['done']:.2f} s"
+            if {"listed", "first_result", "read", "done"} <= set(timeline) else "")
 
 
 def _mem(peak: PeakMemory) -> str:
@@ -149,6 +178,14 @@ def main() -> None:
               f"(written in {time.perf_counter() - t0:.1f} s by {cores} processes), corpus copies at 256 px",
               flush=True)
         source = f"folder:{folder}"
+        listing = {}
+        for name, list_fn in (("today", lambda: today_folder_candidates(folder)),
+                              ("new", lambda: ingest.folder_candidates(folder, IngestConfig(source=source)))):
+            t0 = time.perf_counter()
+            list_fn()
+            listing[name] = time.perf_counter() - t0
+        print(f"listing the {n_images} files (serial, before any decoding): today's {listing['today']:.3f} s, "
+              f"new {listing['new']:.3f} s ({listing['today'] / max(listing['new'], 1e-9):.1f}x)", flush=True)
         # (name, function, config, both sizes): the extra baseline with more threads is timed at N only.
         contenders = [("today's path (2 decode threads, the old default)", today_ingest,
                        IngestConfig(source=source, n_workers=2), True)]
@@ -158,15 +195,15 @@ def main() -> None:
         n_new = resolve_n_workers(args.n_workers)
         contenders.append((f"new path ({n_new} worker processes)", ingest.run,
                            IngestConfig(source=source, n_workers=args.n_workers), True))
-        small: dict[str, tuple[int, PeakMemory]] = {}
-        best: dict[str, tuple[float, int, PeakMemory]] = {}  # name → (seconds, images, peak) of the fastest round
+        small: dict[str, tuple[int, PeakMemory, float]] = {}  # name → (images, peak, seconds)
+        best: dict[str, tuple[float, int, PeakMemory, dict]] = {}  # name → measure() of the fastest round
         for k, (name, fn, cfg, both_sizes) in enumerate(contenders):  # the small size: memory only
             if both_sizes:
                 try:
-                    seconds, n_done, peak = measure(fn, replace(cfg, limit=n_small), tmp_path / f"small{k}")
-                    small[name] = (n_done, peak)
-                    print(f"  {name}, {n_done} images: {n_done / seconds:.1f} img/s, peak memory {_mem(peak)}",
-                          flush=True)
+                    seconds, n_done, peak, timeline = measure(fn, replace(cfg, limit=n_small), tmp_path / f"small{k}")
+                    small[name] = (n_done, peak, seconds)
+                    print(f"  {name}, {n_done} images: {n_done / seconds:.1f} img/s, peak memory {_mem(peak)}"
+                          f"{_timeline(timeline)}", flush=True)
                 except Exception as e:  # one failing contender must not cost the others' figures
                     print(f"{name}, {n_small} images: FAILED: {type(e).__name__}: {e}", flush=True)
                     traceback.print_exc()
@@ -175,23 +212,33 @@ def main() -> None:
                 try:
                     got = measure(fn, cfg, tmp_path / f"out{k}-{r}")
                     print(f"  {name}, {got[1]} images: {got[1] / got[0]:.1f} img/s ({got[0]:.1f} s), peak memory "
-                          f"{_mem(got[2])}", flush=True)
+                          f"{_mem(got[2])}{_timeline(got[3])}", flush=True)
                     if name not in best or got[0] < best[name][0]:
                         best[name] = got
                 except Exception as e:
                     print(f"{name}, {n_images} images: FAILED: {type(e).__name__}: {e}", flush=True)
                     traceback.print_exc()
         today_name = contenders[0][0]
-        for name, (seconds, n_done, peak) in best.items():
+        for name, (seconds, n_done, peak, _) in best.items():
             rate = n_done / seconds
             vs = (f"   {rate / (best[today_name][1] / best[today_name][0]):.2f}x today's"
                   if name != today_name and today_name in best else "")
             print(f"{name}, {n_done} images: {rate:8.1f} img/s ({seconds:.1f} s){vs}", flush=True)
-        for name, (n_a, p_a) in small.items():
+        for name, (n_a, p_a, _) in small.items():
             if name in best:
                 n_b, p_b = best[name][1], best[name][2]
                 print(f"peak memory, {name}: {n_a} images {_mem(p_a)}; {n_b} images {_mem(p_b)} "
                       f"(×{p_b.peak_bytes / max(p_a.peak_bytes, 1):.2f} for ×{n_b / n_a:.0f} images)", flush=True)
+        for name, (n_a, _, s_a) in small.items():
+            # wall = fixed + n / steady, read off the two sizes (both list the whole folder: the listing counts
+            # as fixed here): how much of the rate is start-up and what a large corpus would reach.
+            if name in best and best[name][1] > n_a and best[name][0] > s_a:
+                s_b, n_b = best[name][0], best[name][1]
+                steady = (n_b - n_a) / (s_b - s_a)
+                fixed = s_a - n_a / steady
+                print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady; at 50,000 "
+                      f"images ~{50_000 / (fixed + 50_000 / steady):,.0f} img/s (an estimate from two measured "
+                      f"points)", flush=True)
         try:
             same = same_result(tmp_path / "out0-0", tmp_path / f"out{len(contenders) - 1}-0")
             print(f"new path's result identical to today's: {same}", flush=True)
