@@ -256,6 +256,9 @@ def main() -> None:
                         help="corpus size N (default: 8,000 on CUDA, 96 on a CPU, 48 with --quick); N/4 is the "
                              "small size")
     parser.add_argument("--quick", action="store_true", help="48 images, one round")
+    parser.add_argument("--new-only", action="store_true",
+                        help="time only the new path (a scale check: today's path at 50,000 images takes over a "
+                             "minute on an H100)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds at size N, best kept (default 2 on a CPU, "
                                                                "1 with --quick or on CUDA)")
     parser.add_argument("--batch-size", type=int, default=0,
@@ -339,6 +342,8 @@ def main() -> None:
 
         # (name, --one, batch size, workers): today's defaults (batch 32 on CUDA, 2 decode threads), the new ones.
         contenders = [("today's path", "today", batch_today, 2), ("new path", "new", batch_new, 0)]
+        if args.new_only:
+            contenders = contenders[1:]
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         small: dict[str, dict] = {}
         naive_rates: list[float] = []

@@ -75,7 +75,8 @@ EOF
 # benchmarks), build (the short build). GPU_CHECK_BENCH_ARGS replaces the render benchmark's arguments (e.g.
 # "--variants none --baseline-json docs/gpu/<earlier run>.json" for a short confirmation of new defaults);
 # GPU_CHECK_BENCH_IMAGES sets the ingest and embed benchmarks' corpus size (default 8000, the issue's size). For
-# issue 15 alone: GPU_CHECK_PARTS=ingest bash benchmarks/gpu_check.sh (~200 s on an H100 machine).
+# issue 15 alone: GPU_CHECK_PARTS=ingest bash benchmarks/gpu_check.sh (~200 s on an H100 machine), with
+# GPU_CHECK_SCALE_IMAGES=50000 for the new paths at ImageNet val's size too (~+250 s, an estimate).
 PARTS=${GPU_CHECK_PARTS:-render,ingest,build}
 if [[ ",$PARTS," == *",render,"* ]]; then
 section "3. render benchmark (timeout ${BENCH_TIMEOUT} s)"
@@ -94,6 +95,14 @@ timeout --signal=INT --kill-after=10 120 $PY benchmarks/ingest.py --n-images "$N
 echo "ingest benchmark exit code $?"
 timeout --signal=INT --kill-after=10 120 $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH"
 echo "embed benchmark exit code $?"
+# GPU_CHECK_SCALE_IMAGES (e.g. 50000, ImageNet val's size): the new paths alone at that size as well.
+if [ -n "${GPU_CHECK_SCALE_IMAGES:-}" ] && [ "$SMOKE" != 1 ]; then
+timeout --signal=INT --kill-after=10 180 $PY benchmarks/ingest.py --new-only --n-images "$GPU_CHECK_SCALE_IMAGES"
+echo "ingest scale check exit code $?"
+timeout --signal=INT --kill-after=10 180 $PY benchmarks/embed.py --new-only --device "$DEVICE" \
+    --n-images "$GPU_CHECK_SCALE_IMAGES"
+echo "embed scale check exit code $?"
+fi
 fi
 
 if [[ ",$PARTS," == *",build,"* ]]; then
