@@ -6,6 +6,7 @@ import errno
 import functools
 import http.server
 import mimetypes
+import sys
 from pathlib import Path
 
 from .errors import AtlasError
@@ -54,15 +55,25 @@ class SiteHandler(http.server.SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+class SiteServer(http.server.ThreadingHTTPServer):
+    """A browser that cancels a request (a page left while its pictures load, an aborted range read of the
+    database) resets the connection: no traceback on the terminal for that; any other error as usual."""
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # reset, broken pipe, aborted
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(site_dir: Path, host: str = "127.0.0.1", port: int = 8000,
-                verbose: bool = False) -> http.server.ThreadingHTTPServer:
+                verbose: bool = False) -> SiteServer:
     """A server for `site_dir` (not started: call serve_forever(), shutdown()). Port 0 picks a free port."""
     site_dir = Path(site_dir)
     if not (site_dir / "index.html").is_file():
         raise AtlasError(f"no site at {site_dir}", "build it first: atlasgen site --out OUT (or atlasgen build)")
     handler = functools.partial(type("Handler", (SiteHandler,), {"verbose": verbose}), directory=str(site_dir))
     try:
-        return http.server.ThreadingHTTPServer((host, port), handler)
+        return SiteServer((host, port), handler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise AtlasError(f"port {port} on {host} is already in use", "pick another one with --port") from None

@@ -12,6 +12,7 @@ import pytest
 
 from atlasgen.config import load_config
 from atlasgen.progress import set_quiet
+from atlasgen.serve import SiteServer
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -81,7 +82,7 @@ def serve_dir():
 
     def start(folder: Path) -> str:
         handler = functools.partial(_QuietHandler, directory=str(folder))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server = SiteServer(("127.0.0.1", 0), handler)  # quiet when the browser cancels a request
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}/"

@@ -492,6 +492,26 @@ def test_serve_sends_the_netlify_headers(tmp_path):
         server.server_close()
 
 
+def test_serve_is_quiet_when_the_browser_cancels_a_request(tmp_path, capsys):
+    """A reset connection (the reader left the page while pictures loaded) prints nothing; another error still
+    prints its traceback."""
+    from atlasgen.serve import make_server
+    (tmp_path / "index.html").write_text("<title>x</title>")
+    server = make_server(tmp_path, port=0)
+    try:
+        for error in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "Broken pipe"),
+                      ValueError("a real bug")):
+            try:
+                raise error
+            except Exception:
+                server.handle_error(None, ("127.0.0.1", 5))
+        err = capsys.readouterr().err
+        assert "ValueError: a real bug" in err
+        assert "ConnectionResetError" not in err and "BrokenPipeError" not in err
+    finally:
+        server.server_close()
+
+
 def test_a_failed_bulk_insert_raises_its_own_error(tmp_path):
     """A failing INSERT from a registered Arrow table is the error raised (unregistering after it may fail
     too in an aborted transaction, and must not hide it)."""
