@@ -117,7 +117,7 @@ def test_every_command_has_help_with_an_example():
 
 def test_arrow_columns_match_pyarrow_and_the_first_stages_never_import_pandas(tmp_path):
     """`arrow_column` builds what `pa.array` builds; the writes of ingest and embed go through it, so a fresh
-    `atlasgen embed` does not pay pyarrow's import of pandas (~0.3–0.5 s holding the GIL) in its writer."""
+    `atlasgen embed` does not pay pyarrow's import of pandas (0.34–0.61 s on our CPU box, holding the GIL) in its writer."""
     import subprocess
     import sys
     from datetime import datetime
