@@ -20,7 +20,7 @@ from .paths import BuildPaths
 
 def arrow_column(values: Any, arrow_type: Any = None) -> Any:
     """A numpy array or list → a pyarrow Array, built from buffers where it can. Why: pyarrow's `pa.array`
-    imports pandas on its first call (to check for pandas objects), 0.34–0.61 s here, holding the GIL; in
+    imports pandas on its first call (to check for pandas objects): 0.34–0.61 s on our CPU box, holding the GIL; in
     `atlasgen embed` that landed in the writer thread's first commit, stalling the thread that feeds the GPU.
     Handled here: 1-D numeric/bool numpy arrays, and lists of str, int, float or bool with None for nulls (a
     datetime list too). Anything else (lists of lists, ...) goes to `pa.array`."""
