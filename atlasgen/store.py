@@ -18,6 +18,7 @@ import numpy as np
 from .errors import AtlasError, StoreDamagedError, StoreLockedError, StoreVersionError
 from .paths import BuildPaths
 
+
 def arrow_column(values: Any, arrow_type: Any = None) -> Any:
     """A numpy array or list → a pyarrow Array, built from buffers where it can. Why: pyarrow's `pa.array`
     imports pandas on its first call (to check for pandas objects): 0.34–0.61 s on our CPU box, holding the GIL; in
@@ -42,20 +43,19 @@ def arrow_column(values: Any, arrow_type: Any = None) -> Any:
         if offsets[-1] >= 2 ** 31:
             return pa.array(values, pa.string())
         return pa.Array.from_buffers(pa.string(), len(values),
-                                     [_validity(values), pa.py_buffer(offsets.astype(np.int32)),
+                                     [_bitmap(_valid_mask(values)), pa.py_buffer(offsets.astype(np.int32)),
                                       pa.py_buffer(b"".join(encoded))])
     if kinds and kinds <= {int, float, bool, np.int32, np.int64, np.float32, np.float64, np.bool_}:
-        valid = np.fromiter((v is not None for v in values), bool, len(values))
         filler = False if kinds <= {bool, np.bool_} else 0
         filled = np.asarray([filler if v is None else v for v in values])
         if filled.dtype.kind not in "iufb" or (filled.dtype.kind == "f" and arrow_type is not None
                                                  and not pa.types.is_floating(arrow_type)):
             return pa.array(values, arrow_type)  # e.g. ints beyond int64, or floats for an integer column
-        return _numpy_to_arrow(filled, None if valid.all() else valid, arrow_type)
+        return _numpy_to_arrow(filled, _valid_mask(values), arrow_type)
     if kinds == {datetime} and arrow_type is not None and pa.types.is_timestamp(arrow_type) and arrow_type.unit == "us"\
             and arrow_type.tz is None:
         micros = np.asarray([0 if v is None else _naive_micros(v) for v in values], np.int64)
-        return pa.Array.from_buffers(arrow_type, len(values), [_validity(values), pa.py_buffer(micros)])
+        return pa.Array.from_buffers(arrow_type, len(values), [_bitmap(_valid_mask(values)), pa.py_buffer(micros)])
     return pa.array(values, arrow_type)
 
 
@@ -77,16 +77,19 @@ def _numpy_to_arrow(values: np.ndarray, valid: np.ndarray | None, arrow_type: An
         if cast.dtype.kind in "iu" and values.dtype.kind in "iu" and not np.array_equal(cast, values):
             raise OverflowError(f"values do not fit {arrow_type}")
         data = pa.py_buffer(np.ascontiguousarray(cast))
-    bitmap = None if valid is None else pa.py_buffer(np.packbits(valid, bitorder="little"))
-    return pa.Array.from_buffers(arrow_type, len(values), [bitmap, data])
+    return pa.Array.from_buffers(arrow_type, len(values), [_bitmap(valid), data])
 
 
-def _validity(values: list) -> Any:
+def _valid_mask(values: list) -> np.ndarray | None:
+    """Which values are not None; None when all are."""
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    return None if valid.all() else valid
+
+
+def _bitmap(valid: np.ndarray | None) -> Any:
+    """Arrow's validity bitmap (bit i set: value i is there) of a mask; None (all valid) for None."""
     import pyarrow as pa
-    if all(v is not None for v in values):
-        return None
-    return pa.py_buffer(np.packbits(np.fromiter((v is not None for v in values), bool, len(values)),
-                                    bitorder="little"))
+    return None if valid is None else pa.py_buffer(np.packbits(valid, bitorder="little"))
 
 
 def _naive_micros(value: datetime) -> int:
