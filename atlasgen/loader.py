@@ -153,7 +153,6 @@ class CorpusBatches:
     def _slot_batches(self) -> Iterator[Batch]:
         """Batches as views of the shared slots; batch b's slot is refilled (with batch b + n_slots) only
         when the consumer asks for batch b + 1."""
-        assert self._started, "iterate inside the with-block (or after start())"
         n_slots = len(self._slots)
         for b, batch in enumerate(self.batches):
             while self._n_submitted < len(self.batches) and self._n_submitted < b + n_slots:

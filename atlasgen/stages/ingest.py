@@ -191,7 +191,7 @@ def _walk_files(folder: Path) -> list[str]:
     """Every non-hidden file below `folder` as a posix path relative to it, in the order of its path's parts
     (what sorting the Paths gave; image ids follow it). Hidden folders are not entered. Strings, not Paths: a
     million-image folder is listed in seconds, not minutes."""
-    out: list[tuple[list[str], str]] = []
+    out: list[list[str]] = []  # each file's path parts
     top = os.fspath(folder)
     for root, dirs, files in os.walk(top):
         dirs[:] = sorted(d for d in dirs if not _is_ignored(d))
