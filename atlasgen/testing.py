@@ -412,6 +412,15 @@ def _uss_bytes(pid: int) -> int:
     return total
 
 
+def two_size_reading(n_small: int, seconds_small: float, n_big: int, seconds_big: float) -> tuple[float, float] | None:
+    """wall = fixed + n / steady, read off runs at two corpus sizes: (fixed seconds, steady items/s), or None when
+    the two runs cannot tell them apart (the bigger one not slower). An estimate from two measured points."""
+    if n_big <= n_small or seconds_big <= seconds_small:
+        return None
+    steady = (n_big - n_small) / (seconds_big - seconds_small)
+    return seconds_small - n_small / steady, steady
+
+
 class PeakMemory:
     """Peak memory during the block: this process's peak RSS (the kernel's high-water mark, reset at the start;
     sampled where it cannot be reset) plus the peak of its worker processes' unique memory (USS: pages only they

@@ -50,7 +50,7 @@ from atlasgen.progress import bar, set_quiet  # noqa: E402
 from atlasgen.stages import embed, ingest  # noqa: E402
 from atlasgen.loader import load_corpus_array  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
-from atlasgen.testing import PeakMemory, make_photo_folder  # noqa: E402
+from atlasgen.testing import PeakMemory, make_photo_folder, two_size_reading  # noqa: E402
 from atlasgen.threads import ThreadTuner, n_cores, restore_torch_threads  # noqa: E402
 
 GIB = 2 ** 30
@@ -362,8 +362,8 @@ def main() -> None:
             timeline = (f"; timeline: model loaded {tl['model_loaded']:.2f} s, first batch ready "
                         f"{tl['first_batch_ready']:.2f} s and embedded {tl['first_batch_done']:.2f} s, last batch "
                         f"{tl['last_batch_done']:.2f} s, done {tl['done']:.2f} s"
-                        if {"model_loaded", "first_batch_ready", "first_batch_done", "last_batch_done", "done"} <= set(tl)
-                        else "")
+                        if {"model_loaded", "first_batch_ready", "first_batch_done", "last_batch_done",
+                            "done"} <= set(tl) else "")
             print(f"  {name}, {n} images: {r['rate']:.1f} img/s ({r['wall_s']:.2f} s with model loading; batch "
                   f"{r['batch_size']}, {r['n_workers']} {'threads' if which == 'today' else 'worker processes'}), "
                   f"peak memory {_mem(r)}{timeline}", flush=True)
@@ -411,12 +411,13 @@ def main() -> None:
             # wall = fixed + n / steady, read off the two sizes: how much of the end-to-end rate is start-up
             # (model load, first device calls, workers, the first batch) and what a large corpus would reach.
             s = small.get(name)
-            if s is None or n_images <= n_small or r["wall_s"] <= s["wall_s"]:
+            reading = two_size_reading(n_small, s["wall_s"], n_images, r["wall_s"]) if s is not None else None
+            if reading is None:
                 continue
-            steady = (n_images - n_small) / (r["wall_s"] - s["wall_s"])
-            fixed = s["wall_s"] - n_small / steady
+            fixed, steady = reading
             print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady "
-                  f"({steady / ceiling:.0%} of the ceiling); at 50,000 images ~{50_000 / (fixed + 50_000 / steady):,.0f} "
+                  f"({steady / ceiling:.0%} of the ceiling); at 50,000 images "
+                  f"~{50_000 / (fixed + 50_000 / steady):,.0f} "
                   f"img/s end to end (an estimate from two measured points)", flush=True)
         if len(best) == 2:
             a, b = best["today's path"]["emb"], best["new path"]["emb"]

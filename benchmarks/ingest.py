@@ -39,7 +39,7 @@ from atlasgen.paths import atomic_path  # noqa: E402
 from atlasgen.progress import set_quiet  # noqa: E402
 from atlasgen.stages import ingest  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
-from atlasgen.testing import PeakMemory, make_photo_folder  # noqa: E402
+from atlasgen.testing import PeakMemory, make_photo_folder, two_size_reading  # noqa: E402
 from atlasgen.threads import n_cores  # noqa: E402
 from atlasgen.workers import resolve_n_workers  # noqa: E402
 
@@ -189,8 +189,8 @@ def main() -> None:
         print(f"listing the {n_images} files (serial, before any decoding): today's {listing['today']:.3f} s, "
               f"new {listing['new']:.3f} s ({listing['today'] / max(listing['new'], 1e-9):.1f}x)", flush=True)
         # (name, function, config, both sizes): the extra baseline with more threads is timed at N only.
-        contenders = [("today's path (2 decode threads, the old default)", today_ingest,
-                       IngestConfig(source=source, n_workers=2), True)]
+        today_name = "today's path (2 decode threads, the old default)"
+        contenders = [(today_name, today_ingest, IngestConfig(source=source, n_workers=2), True)]
         if args.new_only:
             contenders = []
         elif cores > 2:
@@ -222,7 +222,6 @@ def main() -> None:
                 except Exception as e:
                     print(f"{name}, {n_images} images: FAILED: {type(e).__name__}: {e}", flush=True)
                     traceback.print_exc()
-        today_name = "today's path (2 decode threads, the old default)"
         for name, (seconds, n_done, peak, _) in best.items():
             rate = n_done / seconds
             vs = (f"   {rate / (best[today_name][1] / best[today_name][0]):.2f}x today's"
@@ -236,10 +235,9 @@ def main() -> None:
         for name, (n_a, _, s_a) in small.items():
             # wall = fixed + n / steady, read off the two sizes (both list the whole folder: the listing counts
             # as fixed here): how much of the rate is start-up and what a large corpus would reach.
-            if name in best and best[name][1] > n_a and best[name][0] > s_a:
-                s_b, n_b = best[name][0], best[name][1]
-                steady = (n_b - n_a) / (s_b - s_a)
-                fixed = s_a - n_a / steady
+            reading = two_size_reading(n_a, s_a, best[name][1], best[name][0]) if name in best else None
+            if reading is not None:
+                fixed, steady = reading
                 print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady; at 50,000 "
                       f"images ~{50_000 / (fixed + 50_000 / steady):,.0f} img/s (an estimate from two measured "
                       f"points)", flush=True)
