@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from atlasgen.site.hosting import HOST_LIMITS, check_host_limits, site_figures  # noqa: E402,F401
+from atlasgen.site.hosting import MiB, check_host_limits, site_figures  # noqa: E402
 from atlasgen.testing import make_synthetic_store  # noqa: E402
+
 
 def _baseline_write(n_files: int, total_bytes: int, folder: Path) -> float:
     """Seconds to write n_files files of total_bytes in plain Python: the floor for any generator."""

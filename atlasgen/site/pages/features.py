@@ -17,7 +17,8 @@ from .feature_map import map_overview_url
 # Example images from lower activation ranges, beside the top images (as Anthropic's and Neuronpedia's feature
 # dashboards show them): how many per range, and each range's heading (Store.feature_examples_by_band's bands).
 N_EXAMPLES_PER_BAND = 6
-BAND_TITLES = ("Top 10% of its activations (after the top images)", "Between the median and the top 10%", "Below the median")
+BAND_TITLES = ("Top 10% of its activations (after the top images)", "Between the median and the top 10%",
+               "Below the median")
 
 
 def _example_picture(data: SiteData, image_id: int, corpus_path: str | None):
