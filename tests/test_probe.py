@@ -78,6 +78,19 @@ def test_readout_whole_vs_cut(tiny_sweeps):
     assert foreground(half.image).sum() < 0.6 * foreground(whole.image).sum()
 
 
+def test_drawn_shapes_are_kept_and_handed_out_as_copies():
+    """Every config load parses the sweeps, so a drawn shape is drawn once per process; a caller that
+    paints on what it got does not change what the next one gets."""
+    first = probe.load_object("shape:circle:red")
+    before = np.asarray(first).copy()
+    first.paste((0, 0, 255, 255), (0, 0, first.width, first.height))
+    again = probe.load_object("shape:circle:red")
+    assert again is not first
+    np.testing.assert_array_equal(np.asarray(again), before)
+    assert probe._drawn_shape.cache_info().hits >= 1
+    assert not np.array_equal(np.asarray(probe.load_object("shape:circle:blue")), before)
+
+
 def test_count_that_does_not_fit_is_a_user_error():
     cfg = ProbeConfig(canvas=64, sweeps=({"name": "x", "kind": "count", "object": "shape:circle:red", "size": 30,
                                           "max_count": 9},))

@@ -19,6 +19,7 @@ Sweeps are TOML tables under `[[probe.sweeps]]` (schema in docs/PIPELINE.md "Pro
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -74,15 +75,23 @@ def _crop_to_alpha(obj: Image.Image) -> Image.Image:
     return obj.crop(box)
 
 
+@functools.lru_cache(maxsize=32)
+def _drawn_shape(kind: str, rgb: tuple[int, int, int]) -> Image.Image:
+    """A drawn shape, cropped; kept, as every config load parses the sweeps (drawing one at 4× supersampling
+    takes ~0.1 s, and the tiny preset's sweeps use the same circle five times). Callers get copies."""
+    from ..tinyset import draw_object
+    return _crop_to_alpha(draw_object(kind, rgb, _DRAW_PX))
+
+
 def load_object(spec: str, key: str = "", where: str = "probe") -> Image.Image:
     """An RGBA object cropped to its visible box: `shape:KIND:COLOUR` (drawn by tinyset) or an image file."""
     if spec.startswith("shape:"):
-        from ..tinyset import OBJECT_KINDS, draw_object
+        from ..tinyset import OBJECT_KINDS
         parts = spec.split(":", 2)
         if len(parts) != 3 or parts[1] not in OBJECT_KINDS:
             raise AtlasError(f"{where}: object {spec!r} is not shape:KIND:COLOUR",
                              f"KIND is one of {', '.join(OBJECT_KINDS)}; e.g. shape:circle:red")
-        return _crop_to_alpha(draw_object(parts[1], _colour(parts[2], where), _DRAW_PX))
+        return _drawn_shape(parts[1], _colour(parts[2], where)).copy()
     path = Path(spec).expanduser()
     if not path.is_file():
         raise AtlasError(f"{where}: object {spec!r} is neither shape:KIND:COLOUR nor an existing image file",
