@@ -30,7 +30,7 @@ def vits16_config():
 
 
 def tiny_config(image_size: int = 112):
-    """A 2-layer DINOv3 small enough that the whole tiny pipeline runs in about a minute on 2 cores."""
+    """A 2-layer DINOv3 small enough that the whole tiny pipeline runs in a few minutes on 2 cores."""
     from transformers import DINOv3ViTConfig
     return DINOv3ViTConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
                            patch_size=16, image_size=image_size, num_register_tokens=4)
