@@ -34,20 +34,30 @@ class ThreadTuner:
         self.retune_every = retune_every
         self.timings: dict[int, float] = {}
         self.chosen: int | None = self.candidates[0] if len(self.candidates) == 1 else None
-        self.last_chosen: int | None = self.chosen  # what the run mostly used (for the summary)
         self._n_seen = 0
         self._trial = -1  # -1: warm-up batch
         self._since_choice = 0
+        self._n_items_by_threads: dict[int, int] = {}  # images (or target-steps) run at each thread count
+
+    @property
+    def mostly_used(self) -> int:
+        """The thread count that ran the most work (what a summary reports: the last choice can come from a
+        retune on the few items of a run's tail)."""
+        if not self._n_items_by_threads:
+            return self.chosen or self.candidates[0]
+        return max(self._n_items_by_threads, key=self._n_items_by_threads.get)
 
     def before_batch(self) -> None:
         if self.chosen is not None and len(self.candidates) > 1 and self._since_choice >= self.retune_every:
-            self.last_chosen, self.chosen, self.timings, self._trial = self.chosen, None, {}, 0
+            self.chosen, self.timings, self._trial = None, {}, 0
         if self.chosen is not None:
             torch.set_num_threads(self.chosen)
         else:
             torch.set_num_threads(self.candidates[max(0, self._trial)])
 
     def after_batch(self, seconds: float, n_images: int) -> None:
+        n_threads = torch.get_num_threads()
+        self._n_items_by_threads[n_threads] = self._n_items_by_threads.get(n_threads, 0) + n_images
         if self.chosen is not None:
             self._since_choice += 1
             return
@@ -55,7 +65,7 @@ class ThreadTuner:
             self.timings[self.candidates[self._trial]] = seconds / max(1, n_images)
         self._trial += 1
         if self._trial == len(self.candidates):
-            self.chosen = self.last_chosen = min(self.timings, key=self.timings.get)
+            self.chosen = min(self.timings, key=self.timings.get)
             self._since_choice = 0
 
 

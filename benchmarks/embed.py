@@ -111,7 +111,7 @@ def today_embed(cfg: EmbedConfig, store: Store) -> dict:
                 n_embedded += len(chunk_ids)
     seconds = time.perf_counter() - t0
     return {"n_embedded": n_embedded, "images_per_s": round(n_embedded / seconds, 1),
-            "n_threads": tuner.last_chosen or tuner.candidates[0], "dtype": str(model.dtype).replace("torch.", ""),
+            "n_threads": tuner.mostly_used, "dtype": str(model.dtype).replace("torch.", ""),
             "batch_size": cfg.batch_size, "n_workers": cfg.n_workers}
 
 

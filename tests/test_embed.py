@@ -283,9 +283,11 @@ def test_thread_tuner_keeps_the_fastest(monkeypatch):
             used.append(torch.get_num_threads())
             tuner.after_batch(seconds_per_image[used[-1]] * 8, 8)
         assert used[:4] == [1, 1, 2, 4], "warm-up, then each candidate once, fewest threads first"
-        assert used[4:] == [2] * 5 and tuner.last_chosen == 2
+        assert used[4:] == [2] * 5 and tuner.mostly_used == 2
         tuner.before_batch()
         assert torch.get_num_threads() == 1, "after retune_every batches the candidates are timed again"
+        tuner.after_batch(0.1, 1)  # a run's tail: one item, timed at one thread
+        assert tuner.mostly_used == 2, "the summary reports the count that ran most of the work"
         assert threads.ThreadTuner(3, n_batches=100).candidates == [3], "an explicit n_threads is kept"
         assert threads.ThreadTuner(0, n_batches=3).candidates == [4], "too few batches to tune: all cores"
     finally:

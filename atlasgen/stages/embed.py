@@ -302,7 +302,7 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
     return {"n_embedded": n_embedded, "n_resumed": n_done_before, "n_embeddings": store.count("embeddings"),
             "n_skipped": len(skipped), "dim": model.dim, "dtype": str(model.dtype).replace("torch.", ""),
             "images_per_s": round(n_embedded / seconds, 1) if seconds > 0 else None,
-            "n_threads": tuner.last_chosen or tuner.candidates[0], "batch_size": batch_size,
+            "n_threads": tuner.mostly_used, "batch_size": batch_size,
             "n_workers": n_workers, "timeline_s": {k: round(v, 3) for k, v in {**timeline_s, "done": seconds}.items()}}
 
 

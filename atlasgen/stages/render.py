@@ -494,8 +494,8 @@ def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
         summary.update({"n_slots": sz.n_slots, "views_per_pass": sz.views_per_pass, "unit_targets": sz.unit_targets,
                         "compiled": ctx.compiled if ctx is not None else sz.compile})
         say(f"render: {meter.line()}")
-    if tuner is not None and tuner.chosen:
-        summary["n_threads"] = tuner.chosen
+    if tuner is not None and todo:
+        summary["n_threads"] = tuner.mostly_used
     if executor.remote:
         summary.update(executor=executor.name, n_workers=executor.n_workers)
     return summary
