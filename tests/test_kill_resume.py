@@ -14,7 +14,7 @@ import numpy as np
 
 from atlasgen.store import Store
 
-N_IMAGES = 1200
+N_IMAGES = 480
 
 
 def _children(pid: int) -> list[int]:
