@@ -168,10 +168,10 @@ class EmbeddingModel(torch.nn.Module):
 
 class PatchConv2d(torch.nn.Conv2d):
     """A ViT's patch embedding (a convolution whose stride is its kernel, no padding) that runs on a CPU as
-    one GEMM over the non-overlapping patches: the same sums, ~3–7× faster forward and backward than oneDNN's
-    strided convolution there (measured on our 2-core AVX-512 box: 128 views of 112 px, fp32, 303 → 43 ms;
-    the render stage's backward was ~30 % of its time). On a GPU it is the convolution, unchanged. The
-    parameters, and so the state dict, are the convolution's."""
+    one GEMM over the non-overlapping patches: the same sums, 3.6–9.4× faster forward + backward than oneDNN's
+    strided convolution there (`benchmarks/patch_embed.py` on our 2-core AVX-512 box; its backward was ~30 % of
+    the tiny render). On a GPU it is the convolution, unchanged. The parameters, and so the state dict, are
+    the convolution's."""
 
     def forward(self, x_bchw: torch.Tensor) -> torch.Tensor:
         if x_bchw.device.type != "cpu":
