@@ -489,11 +489,8 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
                     lines.append(_Journal.line(index, cand.source, stat, None, 0, 0, reason))
                 else:
                     image_id = len(rows["image_id"])
-                    corpus_path = corpus_rel(image_id)
-                    os.replace(f"{incoming_prefix}{index}.jpg", out_prefix + corpus_path)
-                    for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
-                                       ("width", width), ("height", height), ("corpus_path", corpus_path)):
-                        rows[key].append(value)
+                    corpus_path = _add_image_row(rows, image_id, cand, width, height)
+                    os.replace(f"{incoming_prefix}{index}.jpg", out_prefix + corpus_path)  # a failure ends the run
                     lines.append(_Journal.line(index, cand.source, stat, image_id, width, height, None))
                 if cfg.limit and len(rows["image_id"]) >= cfg.limit:
                     break
@@ -501,6 +498,15 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
             journal.append(lines)
             if cfg.limit and len(rows["image_id"]) >= cfg.limit:
                 break
+
+
+def _add_image_row(rows: dict[str, list], image_id: int, cand: Candidate, width: int, height: int) -> str:
+    """Append an accepted image's row (a fresh read's or a journalled one's); returns its corpus path."""
+    corpus_path = corpus_rel(image_id)
+    for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label), ("width", width),
+                       ("height", height), ("corpus_path", corpus_path)):
+        rows[key].append(value)
+    return corpus_path
 
 
 def _tasks(candidates: Iterator[Candidate], first_index: int, task_size: int
@@ -606,10 +612,7 @@ class _Journal:
             if reason is not None:
                 skipped.append((cand.source, reason))
             else:
-                corpus_path = corpus_rel(image_id)
-                for key, value in (("image_id", image_id), ("source", cand.source), ("label", cand.label),
-                                   ("width", width), ("height", height), ("corpus_path", corpus_path)):
-                    rows[key].append(value)
+                _add_image_row(rows, image_id, cand, width, height)
                 self.max_image_id = max(self.max_image_id, image_id)
             self.n_resumed += 1
             progress.update(1)
