@@ -34,7 +34,6 @@ class ThreadTuner:
         self.retune_every = retune_every
         self.timings: dict[int, float] = {}
         self.chosen: int | None = self.candidates[0] if len(self.candidates) == 1 else None
-        self._n_seen = 0
         self._trial = -1  # -1: warm-up batch
         self._since_choice = 0
         self._n_items_by_threads: dict[int, int] = {}  # images (or target-steps) run at each thread count
