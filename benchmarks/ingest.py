@@ -13,6 +13,9 @@ check that both paths produced the same rows and byte-identical corpus copies.
     python benchmarks/ingest.py                      # 400 images, best of 2 rounds: a 2-core box, ~1 minute
     python benchmarks/ingest.py --quick              # 200 images
 
+The new path also runs with its resize kernels (atlasgen.resample) forced on, or with --new-only forced off, so
+one run shows what they change; a line before the runs times the resize alone and the kernels' start-up.
+
 Every run prints its line as it ends (indented), so a run cut short by a timeout still shows what it measured;
 the summary follows.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +38,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from atlasgen import resample  # noqa: E402
 from atlasgen.config import IngestConfig  # noqa: E402
 from atlasgen.paths import atomic_path  # noqa: E402
 from atlasgen.progress import set_quiet  # noqa: E402
@@ -120,6 +125,50 @@ def today_ingest(cfg: IngestConfig, store: Store) -> dict:
     return {"n_images": len(rows["image_id"])}
 
 
+def ingest_with_kernels(on: bool):
+    """The stage with the resize kernels forced on or off, whatever the corpus size (`MIN_IMAGES_PER_WORKER`)."""
+    def run(cfg: IngestConfig, store: Store) -> dict:
+        saved = resample.MIN_IMAGES_PER_WORKER
+        resample.MIN_IMAGES_PER_WORKER = 0 if on else 10 ** 12
+        try:
+            return ingest.run(cfg, store)
+        finally:
+            resample.MIN_IMAGES_PER_WORKER = saved
+    return run
+
+
+def resize_line(folder: Path) -> str:
+    """The worker's biggest step, one 500×375 picture shrunk to 341×256: Pillow against the kernels (best of 3 ×
+    100 calls), and the kernels' start-up in a fresh process (which the stage runs below only pay once: this
+    process keeps them loaded)."""
+    picture = Image.open(next(folder.rglob("*.jpg"))).convert("RGB")
+    code = "from atlasgen import resample; import sys; sys.exit(resample.prepare() is not None)"
+    start_s = []  # two fresh processes: the first compiles if nothing is cached yet
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fresh = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent)
+        start_s.append(time.perf_counter() - t0)
+    why_not = resample.prepare()
+    if fresh.returncode or why_not:
+        return f"resize kernels unavailable here: {why_not}"
+
+    def best_ms(fn) -> float:
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(100):
+                fn()
+            runs.append((time.perf_counter() - t0) * 10)
+        return min(runs)
+    pil_ms = best_ms(lambda: picture.resize((341, 256), Image.BICUBIC, reducing_gap=3.0))
+    kernel_ms = best_ms(lambda: resample.bicubic(picture, (341, 256)))
+    return (f"resize of one 500×375 picture to 341×256 (a worker's biggest step): Pillow {pil_ms:.2f} ms, kernels "
+            f"{kernel_ms:.2f} ms ({pil_ms / kernel_ms:.2f}x); the kernels' start-up in a fresh process (python, "
+            f"numba, the first call) {start_s[1]:.2f} s ({start_s[0]:.2f} s the time before, which compiles if "
+            f"nothing was cached); the stage uses them from "
+            f"{resample.MIN_IMAGES_PER_WORKER:,} images per worker")
+
+
 # --- measuring ----------------------------------------------------------------------------------------------
 def measure(fn, cfg: IngestConfig, out_dir: Path) -> tuple[float, int, PeakMemory, dict]:
     """(seconds, images, peak memory of this process and its workers, the stage's timeline if it keeps one) of
@@ -188,6 +237,7 @@ def main() -> None:
             listing[name] = time.perf_counter() - t0
         print(f"listing the {n_images} files (serial, before any decoding): today's {listing['today']:.3f} s, "
               f"new {listing['new']:.3f} s ({listing['today'] / max(listing['new'], 1e-9):.1f}x)", flush=True)
+        print(resize_line(folder), flush=True)
         # (name, function, config, both sizes): the extra baseline with more threads is timed at N only.
         today_name = "today's path (2 decode threads, the old default)"
         contenders = [(today_name, today_ingest, IngestConfig(source=source, n_workers=2), True)]
@@ -199,6 +249,11 @@ def main() -> None:
         n_new = resolve_n_workers(args.n_workers)
         contenders.append((f"new path ({n_new} worker processes)", ingest.run,
                            IngestConfig(source=source, n_workers=args.n_workers), True))
+        # The resize kernels against Pillow within the new path: forced on at the issue's size, where the stage
+        # would not use them; forced off at a scale check's, where it would.
+        contenders.append((f"new path, resize kernels {'off' if args.new_only else 'on'} (forced)",
+                           ingest_with_kernels(not args.new_only), IngestConfig(source=source,
+                                                                                n_workers=args.n_workers), True))
         small: dict[str, tuple[int, PeakMemory, float]] = {}  # name → (images, peak, seconds)
         best: dict[str, tuple[float, int, PeakMemory, dict]] = {}  # name → measure() of the fastest round
         for k, (name, fn, cfg, both_sizes) in enumerate(contenders):  # the small size: memory only
@@ -227,6 +282,10 @@ def main() -> None:
             vs = (f"   {rate / (best[today_name][1] / best[today_name][0]):.2f}x today's"
                   if name != today_name and today_name in best else "")
             print(f"{name}, {n_done} images: {rate:8.1f} img/s ({seconds:.1f} s){vs}", flush=True)
+        new_name, kernels_name = contenders[-2][0], contenders[-1][0]
+        if new_name in best and kernels_name in best:
+            ratio = (best[kernels_name][1] / best[kernels_name][0]) / (best[new_name][1] / best[new_name][0])
+            print(f"{kernels_name}: {ratio:.2f}x the rate of the {new_name}", flush=True)
         for name, (n_a, p_a, _) in small.items():
             if name in best:
                 n_b, p_b = best[name][1], best[name][2]
@@ -241,10 +300,10 @@ def main() -> None:
                 print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady; at 50,000 "
                       f"images ~{50_000 / (fixed + 50_000 / steady):,.0f} img/s (an estimate from two measured "
                       f"points)", flush=True)
-        if len(contenders) > 1:
+        for k in range(1, len(contenders)):
             try:
-                same = same_result(tmp_path / "out0-0", tmp_path / f"out{len(contenders) - 1}-0")
-                print(f"new path's result identical to today's: {same}", flush=True)
+                same = same_result(tmp_path / "out0-0", tmp_path / f"out{k}-0")
+                print(f"result of {contenders[k][0]} identical to {contenders[0][0]}'s: {same}", flush=True)
             except Exception as e:
                 print(f"comparison FAILED: {type(e).__name__}: {e}", flush=True)
     print(f"benchmark wall time: {time.perf_counter() - t_start:.1f} s", flush=True)

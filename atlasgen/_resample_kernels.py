@@ -1,0 +1,103 @@
+"""The numba kernels behind `atlasgen.resample` (a module of their own so that numba is imported, and the
+kernels compiled or loaded from numba's cache beside this file, only when a run uses them)."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+BITS = 22  # coefficient scale 2**BITS: 8 bits of pixel + 2 bits of overshoot fit in an int32 sum
+
+@numba.njit(cache=True)
+def coefficients(in_size, out_size):
+    """Per output index: the first input index, the number of taps, and the taps as fixed-point ints
+    (the bicubic kernel with a = -0.5, widened by the shrink factor, normalised to sum 1)."""
+    scale = np.float64(np.float32(in_size)) / out_size  # Pillow takes the box edges as floats
+    filter_scale = max(scale, 1.0)
+    support = 2.0 * filter_scale
+    n_taps_max = int(np.ceil(support)) * 2 + 1
+    taps = np.zeros((out_size, n_taps_max), np.int32)
+    bounds = np.zeros((out_size, 2), np.int32)
+    weights = np.zeros(n_taps_max, np.float64)
+    inv_scale = 1.0 / filter_scale
+    for o in range(out_size):
+        center = 0.0 + (o + 0.5) * scale
+        first = max(int(center - support + 0.5), 0)
+        n_taps = min(int(center + support + 0.5), in_size) - first
+        total = 0.0
+        for t in range(n_taps):
+            x = abs(((t + first) - center + 0.5) * inv_scale)
+            if x < 1.0:
+                w = (1.5 * x - 2.5) * x * x + 1
+            elif x < 2.0:
+                w = (((x - 5) * x + 8) * x - 4) * -0.5
+            else:
+                w = 0.0
+            weights[t] = w
+            total += w
+        for t in range(n_taps):
+            w = weights[t] / total if total != 0.0 else weights[t]
+            taps[o, t] = int(w * (1 << BITS) - 0.5) if w < 0 else int(w * (1 << BITS) + 0.5)
+        bounds[o, 0] = first
+        bounds[o, 1] = n_taps
+    return taps, bounds
+
+@numba.njit(cache=True)
+def filter_rows(src, taps, bounds, row_offset):
+    """Filter along axis 0 of an (rows, cols, 3) array: each output row is a weighted sum of whole input
+    rows, so the inner loop runs over contiguous memory."""
+    n_out = taps.shape[0]
+    n_cols = src.shape[1] * 3
+    src2 = src.reshape(src.shape[0], n_cols)
+    out = np.empty((n_out, src.shape[1], 3), np.uint8)
+    out2 = out.reshape(n_out, n_cols)
+    acc = np.empty(n_cols, np.int32)
+    for o in range(n_out):
+        acc[:] = np.int32(1 << (BITS - 1))  # rounds the final shift to nearest
+        first = bounds[o, 0] - row_offset
+        for t in range(bounds[o, 1]):
+            w = taps[o, t]
+            row = src2[first + t]
+            for i in range(n_cols):
+                acc[i] += np.int32(row[i]) * w
+        for i in range(n_cols):
+            v = acc[i] >> BITS
+            out2[o, i] = 0 if v < 0 else (255 if v > 255 else v)
+    return out
+
+@numba.njit(cache=True)
+def transpose(src):
+    """(rows, cols, 3) → (cols, rows, 3), in 32×32 tiles that stay in cache."""
+    n_rows, n_cols = src.shape[0], src.shape[1]
+    out = np.empty((n_cols, n_rows, 3), np.uint8)
+    for r0 in range(0, n_rows, 32):
+        for c0 in range(0, n_cols, 32):
+            for c in range(c0, min(n_cols, c0 + 32)):
+                for r in range(r0, min(n_rows, r0 + 32)):
+                    out[c, r, 0] = src[r, c, 0]
+                    out[c, r, 1] = src[r, c, 1]
+                    out[c, r, 2] = src[r, c, 2]
+    return out
+
+@numba.njit(cache=True)
+def resize(src, out_w, out_h, vertical_first):
+    in_h, in_w = src.shape[0], src.shape[1]
+    taps_v, bounds_v = coefficients(in_h, out_h)
+    taps_h, bounds_h = coefficients(in_w, out_w)
+    out = src
+    if vertical_first:
+        if out_h != in_h:
+            out = filter_rows(out, taps_v, bounds_v, 0)
+        if out_w != in_w:
+            out = transpose(filter_rows(transpose(out), taps_h, bounds_h, 0))
+        return out
+    # Width first, over only the rows the height pass reads.
+    first_row = bounds_v[0, 0] if out_h != in_h else 0
+    end_row = bounds_v[out_h - 1, 0] + bounds_v[out_h - 1, 1] if out_h != in_h else in_h
+    if out_w != in_w:
+        out = transpose(filter_rows(transpose(src[first_row:end_row]), taps_h, bounds_h, 0))
+    else:
+        first_row = 0
+    if out_h != in_h:
+        out = filter_rows(out, taps_v, bounds_v, first_row)
+    return out.copy() if out is src else out
+

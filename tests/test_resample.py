@@ -1,0 +1,122 @@
+"""atlasgen.resample: the numba kernels give Pillow's BICUBIC resize byte for byte, ingest uses them for big
+corpora with the same corpus bytes, and falls back to Pillow when they are unavailable or disagree."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atlasgen import resample
+from atlasgen.config import load_config
+from atlasgen.pipeline import run_stages
+from atlasgen.progress import set_quiet
+from atlasgen.store import Store
+
+
+@pytest.fixture(scope="module")
+def kernels_ready():
+    assert resample.prepare() is None, "numba is a dependency: the kernels must compile and match this Pillow"
+
+
+def _random_sizes(rng: np.random.Generator, n: int):
+    """(in_hw, out_hw) pairs: shrinks, stretches, one axis only, tall squeezes (Pillow 13's vertical-first
+    case), one-pixel sides."""
+    for i in range(n):
+        in_h, in_w = (int(v) for v in rng.integers(1, 400, 2))
+        out_h, out_w = (int(v) for v in rng.integers(1, 450, 2))
+        if i % 5 == 0:
+            out_w = in_w
+        if i % 7 == 0:
+            out_h = in_h
+        if i % 4 == 1:
+            in_h, out_h, out_w = in_h + 200, max(1, in_h // 5), max(1, in_w - 3)
+        if (out_h, out_w) != (in_h, in_w):
+            yield (in_h, in_w), (out_h, out_w)
+
+
+def test_bicubic_matches_pillow_byte_for_byte(kernels_ready):
+    rng = np.random.default_rng(0)
+    n_checked = n_vertical_first = 0
+    for (in_h, in_w), (out_h, out_w) in _random_sizes(rng, 160):
+        src_hwc = rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+        if n_checked % 2:  # smooth pictures too, not only noise
+            src_hwc = np.cumsum(src_hwc, axis=1, dtype=np.uint32).astype(np.uint8)
+        picture = Image.fromarray(src_hwc)
+        got = resample.bicubic(picture, (out_w, out_h))
+        want = picture.resize((out_w, out_h), Image.BICUBIC)
+        assert got.size == want.size and got.mode == "RGB"
+        assert got.tobytes() == want.tobytes(), f"{in_w}×{in_h} → {out_w}×{out_h}"
+        n_checked += 1
+        n_vertical_first += in_h - out_h > 2 * max(0, in_w - out_w) and in_h > out_h
+    assert n_checked > 120 and n_vertical_first > 20
+
+
+def test_the_pass_order_matters_so_the_check_can_fail(kernels_ready):
+    """A tall squeeze resampled in the other pass order differs from Pillow: prepare()'s check against the
+    installed Pillow is what keeps the bytes the same."""
+    src_hwc = np.random.default_rng(1).integers(0, 256, (300, 40, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(src_hwc).resize((37, 60), Image.BICUBIC))
+    runs = {rule: resample._run(resample._kernels, src_hwc, (60, 37), rule) for rule in (True, False)}
+    assert np.array_equal(runs[resample._vertical_first_rule], want)
+    assert not np.array_equal(runs[not resample._vertical_first_rule], want)
+
+
+def test_prepare_reports_why_the_kernels_are_off(monkeypatch):
+    monkeypatch.setattr(resample, "_kernels", None)
+
+    def no_numba():
+        raise ModuleNotFoundError("No module named 'numba'")
+
+    monkeypatch.setattr(resample, "_compile", no_numba)
+    assert resample.prepare() == "numba kernels unavailable: No module named 'numba'"
+    monkeypatch.setattr(resample, "_compile", lambda: lambda src, w, h, vertical_first: np.zeros((h, w, 3), np.uint8))
+    assert resample.prepare() == "numba kernels differ from this Pillow's resize"
+    assert resample._kernels is None
+
+
+def _big_photo_folder(folder: Path) -> Path:
+    """JPEGs larger than a 64 px corpus side in both orientations, a tall strip (vertical pass first), one
+    already small enough, and a PNG over 6× the side (Pillow's reduce step: not the kernels' case)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i, (h, w) in enumerate([(75, 100), (100, 75), (97, 131), (400, 70), (50, 60), (90, 91)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (420, 500, 3), dtype=np.uint8)).save(folder / "big.png")
+    return folder
+
+
+def _ingest_copies(out_dir: Path, folder: Path) -> tuple[dict, list[bytes]]:
+    set_quiet(True)
+    cfg = load_config("tiny", overrides={"ingest": {"source": f"folder:{folder}", "corpus_side": 64,
+                                                    "n_workers": 2}})
+    with Store.open(out_dir) as store:
+        summary = run_stages(cfg, store, ["ingest"])["ingest"]
+        paths = [r[0] for r in store.query("SELECT corpus_path FROM images ORDER BY image_id")]
+    return summary, [(out_dir / p).read_bytes() for p in paths]
+
+
+def test_ingest_uses_the_kernels_for_a_big_corpus_with_the_same_bytes(tmp_path, monkeypatch, kernels_ready):
+    folder = _big_photo_folder(tmp_path / "in")
+    small, pillow_copies = _ingest_copies(tmp_path / "pillow", folder)
+    assert small["fast_resize"] is False and "kernels_ready" not in small["timeline_s"]
+    monkeypatch.setattr(resample, "MIN_IMAGES_PER_WORKER", 1)  # this corpus counts as big
+    big, kernel_copies = _ingest_copies(tmp_path / "kernels", folder)
+    assert big["fast_resize"] is True and big["timeline_s"]["kernels_ready"] <= big["timeline_s"]["done"]
+    assert len(kernel_copies) == 7 and kernel_copies == pillow_copies
+    # The workers did call the kernels: for the five pictures they shrink (not big.png, listed first, which takes
+    # Pillow's reduce step, nor the one already small), a stand-in changes the copies.
+    monkeypatch.setattr(resample, "bicubic", lambda rgb, size: Image.new("RGB", size))
+    _, stand_in_copies = _ingest_copies(tmp_path / "stand-in", folder)
+    assert [a != b for a, b in zip(stand_in_copies, pillow_copies)] == [False, True, True, True, True, False, True]
+
+
+def test_ingest_falls_back_to_pillow_when_the_kernels_disagree(tmp_path, monkeypatch):
+    folder = _big_photo_folder(tmp_path / "in")
+    _, pillow_copies = _ingest_copies(tmp_path / "pillow", folder)
+    monkeypatch.setattr(resample, "MIN_IMAGES_PER_WORKER", 1)
+    monkeypatch.setattr(resample, "_kernels", None)
+    monkeypatch.setattr(resample, "_compile", lambda: lambda src, w, h, vertical_first: np.zeros((h, w, 3), np.uint8))
+    summary, copies = _ingest_copies(tmp_path / "fallback", folder)
+    assert summary["fast_resize"] is False and copies == pillow_copies
