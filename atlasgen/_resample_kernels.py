@@ -1,5 +1,6 @@
 """The numba kernels behind `atlasgen.resample` (a module of their own so that numba is imported, and the
-kernels compiled or loaded from numba's cache beside this file, only when a run uses them)."""
+kernels compiled or loaded from numba's cache beside this file, only when a run uses them). They release the
+GIL, as Pillow's resize does, for where the workers are threads (no fork)."""
 from __future__ import annotations
 
 import numba
@@ -7,7 +8,8 @@ import numpy as np
 
 BITS = 22  # coefficient scale 2**BITS: 8 bits of pixel + 2 bits of overshoot fit in an int32 sum
 
-@numba.njit(cache=True)
+
+@numba.njit(cache=True, nogil=True)
 def coefficients(in_size, out_size):
     """Per output index: the first input index, the number of taps, and the taps as fixed-point ints
     (the bicubic kernel with a = -0.5, widened by the shrink factor, normalised to sum 1)."""
@@ -41,7 +43,7 @@ def coefficients(in_size, out_size):
         bounds[o, 1] = n_taps
     return taps, bounds
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def filter_rows(src, taps, bounds, row_offset):
     """Filter along axis 0 of an (rows, cols, 3) array: each output row is a weighted sum of whole input
     rows, so the inner loop runs over contiguous memory."""
@@ -64,7 +66,7 @@ def filter_rows(src, taps, bounds, row_offset):
             out2[o, i] = 0 if v < 0 else (255 if v > 255 else v)
     return out
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def transpose(src):
     """(rows, cols, 3) → (cols, rows, 3), in 32×32 tiles that stay in cache."""
     n_rows, n_cols = src.shape[0], src.shape[1]
@@ -78,7 +80,7 @@ def transpose(src):
                     out[c, r, 2] = src[r, c, 2]
     return out
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def resize(src, out_w, out_h, vertical_first):
     in_h, in_w = src.shape[0], src.shape[1]
     taps_v, bounds_v = coefficients(in_h, out_h)

@@ -290,6 +290,7 @@ def test_hf_dataset_from_a_local_folder(tmp_path):
     store, summary = _ingest(tmp_path / "out", f"hf:{folder}:validation")
     with store:
         assert summary["n_images"] == 2 and summary["n_skipped"] == 1
+        assert summary["fast_resize"] is True, "a streamed dataset (size unknown up front) uses the resize kernels"
         assert store.query("SELECT source, label, width, height FROM images ORDER BY image_id") == [
             (f"hf://{folder}/validation/0", "church", 40, 30), (f"hf://{folder}/validation/2", "tench", 40, 30)]
         assert store.scalar("SELECT source FROM skipped_inputs") == f"hf://{folder}/validation/1"

@@ -427,6 +427,9 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     # Set before the workers fork, so they inherit it.
     pil_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max(cfg.max_pixels, pil_limit or 0)
+    if total is None:  # streamed: load it (where that fails, fail fast) before the kernels' start-up
+        stream = iter(candidates)
+        candidates = itertools.chain(list(itertools.islice(stream, 1)), stream)
     fast_resize = _prepare_fast_resize(total, n_workers)
     if fast_resize is not None:
         timeline_s["kernels_ready"] = time.perf_counter() - t0
