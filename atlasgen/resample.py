@@ -12,7 +12,7 @@ with the compiled code cached (the first call ever compiles, ~6 s, and caches it
 therefore uses the kernels only when each worker has enough images to win that back (`MIN_IMAGES_PER_WORKER`),
 prepares them in the parent before it forks its workers (which inherit the compiled code), and checks them
 against the installed Pillow first: a Pillow that resamples differently (Pillow 13 chose, for pictures squeezed
-mostly in height, to run the vertical pass first; older ones never did) is followed, or the kernels stay off.
+mostly in height, to run the vertical pass first; 12.0 never did) is followed, or the kernels stay off.
 """
 from __future__ import annotations
 
