@@ -43,6 +43,7 @@ def coefficients(in_size, out_size):
         bounds[o, 1] = n_taps
     return taps, bounds
 
+
 @numba.njit(cache=True, nogil=True)
 def filter_rows(src, taps, bounds, row_offset):
     """Filter along axis 0 of an (rows, cols, 3) array: each output row is a weighted sum of whole input
@@ -66,6 +67,7 @@ def filter_rows(src, taps, bounds, row_offset):
             out2[o, i] = 0 if v < 0 else (255 if v > 255 else v)
     return out
 
+
 @numba.njit(cache=True, nogil=True)
 def transpose(src):
     """(rows, cols, 3) → (cols, rows, 3), in 32×32 tiles that stay in cache."""
@@ -80,6 +82,7 @@ def transpose(src):
                     out[c, r, 2] = src[r, c, 2]
     return out
 
+
 @numba.njit(cache=True, nogil=True)
 def resize(src, out_w, out_h, vertical_first):
     in_h, in_w = src.shape[0], src.shape[1]
@@ -91,15 +94,14 @@ def resize(src, out_w, out_h, vertical_first):
             out = filter_rows(out, taps_v, bounds_v, 0)
         if out_w != in_w:
             out = transpose(filter_rows(transpose(out), taps_h, bounds_h, 0))
-        return out
-    # Width first, over only the rows the height pass reads.
-    first_row = bounds_v[0, 0] if out_h != in_h else 0
-    end_row = bounds_v[out_h - 1, 0] + bounds_v[out_h - 1, 1] if out_h != in_h else in_h
-    if out_w != in_w:
-        out = transpose(filter_rows(transpose(src[first_row:end_row]), taps_h, bounds_h, 0))
     else:
-        first_row = 0
-    if out_h != in_h:
-        out = filter_rows(out, taps_v, bounds_v, first_row)
-    return out.copy() if out is src else out
+        # Width first, over only the rows the height pass reads.
+        first_row, end_row = 0, in_h
+        if out_h != in_h and out_w != in_w:
+            first_row, end_row = bounds_v[0, 0], bounds_v[out_h - 1, 0] + bounds_v[out_h - 1, 1]
+        if out_w != in_w:
+            out = transpose(filter_rows(transpose(src[first_row:end_row]), taps_h, bounds_h, 0))
+        if out_h != in_h:
+            out = filter_rows(out, taps_v, bounds_v, first_row)
+    return out.copy() if out is src else out  # never hand back the caller's array
 

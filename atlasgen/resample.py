@@ -8,7 +8,7 @@ rounded to 8 bits between the two passes, in the same order of passes), but lay 
 runs over contiguous memory and vectorises: 1.6 ms for that call, array conversions included.
 
 Start-up is what limits it: importing numba and its first call cost ~0.9 s per process on our CPU box, even
-with the compiled code cached (the first call ever compiles, ~6 s, and caches it beside this file). Ingest
+with the compiled code cached (the first call ever compiles, 4–6 s, and caches it beside this file). Ingest
 therefore uses the kernels only when each worker has enough images to win that back (`MIN_IMAGES_PER_WORKER`),
 prepares them in the parent before it forks its workers (which inherit the compiled code), and checks them
 against the installed Pillow first: a Pillow that resamples differently (Pillow 13 chose, for pictures squeezed
