@@ -176,8 +176,9 @@ def resize_line(folder: Path) -> str:
             return f"resize check FAILED: {last}"
         got.append(json.loads(run.stdout.strip().splitlines()[-1]))
     first, second = got
-    if second["why_not"] or resample.prepare():
-        return f"resize kernels unavailable here: {second['why_not'] or resample.prepare()}"
+    why_not = second["why_not"] or resample.prepare()
+    if why_not:
+        return f"resize kernels unavailable here: {why_not}"
     return (f"resize of one 500×375 picture to 341×256 (a worker's biggest step): Pillow {second['pil_ms']:.2f} "
             f"ms, kernels {second['kernel_ms']:.2f} ms ({second['pil_ms'] / second['kernel_ms']:.2f}x); the "
             f"kernels' start-up (numba's import and first call, in a process with atlasgen loaded) "

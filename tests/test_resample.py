@@ -15,6 +15,11 @@ from atlasgen.progress import set_quiet
 from atlasgen.store import Store
 
 
+def _black_kernels(src_hwc, out_w, out_h, vertical_first):
+    """Kernels that disagree with Pillow: every picture black."""
+    return np.zeros((out_h, out_w, 3), np.uint8)
+
+
 @pytest.fixture(scope="module")
 def kernels_ready():
     assert resample.prepare() is None, "numba is a dependency: the kernels must compile and match this Pillow"
@@ -71,7 +76,7 @@ def test_prepare_reports_why_the_kernels_are_off(monkeypatch):
 
     monkeypatch.setattr(resample, "_compile", no_numba)
     assert resample.prepare() == "numba kernels unavailable: No module named 'numba'"
-    monkeypatch.setattr(resample, "_compile", lambda: lambda src, w, h, vertical_first: np.zeros((h, w, 3), np.uint8))
+    monkeypatch.setattr(resample, "_compile", lambda: _black_kernels)
     assert resample.prepare() == "numba kernels differ from this Pillow's resize"
     assert resample._kernels is None
 
@@ -117,6 +122,6 @@ def test_ingest_falls_back_to_pillow_when_the_kernels_disagree(tmp_path, monkeyp
     _, pillow_copies = _ingest_copies(tmp_path / "pillow", folder)
     monkeypatch.setattr(resample, "MIN_IMAGES_PER_WORKER", 1)
     monkeypatch.setattr(resample, "_kernels", None)
-    monkeypatch.setattr(resample, "_compile", lambda: lambda src, w, h, vertical_first: np.zeros((h, w, 3), np.uint8))
+    monkeypatch.setattr(resample, "_compile", lambda: _black_kernels)
     summary, copies = _ingest_copies(tmp_path / "fallback", folder)
     assert summary["fast_resize"] is False and copies == pillow_copies

@@ -430,14 +430,15 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     if total is None:  # streamed: load it (where that fails, fail fast) before the kernels' start-up
         stream = iter(candidates)
         candidates = itertools.chain(list(itertools.islice(stream, 1)), stream)
-    fast_resize = _prepare_fast_resize(total, n_workers)
-    if fast_resize is not None:
+    fast_resize = False
+    if total is None or total >= resample.MIN_IMAGES_PER_WORKER * n_workers:
+        fast_resize = _prepare_fast_resize()
         timeline_s["kernels_ready"] = time.perf_counter() - t0
     try:
         with _Journal(corpus_dir / JOURNAL_NAME) as journal, bar(total=total, desc="ingest", unit="img") as progress:
             rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit)
             if not (cfg.limit and len(rows["image_id"]) >= cfg.limit):
-                _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total, bool(fast_resize),
+                _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total, fast_resize,
                           on_first=lambda: timeline_s.setdefault("first_result", time.perf_counter() - t0))
             n_resumed, stale_ids = journal.n_resumed, journal.max_image_id
     finally:
@@ -459,16 +460,14 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         say(f"ingest: ... and {len(skipped) - 5} more skipped inputs")
     timeline_s["done"] = time.perf_counter() - t0
     return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": n_labels, "source": cfg.source,
-            "n_resumed": n_resumed, "n_workers": n_workers, "fast_resize": bool(fast_resize),
+            "n_resumed": n_resumed, "n_workers": n_workers, "fast_resize": fast_resize,
             "timeline_s": {k: round(v, 3) for k, v in timeline_s.items()}}
 
 
-def _prepare_fast_resize(total: int | None, n_workers: int) -> bool | None:
-    """Whether the workers shrink pictures with `resample.bicubic` (the same bytes as Pillow, faster, after a
-    ~1 s start-up): for a corpus big enough to repay that start-up, prepared here so the forked workers inherit
-    the compiled kernels. None: not tried (a small corpus)."""
-    if total is not None and total < resample.MIN_IMAGES_PER_WORKER * n_workers:
-        return None
+def _prepare_fast_resize() -> bool:
+    """Whether the workers can shrink pictures with `resample.bicubic` (the same bytes as Pillow, faster, after a
+    ~1 s start-up that `run` only pays for a corpus big enough to repay it): prepared here, so the forked workers
+    inherit the compiled kernels."""
     why_not = resample.prepare()
     if why_not is not None:
         say(f"ingest: resizing with Pillow alone ({why_not})")
