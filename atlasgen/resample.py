@@ -8,20 +8,23 @@ rounded to 8 bits between the two passes, in the same order of passes), but lay 
 runs over contiguous memory and vectorises: 1.6 ms for that call, array conversions included.
 
 Start-up is what limits it: importing numba and its first call cost ~0.9 s per process on our CPU box, even
-with the compiled code cached (the first call ever compiles, 4–6 s, and caches it beside this file). Ingest
-therefore uses the kernels only when each worker has enough images to win that back (`MIN_IMAGES_PER_WORKER`),
-prepares them in the parent before it forks its workers (which inherit the compiled code), and checks them
-against the installed Pillow first: a Pillow that resamples differently (Pillow 13 chose, for pictures squeezed
-mostly in height, to run the vertical pass first; 12.0 never did) is followed, or the kernels stay off.
+with the compiled code cached (the first call ever compiles, 4–6 s, and caches it beside this file). So ingest
+never waits for them: its workers start with Pillow while the main process prepares the kernels in a thread,
+then it forks fresh workers, which inherit the compiled code, for the rest of the corpus (`worth_loading`
+says when that pays). Before use they are checked against the installed Pillow: a Pillow that resamples
+differently (Pillow 13 chose, for pictures squeezed mostly in height, to run the vertical pass first; 12.0
+never did) is followed, or the kernels stay off.
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-# Below this many images per worker the ~0.9 s start-up outweighs the ~1.3 ms saved per image (break-even
-# ~700; the margin covers slower starts on other machines).
-MIN_IMAGES_PER_WORKER = 2000
+# While the kernels start (~0.9 s on one core) each worker resizes ~170 pictures with Pillow (5.4 ms each on our
+# CPU box); after it ~1.3 ms is saved per picture, which repays the start-up's core-second from ~700 pictures
+# on. Both with a margin, for slower starts on other machines.
+STARTUP_IMAGES_PER_WORKER = 200
+REPAY_IMAGES = 1000
 
 _kernels = None       # the compiled resize, once prepare() succeeded
 _vertical_first_rule = True  # whether the installed Pillow runs the vertical pass first for tall squeezes
@@ -31,6 +34,17 @@ def applies(width: int, height: int, out_width: int, out_height: int) -> bool:
     """Whether `Image.resize(..., BICUBIC, reducing_gap=3.0)` is a plain resize here (no `reduce()` step first,
     which Pillow takes from a 6× shrink on) that `bicubic` reproduces."""
     return width < 6 * out_width and height < 6 * out_height
+
+
+def worth_loading(n_images: int | None, n_workers: int) -> bool:
+    """Whether an ingest of `n_images` (None: a streamed dataset, size unknown) on `n_workers` should load the
+    kernels while its workers start with Pillow."""
+    return n_images is None or n_images >= n_workers * STARTUP_IMAGES_PER_WORKER + REPAY_IMAGES
+
+
+def ready() -> bool:
+    """Whether `prepare()` already succeeded in this process (then the kernels cost nothing more)."""
+    return _kernels is not None
 
 
 def prepare() -> str | None:

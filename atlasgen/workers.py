@@ -63,26 +63,45 @@ class WorkerPool:
     # --- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "WorkerPool":
         if self.processes:
-            ctx = mp.get_context("fork")
-            self._tasks = ctx.Queue()
-            self._results = ctx.Queue()
-            self._procs = [ctx.Process(target=_worker_loop, args=(self.fn, self._tasks, self._results, os.getpid()),
-                                       name=f"atlasgen-{self.name}-{i}", daemon=True) for i in range(self.n_workers)]
-            # Objects alive at the fork stay out of the children's garbage collector: a child that collects an
-            # inherited object another thread of this process was using (a Playwright greenlet, a DuckDB or
-            # torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open).
-            gc.freeze()
-            try:
-                for proc in self._procs:
-                    proc.start()
-            finally:
-                gc.unfreeze()
+            self._ctx = mp.get_context("fork")
+            self._results = self._ctx.Queue()
+            self._retired: list[tuple[Any, list]] = []  # (task queue, workers) replaced by swap()
+            self._tasks, self._procs = self._fork(self.fn)
         else:
             from concurrent.futures import ThreadPoolExecutor
             self._executor = ThreadPoolExecutor(self.n_workers, thread_name_prefix=f"atlasgen-{self.name}")
             self._futures: dict[Any, Any] = {}
         self._started = True
         return self
+
+    def _fork(self, fn: Callable[[Any], Any]) -> tuple[Any, list]:
+        """A task queue and `n_workers` processes forked now that run `fn` on its tasks."""
+        tasks = self._ctx.Queue()
+        procs = [self._ctx.Process(target=_worker_loop, args=(fn, tasks, self._results, os.getpid()),
+                                   name=f"atlasgen-{self.name}-{i}", daemon=True) for i in range(self.n_workers)]
+        # Objects alive at the fork stay out of the children's garbage collector: a child that collects an
+        # inherited object another thread of this process was using (a Playwright greenlet, a DuckDB or
+        # torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open).
+        gc.freeze()
+        try:
+            for proc in procs:
+                proc.start()
+        finally:
+            gc.unfreeze()
+        return tasks, procs
+
+    def swap(self, fn: Callable[[Any], Any]) -> None:
+        """Run the tasks submitted from now on with `fn`, in workers forked now, so they inherit what this process
+        has loaded since the pool started (ingest's resize kernels). The workers so far finish the tasks they
+        were given, then exit; results keep coming by key as before."""
+        assert self._started, "swap outside the pool's with-block"
+        self.fn = fn
+        if not self.processes:
+            return  # threads share this process: later submits simply call the new fn
+        for _ in self._procs:
+            self._tasks.put(None)  # after the tasks already queued: each worker stops once they are done
+        self._retired.append((self._tasks, self._procs))
+        self._tasks, self._procs = self._fork(fn)
 
     def __exit__(self, exc_type, *_) -> None:
         self.close(clean=exc_type is None)
@@ -98,18 +117,20 @@ class WorkerPool:
         if clean and self._n_pending == 0:
             for _ in self._procs:
                 self._tasks.put(None)
-            for proc in self._procs:
+            for proc in self._all_procs():
                 proc.join(timeout=5)
-        for proc in self._procs:
+        for proc in self._all_procs():
             if proc.is_alive():
                 proc.terminate()
-        for proc in self._procs:
+        for proc in self._all_procs():
             proc.join(timeout=5)
         # Tasks nobody will read must not keep this process waiting on the queue's feeder thread at exit.
-        self._tasks.cancel_join_thread()
-        self._results.cancel_join_thread()
-        self._tasks.close()
-        self._results.close()
+        for q in [self._tasks, self._results] + [tasks for tasks, _ in self._retired]:
+            q.cancel_join_thread()
+            q.close()
+
+    def _all_procs(self) -> list:
+        return [proc for _, procs in self._retired for proc in procs] + self._procs
 
     # --- work --------------------------------------------------------------------------------------
     def submit(self, key: Any, task: Any) -> None:
@@ -140,7 +161,9 @@ class WorkerPool:
         return value
 
     def _check_alive(self) -> None:
+        # A current worker never exits on its own; a retired one exits 0 once its tasks are done.
         dead = [p for p in self._procs if p.exitcode is not None]
+        dead += [p for _, procs in self._retired for p in procs if p.exitcode not in (None, 0)]
         if dead:
             codes = ", ".join(str(p.exitcode) for p in dead)
             raise AtlasError(f"{len(dead)} {self.name} worker process(es) died (exit code {codes})",

@@ -3,18 +3,20 @@ decode threads, every write in the main process) against the stage as it is now 
 and write the corpus copies; the main process only renames and journals), both in this run, on generated
 ImageNet-sized JPEGs (500×375, ~60 KB, one sub-folder per class).
 
-Each contender runs at two corpus sizes (N/4 and N); the rate is taken from the N run (the best of `--rounds`,
-alternating the contenders, as other jobs may share the machine), and the peak memory of
-memory at both sizes shows whether memory grows with the corpus: this process's peak RSS plus its workers' peak
-unique memory (USS; pages they share with this process count once). The last lines
-check that both paths produced the same rows and byte-identical corpus copies.
+Each run is a fresh process, as `atlasgen ingest` is: it pays its own start-up, the resize kernels' included
+where the stage loads them. Each contender runs at two corpus sizes (N/4 and N); the rate is taken from the N
+run (the best of `--rounds`, alternating the contenders, as other jobs may share the machine), and the peak
+memory at both sizes shows whether memory grows with the corpus: the process's peak RSS plus its workers' peak
+unique memory (USS; pages they share with the process count once). The last lines check that all paths
+produced the same rows and byte-identical corpus copies.
 
     python benchmarks/ingest.py --n-images 8000      # a 16-core machine (budget: well under 100 s)
     python benchmarks/ingest.py                      # 400 images, best of 2 rounds: a 2-core box, ~1 minute
     python benchmarks/ingest.py --quick              # 200 images
 
-The new path also runs with its resize kernels (atlasgen.resample) forced on, or with --new-only forced off, so
-one run shows what they change; a line before the runs times the resize alone and the kernels' start-up.
+The new path also runs with Pillow alone, so one run shows what the resize kernels (atlasgen.resample) change
+at each size: the stage loads them in a thread while its workers start with Pillow, for corpora big enough
+(`resample.worth_loading`). A line before the runs times the resize alone and the kernels' start-up.
 
 Every run prints its line as it ends (indented), so a run cut short by a timeout still shows what it measured;
 the summary follows.
@@ -33,6 +35,7 @@ from collections import deque
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable, Iterator
 
 from PIL import Image
@@ -126,16 +129,18 @@ def today_ingest(cfg: IngestConfig, store: Store) -> dict:
     return {"n_images": len(rows["image_id"])}
 
 
-def ingest_with_kernels(on: bool):
-    """The stage with the resize kernels forced on or off, whatever the corpus size (`MIN_IMAGES_PER_WORKER`)."""
-    def run(cfg: IngestConfig, store: Store) -> dict:
-        saved = resample.MIN_IMAGES_PER_WORKER
-        resample.MIN_IMAGES_PER_WORKER = 0 if on else 10 ** 12
-        try:
-            return ingest.run(cfg, store)
-        finally:
-            resample.MIN_IMAGES_PER_WORKER = saved
-    return run
+def ingest_without_kernels(cfg: IngestConfig, store: Store) -> dict:
+    """The stage with Pillow alone (the resize kernels never loaded, whatever the corpus size)."""
+    saved = resample.worth_loading
+    resample.worth_loading = lambda n_images, n_workers: False
+    try:
+        return ingest.run(cfg, store)
+    finally:
+        resample.worth_loading = saved
+
+
+# --one NAME runs one of these in a fresh process.
+PATHS = {"today": today_ingest, "new": ingest.run, "new-pillow": ingest_without_kernels}
 
 
 _RESIZE_CHECK = """
@@ -163,9 +168,7 @@ print(json.dumps({"why_not": why_not, "start_s": start_s, "pil_ms": pil_ms, "ker
 def resize_line(folder: Path) -> str:
     """The worker's biggest step, one 500×375 picture shrunk to 341×256: Pillow against the kernels (best of 3 ×
     100 calls), and the kernels' start-up (`resample.prepare()`: numba's import and first call), each in a fresh
-    process, twice (the first compiles if nothing is cached yet). Then this process loads them too, before any
-    run, so that every run's memory counts the same modules (numba adds ~0.1 GiB) and no run pays the
-    start-up: this line's figure is where it shows."""
+    process, twice (the first compiles if nothing is cached yet)."""
     picture_path = next(folder.rglob("*.jpg"))
     got = []
     for _ in range(2):
@@ -176,36 +179,60 @@ def resize_line(folder: Path) -> str:
             return f"resize check FAILED: {last}"
         got.append(json.loads(run.stdout.strip().splitlines()[-1]))
     first, second = got
-    why_not = second["why_not"] or resample.prepare()
-    if why_not:
-        return f"resize kernels unavailable here: {why_not}"
+    if second["why_not"]:
+        return f"resize kernels unavailable here: {second['why_not']}"
     return (f"resize of one 500×375 picture to 341×256 (a worker's biggest step): Pillow {second['pil_ms']:.2f} "
             f"ms, kernels {second['kernel_ms']:.2f} ms ({second['pil_ms'] / second['kernel_ms']:.2f}x); the "
             f"kernels' start-up (numba's import and first call, in a process with atlasgen loaded) "
             f"{second['start_s']:.2f} s ({first['start_s']:.2f} s the time before, which compiles if nothing was "
-            f"cached); the stage uses them from {resample.MIN_IMAGES_PER_WORKER:,} images per worker")
+            f"cached)")
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
-def measure(fn, cfg: IngestConfig, out_dir: Path) -> tuple[float, int, PeakMemory, dict]:
-    """(seconds, images, peak memory of this process and its workers, the stage's timeline if it keeps one) of
-    one ingest into a fresh folder."""
-    with Store.open(out_dir) as store:
+def one_run(args) -> None:
+    """`--one NAME`: a single ingest in this fresh process, as `atlasgen ingest` runs it (nothing loaded that the
+    stage loads itself, such as the resize kernels); prints one RESULT line of JSON."""
+    set_quiet(True)
+    cfg = IngestConfig(source=args.source, n_workers=args.n_workers, limit=args.limit)
+    with Store.open(Path(args.store)) as store:
         with PeakMemory() as peak:
             t0 = time.perf_counter()
-            summary = fn(cfg, store)
+            summary = PATHS[args.one](cfg, store)
             seconds = time.perf_counter() - t0
-    return seconds, summary["n_images"], peak, summary.get("timeline_s", {})
+    print("RESULT " + json.dumps({"seconds": seconds, "n_images": summary["n_images"],
+                                  "main_bytes": peak.main_bytes, "workers_bytes": peak.workers_bytes,
+                                  "timeline_s": summary.get("timeline_s", {}),
+                                  "fast_resize": summary.get("fast_resize")}), flush=True)
+
+
+def measure(which: str, cfg: IngestConfig, out_dir: Path) -> tuple[float, int, SimpleNamespace, dict]:
+    """(seconds, images, peak memory of the process and its workers, the stage's timeline and kernel use) of one
+    ingest into a fresh folder, in a fresh process: each path pays its own start-up, as `atlasgen ingest` does."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", which, "--store", str(out_dir),
+           "--source", cfg.source, "--n-workers", str(cfg.n_workers), "--limit", str(cfg.limit)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        raise RuntimeError(f"exit code {proc.returncode}: {proc.stderr.strip()[-3000:]}")
+    r = json.loads(results[-1][len("RESULT "):])
+    peak = SimpleNamespace(main_bytes=r["main_bytes"], workers_bytes=r["workers_bytes"],
+                           peak_bytes=r["main_bytes"] + r["workers_bytes"])
+    return r["seconds"], r["n_images"], peak, {**r["timeline_s"], "fast_resize": r["fast_resize"]}
 
 
 def _timeline(timeline: dict) -> str:
-    return (f"; timeline: inputs listed {timeline['listed']:.2f} s, first copies {timeline['first_result']:.2f} s, "
-            f"all read {timeline['read']:.2f} s, committed {timeline['done']:.2f} s"
-            if {"listed", "first_result", "read", "done"} <= set(timeline) else "")
+    if not {"listed", "first_result", "read", "done"} <= set(timeline):
+        return ""
+    kernels = ""
+    if "kernels_ready" in timeline:
+        kernels = (f", resize kernels ready {timeline['kernels_ready']:.2f} s "
+                   f"({'swapped in' if timeline['fast_resize'] else 'not used'})")
+    return (f"; timeline: inputs listed {timeline['listed']:.2f} s, first copies {timeline['first_result']:.2f} s"
+            f"{kernels}, all read {timeline['read']:.2f} s, committed {timeline['done']:.2f} s")
 
 
-def _mem(peak: PeakMemory) -> str:
-    return (f"{peak.peak_bytes / GIB:.2f} GiB (this process {peak.main_bytes / GIB:.2f} + workers "
+def _mem(peak: SimpleNamespace) -> str:
+    return (f"{peak.peak_bytes / GIB:.2f} GiB (the process {peak.main_bytes / GIB:.2f} + workers "
             f"{peak.workers_bytes / GIB:.2f})")
 
 
@@ -231,7 +258,15 @@ def main() -> None:
     parser.add_argument("--n-workers", type=int, default=0, help="the new path's workers (0: one per core)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds at size N, best kept (default: 1 with ≥ 8 "
                                                                "cores, else 2)")
+    # One run in a fresh process (what measure() starts): internal.
+    parser.add_argument("--one", choices=sorted(PATHS), help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        one_run(args)
+        return
     cores = n_cores()
     args.rounds = args.rounds or (1 if cores >= 8 else 2)
     n_images = args.n_images or (200 if args.quick else 8000 if cores >= 8 else 400)
@@ -255,38 +290,40 @@ def main() -> None:
         print(f"listing the {n_images} files (serial, before any decoding): today's {listing['today']:.3f} s, "
               f"new {listing['new']:.3f} s ({listing['today'] / max(listing['new'], 1e-9):.1f}x)", flush=True)
         print(resize_line(folder), flush=True)
-        # (name, function, config, both sizes): the extra baseline with more threads is timed at N only.
+        # (name, path, config, both sizes): the extra baseline with more threads is timed at N only.
         today_name = "today's path (2 decode threads, the old default)"
-        contenders = [(today_name, today_ingest, IngestConfig(source=source, n_workers=2), True)]
+        contenders = [(today_name, "today", IngestConfig(source=source, n_workers=2), True)]
         if args.new_only:
             contenders = []
         elif cores > 2:
-            contenders.append((f"today's path with {cores} decode threads", today_ingest,
+            contenders.append((f"today's path with {cores} decode threads", "today",
                                IngestConfig(source=source, n_workers=cores), False))
         n_new = resolve_n_workers(args.n_workers)
-        contenders.append((f"new path ({n_new} worker processes)", ingest.run,
-                           IngestConfig(source=source, n_workers=args.n_workers), True))
-        # The resize kernels against Pillow within the new path: forced on at the issue's size, where the stage
-        # would not use them; forced off at a scale check's, where it would.
-        contenders.append((f"new path, resize kernels {'off' if args.new_only else 'on'} (forced)",
-                           ingest_with_kernels(not args.new_only), IngestConfig(source=source,
-                                                                                n_workers=args.n_workers), True))
-        small: dict[str, tuple[int, PeakMemory, float]] = {}  # name → (images, peak, seconds)
-        best: dict[str, tuple[float, int, PeakMemory, dict]] = {}  # name → measure() of the fastest round
-        for k, (name, fn, cfg, both_sizes) in enumerate(contenders):  # the small size: memory only
+        new_cfg = IngestConfig(source=source, n_workers=args.n_workers)
+        # The stage as it is decides on the resize kernels by corpus size; against it, Pillow alone.
+        contenders.append((f"new path ({n_new} worker processes)", "new", new_cfg, True))
+        contenders.append((f"new path, Pillow alone (no resize kernels)", "new-pillow", new_cfg, True))
+        kernels_at = {size: resample.worth_loading(size, n_new) for size in (n_small, n_images)}
+        print(f"the new path loads its resize kernels (while its workers start with Pillow) at "
+              f"{n_small} images: {'yes' if kernels_at[n_small] else 'no'}, at {n_images}: "
+              f"{'yes' if kernels_at[n_images] else 'no'}", flush=True)
+        small: dict[str, tuple[int, SimpleNamespace, float, dict]] = {}  # name → (images, peak, seconds, timeline)
+        best: dict[str, tuple[float, int, SimpleNamespace, dict]] = {}  # name → measure() of the fastest round
+        for k, (name, which, cfg, both_sizes) in enumerate(contenders):  # the small size: memory only
             if both_sizes:
                 try:
-                    seconds, n_done, peak, timeline = measure(fn, replace(cfg, limit=n_small), tmp_path / f"small{k}")
-                    small[name] = (n_done, peak, seconds)
+                    seconds, n_done, peak, timeline = measure(which, replace(cfg, limit=n_small),
+                                                              tmp_path / f"small{k}")
+                    small[name] = (n_done, peak, seconds, timeline)
                     print(f"  {name}, {n_done} images: {n_done / seconds:.1f} img/s, peak memory {_mem(peak)}"
                           f"{_timeline(timeline)}", flush=True)
                 except Exception as e:  # one failing contender must not cost the others' figures
                     print(f"{name}, {n_small} images: FAILED: {type(e).__name__}: {e}", flush=True)
                     traceback.print_exc()
         for r in range(args.rounds):  # other jobs may share the machine: alternate, keep each one's best round
-            for k, (name, fn, cfg, _) in enumerate(contenders):
+            for k, (name, which, cfg, _) in enumerate(contenders):
                 try:
-                    got = measure(fn, cfg, tmp_path / f"out{k}-{r}")
+                    got = measure(which, cfg, tmp_path / f"out{k}-{r}")
                     print(f"  {name}, {got[1]} images: {got[1] / got[0]:.1f} img/s ({got[0]:.1f} s), peak memory "
                           f"{_mem(got[2])}{_timeline(got[3])}", flush=True)
                     if name not in best or got[0] < best[name][0]:
@@ -299,24 +336,30 @@ def main() -> None:
             vs = (f"   {rate / (best[today_name][1] / best[today_name][0]):.2f}x today's"
                   if name != today_name and today_name in best else "")
             print(f"{name}, {n_done} images: {rate:8.1f} img/s ({seconds:.1f} s){vs}", flush=True)
-        new_name, kernels_name = contenders[-2][0], contenders[-1][0]
-        if new_name in best and kernels_name in best:
-            ratio = (best[kernels_name][1] / best[kernels_name][0]) / (best[new_name][1] / best[new_name][0])
-            print(f"{kernels_name}: {ratio:.2f}x the rate of the {new_name}", flush=True)
-        for name, (n_a, p_a, _) in small.items():
-            if name in best:
-                n_b, p_b = best[name][1], best[name][2]
-                print(f"peak memory, {name}: {n_a} images {_mem(p_a)}; {n_b} images {_mem(p_b)} "
-                      f"(×{p_b.peak_bytes / max(p_a.peak_bytes, 1):.2f} for ×{n_b / n_a:.0f} images)", flush=True)
-        for name, (n_a, _, s_a) in small.items():
+        new_name, pillow_name = contenders[-2][0], contenders[-1][0]
+        if new_name in best and pillow_name in best:
+            ratio = (best[new_name][1] / best[new_name][0]) / (best[pillow_name][1] / best[pillow_name][0])
+            print(f"{new_name}: {ratio:.2f}x the rate of the {pillow_name}", flush=True)
+        for name, (n_a, p_a, s_a, t_a) in small.items():
+            if name not in best:
+                continue
+            s_b, n_b, p_b, t_b = best[name]
+            # The resize kernels load only above a corpus size: where one size loaded them and the other did not,
+            # memory takes a step (numba's modules, ~0.1 GiB; not growth with the corpus) and the two sizes ran
+            # different code.
+            step = ("kernels_ready" in t_a) != ("kernels_ready" in t_b)
+            print(f"peak memory, {name}: {n_a} images {_mem(p_a)}; {n_b} images {_mem(p_b)} "
+                  f"(×{p_b.peak_bytes / max(p_a.peak_bytes, 1):.2f} for ×{n_b / n_a:.0f} images"
+                  f"{'; the resize kernels loaded at the larger size only: numba modules' if step else ''})",
+                  flush=True)
             # wall = fixed + n / steady, read off the two sizes (both list the whole folder: the listing counts
             # as fixed here): how much of the rate is start-up and what a large corpus would reach.
-            reading = two_size_reading(n_a, s_a, best[name][1], best[name][0]) if name in best else None
+            reading = two_size_reading(n_a, s_a, n_b, s_b)
             if reading is not None:
                 fixed, steady = reading
                 print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady; at 50,000 "
                       f"images ~{50_000 / (fixed + 50_000 / steady):,.0f} img/s (an estimate from two measured "
-                      f"points)", flush=True)
+                      f"points{'; they ran with and without the resize kernels' if step else ''})", flush=True)
         for k in range(1, len(contenders)):
             try:
                 same = same_result(tmp_path / "out0-0", tmp_path / f"out{k}-0")

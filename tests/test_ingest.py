@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from atlasgen import tinyset
+from atlasgen import resample, tinyset
 from atlasgen.stages import ingest
 from atlasgen.cli import app
 from atlasgen.config import load_config
@@ -270,9 +270,11 @@ def test_draw_object():
     assert ring[20, 20, 3] == 0 and ring[20, 4, 3] == 255
 
 
-def test_hf_dataset_from_a_local_folder(tmp_path):
+def test_hf_dataset_from_a_local_folder(tmp_path, monkeypatch):
     """The hf: path end to end without network: a parquet dataset folder with Image and ClassLabel columns."""
     import datasets
+
+    monkeypatch.setattr(resample, "_kernels", None)  # as in a fresh process, whatever ran before here
 
     def png(colour) -> bytes:
         buf = io.BytesIO()
@@ -290,7 +292,7 @@ def test_hf_dataset_from_a_local_folder(tmp_path):
     store, summary = _ingest(tmp_path / "out", f"hf:{folder}:validation")
     with store:
         assert summary["n_images"] == 2 and summary["n_skipped"] == 1
-        assert summary["fast_resize"] is True, "a streamed dataset (size unknown up front) uses the resize kernels"
+        assert "kernels_ready" in summary["timeline_s"], "a streamed dataset (size unknown) loads the resize kernels"
         assert store.query("SELECT source, label, width, height FROM images ORDER BY image_id") == [
             (f"hf://{folder}/validation/0", "church", 40, 30), (f"hf://{folder}/validation/2", "tench", 40, 30)]
         assert store.scalar("SELECT source FROM skipped_inputs") == f"hf://{folder}/validation/1"

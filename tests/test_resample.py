@@ -1,7 +1,10 @@
-"""atlasgen.resample: the numba kernels give Pillow's BICUBIC resize byte for byte, ingest uses them for big
-corpora with the same corpus bytes, and falls back to Pillow when they are unavailable or disagree."""
+"""atlasgen.resample: the numba kernels give Pillow's BICUBIC resize byte for byte; ingest loads them while its
+workers start with Pillow and swaps them in, with the same corpus bytes, and falls back to Pillow when they are
+unavailable or disagree."""
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +105,21 @@ def _ingest_copies(out_dir: Path, folder: Path) -> tuple[dict, list[bytes]]:
     return summary, [(out_dir / p).read_bytes() for p in paths]
 
 
-def test_ingest_uses_the_kernels_for_a_big_corpus_with_the_same_bytes(tmp_path, monkeypatch, kernels_ready):
+def _pillow_copies(out_dir: Path, folder: Path, monkeypatch) -> list[bytes]:
+    """The copies of an ingest that uses Pillow alone."""
+    with monkeypatch.context() as m:
+        m.setattr(resample, "_kernels", None)
+        m.setattr(resample, "worth_loading", lambda n_images, n_workers: False)
+        summary, copies = _ingest_copies(out_dir, folder)
+    assert summary["fast_resize"] is False and "kernels_ready" not in summary["timeline_s"]
+    return copies
+
+
+def test_ingest_with_the_kernels_ready_uses_them_with_the_same_bytes(tmp_path, monkeypatch, kernels_ready):
     folder = _big_photo_folder(tmp_path / "in")
-    small, pillow_copies = _ingest_copies(tmp_path / "pillow", folder)
-    assert small["fast_resize"] is False and "kernels_ready" not in small["timeline_s"]
-    monkeypatch.setattr(resample, "MIN_IMAGES_PER_WORKER", 1)  # this corpus counts as big
-    big, kernel_copies = _ingest_copies(tmp_path / "kernels", folder)
-    assert big["fast_resize"] is True and big["timeline_s"]["kernels_ready"] <= big["timeline_s"]["done"]
+    pillow_copies = _pillow_copies(tmp_path / "pillow", folder, monkeypatch)
+    summary, kernel_copies = _ingest_copies(tmp_path / "kernels", folder)
+    assert summary["fast_resize"] is True, "kernels this process has already cost nothing: used at any size"
     assert len(kernel_copies) == 7 and kernel_copies == pillow_copies
     # The workers did call the kernels: for the five pictures they shrink (not big.png, listed first, which takes
     # Pillow's reduce step, nor the one already small), a stand-in changes the copies.
@@ -117,11 +128,45 @@ def test_ingest_uses_the_kernels_for_a_big_corpus_with_the_same_bytes(tmp_path, 
     assert [a != b for a, b in zip(stand_in_copies, pillow_copies)] == [False, True, True, True, True, False, True]
 
 
+def test_a_big_ingest_starts_with_pillow_and_swaps_in_the_kernels_once_loaded(tmp_path, monkeypatch):
+    """The workers do not wait for the kernels' start-up: the first copies come from Pillow, and workers forked
+    once the kernels are ready make the rest (here stand-in kernels that paint black, ready only once the first
+    copy is in place)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
+    pillow_copies = _pillow_copies(tmp_path / "pillow", folder, monkeypatch)
+    out_dir = tmp_path / "swapped"
+    first_copy = out_dir / "corpus"
+
+    def slow_prepare():
+        t0 = time.monotonic()
+        while not any(first_copy.rglob("*.jpg")) and time.monotonic() - t0 < 60:
+            time.sleep(0.002)
+        resample._kernels = _black_kernels
+        return None
+
+    monkeypatch.setattr(resample, "_kernels", None)
+    monkeypatch.setattr(resample, "prepare", slow_prepare)
+    monkeypatch.setattr(resample, "worth_loading", lambda n_images, n_workers: True)
+    summary, copies = _ingest_copies(out_dir, folder)
+    assert summary["fast_resize"] is True
+    timeline = summary["timeline_s"]
+    assert timeline["first_result"] <= timeline["kernels_ready"] <= timeline["read"]
+    is_black = [np.asarray(Image.open(io.BytesIO(c))).max() < 8 for c in copies]
+    n_pillow = is_black.index(True)
+    assert 0 < n_pillow < 400 and all(is_black[n_pillow:]), "Pillow's copies first, then only the kernels'"
+    assert copies[:n_pillow] == pillow_copies[:n_pillow]
+
+
 def test_ingest_falls_back_to_pillow_when_the_kernels_disagree(tmp_path, monkeypatch):
     folder = _big_photo_folder(tmp_path / "in")
-    _, pillow_copies = _ingest_copies(tmp_path / "pillow", folder)
-    monkeypatch.setattr(resample, "MIN_IMAGES_PER_WORKER", 1)
+    pillow_copies = _pillow_copies(tmp_path / "pillow", folder, monkeypatch)
+    monkeypatch.setattr(resample, "worth_loading", lambda n_images, n_workers: True)
     monkeypatch.setattr(resample, "_kernels", None)
     monkeypatch.setattr(resample, "_compile", lambda: _black_kernels)
     summary, copies = _ingest_copies(tmp_path / "fallback", folder)
-    assert summary["fast_resize"] is False and copies == pillow_copies
+    assert summary["fast_resize"] is False and "kernels_ready" in summary["timeline_s"]
+    assert copies == pillow_copies

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -427,19 +428,24 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     # Set before the workers fork, so they inherit it.
     pil_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max(cfg.max_pixels, pil_limit or 0)
-    if total is None:  # streamed: load it (where that fails, fail fast) before the kernels' start-up
+    if total is None:  # streamed: load it (where that fails, fail fast) before workers and kernels start
         stream = iter(candidates)
         candidates = itertools.chain(list(itertools.islice(stream, 1)), stream)
-    fast_resize = False
-    if total is None or total >= resample.MIN_IMAGES_PER_WORKER * n_workers:
-        fast_resize = _prepare_fast_resize()
-        timeline_s["kernels_ready"] = time.perf_counter() - t0
+    # The resize kernels (atlasgen.resample): from the start if this process has them already, else loaded while
+    # the workers start with Pillow, for a corpus big enough to repay that.
+    fast_resize = resample.ready()
+    load_kernels = not fast_resize and resample.worth_loading(total, n_workers)
+
+    def at(event: str) -> Callable[[], None]:
+        return lambda: timeline_s.setdefault(event, time.perf_counter() - t0)
+
     try:
         with _Journal(corpus_dir / JOURNAL_NAME) as journal, bar(total=total, desc="ingest", unit="img") as progress:
             rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit)
             if not (cfg.limit and len(rows["image_id"]) >= cfg.limit):
-                _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total, fast_resize,
-                          on_first=lambda: timeline_s.setdefault("first_result", time.perf_counter() - t0))
+                fast_resize = _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total,
+                                        fast_resize, load_kernels, on_first=at("first_result"),
+                                        on_kernels=at("kernels_ready"))
             n_resumed, stale_ids = journal.n_resumed, journal.max_image_id
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
@@ -464,14 +470,25 @@ def run(cfg: IngestConfig, store: Store) -> dict:
             "timeline_s": {k: round(v, 3) for k, v in timeline_s.items()}}
 
 
-def _prepare_fast_resize() -> bool:
-    """Whether the workers can shrink pictures with `resample.bicubic` (the same bytes as Pillow, faster, after a
-    ~1 s start-up that `run` only pays for a corpus big enough to repay it): prepared here, so the forked workers
-    inherit the compiled kernels."""
-    why_not = resample.prepare()
-    if why_not is not None:
-        say(f"ingest: resizing with Pillow alone ({why_not})")
-    return why_not is None
+class _KernelsLoader:
+    """`resample.prepare()` in a thread of its own, so that the workers do not wait for numba's start-up."""
+
+    def __init__(self):
+        self.why_not: str | None = None
+        self._thread = threading.Thread(target=self._load, name="atlasgen-resize-kernels", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.why_not = resample.prepare()
+        except BaseException as e:  # prepare() reports what it expects; anything else still leaves Pillow on
+            self.why_not = f"numba kernels unavailable: {type(e).__name__}: {e}"
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        self._thread.join()
 
 
 def commit_images(store: Store, rows: dict[str, list], skipped: list[tuple[str, str]]) -> int:
@@ -490,37 +507,64 @@ def commit_images(store: Store, rows: dict[str, list], skipped: list[tuple[str, 
 
 def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str, list],
               skipped: list[tuple[str, str]], store: Store, journal: "_Journal", progress, n_workers: int,
-              total: int | None, fast_resize: bool = False, on_first: Callable[[], object] = lambda: None) -> None:
+              total: int | None, fast_resize: bool = False, load_kernels: bool = False,
+              on_first: Callable[[], object] = lambda: None, on_kernels: Callable[[], object] = lambda: None
+              ) -> bool:
     """Decode and write corpus copies in worker processes, tasks of a few inputs each and a bounded number in
     flight; here, in input order, give each accepted copy its id (a rename), collect the table rows and
-    journal what was done. `fast_resize`: see `decode_image`. `on_first()` when the first task's results are
-    in."""
+    journal what was done. `fast_resize`: the workers resize with the kernels (see `decode_image`);
+    `load_kernels`: prepare them in a thread meanwhile and swap in workers that use them once they are ready.
+    `on_first()` when the first task's results are in, `on_kernels()` when the kernels are ready. Returns
+    whether workers used the kernels."""
     incoming_dir = store.paths.corpus_dir / INCOMING_NAME
     # Plain strings in the per-image loop: this process does it for every image while the workers decode.
     incoming_prefix, out_prefix = os.fspath(incoming_dir) + os.sep, os.fspath(store.paths.out_dir) + os.sep
     task_size = MAX_TASK_SIZE if total is None else max(1, min(MAX_TASK_SIZE, total // (4 * n_workers)))
-    work = functools.partial(_decode_task, incoming_dir=str(incoming_dir), max_pixels=cfg.max_pixels,
-                             corpus_side=cfg.corpus_side, fast_resize=fast_resize)
-    with WorkerPool(work, n_workers, "ingest") as pool:
-        for metas, results in ordered_map(pool, _tasks(candidates, journal.next_index, task_size),
-                                          window=4 * n_workers):
-            on_first()
-            lines = []
-            for cand, (index, width, height, stat, reason) in zip(metas, results):
-                if reason is not None:
-                    skipped.append((cand.source, reason))
-                    lines.append(_Journal.line(index, cand.source, stat, None, 0, 0, reason))
-                else:
-                    image_id = len(rows["image_id"])
-                    corpus_path = _add_image_row(rows, image_id, cand, width, height)
-                    os.replace(f"{incoming_prefix}{index}.jpg", out_prefix + corpus_path)  # a failure ends the run
-                    lines.append(_Journal.line(index, cand.source, stat, image_id, width, height, None))
+
+    def work(fast: bool) -> Callable:
+        return functools.partial(_decode_task, incoming_dir=str(incoming_dir), max_pixels=cfg.max_pixels,
+                                 corpus_side=cfg.corpus_side, fast_resize=fast)
+
+    loader, why_not = None, None
+    try:
+        with WorkerPool(work(fast_resize), n_workers, "ingest") as pool:
+            if load_kernels:  # started after the fork, so no worker inherits a half-done import
+                loader = _KernelsLoader()
+            for metas, results in ordered_map(pool, _tasks(candidates, journal.next_index, task_size),
+                                              window=4 * n_workers):
+                on_first()
+                if loader is not None and loader.done():
+                    on_kernels()
+                    if loader.why_not is None:
+                        pool.swap(work(True))  # the tasks already handed out finish with Pillow
+                        fast_resize = True
+                    why_not, loader = loader.why_not, None
+                lines = []
+                for cand, (index, width, height, stat, reason) in zip(metas, results):
+                    if reason is not None:
+                        skipped.append((cand.source, reason))
+                        lines.append(_Journal.line(index, cand.source, stat, None, 0, 0, reason))
+                    else:
+                        image_id = len(rows["image_id"])
+                        corpus_path = _add_image_row(rows, image_id, cand, width, height)
+                        os.replace(f"{incoming_prefix}{index}.jpg", out_prefix + corpus_path)  # a failure ends the run
+                        lines.append(_Journal.line(index, cand.source, stat, image_id, width, height, None))
+                    if cfg.limit and len(rows["image_id"]) >= cfg.limit:
+                        break
+                progress.update(len(lines))
+                journal.append(lines)
                 if cfg.limit and len(rows["image_id"]) >= cfg.limit:
                     break
-            progress.update(len(lines))
-            journal.append(lines)
-            if cfg.limit and len(rows["image_id"]) >= cfg.limit:
-                break
+    finally:
+        if loader is not None:
+            # The corpus was read before the kernels were ready. Wait for them rather than leave numba compiling
+            # (a first compile ever: seconds, cached for the next run) while this process exits.
+            loader.wait()
+            on_kernels()
+            why_not = loader.why_not
+    if why_not is not None:
+        say(f"ingest: resizing with Pillow alone ({why_not})")
+    return fast_resize
 
 
 def _add_image_row(rows: dict[str, list], image_id: int, cand: Candidate, width: int, height: int) -> str:
