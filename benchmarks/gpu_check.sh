@@ -95,8 +95,9 @@ timeout --signal=INT --kill-after=10 120 $PY benchmarks/ingest.py --n-images "$N
 echo "ingest benchmark exit code $?"
 timeout --signal=INT --kill-after=10 120 $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH"
 echo "embed benchmark exit code $?"
-# GPU_CHECK_SCALE_IMAGES (e.g. 50000, ImageNet val's size): the new paths alone at that size as well; there
-# ingest uses its resize kernels on its own (≥ 2,000 images per worker) and is also run with them forced off.
+# GPU_CHECK_SCALE_IMAGES (e.g. 50000, ImageNet val's size): the new paths alone at that size as well. Ingest
+# runs as it is (at both benchmark sizes' larger corpus it loads its resize kernels while its workers start with
+# Pillow) and with Pillow alone.
 if [ -n "${GPU_CHECK_SCALE_IMAGES:-}" ] && [ "$SMOKE" != 1 ]; then
 timeout --signal=INT --kill-after=10 180 $PY benchmarks/ingest.py --new-only --n-images "$GPU_CHECK_SCALE_IMAGES"
 echo "ingest scale check exit code $?"
