@@ -130,8 +130,8 @@ def test_ingest_with_the_kernels_ready_uses_them_with_the_same_bytes(tmp_path, m
 
 def test_a_big_ingest_starts_with_pillow_and_swaps_in_the_kernels_once_loaded(tmp_path, monkeypatch):
     """The workers do not wait for the kernels' start-up: the first copies come from Pillow, and workers forked
-    once the kernels are ready make the rest (here stand-in kernels that paint black, ready only once the first
-    copy is in place)."""
+    once the kernels are ready make the rest (here stand-in kernels that paint black, ready only once a worker
+    has written a copy, so after the first tasks were handed out)."""
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(3)
@@ -139,11 +139,11 @@ def test_a_big_ingest_starts_with_pillow_and_swaps_in_the_kernels_once_loaded(tm
         Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
     pillow_copies = _pillow_copies(tmp_path / "pillow", folder, monkeypatch)
     out_dir = tmp_path / "swapped"
-    first_copy = out_dir / "corpus"
+    corpus_dir = out_dir / "corpus"
 
     def slow_prepare():
         t0 = time.monotonic()
-        while not any(first_copy.rglob("*.jpg")) and time.monotonic() - t0 < 60:
+        while not any(corpus_dir.rglob("*.jpg")) and time.monotonic() - t0 < 60:
             time.sleep(0.002)
         resample._kernels = _black_kernels
         return None
