@@ -21,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 # While the kernels start (~0.9 s on one core) each worker resizes ~170 pictures with Pillow (5.4 ms each on our
-# CPU box); after it ~1.3 ms is saved per picture, which repays the start-up's core-second from ~700 pictures
-# on. Both with a margin, for slower starts on other machines.
-STARTUP_IMAGES_PER_WORKER = 200
+# CPU box), then finishes the up to 64 it was already handed (ingest's window); after that ~1.3 ms is saved per
+# picture, which repays the start-up's core-second from ~700 pictures on. Both with a margin, for slower starts
+# on other machines.
+STARTUP_IMAGES_PER_WORKER = 250
 REPAY_IMAGES = 1000
 
 _kernels = None       # the compiled resize, once prepare() succeeded
