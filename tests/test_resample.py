@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atlasgen import resample
+from atlasgen import resample, workers
 from atlasgen.config import load_config
 from atlasgen.pipeline import run_stages
 from atlasgen.progress import set_quiet
@@ -128,10 +128,14 @@ def test_ingest_with_the_kernels_ready_uses_them_with_the_same_bytes(tmp_path, m
     assert [a != b for a, b in zip(stand_in_copies, pillow_copies)] == [False, True, True, True, True, False, True]
 
 
-def test_a_big_ingest_starts_with_pillow_and_swaps_in_the_kernels_once_loaded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("processes", [True, False])
+def test_a_big_ingest_starts_with_pillow_and_swaps_in_the_kernels_once_loaded(tmp_path, monkeypatch, processes):
     """The workers do not wait for the kernels' start-up: the first copies come from Pillow, and workers forked
-    once the kernels are ready make the rest (here stand-in kernels that paint black, ready only once a worker
-    has written a copy, so after the first tasks were handed out)."""
+    once the kernels are ready (or, where there is no fork, the same threads) make the rest. Here stand-in
+    kernels that paint black, ready only once a worker has written a copy, so after the first tasks were handed
+    out."""
+    if not processes:
+        monkeypatch.setattr(workers, "can_fork", lambda: False)
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(3)
