@@ -421,6 +421,26 @@ def two_size_reading(n_small: int, seconds_small: float, n_big: int, seconds_big
     return seconds_small - n_small / steady, steady
 
 
+_RESULT_PREFIX = "RESULT "
+
+
+def print_result(result: dict) -> None:
+    """End a benchmark's fresh process: its one result as a JSON line that `fresh_process_result` picks out of
+    whatever else the process printed."""
+    print(_RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+
+
+def fresh_process_result(cmd: list[str]) -> dict:
+    """Run `cmd` (a benchmark's one-run mode, in a fresh process: clean peak memory, its own start-up) and return
+    what it passed to `print_result`; RuntimeError with the end of its stderr if it failed."""
+    import subprocess
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
+    if proc.returncode != 0 or not results:
+        raise RuntimeError(f"exit code {proc.returncode}: {proc.stderr.strip()[-3000:]}")
+    return json.loads(results[-1][len(_RESULT_PREFIX):])
+
+
 class PeakMemory:
     """Peak memory during the block: this process's peak RSS (the kernel's high-water mark, reset at the start;
     sampled where it cannot be reset) plus the peak of its worker processes' unique memory (USS: pages only they

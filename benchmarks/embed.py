@@ -27,8 +27,6 @@ the summary follows.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +48,8 @@ from atlasgen.progress import bar, set_quiet  # noqa: E402
 from atlasgen.stages import embed, ingest  # noqa: E402
 from atlasgen.loader import load_corpus_array  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
-from atlasgen.testing import PeakMemory, make_photo_folder, two_size_reading  # noqa: E402
+from atlasgen.testing import (PeakMemory, fresh_process_result, make_photo_folder, print_result,  # noqa: E402
+                              two_size_reading)
 from atlasgen.threads import ThreadTuner, n_cores, restore_torch_threads  # noqa: E402
 
 GIB = 2 ** 30
@@ -224,7 +223,7 @@ def one_run(args) -> None:
     fn = today_embed if args.one == "today" else embed.run
     cfg = EmbedConfig(model=args.model, device=device.type, batch_size=args.batch_size, n_workers=args.n_workers,
                       n_threads=args.n_threads)
-    print("RESULT " + json.dumps(run_embed(fn, cfg, Path(args.store), device), default=str), flush=True)
+    print_result(run_embed(fn, cfg, Path(args.store), device))
 
 
 def run_isolated(which: str, store_dir: Path, model_path: Path, device: torch.device, batch_size: int,
@@ -234,11 +233,7 @@ def run_isolated(which: str, store_dir: Path, model_path: Path, device: torch.de
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", which, "--store", str(store_dir),
            "--model", str(model_path), "--device", device.type, "--batch-size", str(batch_size),
            "--n-workers", str(n_workers), "--n-threads", str(n_threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not results:
-        raise RuntimeError(f"exit code {proc.returncode}: {proc.stderr.strip()[-3000:]}")
-    r = json.loads(results[-1][len("RESULT "):])
+    r = fresh_process_result(cmd)
     with Store.open(store_dir, read_only=True) as store:
         r["emb"] = store.embeddings()[1]
     return r

@@ -48,7 +48,8 @@ from atlasgen.paths import atomic_path  # noqa: E402
 from atlasgen.progress import set_quiet  # noqa: E402
 from atlasgen.stages import ingest  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
-from atlasgen.testing import PeakMemory, make_photo_folder, two_size_reading  # noqa: E402
+from atlasgen.testing import (PeakMemory, fresh_process_result, make_photo_folder, print_result,  # noqa: E402
+                              two_size_reading)
 from atlasgen.threads import n_cores  # noqa: E402
 from atlasgen.workers import resolve_n_workers  # noqa: E402
 
@@ -199,10 +200,9 @@ def one_run(args) -> None:
             t0 = time.perf_counter()
             summary = PATHS[args.one](cfg, store)
             seconds = time.perf_counter() - t0
-    print("RESULT " + json.dumps({"seconds": seconds, "n_images": summary["n_images"],
-                                  "main_bytes": peak.main_bytes, "workers_bytes": peak.workers_bytes,
-                                  "timeline_s": summary.get("timeline_s", {}),
-                                  "fast_resize": summary.get("fast_resize")}), flush=True)
+    print_result({"seconds": seconds, "n_images": summary["n_images"], "main_bytes": peak.main_bytes,
+                  "workers_bytes": peak.workers_bytes, "timeline_s": summary.get("timeline_s", {}),
+                  "fast_resize": summary.get("fast_resize")})
 
 
 def measure(which: str, cfg: IngestConfig, out_dir: Path) -> tuple[float, int, SimpleNamespace, dict]:
@@ -210,11 +210,7 @@ def measure(which: str, cfg: IngestConfig, out_dir: Path) -> tuple[float, int, S
     ingest into a fresh folder, in a fresh process: each path pays its own start-up, as `atlasgen ingest` does."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", which, "--store", str(out_dir),
            "--source", cfg.source, "--n-workers", str(cfg.n_workers), "--limit", str(cfg.limit)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not results:
-        raise RuntimeError(f"exit code {proc.returncode}: {proc.stderr.strip()[-3000:]}")
-    r = json.loads(results[-1][len("RESULT "):])
+    r = fresh_process_result(cmd)
     peak = SimpleNamespace(main_bytes=r["main_bytes"], workers_bytes=r["workers_bytes"],
                            peak_bytes=r["main_bytes"] + r["workers_bytes"])
     return r["seconds"], r["n_images"], peak, {**r["timeline_s"], "fast_resize": r["fast_resize"]}
@@ -302,7 +298,7 @@ def main() -> None:
         new_cfg = IngestConfig(source=source, n_workers=args.n_workers)
         # The stage as it is decides on the resize kernels by corpus size; against it, Pillow alone.
         contenders.append((f"new path ({n_new} worker processes)", "new", new_cfg, True))
-        contenders.append((f"new path, Pillow alone (no resize kernels)", "new-pillow", new_cfg, True))
+        contenders.append(("new path, Pillow alone (no resize kernels)", "new-pillow", new_cfg, True))
         kernels_at = {size: resample.worth_loading(size, n_new) for size in (n_small, n_images)}
         print(f"the new path loads its resize kernels (while its workers start with Pillow) at "
               f"{n_small} images: {'yes' if kernels_at[n_small] else 'no'}, at {n_images}: "
