@@ -57,11 +57,11 @@ def prepare() -> str | None:
     rng = np.random.default_rng(0)
     # Shapes for both pass orders (the last two squeeze mostly in height), odd sizes, a one-pixel output.
     cases = [((375, 500), (256, 341)), ((61, 47), (20, 33)), ((300, 40), (60, 37)), ((90, 23), (1, 11))]
-    pairs = []  # (source, what this Pillow makes of it)
-    for in_hw, out_hw in cases:
-        src_hwc = rng.integers(0, 256, (*in_hw, 3), dtype=np.uint8)
-        pairs.append((src_hwc, np.asarray(Image.fromarray(src_hwc).resize(out_hw[::-1], Image.BICUBIC))))
-    try:
+    try:  # never raises: whatever goes wrong leaves Pillow doing the work (ingest calls this in a thread)
+        pairs = []  # (source, what this Pillow makes of it)
+        for in_hw, out_hw in cases:
+            src_hwc = rng.integers(0, 256, (*in_hw, 3), dtype=np.uint8)
+            pairs.append((src_hwc, np.asarray(Image.fromarray(src_hwc).resize(out_hw[::-1], Image.BICUBIC))))
         kernels = _compile()
         for vertical_first_rule in (True, False):
             if all(np.array_equal(_run(kernels, src_hwc, want_hwc.shape[:2], vertical_first_rule), want_hwc)

@@ -16,9 +16,9 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -470,27 +470,6 @@ def run(cfg: IngestConfig, store: Store) -> dict:
             "timeline_s": {k: round(v, 3) for k, v in timeline_s.items()}}
 
 
-class _KernelsLoader:
-    """`resample.prepare()` in a thread of its own, so that the workers do not wait for numba's start-up."""
-
-    def __init__(self):
-        self.why_not: str | None = None
-        self._thread = threading.Thread(target=self._load, name="atlasgen-resize-kernels", daemon=True)
-        self._thread.start()
-
-    def _load(self) -> None:
-        try:
-            self.why_not = resample.prepare()
-        except BaseException as e:  # prepare() reports what it expects; anything else still leaves Pillow on
-            self.why_not = f"numba kernels unavailable: {type(e).__name__}: {e}"
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def wait(self) -> None:
-        self._thread.join()
-
-
 def commit_images(store: Store, rows: dict[str, list], skipped: list[tuple[str, str]]) -> int:
     """Number the labels and write every accepted image and every skipped input, in one transaction; returns
     the number of labels."""
@@ -525,20 +504,23 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
         return functools.partial(_decode_task, incoming_dir=str(incoming_dir), max_pixels=cfg.max_pixels,
                                  corpus_side=cfg.corpus_side, fast_resize=fast)
 
-    loader, why_not = None, None
+    preparing = None  # resample.prepare() in a thread, until its answer is taken
+    why_not = None
     try:
         with WorkerPool(work(fast_resize), n_workers, "ingest") as pool:
             if load_kernels:  # started after the fork, so no worker inherits a half-done import
-                loader = _KernelsLoader()
+                executor = ThreadPoolExecutor(1, thread_name_prefix="atlasgen-resize-kernels")
+                preparing = executor.submit(resample.prepare)
+                executor.shutdown(wait=False)  # its one thread ends with the task
             for metas, results in ordered_map(pool, _tasks(candidates, journal.next_index, task_size),
                                               window=4 * n_workers):
                 on_first()
-                if loader is not None and loader.done():
+                if preparing is not None and preparing.done():
                     on_kernels()
-                    if loader.why_not is None:
+                    why_not, preparing = preparing.result(), None
+                    if why_not is None:
                         pool.swap(work(True))  # the tasks already handed out finish with Pillow
                         fast_resize = True
-                    why_not, loader = loader.why_not, None
                 lines = []
                 for cand, (index, width, height, stat, reason) in zip(metas, results):
                     if reason is not None:
@@ -556,12 +538,11 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
                 if cfg.limit and len(rows["image_id"]) >= cfg.limit:
                     break
     finally:
-        if loader is not None:
+        if preparing is not None:
             # The corpus was read before the kernels were ready. Wait for them rather than leave numba compiling
             # (a first compile ever: seconds, cached for the next run) while this process exits.
-            loader.wait()
+            why_not = preparing.result()
             on_kernels()
-            why_not = loader.why_not
     if why_not is not None:
         say(f"ingest: resizing with Pillow alone ({why_not})")
     return fast_resize
