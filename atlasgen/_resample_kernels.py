@@ -46,62 +46,58 @@ def coefficients(in_size, out_size):
 
 @numba.njit(cache=True, nogil=True)
 def filter_rows(src, taps, bounds, row_offset):
-    """Filter along axis 0 of an (rows, cols, 3) array: each output row is a weighted sum of whole input
-    rows, so the inner loop runs over contiguous memory."""
+    """Filter along axis 0 of a (rows, cols) array of 4-byte pixels (R, G, B and Pillow's pad byte): each output
+    row is a weighted sum of whole input rows, byte by byte, so the inner loop runs over contiguous memory."""
     n_out = taps.shape[0]
-    n_cols = src.shape[1] * 3
-    src2 = src.reshape(src.shape[0], n_cols)
-    out = np.empty((n_out, src.shape[1], 3), np.uint8)
-    out2 = out.reshape(n_out, n_cols)
-    acc = np.empty(n_cols, np.int32)
+    src8 = src.view(np.uint8)  # (rows, cols * 4)
+    n_bytes = src8.shape[1]
+    out = np.empty((n_out, src.shape[1]), np.uint32)
+    out8 = out.view(np.uint8)
+    acc = np.empty(n_bytes, np.int32)
     for o in range(n_out):
         acc[:] = np.int32(1 << (BITS - 1))  # rounds the final shift to nearest
         first = bounds[o, 0] - row_offset
         for t in range(bounds[o, 1]):
             w = taps[o, t]
-            row = src2[first + t]
-            for i in range(n_cols):
+            row = src8[first + t]
+            for i in range(n_bytes):
                 acc[i] += np.int32(row[i]) * w
-        for i in range(n_cols):
+        for i in range(n_bytes):
             v = acc[i] >> BITS
-            out2[o, i] = 0 if v < 0 else (255 if v > 255 else v)
+            out8[o, i] = 0 if v < 0 else (255 if v > 255 else v)
     return out
 
 
 @numba.njit(cache=True, nogil=True)
 def transpose(src):
-    """(rows, cols, 3) → (cols, rows, 3), in 32×32 tiles that stay in cache."""
-    n_rows, n_cols = src.shape[0], src.shape[1]
-    out = np.empty((n_cols, n_rows, 3), np.uint8)
-    for r0 in range(0, n_rows, 32):
-        for c0 in range(0, n_cols, 32):
-            for c in range(c0, min(n_cols, c0 + 32)):
-                for r in range(r0, min(n_rows, r0 + 32)):
-                    out[c, r, 0] = src[r, c, 0]
-                    out[c, r, 1] = src[r, c, 1]
-                    out[c, r, 2] = src[r, c, 2]
+    """(rows, cols) → (cols, rows) of 4-byte pixels, in 64×64 tiles that stay in cache."""
+    n_rows, n_cols = src.shape
+    out = np.empty((n_cols, n_rows), np.uint32)
+    for r0 in range(0, n_rows, 64):
+        for c0 in range(0, n_cols, 64):
+            for c in range(c0, min(n_cols, c0 + 64)):
+                for r in range(r0, min(n_rows, r0 + 64)):
+                    out[c, r] = src[r, c]
     return out
 
 
 @numba.njit(cache=True, nogil=True)
 def resize(src, out_w, out_h, vertical_first):
-    in_h, in_w = src.shape[0], src.shape[1]
+    """Resize a (rows, cols) array of 4-byte pixels to (out_h, out_w); a new array, never `src`."""
+    in_h, in_w = src.shape
     taps_v, bounds_v = coefficients(in_h, out_h)
     taps_h, bounds_h = coefficients(in_w, out_w)
-    out = src
     if vertical_first:
-        if out_h != in_h:
-            out = filter_rows(out, taps_v, bounds_v, 0)
+        out = src.copy() if out_h == in_h else filter_rows(src, taps_v, bounds_v, 0)
         if out_w != in_w:
             out = transpose(filter_rows(transpose(out), taps_h, bounds_h, 0))
-    else:
-        # Width first, over only the rows the height pass reads.
-        first_row, end_row = 0, in_h
-        if out_h != in_h and out_w != in_w:
-            first_row, end_row = bounds_v[0, 0], bounds_v[out_h - 1, 0] + bounds_v[out_h - 1, 1]
-        if out_w != in_w:
-            out = transpose(filter_rows(transpose(src[first_row:end_row]), taps_h, bounds_h, 0))
-        if out_h != in_h:
-            out = filter_rows(out, taps_v, bounds_v, first_row)
-    return out.copy() if out is src else out  # never hand back the caller's array
-
+        return out
+    # Width first, over only the rows the height pass reads.
+    first_row, end_row = 0, in_h
+    if out_h != in_h and out_w != in_w:
+        first_row, end_row = bounds_v[0, 0], bounds_v[out_h - 1, 0] + bounds_v[out_h - 1, 1]
+    out = src.copy() if out_w == in_w else transpose(filter_rows(transpose(src[first_row:end_row]), taps_h,
+                                                                  bounds_h, 0))
+    if out_h != in_h:
+        out = filter_rows(out, taps_v, bounds_v, first_row)
+    return out

@@ -18,9 +18,9 @@ from atlasgen.progress import set_quiet
 from atlasgen.store import Store
 
 
-def _black_kernels(src_hwc, out_w, out_h, vertical_first):
+def _black_kernels(src_px, out_w, out_h, vertical_first):
     """Kernels that disagree with Pillow: every picture black."""
-    return np.zeros((out_h, out_w, 3), np.uint8)
+    return np.zeros((out_h, out_w), np.uint32)
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,30 @@ def test_the_pass_order_matters_so_the_check_can_fail(kernels_ready):
     installed Pillow is what keeps the bytes the same."""
     src_hwc = np.random.default_rng(1).integers(0, 256, (300, 40, 3), dtype=np.uint8)
     want = np.asarray(Image.fromarray(src_hwc).resize((37, 60), Image.BICUBIC))
-    runs = {rule: resample._run(resample._kernels, src_hwc, (60, 37), rule) for rule in (True, False)}
+    runs = {rule: np.asarray(resample._resize(resample._kernels, Image.fromarray(src_hwc), (37, 60), rule))
+            for rule in (True, False)}
     assert np.array_equal(runs[resample._vertical_first_rule], want)
     assert not np.array_equal(runs[not resample._vertical_first_rule], want)
+
+
+def test_the_kernels_borrow_pillows_pixels_and_copy_them_where_they_cannot(kernels_ready, monkeypatch):
+    """Pillow keeps an RGB picture as 4-byte pixels; the kernels read that memory in place (through Arrow), which
+    is what makes them faster than converting to 3-byte pixels and back. A picture Pillow keeps in several
+    blocks (a big one), or a process without pyarrow, gets a copy, with the same bytes out."""
+    rng = np.random.default_rng(2)
+    picture = Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8))
+    pixels = resample._pixels(picture)
+    assert pixels.shape == (375, 500) and not pixels.flags.writeable
+    picture.putpixel((3, 0), (9, 8, 7))
+    assert int(pixels[0, 3]) & 0xFFFFFF == 0x070809, "read in place, not copied"
+    big = Image.fromarray(rng.integers(0, 256, (2100, 2300, 3), dtype=np.uint8))  # > Pillow's 16 MB blocks
+    smaller = big.resize((900, 800), Image.BICUBIC)
+    assert resample.bicubic(big, (900, 800)).tobytes() == smaller.tobytes()
+    monkeypatch.setattr(resample, "_arrow", None)
+    copied = resample._pixels(picture)
+    picture.putpixel((3, 0), (1, 2, 3))
+    assert int(copied[0, 3]) & 0xFFFFFF == 0x070809
+    assert resample.bicubic(picture, (341, 256)).tobytes() == picture.resize((341, 256), Image.BICUBIC).tobytes()
 
 
 def test_prepare_reports_why_the_kernels_are_off(monkeypatch):

@@ -117,7 +117,9 @@ def test_every_command_has_help_with_an_example():
 
 def test_arrow_columns_match_pyarrow_and_the_first_stages_never_import_pandas(tmp_path):
     """`arrow_column` builds what `pa.array` builds; the writes of ingest and embed go through it, so a fresh
-    `atlasgen embed` does not pay pyarrow's import of pandas (0.34–0.61 s on our CPU box, holding the GIL) in its writer."""
+    `atlasgen embed` does not pay pyarrow's import of pandas (0.34–0.61 s on our CPU box, holding the GIL) in its writer.
+    Ingest's resize kernels borrow Pillow's pixels through Arrow without it too (it would cost their start-up that
+    time and every worker 36 MB)."""
     import subprocess
     import sys
     from datetime import datetime
@@ -138,8 +140,13 @@ def test_arrow_columns_match_pyarrow_and_the_first_stages_never_import_pandas(tm
     script = f"""
 import sys
 import numpy as np
+from PIL import Image
+from atlasgen import resample
 from atlasgen.store import Store
 from atlasgen.stages.ingest import commit_images
+assert resample.prepare() is None
+picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+assert resample.bicubic(picture, (341, 256)).tobytes() == picture.resize((341, 256), Image.BICUBIC).tobytes()
 with Store.open({str(tmp_path / 'fresh')!r}) as store:
     commit_images(store, {{"image_id": [0, 1], "source": ["a.jpg", "b.jpg"], "label": ["x", None],
                            "width": [5, 6], "height": [7, 8], "corpus_path": ["corpus/0.jpg", "corpus/1.jpg"]}},
