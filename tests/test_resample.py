@@ -18,7 +18,7 @@ from atlasgen.progress import set_quiet
 from atlasgen.store import Store
 
 
-def _black_kernels(src_px, out_w, out_h, vertical_first):
+def _black_kernels(src_px, out_w, out_h, vertical_first, scratch):
     """Kernels that disagree with Pillow: every picture black."""
     return np.zeros((out_h, out_w), np.uint32)
 
