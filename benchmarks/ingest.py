@@ -145,7 +145,8 @@ PATHS = {"today": today_ingest, "new": ingest.run, "new-pillow": ingest_without_
 
 
 _RESIZE_CHECK = """
-import json, sys, time
+import json, resource, sys, time
+from pathlib import Path
 from PIL import Image
 from atlasgen import resample
 picture = Image.open(sys.argv[1]).convert("RGB")
@@ -162,14 +163,32 @@ def best_ms(fn):
     return min(runs)
 pil_ms = best_ms(lambda: picture.resize((341, 256), Image.BICUBIC, reducing_gap=3.0))
 kernel_ms = None if why_not else best_ms(lambda: resample.bicubic(picture, (341, 256)))
-print(json.dumps({"why_not": why_not, "start_s": start_s, "pil_ms": pil_ms, "kernel_ms": kernel_ms}))
+# A worker's whole step per photo (decode, resize, JPEG encode) over distinct photos, as ingest runs it: what
+# the allocator does between pictures shows here, not in a loop over one picture.
+from atlasgen.stages.ingest import decode_image
+photos = [p.read_bytes() for p in sorted(Path(sys.argv[1]).parent.parent.rglob("*.jpg"))[:200]]
+def per_photo(fast):
+    decode_image(photos[0], 10 ** 9, 256, fast)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for data in photos:
+        decode_image(data, 10 ** 9, 256, fast)
+    seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return seconds * 1e3 / len(photos), (r1.ru_minflt - r0.ru_minflt) / len(photos)
+step = {"pil": [], "kernel": []}
+for _ in range(3):
+    step["pil"].append(per_photo(False))
+    if not why_not:
+        step["kernel"].append(per_photo(True))
+print(json.dumps({"why_not": why_not, "start_s": start_s, "pil_ms": pil_ms, "kernel_ms": kernel_ms,
+                  "n_photos": len(photos), "step": {k: min(v) if v else None for k, v in step.items()}}))
 """
 
 
 def resize_line(folder: Path) -> str:
     """The worker's biggest step, one 500×375 picture shrunk to 341×256: Pillow against the kernels (best of 3 ×
     100 calls), and the kernels' start-up (`resample.prepare()`: numba's import and first call), each in a fresh
-    process, twice (the first compiles if nothing is cached yet)."""
+    process, twice (the first compiles if nothing is cached yet); and a worker's whole step per photo (decode,
+    resize, encode) over distinct photos with each, with its page faults."""
     picture_path = next(folder.rglob("*.jpg"))
     got = []
     for _ in range(2):
@@ -186,7 +205,14 @@ def resize_line(folder: Path) -> str:
             f"ms, kernels {second['kernel_ms']:.2f} ms ({second['pil_ms'] / second['kernel_ms']:.2f}x); the "
             f"kernels' start-up (numba's import and first call, in a process with atlasgen loaded) "
             f"{second['start_s']:.2f} s ({first['start_s']:.2f} s the time before, which compiles if nothing was "
-            f"cached)")
+            f"cached)\n{_step_line(second)}")
+
+
+def _step_line(check: dict) -> str:
+    (pil_ms, pil_faults), (kernel_ms, kernel_faults) = check["step"]["pil"], check["step"]["kernel"]
+    return (f"a worker's step per photo (decode, resize, JPEG encode; {check['n_photos']} distinct photos, one "
+            f"core, best of 3): Pillow {pil_ms:.2f} ms ({pil_faults:.0f} page faults), kernels {kernel_ms:.2f} ms "
+            f"({kernel_faults:.0f} page faults), {pil_ms / kernel_ms:.2f}x")
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
