@@ -119,16 +119,20 @@ def _scratch(n_pixels: int) -> np.ndarray:
 def _pixels(rgb: Image.Image) -> np.ndarray:
     """The picture as a read-only (height, width) array of 4-byte pixels (R, G, B, pad), the layout Pillow keeps
     an RGB picture in: its own memory, lent through Arrow (Pillow ≥ 11.2, pyarrow), where it is one block, else
-    a copy. Converting to and from 3-byte pixels (`np.asarray`, `Image.fromarray`) cost about as much as the
-    resize; 4-byte pixels also make the kernels' transposes whole-word moves."""
+    a copy. Converting to 3-byte pixels and back (`np.asarray`, `Image.fromarray`) cost ~0.3 ms a picture here;
+    4-byte pixels also make the kernels' transposes whole-word moves."""
     width, height = rgb.size
     n_bytes = width * height * 4
-    try:
-        pixels = _arrow.array(rgb)  # a fixed-size list of 4 bytes per pixel
-        start = pixels.values.offset + 4 * pixels.offset
-        # The buffer, not `.to_numpy()`: its first call imports pandas (~0.4 s and 36 MB here) to rule it out.
-        flat = np.frombuffer(pixels.values.buffers()[1], np.uint8)[start:start + n_bytes]
-    except Exception:  # no pyarrow or no Arrow export in this Pillow, or a big picture kept in several blocks
+    flat = None
+    if _arrow is not None and hasattr(rgb, "__arrow_c_array__"):  # pyarrow, and Pillow ≥ 11.2
+        try:
+            pixels = _arrow.array(rgb)  # a fixed-size list of 4 bytes per pixel
+            start = pixels.values.offset + 4 * pixels.offset
+            # The buffer, not `.to_numpy()`: its first call imports pandas (~0.4 s and 36 MB here) to rule it out.
+            flat = np.frombuffer(pixels.values.buffers()[1], np.uint8)[start:start + n_bytes]
+        except ValueError:  # a big picture, kept in several blocks
+            pass
+    if flat is None:
         flat = np.frombuffer(rgb.tobytes("raw", "RGBX"), np.uint8)
     assert flat.size == n_bytes, (flat.size, rgb.size)
     if flat.ctypes.data % 4:
