@@ -35,7 +35,6 @@ REPAY_IMAGES = 1000
 
 _kernels = None       # the compiled resize, once prepare() succeeded
 _vertical_first_rule = True  # whether the installed Pillow runs the vertical pass first for tall squeezes
-_arrow = None        # pyarrow, once prepare() imported it
 # Each thread's scratch memory for the kernels, kept from picture to picture up to this many pixels (16 MB; a
 # corpus-sized shrink of a 500×375 picture takes 0.7 M): bigger pictures get scratch of their own.
 KEEP_SCRATCH_PIXELS = 4 * 2 ** 20
@@ -73,7 +72,6 @@ def prepare() -> str | None:
         for in_hw, out_hw in cases:
             src = Image.fromarray(rng.integers(0, 256, (*in_hw, 3), dtype=np.uint8))
             pairs.append((src, np.asarray(src.resize(out_hw[::-1], Image.BICUBIC))))
-        _import_arrow()
         kernels = _compile()
         for vertical_first_rule in (True, False):
             if all(np.array_equal(np.asarray(_resize(kernels, src, want_hwc.shape[1::-1], vertical_first_rule)),
@@ -118,15 +116,16 @@ def _scratch(n_pixels: int) -> np.ndarray:
 
 def _pixels(rgb: Image.Image) -> np.ndarray:
     """The picture as a read-only (height, width) array of 4-byte pixels (R, G, B, pad), the layout Pillow keeps
-    an RGB picture in: its own memory, lent through Arrow (Pillow ≥ 11.2, pyarrow), where it is one block, else
-    a copy. Converting to 3-byte pixels and back (`np.asarray`, `Image.fromarray`) cost ~0.3 ms a picture here;
-    4-byte pixels also make the kernels' transposes whole-word moves."""
+    an RGB picture in: its own memory, lent through Arrow (Pillow ≥ 11.2), where it is one block, else a copy.
+    Converting to 3-byte pixels and back (`np.asarray`, `Image.fromarray`) cost ~0.3 ms a picture here; 4-byte
+    pixels also make the kernels' transposes whole-word moves."""
     width, height = rgb.size
     n_bytes = width * height * 4
     flat = None
-    if _arrow is not None and hasattr(rgb, "__arrow_c_array__"):  # pyarrow, and Pillow ≥ 11.2
+    if hasattr(rgb, "__arrow_c_array__"):  # Pillow ≥ 11.2
+        import pyarrow as pa  # imported where used, as in atlasgen.store (prepare() does so before any fork)
         try:
-            pixels = _arrow.array(rgb)  # a fixed-size list of 4 bytes per pixel
+            pixels = pa.array(rgb)  # a fixed-size list of 4 bytes per pixel
             start = pixels.values.offset + 4 * pixels.offset
             # The buffer, not `.to_numpy()`: its first call imports pandas (~0.4 s and 36 MB here) to rule it out.
             flat = np.frombuffer(pixels.values.buffers()[1], np.uint8)[start:start + n_bytes]
@@ -139,17 +138,6 @@ def _pixels(rgb: Image.Image) -> np.ndarray:
         flat = flat.copy()
         flat.flags.writeable = False
     return flat.view(np.uint32).reshape(height, width)
-
-
-def _import_arrow() -> None:
-    """pyarrow, imported here with the kernels (so workers forked after `prepare()` have it too); `_pixels`
-    copies where it is missing."""
-    global _arrow
-    try:
-        import pyarrow
-    except ImportError:
-        return
-    _arrow = pyarrow
 
 
 def _compile():

@@ -75,7 +75,7 @@ def test_the_pass_order_matters_so_the_check_can_fail(kernels_ready):
 def test_the_kernels_borrow_pillows_pixels_and_copy_them_where_they_cannot(kernels_ready, monkeypatch):
     """Pillow keeps an RGB picture as 4-byte pixels; the kernels read that memory in place (through Arrow), which
     is what makes them faster than converting to 3-byte pixels and back. A picture Pillow keeps in several
-    blocks (a big one), or a process without pyarrow, gets a copy, with the same bytes out."""
+    blocks (a big one), or a Pillow without Arrow export, gets a copy, with the same bytes out."""
     rng = np.random.default_rng(2)
     picture = Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8))
     pixels = resample._pixels(picture)
@@ -85,7 +85,7 @@ def test_the_kernels_borrow_pillows_pixels_and_copy_them_where_they_cannot(kerne
     big = Image.fromarray(rng.integers(0, 256, (2100, 2300, 3), dtype=np.uint8))  # > Pillow's 16 MB blocks
     smaller = big.resize((900, 800), Image.BICUBIC)
     assert resample.bicubic(big, (900, 800)).tobytes() == smaller.tobytes()
-    monkeypatch.setattr(resample, "_arrow", None)
+    monkeypatch.delattr(Image.Image, "__arrow_c_array__")  # a Pillow before 11.2
     copied = resample._pixels(picture)
     picture.putpixel((3, 0), (1, 2, 3))
     assert int(copied[0, 3]) & 0xFFFFFF == 0x070809
