@@ -3,7 +3,8 @@
 #   1. environment (installs the wheels in .whl/ into /tmp/site when atlasgen or its deps are missing),
 #   2. a random-weight DINOv3 of the real ViT-S/16 shape,
 #   3. the render benchmark (benchmarks/render.py --device cuda): today's defaults against the new ones,
-#   4. a short `atlasgen build --device cuda` at that shape on generated JPEGs, with each stage's time.
+#   4. a short `atlasgen build --device cuda` at that shape on generated JPEGs, with each stage's time (and
+#      ingest's and embed's timelines: where a real command's start-up goes, imports and CUDA included).
 # Each part runs under `timeout`, so one failure does not eat the run. The whole log goes to stdout and to
 # "$OUT/gpu_check.log" when $OUT is set (else /tmp/gpu_check.log).
 #
@@ -219,6 +220,9 @@ with store:
                 "render_seconds")
         brief = ", ".join(f"{k}={s[k]}" for k in keys if k in s)
         print(f"{stage:<8} {status:<8} {s.get('seconds', float('nan')):>8.1f}  {brief}")
+        if "timeline_s" in s:  # ingest's and embed's: where a real command's fixed cost goes (imports, CUDA)
+            print(f"{'':<8} timeline (s from the stage's start): "
+                  + ", ".join(f"{k} {v}" for k, v in s["timeline_s"].items()))
 EOF
 
 fi
