@@ -129,8 +129,11 @@ class WorkerPool:
             q.cancel_join_thread()
             q.close()
 
+    def _retired_procs(self) -> list:
+        return [proc for _, procs in self._retired for proc in procs]
+
     def _all_procs(self) -> list:
-        return [proc for _, procs in self._retired for proc in procs] + self._procs
+        return self._retired_procs() + self._procs
 
     # --- work --------------------------------------------------------------------------------------
     def submit(self, key: Any, task: Any) -> None:
@@ -163,7 +166,7 @@ class WorkerPool:
     def _check_alive(self) -> None:
         # A current worker never exits on its own; a retired one exits 0 once its tasks are done.
         dead = [p for p in self._procs if p.exitcode is not None]
-        dead += [p for _, procs in self._retired for p in procs if p.exitcode not in (None, 0)]
+        dead += [p for p in self._retired_procs() if p.exitcode not in (None, 0)]
         if dead:
             codes = ", ".join(str(p.exitcode) for p in dead)
             raise AtlasError(f"{len(dead)} {self.name} worker process(es) died (exit code {codes})",
