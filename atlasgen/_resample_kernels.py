@@ -87,6 +87,17 @@ def _take(scratch, start, n_rows, n_cols):
 
 
 @numba.njit(cache=True, nogil=True)
+def _filter_width(src, taps, bounds, out_w, scratch, at):
+    """The width pass over (rows, cols) `src`, transposed there and back so that it filters whole rows; its three
+    arrays from `scratch` at pixel `at`. Returns the (rows, out_w) result and where the scratch's free part starts."""
+    n_rows, in_w = src.shape
+    cols, at = _take(scratch, at, in_w, n_rows)
+    filtered, at = _take(scratch, at, out_w, n_rows)
+    out, at = _take(scratch, at, n_rows, out_w)
+    return transpose(filter_rows(transpose(src, cols), taps, bounds, 0, filtered), out), at
+
+
+@numba.njit(cache=True, nogil=True)
 def resize(src, out_w, out_h, vertical_first, scratch):
     """Resize a (rows, cols) array of 4-byte pixels to (out_h, out_w). Every array it makes, the result too, is
     carved out of `scratch` (at least `resample.scratch_pixels` long): allocated afresh for every picture, they
@@ -104,10 +115,7 @@ def resize(src, out_w, out_h, vertical_first, scratch):
             out, at = _take(scratch, at, out_h, in_w)
             filter_rows(src, taps_v, bounds_v, 0, out)
         if out_w != in_w:
-            cols, at = _take(scratch, at, in_w, out_h)
-            filtered, at = _take(scratch, at, out_w, out_h)
-            result, at = _take(scratch, at, out_h, out_w)
-            out = transpose(filter_rows(transpose(out, cols), taps_h, bounds_h, 0, filtered), result)
+            out, at = _filter_width(out, taps_h, bounds_h, out_w, scratch, at)
         return out
     # Width first, over only the rows the height pass reads.
     first_row, end_row = 0, in_h
@@ -118,10 +126,7 @@ def resize(src, out_w, out_h, vertical_first, scratch):
         out, at = _take(scratch, at, n_rows, in_w)
         out[:, :] = src[first_row:end_row]
     else:
-        cols, at = _take(scratch, at, in_w, n_rows)
-        filtered, at = _take(scratch, at, out_w, n_rows)
-        out, at = _take(scratch, at, n_rows, out_w)
-        transpose(filter_rows(transpose(src[first_row:end_row], cols), taps_h, bounds_h, 0, filtered), out)
+        out, at = _filter_width(src[first_row:end_row], taps_h, bounds_h, out_w, scratch, at)
     if out_h != in_h:
         result, at = _take(scratch, at, out_h, out_w)
         out = filter_rows(out, taps_v, bounds_v, first_row, result)
