@@ -414,11 +414,21 @@ def _uss_bytes(pid: int) -> int:
 
 def two_size_reading(n_small: int, seconds_small: float, n_big: int, seconds_big: float) -> tuple[float, float] | None:
     """wall = fixed + n / steady, read off runs at two corpus sizes: (fixed seconds, steady items/s), or None when
-    the two runs cannot tell them apart (the bigger one not slower). An estimate from two measured points."""
+    the two runs cannot tell them apart: the bigger one not slower, or a negative fixed cost (the small run went
+    faster per item than the marginal rate: noise, as on a shared CPU box). An estimate from two measured
+    points."""
     if n_big <= n_small or seconds_big <= seconds_small:
         return None
     steady = (n_big - n_small) / (seconds_big - seconds_small)
-    return seconds_small - n_small / steady, steady
+    fixed = seconds_small - n_small / steady
+    return (fixed, steady) if fixed >= 0 else None
+
+
+def no_two_size_reading(name: str) -> str:
+    """The line a benchmark prints where `two_size_reading` gives None, so a missing reading is not read as a
+    missing run."""
+    return (f"two-size reading, {name}: none (the two sizes do not separate a fixed cost from a steady rate; "
+            f"noise, or too few items)")
 
 
 _RESULT_PREFIX = "RESULT "

@@ -49,7 +49,7 @@ from atlasgen.stages import embed, ingest  # noqa: E402
 from atlasgen.loader import load_corpus_array  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
 from atlasgen.testing import (PeakMemory, fresh_process_result, make_photo_folder, print_result,  # noqa: E402
-                              two_size_reading)
+                              two_size_reading, no_two_size_reading)
 from atlasgen.threads import ThreadTuner, n_cores, restore_torch_threads  # noqa: E402
 
 GIB = 2 ** 30
@@ -408,6 +408,8 @@ def main() -> None:
             s = small.get(name)
             reading = two_size_reading(n_small, s["wall_s"], n_images, r["wall_s"]) if s is not None else None
             if reading is None:
+                if s is not None:
+                    print(no_two_size_reading(name), flush=True)
                 continue
             fixed, steady = reading
             print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady "

@@ -49,7 +49,7 @@ from atlasgen.progress import set_quiet  # noqa: E402
 from atlasgen.stages import ingest  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
 from atlasgen.testing import (PeakMemory, fresh_process_result, make_photo_folder, print_result,  # noqa: E402
-                              two_size_reading)
+                              two_size_reading, no_two_size_reading)
 from atlasgen.threads import n_cores  # noqa: E402
 from atlasgen.workers import resolve_n_workers  # noqa: E402
 
@@ -377,7 +377,9 @@ def main() -> None:
             # wall = fixed + n / steady, read off the two sizes (both list the whole folder: the listing counts
             # as fixed here): how much of the rate is start-up and what a large corpus would reach.
             reading = two_size_reading(n_a, s_a, n_b, s_b)
-            if reading is not None:
+            if reading is None:
+                print(no_two_size_reading(name), flush=True)
+            else:
                 fixed, steady = reading
                 print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady; at 50,000 "
                       f"images ~{50_000 / (fixed + 50_000 / steady):,.0f} img/s (an estimate from two measured "

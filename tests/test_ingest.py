@@ -418,3 +418,14 @@ def test_ingest_summary_timeline_is_in_order(tmp_path):
     timeline = summary["timeline_s"]
     keys = ["listed", "first_result", "read", "done"]
     assert list(timeline) == keys and all(0 <= timeline[a] <= timeline[b] for a, b in zip(keys, keys[1:])), timeline
+
+
+def test_two_size_reading_separates_start_up_or_says_it_cannot():
+    """The benchmarks' reading of wall = fixed + n / steady: exact on runs that follow it; none where the runs
+    cannot separate the two (a negative fixed cost is noise, not a fast start)."""
+    from atlasgen.testing import two_size_reading
+    fixed, steady = two_size_reading(2000, 1.2 + 2000 / 2300, 8000, 1.2 + 8000 / 2300)
+    assert abs(fixed - 1.2) < 1e-9 and abs(steady - 2300) < 1e-6
+    assert two_size_reading(32, 2.51, 64, 6.50) is None   # smaller run faster per image than the margin
+    assert two_size_reading(32, 2.0, 64, 2.0) is None     # the bigger run not slower
+    assert two_size_reading(64, 1.0, 32, 2.0) is None     # sizes the wrong way round
