@@ -406,10 +406,11 @@ def main() -> None:
             # wall = fixed + n / steady, read off the two sizes: how much of the end-to-end rate is start-up
             # (model load, first device calls, workers, the first batch) and what a large corpus would reach.
             s = small.get(name)
-            reading = two_size_reading(n_small, s["wall_s"], n_images, r["wall_s"]) if s is not None else None
+            if s is None:  # its run at the small size failed, and said so above
+                continue
+            reading = two_size_reading(n_small, s["wall_s"], n_images, r["wall_s"])
             if reading is None:
-                if s is not None:
-                    print(no_two_size_reading(name), flush=True)
+                print(no_two_size_reading(name), flush=True)
                 continue
             fixed, steady = reading
             print(f"two-size reading, {name}: ~{fixed:.2f} s fixed + {steady:,.0f} img/s steady "
