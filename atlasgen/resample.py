@@ -9,7 +9,7 @@ runs over contiguous memory and vectorises. They work on the picture where Pillo
 lent through Arrow, so there is no conversion to 3-byte pixels and back, and carve every array they make out of
 one scratch buffer per thread, kept between pictures (arrays allocated per picture were handed back to the
 system and faulted in again every time: ~460 page faults per photo, most of what the kernels saved). A worker's
-whole step per photo (decode, resize, JPEG encode) takes 4.0 ms instead of Pillow's 5.2.
+whole step per photo (decode, resize, JPEG encode) takes 3.3 ms instead of Pillow's 4.9.
 
 Start-up is what limits it: importing numba and its first call cost ~0.9 s per process on our CPU box, even
 with the compiled code cached (the first call ever compiles, 4–6 s, and caches it beside this file). So ingest
@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 # While the kernels start (~0.9 s on one core) each worker handles ~180 pictures with Pillow (~5.2 ms each on our
-# CPU box), then finishes the up to 64 it was already handed (ingest's window); after that ~1.2 ms is saved per
-# picture, which repays the start-up's core-second from ~750 pictures on. Both with a margin, for slower starts
+# CPU box), then finishes the up to 64 it was already handed (ingest's window); after that ~1.5 ms is saved per
+# picture, which repays the start-up's core-second from ~600 pictures on. Both with a margin, for slower starts
 # on other machines.
 STARTUP_IMAGES_PER_WORKER = 250
 REPAY_IMAGES = 1000

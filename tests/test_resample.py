@@ -61,6 +61,19 @@ def test_bicubic_matches_pillow_byte_for_byte(kernels_ready):
     assert n_checked > 120 and n_vertical_first > 20
 
 
+def test_the_transpose_tiles_and_their_ragged_edges(kernels_ready):
+    """The kernels' transpose runs whole fixed-size tiles, then the leftover columns and rows: every split of a
+    shape into tiles and edges (none, either, both; smaller than one tile) gives numpy's transpose."""
+    from atlasgen import _resample_kernels
+    tile = _resample_kernels.TILE
+    rng = np.random.default_rng(3)
+    for n_rows in (1, tile - 1, tile, 2 * tile, 2 * tile + 3):
+        for n_cols in (1, tile, tile + 5, 3 * tile):
+            src = rng.integers(0, 2 ** 32, (n_rows, n_cols), dtype=np.uint64).astype(np.uint32)
+            out = np.zeros((n_cols, n_rows), np.uint32)
+            assert np.array_equal(_resample_kernels.transpose(src, out), src.T), (n_rows, n_cols)
+
+
 def test_the_pass_order_matters_so_the_check_can_fail(kernels_ready):
     """A tall squeeze resampled in the other pass order differs from Pillow: prepare()'s check against the
     installed Pillow is what keeps the bytes the same."""
