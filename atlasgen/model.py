@@ -167,14 +167,20 @@ class EmbeddingModel(torch.nn.Module):
 
 
 class PatchConv2d(torch.nn.Conv2d):
-    """A ViT's patch embedding (a convolution whose stride is its kernel, no padding) that runs on a CPU as
-    one GEMM over the non-overlapping patches: the same sums, 3.6–9.4× faster forward + backward than oneDNN's
-    strided convolution there (`benchmarks/patch_embed.py` on our 2-core AVX-512 box; its backward was ~30 % of
-    the tiny render). On a GPU it is the convolution, unchanged. The parameters, and so the state dict, are
-    the convolution's."""
+    """A ViT's patch embedding (a convolution whose stride is its kernel, no padding) computed as one GEMM over
+    the non-overlapping patches: the same sums. The parameters, and so the state dict, are the convolution's.
+
+    - On a CPU always: 3.6–9.4× faster forward + backward than oneDNN's strided convolution there
+      (`benchmarks/patch_embed.py` on our 2-core AVX-512 box; its backward was ~30 % of the tiny render).
+    - On a GPU without gradients (embed): no cuDNN convolution, whose first call at a batch's shape is start-up
+      that every fresh `atlasgen embed` pays. On an NVIDIA H200, a fresh process's first forward of 512 images
+      took 319–418 ms this way against 576–722 ms with the convolution, later forwards the same 52–57 ms
+      (`benchmarks/cuda_first_calls.py`). Embeddings within bf16 rounding of the convolution's (min cosine
+      0.99990 there).
+    - On a GPU with gradients (render) it stays the convolution that render's speed was measured with."""
 
     def forward(self, x_bchw: torch.Tensor) -> torch.Tensor:
-        if x_bchw.device.type != "cpu":
+        if x_bchw.device.type != "cpu" and torch.is_grad_enabled():
             return super().forward(x_bchw)
         p = self.kernel_size[0]
         b, c, h, w = x_bchw.shape

@@ -9,7 +9,8 @@ ratio; the final cosines must agree (the two differ only in float rounding).
     python benchmarks/patch_embed.py            # ~3 minutes on our 2-core box
     python benchmarks/patch_embed.py --quick    # ~1 minute
 
-On a GPU the module is the convolution (cuDNN), unchanged, so there is nothing to compare there.
+On a GPU the module is the convolution (cuDNN) where gradients are needed (render), so there is nothing to
+compare there; without them (embed) it is the GEMM, for start-up: `benchmarks/cuda_first_calls.py`.
 """
 from __future__ import annotations
 

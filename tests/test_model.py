@@ -81,6 +81,30 @@ def test_patch_embedding_as_gemm_equals_the_convolution(dtype):
     assert type(overlapping.embeddings.patch_embeddings) is torch.nn.Conv2d
 
 
+def test_patch_embedding_on_a_gpu_is_the_gemm_without_gradients_and_the_convolution_with(monkeypatch):
+    """Off the CPU (here the meta device, which has no data: only which path runs is checked) the patch embedding
+    is the GEMM where no gradient is needed (embed: no cuDNN first call at start-up) and the convolution where one
+    is (render, whose GPU speed was measured with it)."""
+    import torch
+    from atlasgen.model import PatchConv2d
+    conv_calls = []
+    plain_forward = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward",
+                        lambda self, x: conv_calls.append(tuple(x.shape)) or plain_forward(self, x))
+    patch = PatchConv2d(3, 24, kernel_size=16, stride=16).to("meta")
+    x = torch.empty(2, 3, 64, 48, device="meta")
+    with torch.inference_mode():
+        assert patch(x).shape == (2, 24, 4, 3)
+    with torch.no_grad():
+        patch(x)
+    assert conv_calls == []
+    assert patch(x.requires_grad_(True)).shape == (2, 24, 4, 3)
+    assert conv_calls == [(2, 3, 64, 48)]
+    patch.to_empty(device="cpu")  # on a CPU the GEMM, gradients or not
+    patch(torch.zeros(2, 3, 64, 48, requires_grad=True))
+    assert len(conv_calls) == 1
+
+
 def test_loaded_models_embed_through_the_gemm_as_through_the_convolution(tmp_path):
     import torch
     from atlasgen.executor import PackedModel

@@ -80,9 +80,8 @@ def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int
 
 def warm_up_device(device: torch.device, precision: str) -> threading.Thread | None:
     """On a GPU, a thread that pays the once-per-process costs of a model's first batch (the CUDA context, loading
-    the cuDNN kernels behind the patch convolution and the GEMM and attention kernels) on tiny tensors, while the
-    caller loads the model from disk; None elsewhere. Its failure is ignored: the model's first batch then meets
-    the same problem and reports it."""
+    the GEMM and attention kernels) on tiny tensors, while the caller loads the model from disk; None elsewhere.
+    Its failure is ignored: the model's first batch then meets the same problem and reports it."""
     if device.type != "cuda":
         return None
 
@@ -99,10 +98,9 @@ def warm_up_device(device: torch.device, precision: str) -> threading.Thread | N
 
 
 def first_batch_kernels(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The kinds of kernel a ViT's forward uses (patch convolution, attention, layer norm, GEMM), on tiny tensors."""
-    x = torch.zeros(2, 3, 32, 32, device=device, dtype=dtype)
-    patches = torch.nn.functional.conv2d(x, torch.zeros(8, 3, 16, 16, device=device, dtype=dtype), stride=16)
-    tokens = patches.flatten(2).transpose(1, 2).reshape(2, 2, 2, 8)  # (B, heads, tokens, head dim)
+    """The kinds of kernel a ViT's forward uses without gradients (attention, layer norm, GEMM; the patch
+    embedding is a GEMM too, `model.PatchConv2d`), on tiny tensors."""
+    tokens = torch.zeros(2, 2, 2, 8, device=device, dtype=dtype)  # (B, heads, tokens, head dim)
     attended = torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
     return torch.nn.functional.layer_norm(attended, (8,)) @ torch.zeros(8, 8, device=device, dtype=dtype)
 
