@@ -406,7 +406,7 @@ def test_listing_keeps_the_sorted_path_order_and_leaves_out_our_label_files(tmp_
     (folder / "labels.txt").write_text("a apple\n")
     cands, skipped = ingest.folder_candidates(folder, cfg)
     images = [p for p in reference if p.suffix.lower() in ingest.IMAGE_EXTENSIONS]
-    assert [c.read for c in cands] == images and [c.source for c in cands] == [str(p) for p in images]
+    assert [c.read for c in cands] == [c.source for c in cands] == [str(p) for p in images]
     # 10.jpg, 9.jpg, A/q.png, Top.jpg, a/B.jpg
     assert [c.label for c in cands][:5] == [None, None, "A", None, "apple"]
     assert skipped == [(str(folder / "README"), "not an image file (extension none)"),
