@@ -27,6 +27,7 @@ the summary follows.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -393,6 +394,10 @@ def main() -> None:
                 line += f"; {r['rate'] / best[contenders[0][0]]['rate']:.2f}x today's"
             if naive_rates:
                 line += f"; {r['rate'] / max(naive_rates):.2f}x naive"
+            if len(results[name]) > 1:  # the best round above; the spread says how far to trust it
+                rates = [run["rate"] for run in results[name]]
+                line += (f"; best of {len(rates)} rounds (median {statistics.median(rates):,.1f} img/s; all: "
+                         f"{', '.join(f'{rate:,.1f}' for rate in rates)})")
             print(line, flush=True)
         for name, r in best.items():
             if name in small:
