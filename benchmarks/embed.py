@@ -355,7 +355,9 @@ def main() -> None:
                 return None
             r["rate"] = r["n_embedded"] / r["wall_s"]
             tl = r.get("timeline_s") or {}
-            timeline = (f"; timeline: model loaded {tl['model_loaded']:.2f} s, first batch ready "
+            start_up = "".join(f"{what} {tl[key]:.2f} s, " for key, what in
+                               (("loader_started", "loader started"), ("model_read", "model read")) if key in tl)
+            timeline = (f"; timeline: {start_up}model loaded {tl['model_loaded']:.2f} s, first batch ready "
                         f"{tl['first_batch_ready']:.2f} s and embedded {tl['first_batch_done']:.2f} s, last batch "
                         f"{tl['last_batch_done']:.2f} s, done {tl['done']:.2f} s"
                         if {"model_loaded", "first_batch_ready", "first_batch_done", "last_batch_done",

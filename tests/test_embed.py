@@ -58,7 +58,8 @@ def test_embeddings_shape_ids_and_classes(ingested, tmp_path):
         labels = np.array([r[0] for r in store.query("SELECT label FROM images ORDER BY image_id")])
     assert summary["n_embedded"] == N_IMAGES and summary["dim"] == 96 and summary["dtype"] == "float32"
     timeline = summary["timeline_s"]  # where the start-up goes (benchmarks/embed.py prints it)
-    keys = ["model_loaded", "first_batch_ready", "first_batch_done", "last_batch_done", "done"]
+    keys = ["loader_started", "model_read", "model_loaded", "first_batch_ready", "first_batch_done",
+            "last_batch_done", "done"]
     assert list(timeline) == keys and all(0 <= timeline[a] <= timeline[b] for a, b in zip(keys, keys[1:])), timeline
     assert list(ids) == image_ids and emb.shape == (N_IMAGES, 96) and np.isfinite(emb).all()
     # Even a random tiny ViT tells the generated classes apart: same-class pairs are closer.
