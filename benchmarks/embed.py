@@ -355,13 +355,12 @@ def main() -> None:
                 return None
             r["rate"] = r["n_embedded"] / r["wall_s"]
             tl = r.get("timeline_s") or {}
-            start_up = "".join(f"{what} {tl[key]:.2f} s, " for key, what in
-                               (("loader_started", "loader started"), ("model_read", "model read")) if key in tl)
-            timeline = (f"; timeline: {start_up}model loaded {tl['model_loaded']:.2f} s, first batch ready "
+            timeline = (f"; timeline: loader started {tl['loader_started']:.2f} s, model read {tl['model_read']:.2f} "
+                        f"s, model loaded {tl['model_loaded']:.2f} s, first batch ready "
                         f"{tl['first_batch_ready']:.2f} s and embedded {tl['first_batch_done']:.2f} s, last batch "
                         f"{tl['last_batch_done']:.2f} s, done {tl['done']:.2f} s"
-                        if {"model_loaded", "first_batch_ready", "first_batch_done", "last_batch_done",
-                            "done"} <= set(tl) else "")
+                        if {"loader_started", "model_read", "model_loaded", "first_batch_ready", "first_batch_done",
+                            "last_batch_done", "done"} <= set(tl) else "")
             print(f"  {name}, {n} images: {r['rate']:.1f} img/s ({r['wall_s']:.2f} s with model loading; batch "
                   f"{r['batch_size']}, {r['n_workers']} {'threads' if which == 'today' else 'worker processes'}), "
                   f"peak memory {_mem(r)}{timeline}", flush=True)

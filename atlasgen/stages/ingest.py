@@ -222,13 +222,13 @@ def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[st
     skipped: list[tuple[str, str]] = []
     images: list[str] = []  # paths relative to the folder, posix
     for rel in _walk_files(folder):
-        suffix = _suffix(rel).lower()
-        if suffix in IMAGE_EXTENSIONS:
+        suffix = _suffix(rel)
+        if suffix.lower() in IMAGE_EXTENSIONS:
             images.append(rel)
         # Our own label files are never inputs; only a file that is not an image could be one, so only those
         # are resolved (a resolve per image would cost more than the listing).
         elif not (own_files and Path(folder, rel).resolve() in own_files):
-            skipped.append((name(_joined(prefix, rel)), f"not an image file (extension {_suffix(rel) or 'none'})"))
+            skipped.append((name(_joined(prefix, rel)), f"not an image file (extension {suffix or 'none'})"))
     names = read_label_names(Path(cfg.label_names_file)) if cfg.label_names_file else {}
     if cfg.labels_file:
         labels = _labels_from_file(Path(cfg.labels_file), [rel for rel in images if "/" not in rel])
