@@ -15,6 +15,7 @@ only after the consumer has asked for the next batch, so a yielded batch stays v
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +29,12 @@ from .model import pil_to_array
 from .workers import WorkerPool
 
 STAGES = ("none", "pinned", "copy")
+DEFAULT_SLOTS = 3  # a batch being consumed, the others being filled: enough when the model is what bounds the run
+# A head start for a model that outruns its workers (a GPU's): while the model loads and warms up (~0.8 s on an
+# H200 machine), each worker can decode ~384 corpus copies (2.26 ms each there); a shallow ring stops them after
+# a few batches and the run then waits for decoding. The ring holds that many, within RING_MAX_BYTES.
+HEAD_START_PER_WORKER = 384
+RING_MAX_BYTES = 1 << 30
 
 
 def load_corpus_array(path: Path | BinaryIO, size: int, resize_mode: str) -> np.ndarray:
@@ -38,6 +45,28 @@ def load_corpus_array(path: Path | BinaryIO, size: int, resize_mode: str) -> np.
         # 256 px corpus at 224).
         image.draft("RGB", (size, size))
         return pil_to_array(image, size, resize_mode)
+
+
+def ring_slots(n_workers: int, batch_size: int, size: int, head_start: bool,
+               memory_bytes: int | None = None) -> int:
+    """Slots (batches) in the loader's shared ring. `head_start`: the model outruns the workers (a GPU), so the
+    ring holds what the workers decode while the model loads (HEAD_START_PER_WORKER each) plus the batch being
+    consumed, within RING_MAX_BYTES and 1/16 of the machine's memory (`memory_bytes`; None = this machine's);
+    else DEFAULT_SLOTS. Never fewer than DEFAULT_SLOTS; a corpus smaller than the ring maps only what it needs."""
+    if not head_start:
+        return DEFAULT_SLOTS
+    if memory_bytes is None:
+        memory_bytes = _physical_memory_bytes()
+    wanted = 1 + -(-n_workers * HEAD_START_PER_WORKER // batch_size)
+    fitting = min(RING_MAX_BYTES, memory_bytes // 16) // (batch_size * size * size * 3)
+    return max(DEFAULT_SLOTS, min(wanted, fitting))
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not on POSIX: assume a small machine
+        return 8 << 30
 
 
 @dataclass
@@ -57,7 +86,7 @@ class CorpusBatches:
     """
 
     def __init__(self, root: Path, items: Sequence[tuple[int, str]], batch_size: int, size: int, resize_mode: str,
-                 n_workers: int, stage: str = "none", n_slots: int = 3, processes: bool | None = None):
+                 n_workers: int, stage: str = "none", n_slots: int = DEFAULT_SLOTS, processes: bool | None = None):
         assert stage in STAGES, stage
         assert batch_size >= 1 and n_workers >= 1 and n_slots >= 2
         self.root = Path(root)
@@ -66,7 +95,7 @@ class CorpusBatches:
         self.size = size
         self.resize_mode = resize_mode
         self.stage = stage
-        self.n_slots = n_slots    # batches decoded ahead: one being consumed, the others being filled
+        self.n_slots = n_slots    # batches decoded ahead: one being consumed, the others being filled (ring_slots)
         self.processes = processes
         # One unit per worker per batch.
         self.unit_size = max(1, -(-batch_size // n_workers))
@@ -82,7 +111,7 @@ class CorpusBatches:
         if self._started:
             return self
         # The ring is never bigger than the work: a small corpus maps a small ring.
-        n_slots = min(self.n_slots, max(1, len(self.batches)))
+        self.n_slots = n_slots = min(self.n_slots, max(1, len(self.batches)))
         capacity = min(self.batch_size, max(1, len(self.items)))
         shape = (n_slots, capacity, self.size, self.size, 3)
         n_bytes = int(np.prod(shape))

@@ -12,8 +12,10 @@
 
 The corpus: generated ImageNet-sized photos (500×375 JPEG, ~60 KB) ingested to 256 px copies. Today's and the
 new path each run in a fresh process (as `atlasgen embed` does; torch imported and CUDA initialised before the
-clock starts, with the model classes' import) at two corpus sizes, N and a smaller one (N/4, or 4 batches of the new path where N allows, so
-its ring of 3 batches is full at both). The rate is images over the wall time of the stage's `run()`, model
+clock starts, with the model classes' import) at two corpus sizes, N and a smaller one (N/4, or 4 batches of the
+new path where N allows, so a CPU's ring of 3 batches is full at both; a GPU's ring holds what the workers decode
+while the model loads, 13 batches of 512 for 16 workers, so its memory is flat from 4 × 13 × 512 images on: run N =
+50,000 to see that). The rate is images over the wall time of the stage's `run()`, model
 loading included ("end to end"; the new path decodes while the model loads), at N; the peak memory at both
 sizes shows whether memory grows with N: the process's peak RSS plus its workers' peak unique memory (USS;
 pages shared with the process, such as the shared-memory batches, count once).
@@ -47,11 +49,12 @@ from atlasgen.model import (IMAGENET_MEAN, IMAGENET_STD, arrays_to_batch, ensure
                             load_embedding_model, resolve_device, vits16_config)
 from atlasgen.progress import bar, set_quiet  # noqa: E402
 from atlasgen.stages import embed, ingest  # noqa: E402
-from atlasgen.loader import load_corpus_array  # noqa: E402
+from atlasgen.loader import DEFAULT_SLOTS, CorpusBatches, load_corpus_array, ring_slots  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
 from atlasgen.testing import (PeakMemory, fresh_process_result, make_photo_folder, print_result,  # noqa: E402
                               two_size_reading, no_two_size_reading)
 from atlasgen.threads import ThreadTuner, n_cores, restore_torch_threads  # noqa: E402
+from atlasgen.workers import resolve_n_workers  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -197,6 +200,36 @@ def profile_today(model, corpus_paths: list[Path], batch_size: int, chunk_size: 
             f"(all but decoding in the main thread, one after the other)")
 
 
+def head_start(out_dir: Path, batch_size: int, size: int, resize_mode: str, on_gpu: bool, wait_s: float,
+               rounds: int = 2) -> str:
+    """The loader alone, as embed starts it: its workers decode while the model loads (simulated by a wait of
+    `wait_s`), then a model that takes no time takes every batch. The seconds after the wait, with today's ring of
+    DEFAULT_SLOTS batches against `ring_slots`' (best of `rounds`, alternating)."""
+    with Store.open(out_dir, read_only=True) as store:
+        items = sorted(store.corpus_paths().items())
+    n_workers = resolve_n_workers(0)
+    deep = ring_slots(n_workers, batch_size, size, head_start=True)
+    seconds: dict[int, list[float]] = {DEFAULT_SLOTS: [], deep: []}
+    for _ in range(rounds):
+        for n_slots in seconds:
+            with CorpusBatches(out_dir, items, batch_size, size, resize_mode, n_workers,
+                               stage=embed.loader_stage(on_gpu), n_slots=n_slots) as batches:
+                time.sleep(wait_s)
+                t0 = time.perf_counter()
+                n = sum(len(batch.image_ids) for batch in batches)
+                seconds[n_slots].append(time.perf_counter() - t0)
+            assert n == len(items), (n, len(items))
+    shallow_s, deep_s = min(seconds[DEFAULT_SLOTS]), min(seconds[deep])
+    # Below ~10 ms the deep ring had every batch decoded before the wait ended: a ratio would be noise.
+    ratio = f"{shallow_s / deep_s:.2f}x" if deep_s >= 0.01 else "every batch decoded during the wait"
+    return (f"loader head start ({n_workers} workers, batches of {batch_size}, a model load of {wait_s:.2f} s "
+            f"simulated by a wait, then a model that takes no time): all {len(items)} images "
+            f"{shallow_s:.3f} s after the wait with a ring of {DEFAULT_SLOTS} batches, {deep_s:.3f} s with "
+            f"ring_slots' {min(deep, -(-len(items) // batch_size))} ({ratio}; best of {rounds}, all: "
+            f"{', '.join(f'{x:.3f}' for x in seconds[DEFAULT_SLOTS])} against "
+            f"{', '.join(f'{x:.3f}' for x in seconds[deep])} s)")
+
+
 def run_embed(fn, cfg: EmbedConfig, out_dir: Path, device: torch.device) -> dict:
     """One embed into `out_dir` (after a reset): the stage's summary + wall seconds and peak memory."""
     with Store.open(out_dir) as store:
@@ -265,6 +298,9 @@ def main() -> None:
     parser.add_argument("--n-threads", type=int, default=0,
                         help="torch threads for both paths (default 0: each tunes its own, which on a busy CPU adds "
                              "noise of its own)")
+    parser.add_argument("--head-start-wait", type=float, default=0.8,
+                        help="seconds of model load the loader head-start check simulates (default 0.8: the H200 "
+                             "machine's ~0.8 s before the model was ready)")
     parser.add_argument("--one", choices=("today", "new"), help=argparse.SUPPRESS)  # one run (a child process)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -317,6 +353,13 @@ def main() -> None:
             print(f"profile FAILED: {type(e).__name__}: {e}", flush=True)
             traceback.print_exc()
 
+        try:
+            print(head_start(tmp_path / "big", batch_new or embed.MAX_GPU_BATCH_SIZE, model.image_size,
+                             model.spec.resize_mode, on_gpu, args.head_start_wait), flush=True)
+        except Exception as e:
+            print(f"loader head start FAILED: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+
         ceiling = None
 
         def measure_ceiling(threads: int) -> float:
@@ -361,8 +404,10 @@ def main() -> None:
                         f"{tl['last_batch_done']:.2f} s, done {tl['done']:.2f} s"
                         if {"loader_started", "model_read", "model_loaded", "first_batch_ready", "first_batch_done",
                             "last_batch_done", "done"} <= set(tl) else "")
+            ring = f", a ring of {r['ring_slots']} batches" if "ring_slots" in r else ""
             print(f"  {name}, {n} images: {r['rate']:.1f} img/s ({r['wall_s']:.2f} s with model loading; batch "
-                  f"{r['batch_size']}, {r['n_workers']} {'threads' if which == 'today' else 'worker processes'}), "
+                  f"{r['batch_size']}, {r['n_workers']} {'threads' if which == 'today' else 'worker processes'}"
+                  f"{ring}), "
                   f"peak memory {_mem(r)}{timeline}", flush=True)
             return r
 
@@ -406,8 +451,13 @@ def main() -> None:
                 gpu = (f"; GPU (torch max allocated) {s['gpu_peak_bytes'] / GIB:.2f} → "
                        f"{r['gpu_peak_bytes'] / GIB:.2f} GiB" if on_gpu else "")
                 ratio = (r["main_bytes"] + r["workers_bytes"]) / max(s["main_bytes"] + s["workers_bytes"], 1)
+                # The loader's ring is bounded (loader.ring_slots) but never bigger than the corpus: a small
+                # corpus maps fewer slots, which is growth up to the bound, not with the corpus.
+                ring = (f"; the loader's ring {s['ring_slots']} → {r['ring_slots']} batches of {r['batch_size']} "
+                        f"(bounded: a corpus smaller than the ring maps only what it needs)"
+                        if s.get("ring_slots", 0) != r.get("ring_slots", 0) else "")
                 print(f"peak memory (a fresh process per run), {name}: {n_small} images {_mem(s)}; {n_images} images "
-                      f"{_mem(r)} (×{ratio:.2f} for ×{n_images / n_small:.1f} images){gpu}", flush=True)
+                      f"{_mem(r)} (×{ratio:.2f} for ×{n_images / n_small:.1f} images){gpu}{ring}", flush=True)
         for name, r in best.items():
             # wall = fixed + n / steady, read off the two sizes: how much of the end-to-end rate is start-up
             # (model load, first device calls, workers, the first batch) and what a large corpus would reach.

@@ -14,7 +14,8 @@ from PIL import Image
 from atlasgen import threads
 from atlasgen.stages import embed
 from atlasgen.config import load_config
-from atlasgen.loader import CorpusBatches, load_corpus_array
+from atlasgen.loader import (DEFAULT_SLOTS, HEAD_START_PER_WORKER, RING_MAX_BYTES, CorpusBatches, load_corpus_array,
+                             ring_slots)
 from atlasgen.model import arrays_to_batch, load_embedding_model, pil_to_array, resize_tensor
 from atlasgen.pipeline import run_stages
 from atlasgen.progress import set_quiet
@@ -139,7 +140,7 @@ def test_same_embeddings_as_the_in_thread_loop(ingested, tmp_path, monkeypatch, 
         summary = run_stages(_cfg(precision=precision, n_threads=1, n_workers=2), store, ["embed"])["embed"]
         ids, emb = store.embeddings()
         paths = store.corpus_paths()
-    assert summary["n_workers"] == 2 and summary["batch_size"] == 4
+    assert summary["n_workers"] == 2 and summary["batch_size"] == 4 and summary["ring_slots"] == DEFAULT_SLOTS
     model = load_embedding_model("tiny", "cpu", precision, models_dir=out / "models")
     size, mode = model.image_size, model.spec.resize_mode
     reference = []
@@ -159,20 +160,50 @@ def test_loader_ways_agree_and_report_damaged_files(ingested, tmp_path):
     with Store.open(out, read_only=True) as store:
         items = sorted(store.corpus_paths().items())[:11]
 
-    def collect(**kw) -> list:
-        with CorpusBatches(out, items, 2, 112, "resize", n_workers=2, n_slots=2, **kw) as batches:
+    def collect(n_slots: int = 2, **kw) -> list:
+        with CorpusBatches(out, items, 2, 112, "resize", n_workers=2, n_slots=n_slots, **kw) as batches:
+            assert batches.n_slots == min(n_slots, 6), "the ring maps no more slots than there are batches"
             return [(b.image_ids.tolist(), np.array(b.arrays_bhw3.numpy() if isinstance(b.arrays_bhw3, torch.Tensor)
                                                     else b.arrays_bhw3), b.n_items, b.skipped) for b in batches]
 
     views, staged, in_threads = collect(), collect(stage="copy"), collect(processes=False)
+    deep = collect(n_slots=20, stage="copy")  # a GPU's deep ring (ring_slots), deeper than the corpus
     assert [b[0] for b in views] == [[0, 1], [2, 3], [4], [6, 7], [8, 9], [10]]
     assert [b[2] for b in views] == [2, 2, 2, 2, 2, 1]
     (source, reason), = views[2][3]
     assert source == "image 5 (corpus/00000005.jpg)" and "cannot read the corpus copy corpus/00000005.jpg" in reason
-    for other in (staged, in_threads):
+    for other in (staged, in_threads, deep):
         assert [(b[0], b[2], b[3]) for b in other] == [(b[0], b[2], b[3]) for b in views]
         assert all(np.array_equal(x[1], y[1]) for x, y in zip(other, views))
     assert np.array_equal(views[3][1][1], load_corpus_array(out / "corpus/00000007.jpg", 112, "resize"))
+
+
+def test_the_ring_gives_a_gpu_a_head_start_within_its_memory_bound():
+    """On a GPU (head_start) the ring holds ~HEAD_START_PER_WORKER images per worker plus the consumer's batch,
+    within RING_MAX_BYTES and 1/16 of the machine's memory; a CPU keeps 3 slots; never fewer than 3."""
+    slot_bytes = 512 * 224 * 224 * 3
+    big_machine = 128 << 30
+    assert ring_slots(16, 512, 224, head_start=False, memory_bytes=big_machine) == DEFAULT_SLOTS == 3
+    h200 = ring_slots(16, 512, 224, head_start=True, memory_bytes=big_machine)
+    assert h200 == 1 + 16 * HEAD_START_PER_WORKER // 512 == 13 and h200 * slot_bytes <= RING_MAX_BYTES
+    assert ring_slots(64, 512, 224, head_start=True, memory_bytes=big_machine) == RING_MAX_BYTES // slot_bytes
+    assert ring_slots(16, 512, 224, head_start=True, memory_bytes=8 << 30) == (8 << 30) // 16 // slot_bytes == 6
+    assert ring_slots(16, 512, 224, head_start=True, memory_bytes=1 << 30) == 3, "never fewer than 3"
+    assert ring_slots(2, 512, 224, head_start=True, memory_bytes=big_machine) == 3
+    assert ring_slots(4, 64, 224, head_start=True, memory_bytes=big_machine) == 1 + 4 * HEAD_START_PER_WORKER // 64
+    assert ring_slots(16, 512, 224, head_start=True) >= 3, "this machine's memory is read"
+
+
+def test_embed_sizes_its_ring_by_the_device(ingested, tmp_path, monkeypatch):
+    """The stage asks `ring_slots` with head_start only on a GPU and maps what it answers (at most the batches)."""
+    asked = []
+    monkeypatch.setattr(embed, "ring_slots", lambda *a, **k: (asked.append((a, k)), 5)[1])
+    out = _copy(ingested, tmp_path / "b")
+    with Store.open(out) as store:
+        summary = run_stages(_cfg(precision="fp32", n_threads=1, n_workers=2), store, ["embed"])["embed"]
+        n_batches = -(-store.count("embeddings") // summary["batch_size"])
+    assert asked == [((2, 4, 112), {"head_start": False})]
+    assert n_batches > 5 and summary["ring_slots"] == 5
 
 
 def test_loader_starts_while_the_model_loads_and_a_wrong_peek_is_harmless(ingested, tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Embed: every ingested image → the model's CLS `pooler_output` in `embeddings`.
 
 Here (the local executor) the work is three separable pieces: the loader (`loader.CorpusBatches`: worker
-processes decode and resize corpus JPEGs into shared memory, several batches ahead of the model; on CUDA a thread
-stages them in pinned memory for asynchronous copies), the pure model step `embed_batch`, and the writer
+processes decode and resize corpus JPEGs into shared memory, batches ahead of the model, on a GPU as many as they
+decode while the model loads; on CUDA a thread stages them in pinned memory for asynchronous copies), the pure model step `embed_batch`, and the writer
 (`workers.StoreWriter`: a thread with its own store connection commits each chunk of `chunk_size` images in one
 transaction while the model goes on). The model runs in bf16 where the hardware is fast at it (`precision =
 "auto"`). An interrupted run resumes with the images that have no embedding yet.
@@ -28,7 +28,7 @@ import torch
 from ..config import EmbedConfig
 from ..errors import StageInputError
 from ..executor import PackedModel, resolve_precision
-from ..loader import CorpusBatches, load_corpus_array
+from ..loader import CorpusBatches, load_corpus_array, ring_slots
 from ..model import (EmbeddingModel, PreprocessSpec, load_embedding_model, peek_preprocess_spec, resolve_device,
                      resolve_dtype)
 from ..progress import bar, say
@@ -245,8 +245,10 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
     timeline_s: dict[str, float] = {}
 
     def loader(spec: PreprocessSpec) -> CorpusBatches:
+        # On a GPU the ring is deep enough for the workers to decode through the model's load (ring_slots).
+        n_slots = ring_slots(n_workers, batch_size, spec.image_size, head_start=on_gpu)
         batches = CorpusBatches(store.paths.out_dir, todo, batch_size, spec.image_size, spec.resize_mode,
-                                n_workers, stage=loader_stage(on_gpu)).start()
+                                n_workers, stage=loader_stage(on_gpu), n_slots=n_slots).start()
         timeline_s.pop("loader_started", None)  # a restart at the model's size counts; keys in event order
         timeline_s["loader_started"] = time.perf_counter() - t0
         return batches
@@ -309,7 +311,7 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
             "n_skipped": len(skipped), "dim": model.dim, "dtype": str(model.dtype).replace("torch.", ""),
             "images_per_s": round(n_embedded / seconds, 1) if seconds > 0 else None,
             "n_threads": tuner.mostly_used, "batch_size": batch_size,
-            "n_workers": n_workers, "timeline_s": {k: round(v, 3) for k, v in {**timeline_s, "done": seconds}.items()}}
+            "n_workers": n_workers, "ring_slots": batches.n_slots, "timeline_s": {k: round(v, 3) for k, v in {**timeline_s, "done": seconds}.items()}}
 
 
 def _run_remote(cfg: EmbedConfig, store: Store, executor, todo: list[tuple[int, str]], n_total: int,
