@@ -7,11 +7,20 @@ forked (Linux's default, as in torch's DataLoader): they start in milliseconds, 
 the work function (a closure is fine) and any shared memory mapped before the fork. Tasks and results travel
 through queues and stay small (paths, ids, reasons); big outputs go through shared memory (embed) or files
 (ingest). Where fork is not available, threads do the same work in-process.
+
+A fork is not free, though: the kernel copies the forking process's page tables, so each one costs in proportion
+to what the process has mapped (11 ms with torch and transformers imported on our 2-core box, 27 ms with 1 GiB
+more of tensors; more after CUDA is up, by reports). Forked one by one from the pool's owner, 16 workers held its
+main thread (and the GIL: CPython's `os.fork` keeps it) for that long, just when embed wants to read its model.
+So by default (`SUPERVISED`) the owner forks one supervisor process, which forks the workers, reports a worker
+that dies, and stops them when it is stopped or the owner is gone: the owner pays one fork, and the supervisor
+pays the others on another core.
 """
 from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import queue
 import signal
@@ -24,8 +33,13 @@ from .errors import AtlasError
 from .threads import n_cores
 
 # A worker with nothing to do checks this often whether its parent is still alive (a parent killed with
-# SIGKILL cannot stop its workers; they notice and exit).
+# SIGKILL cannot stop its workers; they notice and exit); a supervisor checks its owner as often.
 _PARENT_CHECK_S = 0.5
+# Workers are forked by a supervisor process, not by the pool's owner (see the module docstring). A module
+# setting, not an option: it changes no result; benchmarks flip it to compare.
+SUPERVISED = True
+# A supervisor's report on the results queue: (_DIED, False, the worker's exit code).
+_DIED = "atlasgen-worker-died"
 
 
 def resolve_n_workers(n_workers: int) -> int:
@@ -50,12 +64,15 @@ class WorkerPool:
             result = pool.result(0)
     """
 
-    def __init__(self, fn: Callable[[Any], Any], n_workers: int, name: str, processes: bool | None = None):
+    def __init__(self, fn: Callable[[Any], Any], n_workers: int, name: str, processes: bool | None = None,
+                 supervised: bool | None = None):
         assert n_workers >= 1, n_workers
         self.fn = fn
         self.n_workers = n_workers
         self.name = name
         self.processes = can_fork() if processes is None else processes and can_fork()
+        # Processes only: the workers are forked by a supervisor process (None = SUPERVISED).
+        self.supervised = SUPERVISED if supervised is None else supervised
         self._done: dict[Any, tuple[bool, Any]] = {}
         self._n_pending = 0
         self._started = False
@@ -75,10 +92,16 @@ class WorkerPool:
         return self
 
     def _fork(self, fn: Callable[[Any], Any]) -> tuple[Any, list]:
-        """A task queue and `n_workers` processes forked now that run `fn` on its tasks."""
+        """A task queue and the processes forked now that run `fn` on its tasks: `n_workers` workers, or their
+        supervisor (which forks them)."""
         tasks = self._ctx.Queue()
-        procs = [self._ctx.Process(target=_worker_loop, args=(fn, tasks, self._results, os.getpid()),
-                                   name=f"atlasgen-{self.name}-{i}", daemon=True) for i in range(self.n_workers)]
+        if self.supervised:
+            procs = [self._ctx.Process(target=_supervise, args=(fn, tasks, self._results, os.getpid(), self.n_workers,
+                                                                self.name),
+                                       name=f"atlasgen-{self.name}-supervisor", daemon=True)]
+        else:
+            procs = [self._ctx.Process(target=_worker_loop, args=(fn, tasks, self._results, os.getpid()),
+                                       name=f"atlasgen-{self.name}-{i}", daemon=True) for i in range(self.n_workers)]
         # Objects alive at the fork stay out of the children's garbage collector: a child that collects an
         # inherited object another thread of this process was using (a Playwright greenlet, a DuckDB or
         # torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open).
@@ -98,7 +121,7 @@ class WorkerPool:
         self.fn = fn
         if not self.processes:
             return  # threads share this process: later submits simply call the new fn
-        for _ in self._procs:
+        for _ in range(self.n_workers):
             self._tasks.put(None)  # after the tasks already queued: each worker stops once they are done
         self._retired.append((self._tasks, self._procs))
         self._tasks, self._procs = self._fork(fn)
@@ -115,13 +138,13 @@ class WorkerPool:
             self._executor.shutdown(wait=clean, cancel_futures=not clean)
             return
         if clean and self._n_pending == 0:
-            for _ in self._procs:
-                self._tasks.put(None)
+            for _ in range(self.n_workers):
+                self._tasks.put(None)  # a supervisor exits once all its workers have
             for proc in self._all_procs():
                 proc.join(timeout=5)
         for proc in self._all_procs():
             if proc.is_alive():
-                proc.terminate()
+                proc.terminate()  # a supervisor stops its workers first
         for proc in self._all_procs():
             proc.join(timeout=5)
         # Tasks nobody will read must not keep this process waiting on the queue's feeder thread at exit.
@@ -156,6 +179,8 @@ class WorkerPool:
             except queue.Empty:
                 self._check_alive()
                 continue
+            if got_key == _DIED:  # a supervisor's report
+                self._raise_died([value])
             self._done[got_key] = (ok, value)
         ok, value = self._done.pop(key)
         self._n_pending -= 1
@@ -164,14 +189,18 @@ class WorkerPool:
         return value
 
     def _check_alive(self) -> None:
-        # A current worker never exits on its own; a retired one exits 0 once its tasks are done.
+        # A current worker (or supervisor) never exits on its own; a retired one exits 0 once its tasks are done.
+        # A supervisor reports its workers' deaths on the results queue (see result()).
         dead = [p for p in self._procs if p.exitcode is not None]
         dead += [p for p in self._retired_procs() if p.exitcode not in (None, 0)]
         if dead:
-            codes = ", ".join(str(p.exitcode) for p in dead)
-            raise AtlasError(f"{len(dead)} {self.name} worker process(es) died (exit code {codes})",
-                             f"a negative code is the signal that killed it (-9: out of memory?); lower "
-                             f"{self.name}.n_workers or free memory, then run the same command again (it resumes)")
+            self._raise_died([p.exitcode for p in dead])
+
+    def _raise_died(self, exit_codes: list) -> None:
+        raise AtlasError(f"{len(exit_codes)} {self.name} worker process(es) died (exit code "
+                         f"{', '.join(str(code) for code in exit_codes)})",
+                         f"a negative code is the signal that killed it (-9: out of memory?); lower "
+                         f"{self.name}.n_workers or free memory, then run the same command again (it resumes)")
 
 
 def ordered_map(pool: WorkerPool, tasks: Iterable[tuple[Any, Any]], window: int) -> Iterator[tuple[Any, Any]]:
@@ -191,9 +220,54 @@ def ordered_map(pool: WorkerPool, tasks: Iterable[tuple[Any, Any]], window: int)
         yield m, pool.result(k)
 
 
-def _worker_loop(fn: Callable, tasks, results, parent_pid: int) -> None:
+def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, name: str) -> None:
+    """A supervisor process: forks `n_workers` workers, reports each that dies (a nonzero exit) on the results
+    queue, and returns once they have all exited. Stopped (SIGTERM) or left by its owner, it stops them first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the owner handles it and stops us
+
+    def stop(*_) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    # multiprocessing lets no daemonic process have children; ours are daemons too, and die with us.
+    mp.current_process().daemon = False
+    ctx = mp.get_context("fork")
+    procs = []
+    try:
+        gc.freeze()  # as the owner does before forking (see WorkerPool._fork)
+        for i in range(n_workers):
+            proc = ctx.Process(target=_worker_loop, args=(fn, tasks, results, os.getpid(), True),
+                               name=f"atlasgen-{name}-{i}", daemon=True)
+            proc.start()
+            procs.append(proc)
+        running = {proc.sentinel: proc for proc in procs}
+        while running:
+            for sentinel in mp_connection.wait(list(running), timeout=_PARENT_CHECK_S):
+                proc = running.pop(sentinel)
+                proc.join()
+                if proc.exitcode != 0:  # a worker exits 0 only when told to stop
+                    results.put((_DIED, False, proc.exitcode))
+            if os.getppid() != owner_pid:
+                return
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=5)
+
+
+def _worker_loop(fn: Callable, tasks, results, parent_pid: int, die_with_parent: bool = False) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # terminate() must stop us, not raise in a task (a supervisor's SIGTERM handler is inherited at the fork).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A supervisor killed outright cannot stop us, and a busy worker would not notice until its task ends: ask
+    # the kernel to kill us with it (the thread that forked us is the supervisor's main thread: it lives as long).
+    if die_with_parent:
+        _kill_me_with_my_parent()
+    if os.getppid() != parent_pid:  # gone already, before we could ask
+        return
     while True:
         try:
             item = tasks.get(timeout=_PARENT_CHECK_S)
@@ -208,6 +282,16 @@ def _worker_loop(fn: Callable, tasks, results, parent_pid: int) -> None:
             results.put((key, True, fn(task)))
         except BaseException:  # reported to the parent, which raises it
             results.put((key, False, traceback.format_exc(limit=8)))
+
+
+def _kill_me_with_my_parent() -> None:
+    """Linux's PR_SET_PDEATHSIG: SIGKILL this process when the thread that forked it ends. Where that is
+    unavailable the worker notices only when idle."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class StoreWriter:

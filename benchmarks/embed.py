@@ -54,6 +54,7 @@ from atlasgen.store import Store  # noqa: E402
 from atlasgen.testing import (PeakMemory, fresh_process_result, make_photo_folder, print_result,  # noqa: E402
                               two_size_reading, no_two_size_reading)
 from atlasgen.threads import ThreadTuner, n_cores, restore_torch_threads  # noqa: E402
+from atlasgen import workers  # noqa: E402
 from atlasgen.workers import resolve_n_workers  # noqa: E402
 
 GIB = 2 ** 30
@@ -200,6 +201,9 @@ def profile_today(model, corpus_paths: list[Path], batch_size: int, chunk_size: 
             f"(all but decoding in the main thread, one after the other)")
 
 
+NEW_DIRECT = "new path, workers forked directly"  # the --fork-ab contender
+
+
 def head_start(out_dir: Path, batch_size: int, size: int, resize_mode: str, on_gpu: bool, wait_s: float,
                rounds: int = 2) -> str:
     """The loader alone, as embed starts it: its workers decode while the model loads (simulated by a wait of
@@ -255,6 +259,9 @@ def one_run(args) -> None:
     if device.type == "cuda":
         (torch.ones(8, 8, device=device) @ torch.ones(8, 8, device=device)).sum().item()
     fn = today_embed if args.one == "today" else embed.run
+    # "new-direct": the stage as it is, with its loader's workers forked by this process itself, one by one (as
+    # before workers.SUPERVISED): what the supervisor saves the main thread before the model load.
+    workers.SUPERVISED = args.one != "new-direct"
     cfg = EmbedConfig(model=args.model, device=device.type, batch_size=args.batch_size, n_workers=args.n_workers,
                       n_threads=args.n_threads)
     print_result(run_embed(fn, cfg, Path(args.store), device))
@@ -298,10 +305,13 @@ def main() -> None:
     parser.add_argument("--n-threads", type=int, default=0,
                         help="torch threads for both paths (default 0: each tunes its own, which on a busy CPU adds "
                              "noise of its own)")
+    parser.add_argument("--fork-ab", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the new path with its workers forked by the process itself, one by one, "
+                             "instead of by a supervisor process (default: on CUDA, unless --new-only)")
     parser.add_argument("--head-start-wait", type=float, default=0.8,
                         help="seconds of model load the loader head-start check simulates (default 0.8: the H200 "
                              "machine's ~0.8 s before the model was ready)")
-    parser.add_argument("--one", choices=("today", "new"), help=argparse.SUPPRESS)  # one run (a child process)
+    parser.add_argument("--one", choices=("today", "new", "new-direct"), help=argparse.SUPPRESS)  # one run (a child process)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--n-workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -322,6 +332,7 @@ def main() -> None:
     batch_today = args.batch_size or (32 if on_gpu else 8 if args.quick else 16)
     batch_new = args.batch_size or (0 if on_gpu else batch_today)
     naive = args.naive if args.naive is not None else not on_gpu
+    fork_ab = args.fork_ab if args.fork_ab is not None else on_gpu and not args.new_only
     # The small size has at least 4 of the new path's batches where N allows, so its ring of 3 batches is full
     # at both sizes and the comparison shows what grows with the corpus.
     n_small = max(1, n_images // 4, min(4 * (batch_new or embed.MAX_GPU_BATCH_SIZE), n_images // 2))
@@ -383,6 +394,8 @@ def main() -> None:
         contenders = [("today's path", "today", batch_today, 2), ("new path", "new", batch_new, 0)]
         if args.new_only:
             contenders = contenders[1:]
+        if fork_ab:
+            contenders.append((NEW_DIRECT, "new-direct", batch_new, 0))
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         small: dict[str, dict] = {}
         naive_rates: list[float] = []
@@ -438,6 +451,8 @@ def main() -> None:
                     f"ceiling ({r['wall_s']:.2f} s, model loading included)")
             if name == "new path" and "today's path" in best:
                 line += f"; {r['rate'] / best[contenders[0][0]]['rate']:.2f}x today's"
+            if name == "new path" and NEW_DIRECT in best:
+                line += f"; {r['rate'] / best[NEW_DIRECT]['rate']:.2f}x the same path with its workers forked directly"
             if naive_rates:
                 line += f"; {r['rate'] / max(naive_rates):.2f}x naive"
             if len(results[name]) > 1:  # the best round above; the spread says how far to trust it
@@ -473,7 +488,7 @@ def main() -> None:
                   f"({steady / ceiling:.0%} of the ceiling); at 50,000 images "
                   f"~{50_000 / (fixed + 50_000 / steady):,.0f} "
                   f"img/s end to end (an estimate from two measured points)", flush=True)
-        if len(best) == 2:
+        if {"today's path", "new path"} <= set(best):
             a, b = best["today's path"]["emb"], best["new path"]["emb"]
             if a.shape == b.shape:
                 cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -481,6 +496,9 @@ def main() -> None:
                       f"{' (identical)' if np.array_equal(a, b) else ''}", flush=True)
             else:
                 print(f"new path's embeddings vs today's: shapes differ {a.shape} vs {b.shape}", flush=True)
+        if NEW_DIRECT in best and "new path" in best:
+            print(f"{NEW_DIRECT}: embeddings identical to the new path's: "
+                  f"{'yes' if np.array_equal(best[NEW_DIRECT]['emb'], best['new path']['emb']) else 'NO'}", flush=True)
     print(f"benchmark wall time: {time.perf_counter() - t_start:.1f} s", flush=True)
 
 

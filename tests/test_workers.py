@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -21,28 +23,98 @@ def _square_or_fail(x: int) -> tuple[int, int]:
     return x * x, os.getpid()
 
 
-@pytest.mark.parametrize("processes", [True, False])
-def test_pool_results_in_order_and_errors(processes):
-    with WorkerPool(_square_or_fail, 2, "test", processes=processes) as pool:
+# How a pool runs its tasks: worker processes forked by a supervisor (the default), forked by the pool's owner
+# itself, or threads here.
+MODES = {"supervised": {"supervised": True}, "direct": {"supervised": False}, "threads": {"processes": False}}
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids, seconds: float = 10) -> bool:
+    deadline = time.time() + seconds
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_results_in_order_and_errors(mode):
+    processes = mode != "threads"
+    with WorkerPool(_square_or_fail, 2, "test", **MODES[mode]) as pool:
         got = list(ordered_map(pool, ((i, i) for i in range(20) if i != 13), window=3))
         assert [m for m, _ in got] == [i for i in range(20) if i != 13]
         assert [r[0] for _, r in got] == [i * i for i in range(20) if i != 13]
         pids = {r[1] for _, r in got}
         assert (os.getpid() not in pids) == processes, "processes run elsewhere, threads here"
+        if processes:
+            children = {p.pid for p in pool._procs}
+            assert (pids <= children) == (mode == "direct"), "a supervisor's workers are its children, not ours"
         pool.submit("bad", 13)
         with pytest.raises(WorkerError if processes else ValueError, match="thirteen"):
             pool.result("bad")
     if processes:
         assert all(not p.is_alive() for p in pool._procs), "leaving the block stops the workers"
+        assert _wait_gone(pids), "and a supervisor's workers"
 
 
-def test_dead_worker_is_one_clear_error():
-    with pytest.raises(AtlasError, match="worker process.*died"):
-        with WorkerPool(lambda x: time.sleep(30), 1, "test") as pool:
+def _pid_or_sleep(x):
+    return os.getpid() if x == "pid" else time.sleep(30)
+
+
+@pytest.mark.parametrize("mode", ["supervised", "direct"])
+def test_dead_worker_is_one_clear_error(mode):
+    with pytest.raises(AtlasError, match=r"worker process.*died \(exit code -9\)"):
+        with WorkerPool(_pid_or_sleep, 1, "test", **MODES[mode]) as pool:
+            pool.submit("pid", "pid")
+            worker_pid = pool.result("pid")
             pool.submit(0, 0)
+            time.sleep(0.3)
+            os.kill(worker_pid, signal.SIGKILL)
+            pool.result(0)
+
+
+def test_dead_supervisor_is_one_clear_error_and_its_workers_go_too():
+    with pytest.raises(AtlasError, match="worker process.*died"):
+        with WorkerPool(_pid_or_sleep, 2, "test", supervised=True) as pool:
+            pool.submit("pid", "pid")
+            worker_pid = pool.result("pid")
+            pool.submit(0, 0)
+            pool.submit(1, 1)
             time.sleep(0.3)
             os.kill(pool._procs[0].pid, signal.SIGKILL)
             pool.result(0)
+    # Orphaned mid-task, the workers cannot see that their parent is gone until the task ends; the pool's close
+    # stops them.
+    assert _wait_gone([worker_pid], 5), "a dead supervisor's workers do not outlive the pool"
+
+
+def test_a_supervisor_stops_its_workers_when_its_owner_is_killed(tmp_path):
+    """The owner killed with SIGKILL cannot stop anything: the supervisor notices and stops its busy workers."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from atlasgen.workers import WorkerPool\n"
+        "def fn(x):\n"
+        "    return os.getpid() if x == 'pid' else time.sleep(60)\n"
+        "with WorkerPool(fn, 2, 'test', supervised=True) as pool:\n"
+        "    for k in ('a', 'b'): pool.submit(k, 'pid')\n"
+        "    print(pool._procs[0].pid, *{pool.result('a'), pool.result('b')}, flush=True)\n"
+        "    for k in range(4): pool.submit(k, k)\n"
+        "    time.sleep(60)\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in owner.stdout.readline().split()]
+    time.sleep(0.3)  # the workers are in their 60 s tasks
+    assert len(pids) >= 2 and all(_alive(pid) for pid in pids)
+    owner.kill()
+    owner.wait()
+    assert _wait_gone(pids, 10), "the supervisor and its workers outlived their killed owner"
 
 
 def _tagged(tag: str):
@@ -52,9 +124,10 @@ def _tagged(tag: str):
     return fn
 
 
-@pytest.mark.parametrize("processes", [True, False])
-def test_swap_runs_later_tasks_with_the_new_function_in_new_workers(processes):
-    with WorkerPool(_tagged("old"), 2, "test", processes=processes) as pool:
+@pytest.mark.parametrize("mode", MODES)
+def test_swap_runs_later_tasks_with_the_new_function_in_new_workers(mode):
+    processes = mode != "threads"
+    with WorkerPool(_tagged("old"), 2, "test", **MODES[mode]) as pool:
         for i in range(6):
             pool.submit(i, i)
         first_procs = list(pool._procs) if processes else []
@@ -67,23 +140,27 @@ def test_swap_runs_later_tasks_with_the_new_function_in_new_workers(processes):
         if processes:
             old_pids = {pid for tag, _, pid in got if tag == "old"}
             new_pids = {pid for tag, _, pid in got if tag == "new"}
-            assert old_pids <= {p.pid for p in first_procs} and new_pids <= {p.pid for p in pool._procs}
+            if mode == "direct":
+                assert old_pids <= {p.pid for p in first_procs} and new_pids <= {p.pid for p in pool._procs}
             assert not old_pids & new_pids, "the new function runs in freshly forked workers"
             for proc in first_procs:
                 proc.join(timeout=5)
             assert all(p.exitcode == 0 for p in first_procs), "the old workers exit once their tasks are done"
+            assert _wait_gone(old_pids, 5)
     if processes:
         assert not any(p.is_alive() for p in pool._all_procs())
 
 
-def test_a_retired_worker_that_dies_with_tasks_left_is_one_clear_error():
+@pytest.mark.parametrize("mode", ["supervised", "direct"])
+def test_a_retired_worker_that_dies_with_tasks_left_is_one_clear_error(mode):
     with pytest.raises(AtlasError, match="worker process.*died"):
-        with WorkerPool(lambda x: time.sleep(30), 1, "test") as pool:
+        with WorkerPool(_pid_or_sleep, 1, "test", **MODES[mode]) as pool:
+            pool.submit("pid", "pid")
+            old_pid = pool.result("pid")
             pool.submit(0, 0)
             time.sleep(0.3)
-            old = pool._procs[0]
             pool.swap(lambda x: x)
-            os.kill(old.pid, signal.SIGKILL)
+            os.kill(old_pid, signal.SIGKILL)
             pool.result(0)
 
 
