@@ -81,6 +81,26 @@ def peek_preprocess_spec(model_ref: str, models_dir: Path | None = None) -> Prep
     alone (no weights, no network), so data loading can start while the model loads. None when it cannot tell
     (a hub model not in the local cache, the tiny model not written yet, anything unexpected)."""
     from types import SimpleNamespace
+    found = _peek(model_ref, models_dir)
+    if found is None:
+        return None
+    path, config = found
+    try:
+        return read_preprocess_spec(path, SimpleNamespace(image_size=config.get("image_size") or 224))
+    except Exception:  # any doubt: the caller loads the model first, as it always could
+        return None
+
+
+def peek_model_config(model_ref: str, models_dir: Path | None = None) -> dict | None:
+    """The checkpoint's `config.json` (a DINOv3 ViT's), read as `peek_preprocess_spec` reads it; None when it
+    cannot tell."""
+    found = _peek(model_ref, models_dir)
+    return None if found is None else found[1]
+
+
+def _peek(model_ref: str, models_dir: Path | None) -> tuple[Path | None, dict] | None:
+    """(the local checkpoint folder or None for a hub id, its config.json) without loading anything; None when
+    it cannot tell or the model is not a DINOv3 ViT."""
     try:
         if model_ref == TINY_MODEL_REF:
             if models_dir is None:
@@ -97,11 +117,23 @@ def peek_preprocess_spec(model_ref: str, models_dir: Path | None = None) -> Prep
                 return None
             path, config_path = None, Path(found)  # a hub id: load_embedding_model reads no processor config
         config = json.loads(config_path.read_text())
-        if config.get("model_type") != "dinov3_vit":
-            return None
-        return read_preprocess_spec(path, SimpleNamespace(image_size=config.get("image_size") or 224))
+        return (path, config) if config.get("model_type") == "dinov3_vit" else None
     except Exception:  # any doubt: the caller loads the model first, as it always could
         return None
+
+
+def model_skeleton(config: dict, spec: PreprocessSpec, dtype: torch.dtype, device: torch.device,
+                   n_layers: int = 1) -> "EmbeddingModel":
+    """A model of a checkpoint's shape (its `config.json`, as `peek_model_config` gives it) with `n_layers` layers
+    and uninitialised weights, nothing read from disk: what a device's warm-up runs to meet the real model's
+    kernels at the real shapes while the real model loads. Its outputs are meaningless."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    # The backbone-output fields name stages of the full depth, which a shallower config refuses.
+    fields = {k: v for k, v in config.items() if k not in ("out_features", "out_indices", "stage_names")}
+    fields["num_hidden_layers"] = n_layers
+    with torch.device("meta"):  # no weight initialisation: the values do not matter
+        backbone = DINOv3ViTModel(DINOv3ViTConfig.from_dict(fields))
+    return EmbeddingModel(backbone.to_empty(device=device), spec, dtype).to(device)
 
 
 def resolve_device(device: str) -> torch.device:

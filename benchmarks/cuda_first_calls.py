@@ -9,7 +9,10 @@ random weights:
 - `conv`: the model loaded as embed loads it (`from_pretrained`, bf16, to the device), then its first three
   forwards on a batch of 512 (`--batch`), with the patch embedding as the convolution (cuDNN on a GPU);
 - `gemm`: the same with the patch embedding as embed runs it (`model.PatchConv2d`: one GEMM, no gradients),
-  and how far its embeddings are from the convolution's.
+  and how far its embeddings are from the convolution's;
+- `skeleton`: `gemm` after embed's warm-up as it now runs (in the stage, in a thread while the model loads;
+  here before the load, timed on its own): the model step once on a one-layer skeleton of the checkpoint at the
+  real shapes (`embed.first_batch_of(model.model_skeleton(...))`), so the first forward meets warm kernels.
 
     python benchmarks/cuda_first_calls.py --device cuda      # a GPU machine, ~1 minute
     python benchmarks/cuda_first_calls.py --device cpu       # anywhere: checks that it runs
@@ -65,6 +68,12 @@ def child(mode: str, device_name: str, model_path: str, batch: int) -> dict:
         return out
     if mode == "conv":
         M.PatchConv2d.forward = torch.nn.Conv2d.forward
+    if mode == "skeleton":
+        from atlasgen.stages.embed import first_batch_of
+        config, spec = M.peek_model_config(model_path), M.peek_preprocess_spec(model_path)
+        timed("warm_up", lambda: first_batch_of(M.model_skeleton(config, spec, dtype, device), batch))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # as the warm-up thread ends
     model = timed("load", lambda: M.load_embedding_model(model_path, device, "bf16"))
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     emb = None
@@ -95,7 +104,7 @@ def main() -> None:
         model_path = ensure_random_model(Path(tmp) / "vits16", vits16_config())
         print(f"model written in {time.perf_counter() - t0:.1f} s", flush=True)
         for r in range(args.rounds):
-            for mode in ("parts", "conv", "gemm"):
+            for mode in ("parts", "conv", "gemm", "skeleton"):
                 run = subprocess.run([sys.executable, __file__, "--child", mode, "--device", args.device,
                                       "--model", str(model_path), "--batch", str(args.batch)],
                                      capture_output=True, text=True)

@@ -102,6 +102,10 @@ echo "ingest benchmark exit code $?"
 timeout --signal=INT --kill-after=10 $EMBED_LIMIT_S $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH" \
     --rounds "$EMBED_ROUNDS"
 echo "embed benchmark exit code $?"
+# A fresh process's first embed batch with and without embed's warm-up on a skeleton of the model (~40 s).
+timeout --signal=INT --kill-after=10 90 $PY benchmarks/cuda_first_calls.py --device "$DEVICE" --rounds 1 \
+    $([ "$SMOKE" = 1 ] && echo "--batch 8")
+echo "first-calls benchmark exit code $?"
 # GPU_CHECK_SCALE_IMAGES (e.g. 50000, ImageNet val's size): the new paths alone at that size as well. Ingest
 # runs as it is (at both benchmark sizes' larger corpus it loads its resize kernels while its workers start with
 # Pillow) and with Pillow alone.

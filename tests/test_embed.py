@@ -349,8 +349,39 @@ def test_staging_starts_before_the_first_batch_is_asked_for(ingested, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_device_warm_up_kernels_run(dtype):
-    """What the warm-up thread runs on a GPU (it ignores its own failures there, so they are caught here)."""
+def test_device_warm_up_kernels_run(dtype, tmp_path):
+    """What the warm-up thread runs on a GPU (it ignores its own failures there, so they are caught here): the
+    model step on a one-layer skeleton of the checkpoint, or tiny kernels when its shape is unknown."""
+    from atlasgen import model as model_mod
     out = embed.first_batch_kernels(torch.device("cpu"), dtype)
     assert out.shape == (2, 2, 2, 8) and out.dtype == dtype
     assert embed.warm_up_device(torch.device("cpu"), "auto") is None, "nothing to warm on a CPU"
+
+    model_mod.ensure_random_model(tmp_path / "tiny-dinov3", model_mod.tiny_config())
+    config = model_mod.peek_model_config("tiny", tmp_path)
+    spec = model_mod.peek_preprocess_spec("tiny", tmp_path)
+    assert config["model_type"] == "dinov3_vit" and config["num_hidden_layers"] == 2
+    skeleton = model_mod.model_skeleton(config, spec, dtype, torch.device("cpu"))
+    assert skeleton.dtype == dtype and skeleton.spec == spec
+    real = load_embedding_model("tiny", "cpu", "fp32", models_dir=tmp_path)
+    # The real model's parameters but its second layer's (and so its shapes).
+    shapes = {name: p.shape for name, p in real.backbone.named_parameters() if not name.startswith("model.layer.1.")}
+    assert {name: p.shape for name, p in skeleton.backbone.named_parameters()} == shapes
+    assert any(name.startswith("model.layer.0.") for name in shapes)
+    emb = embed.first_batch_of(skeleton, 3)
+    assert emb.shape == (3, real.dim) and emb.dtype == np.float32
+    assert model_mod.peek_model_config("tiny", tmp_path / "nowhere") is None
+
+
+def test_embed_warms_the_device_with_the_checkpoints_shape(ingested, tmp_path, monkeypatch):
+    """The warm-up is given the checkpoint's config and input spec, read before the model loads, and the
+    loader's batch size (on a CPU it then does nothing)."""
+    asked = []
+    monkeypatch.setattr(embed, "warm_up_device", lambda *a: (asked.append(a), None)[1])
+    out = _copy(ingested, tmp_path / "b")
+    with Store.open(out) as store:
+        run_stages(_cfg(precision="fp32", n_threads=1), store, ["embed"])
+    (device, precision, config, spec, batch_size), = asked
+    assert device.type == "cpu" and precision == "fp32" and batch_size == 4
+    assert config["model_type"] == "dinov3_vit" and config["num_hidden_layers"] == 2
+    assert spec == load_embedding_model("tiny", "cpu", "fp32", models_dir=out / "models").spec

@@ -29,8 +29,8 @@ from ..config import EmbedConfig
 from ..errors import StageInputError
 from ..executor import PackedModel, resolve_precision
 from ..loader import CorpusBatches, load_corpus_array, ring_slots
-from ..model import (EmbeddingModel, PreprocessSpec, load_embedding_model, peek_preprocess_spec, resolve_device,
-                     resolve_dtype)
+from ..model import (EmbeddingModel, PreprocessSpec, load_embedding_model, model_skeleton, peek_model_config,
+                     peek_preprocess_spec, resolve_device, resolve_dtype)
 from ..progress import bar, say
 from ..store import Store
 from ..threads import ThreadTuner, restore_torch_threads
@@ -78,17 +78,26 @@ def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int
     return batch
 
 
-def warm_up_device(device: torch.device, precision: str) -> threading.Thread | None:
-    """On a GPU, a thread that pays the once-per-process costs of a model's first batch (the CUDA context, loading
-    the GEMM and attention kernels) on tiny tensors, while the caller loads the model from disk; None elsewhere.
-    Its failure is ignored: the model's first batch then meets the same problem and reports it."""
+def warm_up_device(device: torch.device, precision: str, model_config: dict | None = None,
+                   spec: PreprocessSpec | None = None, batch_size: int = MAX_GPU_BATCH_SIZE) -> threading.Thread | None:
+    """On a GPU, a thread that pays the once-per-process costs of a model's first batch while the caller loads the
+    model from disk; None elsewhere. With the checkpoint's config and input spec (`model.peek_model_config`,
+    `peek_preprocess_spec`) it runs the model step once on a one-layer skeleton of the model at the real shapes
+    (`first_batch_of`): the CUDA context, and every kernel the first batch will meet at its own shapes. Without
+    them, the kinds of kernel on tiny tensors (`first_batch_kernels`). Its failure is ignored: the model's first
+    batch then meets the same problem and reports it."""
     if device.type != "cuda":
         return None
 
     def run() -> None:
         try:
-            first_batch_kernels(device, resolve_dtype(precision, device))
+            dtype = resolve_dtype(precision, device)
+            if model_config is not None and spec is not None:
+                first_batch_of(model_skeleton(model_config, spec, dtype, device), batch_size)
+            else:
+                first_batch_kernels(device, dtype)
             torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()  # the free memory that auto_batch_size reads stays as it was
         except Exception:  # see the docstring
             pass
 
@@ -97,9 +106,19 @@ def warm_up_device(device: torch.device, precision: str) -> threading.Thread | N
     return thread
 
 
+def first_batch_of(model: EmbeddingModel, batch_size: int) -> np.ndarray:
+    """The model step once, on zeros already on the model's device, at the size the stage's model step will run:
+    `batch_size` images, on a GPU at most what `auto_batch_size` gives."""
+    device = model.mean_c11.device
+    n = min(batch_size, auto_batch_size(model)) if device.type == "cuda" else batch_size
+    size = model.image_size
+    return embed_batch(model, torch.zeros(n, size, size, 3, dtype=torch.uint8, device=device))
+
+
 def first_batch_kernels(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The kinds of kernel a ViT's forward uses without gradients (attention, layer norm, GEMM; the patch
-    embedding is a GEMM too, `model.PatchConv2d`), on tiny tensors."""
+    embedding is a GEMM too, `model.PatchConv2d`), on tiny tensors: the warm-up when the model's shape is not
+    known before it loads."""
     tokens = torch.zeros(2, 2, 2, 8, device=device, dtype=dtype)  # (B, heads, tokens, head dim)
     attended = torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
     return torch.nn.functional.layer_norm(attended, (8,)) @ torch.zeros(8, 8, device=device, dtype=dtype)
@@ -255,7 +274,9 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
 
     spec = peek_preprocess_spec(cfg.model, store.paths.models_dir) if todo else None
     batches = loader(spec) if spec is not None else None
-    warming = warm_up_device(device, cfg.precision) if todo else None  # after the fork: the workers never see it
+    # After the fork: the workers never see it.
+    warming = warm_up_device(device, cfg.precision, peek_model_config(cfg.model, store.paths.models_dir), spec,
+                             batch_size) if todo else None
     try:
         model = load_embedding_model(cfg.model, device, cfg.precision, models_dir=store.paths.models_dir)
         timeline_s["model_read"] = time.perf_counter() - t0
