@@ -224,31 +224,39 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
     """A supervisor process: forks `n_workers` workers, reports each that dies (a nonzero exit) on the results
     queue, and returns once they have all exited. Stopped (SIGTERM) or left by its owner, it stops them first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the owner handles it and stops us
-
-    def stop(*_) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
+    # While forking, SIGTERM kills at once (the workers forked so far die with us, see _worker_loop): a Python
+    # handler could run inside another module's at-fork callback, which swallows what it raises.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # multiprocessing lets no daemonic process have children; ours are daemons too, and die with us.
     mp.current_process().daemon = False
     ctx = mp.get_context("fork")
     procs = []
+    gc.freeze()  # as the owner does before forking (see WorkerPool._fork)
+    for i in range(n_workers):
+        proc = ctx.Process(target=_worker_loop, args=(fn, tasks, results, os.getpid(), True),
+                           name=f"atlasgen-{name}-{i}", daemon=True)
+        proc.start()
+        procs.append(proc)
+    # From now on SIGTERM asks the loop below to stop the workers first; it wakes the loop through a pipe.
+    wake_r, wake_w = os.pipe()
+    stopping = []
+
+    def stop(*_) -> None:
+        stopping.append(True)
+        os.write(wake_w, b"x")
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        gc.freeze()  # as the owner does before forking (see WorkerPool._fork)
-        for i in range(n_workers):
-            proc = ctx.Process(target=_worker_loop, args=(fn, tasks, results, os.getpid(), True),
-                               name=f"atlasgen-{name}-{i}", daemon=True)
-            proc.start()
-            procs.append(proc)
         running = {proc.sentinel: proc for proc in procs}
-        while running:
-            for sentinel in mp_connection.wait(list(running), timeout=_PARENT_CHECK_S):
-                proc = running.pop(sentinel)
+        while running and not stopping and os.getppid() == owner_pid:
+            for ready in mp_connection.wait([*running, wake_r], timeout=_PARENT_CHECK_S):
+                if ready == wake_r:
+                    os.read(wake_r, 64)
+                    continue
+                proc = running.pop(ready)
                 proc.join()
                 if proc.exitcode != 0:  # a worker exits 0 only when told to stop
                     results.put((_DIED, False, proc.exitcode))
-            if os.getppid() != owner_pid:
-                return
     finally:
         for proc in procs:
             if proc.is_alive():

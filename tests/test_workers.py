@@ -117,6 +117,39 @@ def test_a_supervisor_stops_its_workers_when_its_owner_is_killed(tmp_path):
     assert _wait_gone(pids, 10), "the supervisor and its workers outlived their killed owner"
 
 
+def test_a_pool_closed_at_once_leaves_no_process(tmp_path):
+    """Closed right after it starts (an error, a restart), the supervisor may still be forking its workers: it and
+    they are gone all the same. Run in a process that adopts orphans (PR_SET_CHILD_SUBREAPER), so a worker left
+    behind is seen as its child."""
+    script = tmp_path / "closer.py"
+    script.write_text(
+        "import ctypes, os, time\n"
+        "from atlasgen.workers import WorkerPool\n"
+        "assert ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER\n"
+        "def fn(x):\n"
+        "    time.sleep(0.05)\n"
+        "    return x\n"
+        "for delay in (0, 0, 0.002, 0.005, 0.01, 0.02, 0.05):\n"
+        "    pool = WorkerPool(fn, 2, 'test', supervised=True).__enter__()\n"
+        "    for k in range(10): pool.submit(k, k)\n"
+        "    time.sleep(delay)\n"
+        "    pool.close(clean=False)\n"
+        "    assert not pool._procs[0].is_alive(), ('supervisor', delay)\n"
+        "deadline = time.time() + 5\n"
+        "while time.time() < deadline:\n"
+        "    while True:  # reap what was adopted and has exited\n"
+        "        try:\n"
+        "            if os.waitpid(-1, os.WNOHANG)[0] == 0: break\n"
+        "        except ChildProcessError: break\n"
+        "    left = [c for t in os.listdir('/proc/self/task') for c in open(f'/proc/self/task/{t}/children').read().split()]\n"
+        "    if not left: break\n"
+        "    time.sleep(0.05)\n"
+        "print('left', len(left), flush=True)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "left 0", run.stdout
+
+
 def _tagged(tag: str):
     def fn(x: int) -> tuple[str, int, int]:
         time.sleep(0.01)
