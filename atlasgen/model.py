@@ -122,18 +122,29 @@ def _peek(model_ref: str, models_dir: Path | None) -> tuple[Path | None, dict] |
         return None
 
 
-def model_skeleton(config: dict, spec: PreprocessSpec, dtype: torch.dtype, device: torch.device,
-                   n_layers: int = 1) -> "EmbeddingModel":
-    """A model of a checkpoint's shape (its `config.json`, as `peek_model_config` gives it) with `n_layers` layers
-    and uninitialised weights, nothing read from disk: what a device's warm-up runs to meet the real model's
-    kernels at the real shapes while the real model loads. Its outputs are meaningless."""
+def model_skeleton(config: dict, n_layers: int = 1) -> torch.nn.Module:
+    """A DINOv3 ViT of a checkpoint's shape (its `config.json`, as `peek_model_config` gives it) with `n_layers`
+    layers, on the meta device: no weights, nothing read from disk, built in milliseconds. A device's warm-up
+    materialises it (`to_empty`) and runs it to meet the real model's kernels at the real shapes while the real
+    model loads; its outputs are meaningless."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
     # The backbone-output fields name stages of the full depth, which a shallower config refuses.
     fields = {k: v for k, v in config.items() if k not in ("out_features", "out_indices", "stage_names")}
     fields["num_hidden_layers"] = n_layers
     with torch.device("meta"):  # no weight initialisation: the values do not matter
-        backbone = DINOv3ViTModel(DINOv3ViTConfig.from_dict(fields))
-    return EmbeddingModel(backbone.to_empty(device=device), spec, dtype).to(device)
+        return DINOv3ViTModel(DINOv3ViTConfig.from_dict(fields))
+
+
+def peek_model_skeleton(model_ref: str, models_dir: Path | None = None) -> torch.nn.Module | None:
+    """`model_skeleton` of the checkpoint `load_embedding_model(model_ref, ...)` will load, from its config alone;
+    None when the config cannot be read before the load or does not build."""
+    config = peek_model_config(model_ref, models_dir)
+    if config is None:
+        return None
+    try:
+        return model_skeleton(config)
+    except Exception:  # a config this transformers reads differently: the warm-up falls back to tiny kernels
+        return None
 
 
 def resolve_device(device: str) -> torch.device:

@@ -12,7 +12,8 @@ random weights:
   and how far its embeddings are from the convolution's;
 - `skeleton`: `gemm` after embed's warm-up as it now runs (in the stage, in a thread while the model loads;
   here before the load, timed on its own): the model step once on a one-layer skeleton of the checkpoint at the
-  real shapes (`embed.first_batch_of(model.model_skeleton(...))`), so the first forward meets warm kernels.
+  real shapes (`embed.DeviceWarmUp`, given `model.peek_model_skeleton(...)`), so the first forward meets warm
+  kernels.
 
     python benchmarks/cuda_first_calls.py --device cuda      # a GPU machine, ~1 minute
     python benchmarks/cuda_first_calls.py --device cpu       # anywhere: checks that it runs
@@ -69,11 +70,15 @@ def child(mode: str, device_name: str, model_path: str, batch: int) -> dict:
     if mode == "conv":
         M.PatchConv2d.forward = torch.nn.Conv2d.forward
     if mode == "skeleton":
-        from atlasgen.stages.embed import first_batch_of
-        config, spec = M.peek_model_config(model_path), M.peek_preprocess_spec(model_path)
-        timed("warm_up", lambda: first_batch_of(M.model_skeleton(config, spec, dtype, device), batch))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # as the warm-up thread ends
+        from atlasgen.stages.embed import DeviceWarmUp
+
+        def warm_up() -> None:  # embed's warm-up thread, given the skeleton at once and joined
+            warming = DeviceWarmUp(device, "bf16", batch)
+            warming.give(M.peek_model_skeleton(model_path), M.peek_preprocess_spec(model_path))
+            warming.join()
+            out["warm_up_steps"] = warming.steps_done
+
+        timed("warm_up", warm_up)
     model = timed("load", lambda: M.load_embedding_model(model_path, device, "bf16"))
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     emb = None

@@ -16,7 +16,7 @@ from atlasgen.stages import embed
 from atlasgen.config import load_config
 from atlasgen.loader import (DEFAULT_SLOTS, HEAD_START_PER_WORKER, RING_MAX_BYTES, CorpusBatches, load_corpus_array,
                              ring_slots)
-from atlasgen.model import arrays_to_batch, load_embedding_model, pil_to_array, resize_tensor
+from atlasgen.model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_to_array, resize_tensor
 from atlasgen.pipeline import run_stages
 from atlasgen.progress import set_quiet
 from atlasgen.store import Store
@@ -350,38 +350,59 @@ def test_staging_starts_before_the_first_batch_is_asked_for(ingested, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_device_warm_up_kernels_run(dtype, tmp_path):
-    """What the warm-up thread runs on a GPU (it ignores its own failures there, so they are caught here): the
-    model step on a one-layer skeleton of the checkpoint, or tiny kernels when its shape is unknown."""
+    """What the warm-up thread runs on a GPU (it ignores its own failures there, so they are caught here): tiny
+    kernels, then the model step on a one-layer skeleton of the checkpoint at the real shapes."""
     from atlasgen import model as model_mod
     out = embed.first_batch_kernels(torch.device("cpu"), dtype)
     assert out.shape == (2, 2, 2, 8) and out.dtype == dtype
     assert embed.warm_up_device(torch.device("cpu"), "auto") is None, "nothing to warm on a CPU"
 
+    assert model_mod.peek_model_skeleton("tiny", tmp_path) is None, "not written yet"
     model_mod.ensure_random_model(tmp_path / "tiny-dinov3", model_mod.tiny_config())
     config = model_mod.peek_model_config("tiny", tmp_path)
-    spec = model_mod.peek_preprocess_spec("tiny", tmp_path)
     assert config["model_type"] == "dinov3_vit" and config["num_hidden_layers"] == 2
-    skeleton = model_mod.model_skeleton(config, spec, dtype, torch.device("cpu"))
-    assert skeleton.dtype == dtype and skeleton.spec == spec
+    skeleton = model_mod.peek_model_skeleton("tiny", tmp_path)
+    assert all(p.device.type == "meta" for p in skeleton.parameters()), "nothing allocated, nothing read"
     real = load_embedding_model("tiny", "cpu", "fp32", models_dir=tmp_path)
     # The real model's parameters but its second layer's (and so its shapes).
     shapes = {name: p.shape for name, p in real.backbone.named_parameters() if not name.startswith("model.layer.1.")}
-    assert {name: p.shape for name, p in skeleton.backbone.named_parameters()} == shapes
+    assert {name: p.shape for name, p in skeleton.named_parameters()} == shapes
     assert any(name.startswith("model.layer.0.") for name in shapes)
-    emb = embed.first_batch_of(skeleton, 3)
+    warm = EmbeddingModel(skeleton.to_empty(device="cpu"), real.spec, dtype)
+    emb = embed.first_batch_of(warm, 3)
     assert emb.shape == (3, real.dim) and emb.dtype == np.float32
-    assert model_mod.peek_model_config("tiny", tmp_path / "nowhere") is None
+
+    # The thread itself: tiny kernels at once, the skeleton once given; joined without one, it ends too.
+    warm_up = embed.DeviceWarmUp(torch.device("cpu"), "fp32" if dtype == torch.float32 else "bf16", 2)
+    warm_up.give(model_mod.peek_model_skeleton("tiny", tmp_path), real.spec)
+    warm_up.join()
+    assert warm_up.steps_done == ["kernels", "skeleton"]
+    alone = embed.DeviceWarmUp(torch.device("cpu"), "fp32", 2)
+    alone.join()
+    assert alone.steps_done == ["kernels"] and not alone._thread.is_alive()
 
 
-def test_embed_warms_the_device_with_the_checkpoints_shape(ingested, tmp_path, monkeypatch):
-    """The warm-up is given the checkpoint's config and input spec, read before the model loads, and the
-    loader's batch size (on a CPU it then does nothing)."""
-    asked = []
-    monkeypatch.setattr(embed, "warm_up_device", lambda *a: (asked.append(a), None)[1])
+def test_embed_hands_the_warm_up_the_checkpoints_skeleton(ingested, tmp_path, monkeypatch):
+    """The warm-up thread starts before the model loads and is given the checkpoint's skeleton and input spec,
+    built from its config before the load, then joined before the first batch. (On a CPU it does nothing: here a
+    recording stand-in.)"""
+    events = []
+
+    class Recorder:
+        def give(self, skeleton, spec):
+            events.append(("give", skeleton.config.num_hidden_layers, spec))
+
+        def join(self):
+            events.append(("join",))
+
+    real_load = embed.load_embedding_model
+    monkeypatch.setattr(embed, "warm_up_device", lambda *a: (events.append(("start", a)), Recorder())[1])
+    monkeypatch.setattr(embed, "load_embedding_model",
+                        lambda *a, **k: (events.append(("load",)), real_load(*a, **k))[1])
     out = _copy(ingested, tmp_path / "b")
     with Store.open(out) as store:
         run_stages(_cfg(precision="fp32", n_threads=1), store, ["embed"])
-    (device, precision, config, spec, batch_size), = asked
+    (_, (device, precision, batch_size)), give, load, join = events
     assert device.type == "cpu" and precision == "fp32" and batch_size == 4
-    assert config["model_type"] == "dinov3_vit" and config["num_hidden_layers"] == 2
-    assert spec == load_embedding_model("tiny", "cpu", "fp32", models_dir=out / "models").spec
+    spec = real_load("tiny", "cpu", "fp32", models_dir=out / "models").spec
+    assert give == ("give", 1, spec) and load == ("load",) and join == ("join",)

@@ -14,6 +14,7 @@ shared_corpus`), decode in threads and call the same `embed_batch`; only this pr
 from __future__ import annotations
 
 import io
+import queue
 import threading
 import time
 from collections import deque
@@ -29,8 +30,8 @@ from ..config import EmbedConfig
 from ..errors import StageInputError
 from ..executor import PackedModel, resolve_precision
 from ..loader import CorpusBatches, load_corpus_array, ring_slots
-from ..model import (EmbeddingModel, PreprocessSpec, load_embedding_model, model_skeleton, peek_model_config,
-                     peek_preprocess_spec, resolve_device, resolve_dtype)
+from ..model import (EmbeddingModel, PreprocessSpec, load_embedding_model, peek_model_skeleton, peek_preprocess_spec,
+                     resolve_device, resolve_dtype)
 from ..progress import bar, say
 from ..store import Store
 from ..threads import ThreadTuner, restore_torch_threads
@@ -78,32 +79,56 @@ def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int
     return batch
 
 
-def warm_up_device(device: torch.device, precision: str, model_config: dict | None = None,
-                   spec: PreprocessSpec | None = None, batch_size: int = MAX_GPU_BATCH_SIZE) -> threading.Thread | None:
+class DeviceWarmUp:
     """On a GPU, a thread that pays the once-per-process costs of a model's first batch while the caller loads the
-    model from disk; None elsewhere. With the checkpoint's config and input spec (`model.peek_model_config`,
-    `peek_preprocess_spec`) it runs the model step once on a one-layer skeleton of the model at the real shapes
-    (`first_batch_of`): the CUDA context, and every kernel the first batch will meet at its own shapes. Without
-    them, the kinds of kernel on tiny tensors (`first_batch_kernels`). Its failure is ignored: the model's first
-    batch then meets the same problem and reports it."""
-    if device.type != "cuda":
-        return None
+    model from disk: at once the CUDA context and the kinds of kernel a ViT uses, on tiny tensors
+    (`first_batch_kernels`); then, once the caller hands it a skeleton of the model (`give`: built in the caller's
+    thread, which imports the model classes anyway, so no two threads import at once), the model step at the
+    real shapes on it (`first_batch_of`), so the first batch meets warm kernels. Its failures are ignored: the
+    model's first batch then meets the same problem and reports it."""
 
-    def run() -> None:
+    def __init__(self, device: torch.device, precision: str, batch_size: int):
+        self._handoff: queue.Queue = queue.Queue(maxsize=1)
+        self._given = False
+        self.steps_done: list[str] = []  # "kernels", "skeleton": what ran (for tests and diagnostics)
+        self._thread = threading.Thread(target=self._run, args=(device, precision, batch_size),
+                                        name="atlasgen-embed-warm-up", daemon=True)
+        self._thread.start()
+
+    def give(self, skeleton: torch.nn.Module | None, spec: PreprocessSpec | None) -> None:
+        """The model's skeleton (`model.peek_model_skeleton`, on the meta device) and input spec; None: none."""
+        if not self._given:
+            self._given = True
+            self._handoff.put((skeleton, spec))
+
+    def join(self) -> None:
+        self.give(None, None)
+        self._thread.join()
+
+    def _run(self, device: torch.device, precision: str, batch_size: int) -> None:
+        on_gpu = device.type == "cuda"  # (a CPU runs it too, in tests)
         try:
             dtype = resolve_dtype(precision, device)
-            if model_config is not None and spec is not None:
-                first_batch_of(model_skeleton(model_config, spec, dtype, device), batch_size)
-            else:
-                first_batch_kernels(device, dtype)
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()  # the free memory that auto_batch_size reads stays as it was
+            first_batch_kernels(device, dtype)
+            if on_gpu:
+                torch.cuda.synchronize(device)
+            self.steps_done.append("kernels")
+            skeleton, spec = self._handoff.get()
+            if skeleton is not None and spec is not None:
+                first_batch_of(EmbeddingModel(skeleton.to_empty(device=device), spec, dtype).to(device), batch_size)
+                if on_gpu:
+                    torch.cuda.synchronize(device)
+                self.steps_done.append("skeleton")
         except Exception:  # see the docstring
             pass
+        finally:
+            if on_gpu:
+                torch.cuda.empty_cache()  # the free memory that auto_batch_size reads stays as it was
 
-    thread = threading.Thread(target=run, name="atlasgen-embed-warm-up", daemon=True)
-    thread.start()
-    return thread
+
+def warm_up_device(device: torch.device, precision: str, batch_size: int = MAX_GPU_BATCH_SIZE) -> DeviceWarmUp | None:
+    """A `DeviceWarmUp` on a GPU; None elsewhere (nothing to warm)."""
+    return DeviceWarmUp(device, precision, batch_size) if device.type == "cuda" else None
 
 
 def first_batch_of(model: EmbeddingModel, batch_size: int) -> np.ndarray:
@@ -274,10 +299,11 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
 
     spec = peek_preprocess_spec(cfg.model, store.paths.models_dir) if todo else None
     batches = loader(spec) if spec is not None else None
-    # After the fork: the workers never see it.
-    warming = warm_up_device(device, cfg.precision, peek_model_config(cfg.model, store.paths.models_dir), spec,
-                             batch_size) if todo else None
+    # After the fork: the workers never see the warm-up thread.
+    warming = warm_up_device(device, cfg.precision, batch_size) if todo else None
     try:
+        if warming is not None:  # built here, where the model classes are imported for the load anyway
+            warming.give(peek_model_skeleton(cfg.model, store.paths.models_dir), spec)
         model = load_embedding_model(cfg.model, device, cfg.precision, models_dir=store.paths.models_dir)
         timeline_s["model_read"] = time.perf_counter() - t0
     except BaseException:
