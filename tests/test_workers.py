@@ -141,7 +141,12 @@ def test_a_pool_closed_at_once_leaves_no_process(tmp_path):
         "        try:\n"
         "            if os.waitpid(-1, os.WNOHANG)[0] == 0: break\n"
         "        except ChildProcessError: break\n"
-        "    left = [c for t in os.listdir('/proc/self/task') for c in open(f'/proc/self/task/{t}/children').read().split()]\n"
+        "    left = []\n"
+        "    for t in os.listdir('/proc/self/task'):\n"
+        "        try:  # a thread (a queue's feeder) may end meanwhile\n"
+        "            left += open(f'/proc/self/task/{t}/children').read().split()\n"
+        "        except FileNotFoundError:\n"
+        "            pass\n"
         "    if not left: break\n"
         "    time.sleep(0.05)\n"
         "print('left', len(left), flush=True)\n")
