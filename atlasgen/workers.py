@@ -268,7 +268,7 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
 def _worker_loop(fn: Callable, tasks, results, parent_pid: int, die_with_parent: bool = False) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # terminate() must stop us, not raise in a task (a supervisor's SIGTERM handler is inherited at the fork).
+    # terminate() must stop us, not run a SIGTERM handler inherited from the process that forked us.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # A supervisor killed outright cannot stop us, and a busy worker would not notice until its task ends: ask
     # the kernel to kill us with it (the thread that forked us is the supervisor's main thread: it lives as long).

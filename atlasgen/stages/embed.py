@@ -2,9 +2,9 @@
 
 Here (the local executor) the work is three separable pieces: the loader (`loader.CorpusBatches`: worker
 processes decode and resize corpus JPEGs into shared memory, batches ahead of the model, on a GPU as many as they
-decode while the model loads; on CUDA a thread stages them in pinned memory for asynchronous copies), the pure model step `embed_batch`, and the writer
-(`workers.StoreWriter`: a thread with its own store connection commits each chunk of `chunk_size` images in one
-transaction while the model goes on). The model runs in bf16 where the hardware is fast at it (`precision =
+decode while the model loads; on CUDA a thread stages them in pinned memory for asynchronous copies), the pure
+model step `embed_batch`, and the writer (`workers.StoreWriter`: a thread with its own store connection commits
+each chunk of `chunk_size` images in one transaction while the model goes on). The model runs in bf16 where the hardware is fast at it (`precision =
 "auto"`). An interrupted run resumes with the images that have no embedding yet.
 
 On Ray (`[run] executor = "ray"`) a chunk is an executor's unit (`embed_unit`, pure): the workers get the model's
@@ -358,7 +358,8 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
             "n_skipped": len(skipped), "dim": model.dim, "dtype": str(model.dtype).replace("torch.", ""),
             "images_per_s": round(n_embedded / seconds, 1) if seconds > 0 else None,
             "n_threads": tuner.mostly_used, "batch_size": batch_size,
-            "n_workers": n_workers, "ring_slots": batches.n_slots, "timeline_s": {k: round(v, 3) for k, v in {**timeline_s, "done": seconds}.items()}}
+            "n_workers": n_workers, "ring_slots": batches.n_slots,
+            "timeline_s": {k: round(v, 3) for k, v in {**timeline_s, "done": seconds}.items()}}
 
 
 def _run_remote(cfg: EmbedConfig, store: Store, executor, todo: list[tuple[int, str]], n_total: int,
