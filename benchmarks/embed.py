@@ -311,7 +311,8 @@ def main() -> None:
     parser.add_argument("--head-start-wait", type=float, default=0.8,
                         help="seconds of model load the loader head-start check simulates (default 0.8: the H200 "
                              "machine's ~0.8 s before the model was ready)")
-    parser.add_argument("--one", choices=("today", "new", "new-direct"), help=argparse.SUPPRESS)  # one run (a child process)
+    # One run (a child process).
+    parser.add_argument("--one", choices=("today", "new", "new-direct"), help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--n-workers", type=int, default=0, help=argparse.SUPPRESS)
