@@ -356,16 +356,20 @@ def make_photo_folder(folder: Path | str, n_images: int, width: int = 500, heigh
 
 
 def _children(pid: int) -> list[int]:
-    """A process's children: from /proc/PID/task/TID/children, or (kernels without it) from every /proc/N/stat."""
+    """A process's children: from /proc/PID/task/TID/children (a thread that ends meanwhile is passed over), or
+    (kernels without that file) from every /proc/N/stat."""
     out = []
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-        for tid in tasks:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(c) for c in f.read().split())
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out.extend(int(c) for c in f.read().split())
+            except FileNotFoundError:
+                if os.path.isdir(f"/proc/{pid}/task/{tid}"):
+                    raise  # the thread is there, the file is not: a kernel without it
         return out
     except FileNotFoundError:
-        pass
+        out = []  # what the scan below finds, once
     except OSError:
         return out
     for name in os.listdir("/proc"):
@@ -379,13 +383,33 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """A process's children, theirs, and so on (a pool's workers are its supervisor's children)."""
     out, stack = [], _children(pid)
     while stack:
         child = stack.pop()
         out.append(child)
         stack.extend(_children(child))
     return out
+
+
+def running(pid: int) -> bool:
+    """Whether a process runs: a zombie waiting for a reaper (that may never come in a container) does not count,
+    unlike `paths.pid_alive`."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids, seconds: float = 10) -> bool:
+    """Whether every process in `pids` stops running within `seconds`."""
+    import time
+    deadline = time.time() + seconds
+    while any(running(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    return not any(running(pid) for pid in pids)
 
 
 def _status_bytes(pid: int | str, field: str) -> int:
@@ -493,7 +517,7 @@ class PeakMemory:
                 self.main_bytes = max(self.main_bytes, _status_bytes("self", "VmRSS"))
             if time.perf_counter() >= next_workers:
                 t0 = time.perf_counter()
-                self.workers_bytes = max(self.workers_bytes, sum(_uss_bytes(p) for p in _descendants(os.getpid())))
+                self.workers_bytes = max(self.workers_bytes, sum(_uss_bytes(p) for p in descendants(os.getpid())))
                 next_workers = time.perf_counter() + 9 * (time.perf_counter() - t0)
 
     def __exit__(self, *_) -> None:

@@ -13,41 +13,9 @@ import time
 import numpy as np
 
 from atlasgen.store import Store
+from atlasgen.testing import descendants, wait_gone
 
 N_IMAGES = 480
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out.extend(int(c) for c in f.read().split())
-        except FileNotFoundError:  # a thread that ended meanwhile
-            pass
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    """Children, theirs, ... (the workers are a supervisor's children)."""
-    out, todo = [], _children(pid)
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        try:
-            todo.extend(_children(child))
-        except OSError:  # gone meanwhile
-            pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for a reaper that may never come in a container does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_killed_mid_embed_resumes_without_redoing_finished_chunks(tmp_path):
@@ -77,15 +45,12 @@ def test_killed_mid_embed_resumes_without_redoing_finished_chunks(tmp_path):
         time.sleep(0.02)
     assert proc.poll() is None, f"the build ended before it could be killed mid-embed: {progress['tail'][-800:]!r}"
     assert progress["n"] >= 64, "embed progress never reached 64 images"
-    workers = _descendants(proc.pid)
+    workers = descendants(proc.pid)
     assert len(workers) >= 2, "embed decodes in worker processes (forked by a supervisor)"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # The workers notice that their parent is gone and exit (they must not linger, decoding or waiting).
-    deadline = time.time() + 10
-    while any(_alive(pid) for pid in workers) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers), "worker processes outlived the killed build"
+    assert wait_gone(workers, 10), "worker processes outlived the killed build"
 
     with Store.open(out, read_only=True) as store:
         assert store.stage_row("embed")["status"] == "running"

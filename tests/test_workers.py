@@ -14,6 +14,7 @@ import pytest
 
 from atlasgen.errors import AtlasError
 from atlasgen.store import Store
+from atlasgen.testing import running, wait_gone
 from atlasgen.workers import StoreWriter, WorkerError, WorkerPool, ordered_map
 
 
@@ -26,22 +27,6 @@ def _square_or_fail(x: int) -> tuple[int, int]:
 # How a pool runs its tasks: worker processes forked by a supervisor (the default), forked by the pool's owner
 # itself, or threads here.
 MODES = {"supervised": {"supervised": True}, "direct": {"supervised": False}, "threads": {"processes": False}}
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids, seconds: float = 10) -> bool:
-    deadline = time.time() + seconds
-    while any(_alive(pid) for pid in pids) and time.time() < deadline:
-        time.sleep(0.05)
-    return not any(_alive(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -61,7 +46,7 @@ def test_pool_results_in_order_and_errors(mode):
             pool.result("bad")
     if processes:
         assert all(not p.is_alive() for p in pool._procs), "leaving the block stops the workers"
-        assert _wait_gone(pids), "and a supervisor's workers"
+        assert wait_gone(pids), "and a supervisor's workers"
 
 
 def _pid_or_sleep(x):
@@ -92,7 +77,7 @@ def test_dead_supervisor_is_one_clear_error_and_its_workers_go_too():
             pool.result(0)
     # Orphaned mid-task, the workers cannot see that their parent is gone until the task ends; the pool's close
     # stops them.
-    assert _wait_gone([worker_pid], 5), "a dead supervisor's workers do not outlive the pool"
+    assert wait_gone([worker_pid], 5), "a dead supervisor's workers do not outlive the pool"
 
 
 def test_a_supervisor_stops_its_workers_when_its_owner_is_killed(tmp_path):
@@ -111,10 +96,10 @@ def test_a_supervisor_stops_its_workers_when_its_owner_is_killed(tmp_path):
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     pids = [int(x) for x in owner.stdout.readline().split()]
     time.sleep(0.3)  # the workers are in their 60 s tasks
-    assert len(pids) >= 2 and all(_alive(pid) for pid in pids)
+    assert len(pids) >= 2 and all(running(pid) for pid in pids)
     owner.kill()
     owner.wait()
-    assert _wait_gone(pids, 10), "the supervisor and its workers outlived their killed owner"
+    assert wait_gone(pids, 10), "the supervisor and its workers outlived their killed owner"
 
 
 def test_a_pool_closed_at_once_leaves_no_process(tmp_path):
@@ -124,6 +109,7 @@ def test_a_pool_closed_at_once_leaves_no_process(tmp_path):
     script = tmp_path / "closer.py"
     script.write_text(
         "import ctypes, os, time\n"
+        "from atlasgen.testing import descendants\n"
         "from atlasgen.workers import WorkerPool\n"
         "assert ctypes.CDLL(None).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER\n"
         "def fn(x):\n"
@@ -141,12 +127,7 @@ def test_a_pool_closed_at_once_leaves_no_process(tmp_path):
         "        try:\n"
         "            if os.waitpid(-1, os.WNOHANG)[0] == 0: break\n"
         "        except ChildProcessError: break\n"
-        "    left = []\n"
-        "    for t in os.listdir('/proc/self/task'):\n"
-        "        try:  # a thread (a queue's feeder) may end meanwhile\n"
-        "            left += open(f'/proc/self/task/{t}/children').read().split()\n"
-        "        except FileNotFoundError:\n"
-        "            pass\n"
+        "    left = descendants(os.getpid())\n"
         "    if not left: break\n"
         "    time.sleep(0.05)\n"
         "print('left', len(left), flush=True)\n")
@@ -184,7 +165,7 @@ def test_swap_runs_later_tasks_with_the_new_function_in_new_workers(mode):
             for proc in first_procs:
                 proc.join(timeout=5)
             assert all(p.exitcode == 0 for p in first_procs), "the old workers exit once their tasks are done"
-            assert _wait_gone(old_pids, 5)
+            assert wait_gone(old_pids, 5)
     if processes:
         assert not any(p.is_alive() for p in pool._all_procs())
 
