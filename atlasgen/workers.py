@@ -100,8 +100,7 @@ class WorkerPool:
                                                                 self.name),
                                        name=f"atlasgen-{self.name}-supervisor", daemon=True)]
         else:
-            procs = [self._ctx.Process(target=_worker_loop, args=(fn, tasks, self._results, os.getpid()),
-                                       name=f"atlasgen-{self.name}-{i}", daemon=True) for i in range(self.n_workers)]
+            procs = _worker_processes(self._ctx, fn, tasks, self._results, self.n_workers, self.name)
         # Objects alive at the fork stay out of the children's garbage collector: a child that collects an
         # inherited object another thread of this process was using (a Playwright greenlet, a DuckDB or
         # torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open).
@@ -230,13 +229,10 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
     # multiprocessing lets no daemonic process have children; ours are daemons too, and die with us.
     mp.current_process().daemon = False
     ctx = mp.get_context("fork")
-    procs = []
+    procs = _worker_processes(ctx, fn, tasks, results, n_workers, name, die_with_parent=True)
     gc.freeze()  # as the owner does before forking (see WorkerPool._fork)
-    for i in range(n_workers):
-        proc = ctx.Process(target=_worker_loop, args=(fn, tasks, results, os.getpid(), True),
-                           name=f"atlasgen-{name}-{i}", daemon=True)
+    for proc in procs:
         proc.start()
-        procs.append(proc)
     # From now on SIGTERM asks the loop below to stop the workers first; it wakes the loop through a pipe.
     wake_r, wake_w = os.pipe()
     stopping = []
@@ -263,6 +259,13 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
                 proc.terminate()
         for proc in procs:
             proc.join(timeout=5)
+
+
+def _worker_processes(ctx, fn: Callable, tasks, results, n_workers: int, name: str, die_with_parent: bool = False
+                      ) -> list:
+    """`n_workers` worker processes of this process (not started yet) that run `fn` on `tasks`."""
+    return [ctx.Process(target=_worker_loop, args=(fn, tasks, results, os.getpid(), die_with_parent),
+                        name=f"atlasgen-{name}-{i}", daemon=True) for i in range(n_workers)]
 
 
 def _worker_loop(fn: Callable, tasks, results, parent_pid: int, die_with_parent: bool = False) -> None:

@@ -4,8 +4,9 @@ Here (the local executor) the work is three separable pieces: the loader (`loade
 processes decode and resize corpus JPEGs into shared memory, batches ahead of the model, on a GPU as many as they
 decode while the model loads; on CUDA a thread stages them in pinned memory for asynchronous copies), the pure
 model step `embed_batch`, and the writer (`workers.StoreWriter`: a thread with its own store connection commits
-each chunk of `chunk_size` images in one transaction while the model goes on). The model runs in bf16 where the hardware is fast at it (`precision =
-"auto"`). An interrupted run resumes with the images that have no embedding yet.
+each chunk of `chunk_size` images in one transaction while the model goes on). The model runs in bf16 where the
+hardware is fast at it (`precision = "auto"`). An interrupted run resumes with the images that have no embedding
+yet.
 
 On Ray (`[run] executor = "ray"`) a chunk is an executor's unit (`embed_unit`, pure): the workers get the model's
 weights through Ray's object store and the JPEGs as bytes (or read them from the output folder when `[run]
