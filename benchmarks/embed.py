@@ -202,6 +202,10 @@ def profile_today(model, corpus_paths: list[Path], batch_size: int, chunk_size: 
 
 
 NEW_DIRECT = "new path, workers forked directly"  # the --fork-ab contender
+NEW_SYNC = "new path, results read at once"       # the --lag-ab contender
+# Variants of the new path timed in the same rounds: (--one, what the ratio line calls it).
+VARIANTS = {NEW_DIRECT: ("new-direct", "the same path with its workers forked directly"),
+            NEW_SYNC: ("new-sync", "the same path reading each batch's results before the next is launched")}
 
 
 def head_start(out_dir: Path, batch_size: int, size: int, resize_mode: str, on_gpu: bool, wait_s: float,
@@ -262,6 +266,10 @@ def one_run(args) -> None:
     # "new-direct": the stage as it is, with its loader's workers forked by this process itself, one by one (as
     # before workers.SUPERVISED): what the supervisor saves the main thread before the model load.
     workers.SUPERVISED = args.one != "new-direct"
+    # "new-sync": on a GPU each batch's results read back before the next batch is launched (as before
+    # embed.results_lag), with the batch's copy to the GPU on the model's stream.
+    if args.one == "new-sync":
+        embed.results_lag = lambda device: 0
     cfg = EmbedConfig(model=args.model, device=device.type, batch_size=args.batch_size, n_workers=args.n_workers,
                       n_threads=args.n_threads)
     print_result(run_embed(fn, cfg, Path(args.store), device))
@@ -308,11 +316,14 @@ def main() -> None:
     parser.add_argument("--fork-ab", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the new path with its workers forked by the process itself, one by one, "
                              "instead of by a supervisor process (default: on CUDA, unless --new-only)")
+    parser.add_argument("--lag-ab", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time the new path reading each batch's results before launching the next (no "
+                             "side-stream copy), against embed.results_lag's one batch on a GPU (default: off)")
     parser.add_argument("--head-start-wait", type=float, default=0.8,
                         help="seconds of model load the loader head-start check simulates (default 0.8: the H200 "
                              "machine's ~0.8 s before the model was ready)")
     # One run (a child process).
-    parser.add_argument("--one", choices=("today", "new", "new-direct"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=("today", "new", "new-direct", "new-sync"), help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--n-workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -397,6 +408,8 @@ def main() -> None:
             contenders = contenders[1:]
         if fork_ab:
             contenders.append((NEW_DIRECT, "new-direct", batch_new, 0))
+        if args.lag_ab:
+            contenders.append((NEW_SYNC, "new-sync", batch_new, 0))
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         small: dict[str, dict] = {}
         naive_rates: list[float] = []
@@ -452,8 +465,9 @@ def main() -> None:
                     f"ceiling ({r['wall_s']:.2f} s, model loading included)")
             if name == "new path" and "today's path" in best:
                 line += f"; {r['rate'] / best[contenders[0][0]]['rate']:.2f}x today's"
-            if name == "new path" and NEW_DIRECT in best:
-                line += f"; {r['rate'] / best[NEW_DIRECT]['rate']:.2f}x the same path with its workers forked directly"
+            for variant, (_, what) in VARIANTS.items():
+                if name == "new path" and variant in best:
+                    line += f"; {r['rate'] / best[variant]['rate']:.2f}x {what}"
             if naive_rates:
                 line += f"; {r['rate'] / max(naive_rates):.2f}x naive"
             if len(results[name]) > 1:  # the best round above; the spread says how far to trust it
@@ -497,9 +511,11 @@ def main() -> None:
                       f"{' (identical)' if np.array_equal(a, b) else ''}", flush=True)
             else:
                 print(f"new path's embeddings vs today's: shapes differ {a.shape} vs {b.shape}", flush=True)
-        if NEW_DIRECT in best and "new path" in best:
-            print(f"{NEW_DIRECT}: embeddings identical to the new path's: "
-                  f"{'yes' if np.array_equal(best[NEW_DIRECT]['emb'], best['new path']['emb']) else 'NO'}", flush=True)
+        for variant in VARIANTS:
+            if variant in best and "new path" in best:
+                print(f"{variant}: embeddings identical to the new path's: "
+                      f"{'yes' if np.array_equal(best[variant]['emb'], best['new path']['emb']) else 'NO'}",
+                      flush=True)
     print(f"benchmark wall time: {time.perf_counter() - t_start:.1f} s", flush=True)
 
 

@@ -76,7 +76,8 @@ EOF
 # benchmarks), build (the short build). GPU_CHECK_BENCH_ARGS replaces the render benchmark's arguments (e.g.
 # "--variants none --baseline-json docs/gpu/<earlier run>.json" for a short confirmation of new defaults);
 # GPU_CHECK_BENCH_IMAGES sets the ingest and embed benchmarks' corpus size (default 8000, the issue's size). For
-# issue 15 alone: GPU_CHECK_PARTS=ingest bash benchmarks/gpu_check.sh (~270 s on an H200 machine), with
+# issue 15 alone: GPU_CHECK_PARTS=ingest bash benchmarks/gpu_check.sh (~270 s on an H200 machine before the
+# A/B contenders and the first-calls run were added: ~450 s expected now), with
 # GPU_CHECK_SCALE_IMAGES=50000 for the new paths at ImageNet val's size too (~+230 s there).
 PARTS=${GPU_CHECK_PARTS:-render,ingest,build}
 if [[ ",$PARTS," == *",render,"* ]]; then
@@ -92,15 +93,16 @@ if [[ ",$PARTS," == *",ingest,"* ]] && [ -f benchmarks/ingest.py ]; then
 N_BENCH=${GPU_CHECK_BENCH_IMAGES:-8000}
 # Embed's rate at the issue's size varied 3,640-4,235 img/s over four single runs on an H200 (2026-11-27):
 # three rounds, each path's best and median printed. On CUDA the embed benchmark also times the new path with
-# its workers forked directly (--fork-ab) and the loader's head start: ~170 s expected.
-INGEST_LIMIT_S=150 EMBED_LIMIT_S=240 EMBED_ROUNDS=3
+# its workers forked directly (--fork-ab), with each batch's results read before the next is launched
+# (--lag-ab), and the loader's head start: ~200 s expected.
+INGEST_LIMIT_S=150 EMBED_LIMIT_S=300 EMBED_ROUNDS=3
 # On a CPU the smoke run's embed benchmark (the ViT-S/16 shape at ~8 images/s) needs longer than a GPU's.
 [ "$SMOKE" = 1 ] && N_BENCH=64 EMBED_LIMIT_S=300 EMBED_ROUNDS=1
 section "3b. ingest and embed benchmarks (timeout $INGEST_LIMIT_S s and $EMBED_LIMIT_S s)"
 timeout --signal=INT --kill-after=10 $INGEST_LIMIT_S $PY benchmarks/ingest.py --n-images "$N_BENCH"
 echo "ingest benchmark exit code $?"
 timeout --signal=INT --kill-after=10 $EMBED_LIMIT_S $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH" \
-    --rounds "$EMBED_ROUNDS"
+    --rounds "$EMBED_ROUNDS" --lag-ab
 echo "embed benchmark exit code $?"
 # A fresh process's first embed batch with and without embed's warm-up on a skeleton of the model (~40 s).
 timeout --signal=INT --kill-after=10 90 $PY benchmarks/cuda_first_calls.py --device "$DEVICE" --rounds 1 \

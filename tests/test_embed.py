@@ -128,19 +128,74 @@ def test_resume_after_interrupt(ingested, tmp_path, monkeypatch):
     assert summary["n_resumed"] == 0 and summary["n_embedded"] == N_IMAGES
 
 
-@pytest.mark.parametrize("precision,stage", [("fp32", "none"), ("bf16", "none"), ("fp32", "copy")])
-def test_same_embeddings_as_the_in_thread_loop(ingested, tmp_path, monkeypatch, precision, stage):
+def test_results_read_a_batch_later_still_commit_whole_batches_and_resume(ingested, tmp_path, monkeypatch):
+    """With a GPU's lag (a batch's results read after the next one is launched) an interrupt loses only what was
+    not committed: the store holds whole batches in order, and the next run embeds the rest to the same result."""
+    monkeypatch.setattr(embed, "results_lag", lambda device: 1)
+    real_launch = embed.embed_launch
+    launched = []
+
+    def interrupted_at_the_fifth_batch(model, arrays_bhw3):
+        launched.append(len(arrays_bhw3))
+        if len(launched) == 5:
+            raise KeyboardInterrupt
+        return real_launch(model, arrays_bhw3)
+
+    monkeypatch.setattr(embed, "embed_launch", interrupted_at_the_fifth_batch)
+    out = _copy(ingested, tmp_path / "b")
+    with Store.open(out) as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(_cfg(precision="fp32"), store, ["embed"])
+        ids_before, _ = store.embeddings()
+    # Chunks of 8 counted as batches are launched: the first holds batch 1 (batch 2 was still on the device),
+    # the second batches 2 and 3; batch 4's results were never read.
+    assert list(ids_before) == list(range(12))
+    monkeypatch.setattr(embed, "embed_launch", real_launch)
+    with Store.open(out) as store:
+        summary = run_stages(_cfg(precision="fp32"), store, ["embed"])["embed"]
+        ids_after, emb_after = store.embeddings()
+    assert summary["n_resumed"] == 12 and summary["n_embedded"] == N_IMAGES - 12
+    assert list(ids_after) == list(range(N_IMAGES))
+    monkeypatch.setattr(embed, "results_lag", lambda device: 0)
+    with Store.open(_copy(ingested, tmp_path / "fresh")) as store:
+        run_stages(_cfg(precision="fp32"), store, ["embed"])
+        _, emb_fresh = store.embeddings()
+    assert _cosines(emb_fresh, emb_after).min() > 0.9999
+
+
+def test_pipeline_returns_each_batch_once_in_order(tiny_model):
+    """`_Pipeline.push` holds back `lag` batches and `flush` returns the rest; lag 0 returns each at once."""
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, 112, 112, 3), dtype=np.uint8) for n in (4, 4, 3)]
+    step = embed._ModelStep(tiny_model, 4)
+    expected = [step(a) for a in batches]
+    for lag in (0, 1, 2):
+        pipeline = embed._Pipeline(step, lag)
+        got = [pipeline.push(np.arange(len(a)) + 10 * k, a) for k, a in enumerate(batches)]
+        assert [len(done) for done in got] == [0] * lag + [1] * (3 - lag)
+        got_all = [item for done in got for item in done] + pipeline.flush()
+        assert pipeline.flush() == []
+        assert [ids.tolist() for ids, _ in got_all] == [list(range(10 * k, 10 * k + len(a)))
+                                                        for k, a in enumerate(batches)]
+        assert all(np.allclose(emb, want, atol=1e-5) for (_, emb), want in zip(got_all, expected))
+
+
+@pytest.mark.parametrize("precision,stage,lag", [("fp32", "none", 0), ("bf16", "none", 0), ("fp32", "copy", 0),
+                                               ("fp32", "copy", 1), ("bf16", "none", 2)])
+def test_same_embeddings_as_the_in_thread_loop(ingested, tmp_path, monkeypatch, precision, stage, lag):
     """Worker processes + shared memory + writer thread give exactly what the earlier loop gave: each image decoded
     in this process, the float batch made on the CPU, batches of 4 in id order (one torch thread on both sides,
     so the same kernels run). `copy`: batches as torch tensors from the staging thread (the GPU's path, without
-    pinning)."""
+    pinning). `lag`: results read back that many batches later (a GPU's 1: `embed.results_lag`)."""
     monkeypatch.setattr(embed, "loader_stage", lambda on_gpu: stage)
+    monkeypatch.setattr(embed, "results_lag", lambda device: lag)
     out = _copy(ingested, tmp_path / "b")
     with Store.open(out) as store:
         summary = run_stages(_cfg(precision=precision, n_threads=1, n_workers=2), store, ["embed"])["embed"]
         ids, emb = store.embeddings()
         paths = store.corpus_paths()
     assert summary["n_workers"] == 2 and summary["batch_size"] == 4 and summary["ring_slots"] == DEFAULT_SLOTS
+    assert list(ids) == list(range(N_IMAGES)), "every image, each once"
     model = load_embedding_model("tiny", "cpu", precision, models_dir=out / "models")
     size, mode = model.image_size, model.spec.resize_mode
     reference = []

@@ -49,14 +49,20 @@ REMOTE_DECODE_THREADS = 2  # n_workers = 0 on a Ray worker: its decode threads (
 
 def embed_batch(model: EmbeddingModel, arrays_bhw3) -> np.ndarray:
     """uint8 (B, H, W, 3) → float32 (B, D) embeddings. `arrays_bhw3` is a numpy array or a uint8 torch tensor
-    (pinned, for an asynchronous copy to the GPU); the uint8 → [0, 1] float conversion runs on the model's
-    device, with the same float ops as on the CPU."""
+    (pinned, for an asynchronous copy to the GPU, or already on the model's device); the uint8 → [0, 1] float
+    conversion runs on the model's device, with the same float ops as on the CPU."""
+    return embed_launch(model, arrays_bhw3).cpu().numpy()
+
+
+def embed_launch(model: EmbeddingModel, arrays_bhw3) -> torch.Tensor:
+    """`embed_batch` without reading the result back: float32 (B, D) on the model's device, where a GPU may still
+    be computing it (the caller reads it when it needs it)."""
     device = model.mean_c11.device
     with torch.inference_mode():
         pixels = arrays_bhw3 if isinstance(arrays_bhw3, torch.Tensor) else \
             torch.from_numpy(np.ascontiguousarray(arrays_bhw3))
         pixels = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        return model(pixels).cpu().numpy()
+        return model(pixels)
 
 
 def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int:
@@ -323,14 +329,23 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
     # On a GPU the model runs the loader's batches in pieces that fit its free memory (an estimate; a piece
     # that still runs out of memory is halved).
     step = _ModelStep(model, min(batch_size, auto_batch_size(model)) if on_gpu and not cfg.batch_size else batch_size)
+    pipeline = _Pipeline(step, results_lag(device))
     tuner = ThreadTuner(cfg.n_threads, -(-len(todo) // batch_size))
     n_embedded = 0
     skipped: list[tuple[str, str]] = []
+    chunk_ids: list[np.ndarray] = []
+    chunk_emb: list[np.ndarray] = []
+
+    def take(done: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for image_ids, emb_bd in done:
+            timeline_s.setdefault("first_batch_done", time.perf_counter() - t0)
+            assert np.isfinite(emb_bd).all(), "the model returned non-finite embeddings"
+            chunk_ids.append(image_ids)
+            chunk_emb.append(emb_bd)
+
     with restore_torch_threads(), batches, StoreWriter(store) as writer, \
             bar(total=n_total, desc="embed", unit="img") as progress:
         progress.update(n_done_before)
-        chunk_ids: list[np.ndarray] = []
-        chunk_emb: list[np.ndarray] = []
         n_in_chunk = 0
         for batch in batches:
             timeline_s.setdefault("first_batch_ready", time.perf_counter() - t0)
@@ -338,17 +353,14 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
             if len(batch.image_ids):
                 tuner.before_batch()
                 t_batch = time.perf_counter()
-                emb_bd = step(batch.arrays_bhw3)
+                take(pipeline.push(batch.image_ids, batch.arrays_bhw3))
                 tuner.after_batch(time.perf_counter() - t_batch, len(batch.image_ids))
-                timeline_s.setdefault("first_batch_done", time.perf_counter() - t0)
-                assert np.isfinite(emb_bd).all(), "the model returned non-finite embeddings"
-                chunk_ids.append(batch.image_ids)
-                chunk_emb.append(emb_bd)
             n_in_chunk += batch.n_items
             progress.update(batch.n_items)
-            if n_in_chunk >= cfg.chunk_size:
+            if n_in_chunk >= cfg.chunk_size:  # (with a lag, the batches still on the device go in the next chunk)
                 n_embedded += _commit(writer, chunk_ids, chunk_emb)
                 chunk_ids, chunk_emb, n_in_chunk = [], [], 0
+        take(pipeline.flush())
         n_embedded += _commit(writer, chunk_ids, chunk_emb)
         timeline_s["last_batch_done"] = time.perf_counter() - t0
     if skipped:
@@ -419,26 +431,97 @@ def _commit(writer: StoreWriter, chunk_ids: list[np.ndarray], chunk_emb: list[np
 
 class _ModelStep:
     """`embed_batch` over a loader batch, in pieces of `piece` images; on a GPU that runs out of memory the
-    piece is halved and the batch retried (the auto batch size is an estimate)."""
+    piece is halved and the batch retried (the auto batch size is an estimate). `launch`: the same with
+    `embed_launch`, the result left on the device."""
 
     def __init__(self, model: EmbeddingModel, piece: int):
         self.model = model
         self.piece = piece
 
     def __call__(self, arrays_bhw3) -> np.ndarray:
+        return self._in_pieces(arrays_bhw3, lambda a: embed_batch(self.model, a), np.concatenate)
+
+    def launch(self, arrays_bhw3) -> torch.Tensor:
+        return self._in_pieces(arrays_bhw3, lambda a: embed_launch(self.model, a), torch.cat)
+
+    def _in_pieces(self, arrays_bhw3, embed: Callable, concatenate: Callable):
         while True:
             try:
                 n = len(arrays_bhw3)
                 if n <= self.piece:
-                    return embed_batch(self.model, arrays_bhw3)
-                return np.concatenate([embed_batch(self.model, arrays_bhw3[i:i + self.piece])
-                                       for i in range(0, n, self.piece)])
+                    return embed(arrays_bhw3)
+                return concatenate([embed(arrays_bhw3[i:i + self.piece]) for i in range(0, n, self.piece)])
             except torch.cuda.OutOfMemoryError:
                 if self.piece <= 1:
                     raise
                 self.piece //= 2
                 torch.cuda.empty_cache()
                 say(f"embed: the GPU ran out of memory; model batches of {self.piece} from now on")
+
+
+def results_lag(device: torch.device) -> int:
+    """Batches whose embeddings the stage reads back only after launching the next one: 1 on a GPU (it computes
+    batch b + 1 while this thread reads b's results and fetches b + 2), 0 on a CPU (it computes in this thread)."""
+    return 1 if device.type == "cuda" else 0
+
+
+class _Pipeline:
+    """The model step over the loader's batches, `lag` batches deep: `push` launches a batch and returns the
+    (image_ids, float32 (B, D) embeddings) of the batches that are now done, in order; `flush` the rest.
+
+    With `lag` ≥ 1 on a GPU the GPU never waits for this thread between batches: the next batch is launched
+    before the last one's results are read, and its copy to the GPU runs on a stream of its own while the GPU
+    computes the last one, its results copied back into page-locked memory. When `push` returns, the batch's input
+    has been copied: the loader may reuse its staging buffer once the next batch is asked for. `lag` 0: each
+    batch's results at once (`step(arrays)`)."""
+
+    def __init__(self, step: _ModelStep, lag: int):
+        assert lag >= 0
+        self.step = step
+        self.lag = lag
+        device = step.model.mean_c11.device
+        self._device = device
+        self._copy_stream = torch.cuda.Stream(device) if lag and device.type == "cuda" else None
+        self._pending: deque[tuple[np.ndarray, torch.Tensor, object]] = deque()  # (ids, embeddings, done event)
+
+    def push(self, image_ids: np.ndarray, arrays_bhw3) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not self.lag:
+            return [(image_ids, self.step(arrays_bhw3))]
+        self._pending.append((image_ids, *self._launch(arrays_bhw3)))
+        return self._done_while(lambda: len(self._pending) > self.lag)
+
+    def flush(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self._done_while(lambda: bool(self._pending))
+
+    def _done_while(self, more: Callable[[], bool]) -> list[tuple[np.ndarray, np.ndarray]]:
+        done = []
+        while more():
+            image_ids, emb_bd, ready = self._pending.popleft()
+            if ready is not None:
+                ready.synchronize()
+            done.append((image_ids, emb_bd.numpy()))
+        return done
+
+    def _launch(self, arrays_bhw3) -> tuple[torch.Tensor, object]:
+        """The batch's embeddings (on the host, maybe not computed yet) and the event that says they are; on a
+        CPU they are computed at once (no event)."""
+        if self._copy_stream is None:
+            return self.step.launch(arrays_bhw3).cpu(), None
+        with torch.inference_mode():
+            pixels = arrays_bhw3 if isinstance(arrays_bhw3, torch.Tensor) else \
+                torch.from_numpy(np.ascontiguousarray(arrays_bhw3))
+            compute = torch.cuda.current_stream(self._device)
+            with torch.cuda.stream(self._copy_stream):
+                pixels = pixels.to(self._device, non_blocking=True)
+                copied = self._copy_stream.record_event()
+            compute.wait_stream(self._copy_stream)
+            pixels.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+            emb_bd = self.step.launch(pixels)
+            emb_host_bd = torch.empty(emb_bd.shape, dtype=emb_bd.dtype, pin_memory=True)
+            emb_host_bd.copy_(emb_bd, non_blocking=True)
+            ready = compute.record_event()
+        copied.synchronize()  # a few ms while the GPU computes the previous batch
+        return emb_host_bd, ready
 
 
 def _split(items: list, size: int) -> list[list]:
