@@ -191,6 +191,8 @@ class CorpusBatches:
             for offset in range(0, len(batch), self.unit_size):
                 for i, reason in self._pool.result((b, offset)):
                     failed[offset + i] = reason
+            if b == len(self.batches) - 1:
+                self._pool.finish()  # the workers' exit overlaps the consumer's last batches (WorkerPool.finish)
             arrays = self._slots[b % n_slots, :len(batch)]
             ids = np.fromiter((image_id for image_id, _ in batch), np.int64, len(batch))
             skipped = []

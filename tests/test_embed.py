@@ -222,6 +222,11 @@ def test_loader_ways_agree_and_report_damaged_files(ingested, tmp_path):
                                                     else b.arrays_bhw3), b.n_items, b.skipped) for b in batches]
 
     views, staged, in_threads = collect(), collect(stage="copy"), collect(processes=False)
+    # Once the last batch's results are in, the workers are told to exit (WorkerPool.finish), before the
+    # consumer is done with it.
+    with CorpusBatches(out, items, 2, 112, "resize", n_workers=2) as batches:
+        for b in batches:
+            assert bool(batches._pool._procs) == (b.image_ids[-1] != 10), "finished only at the last batch"
     deep = collect(n_slots=20, stage="copy")  # a GPU's deep ring (ring_slots), deeper than the corpus
     assert [b[0] for b in views] == [[0, 1], [2, 3], [4], [6, 7], [8, 9], [10]]
     assert [b[2] for b in views] == [2, 2, 2, 2, 2, 1]

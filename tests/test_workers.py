@@ -170,6 +170,27 @@ def test_swap_runs_later_tasks_with_the_new_function_in_new_workers(mode):
         assert not any(p.is_alive() for p in pool._all_procs())
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_finish_lets_the_workers_exit_while_the_pool_is_still_open(mode):
+    """`finish` (every result taken): the workers exit at once, with code 0 and no error, while the owner goes on;
+    `close` then finds them gone; no task can follow."""
+    processes = mode != "threads"
+    with WorkerPool(_square_or_fail, 2, "test", **MODES[mode]) as pool:
+        got = [r for _, r in ordered_map(pool, ((i, i) for i in range(6)), window=3)]
+        procs = list(pool._procs) if processes else []
+        pool.finish()
+        pool.finish()  # twice is harmless
+        if processes:
+            worker_pids = {pid for _, pid in got}
+            assert wait_gone(worker_pids | {p.pid for p in procs}, 5), "the workers exit before the block ends"
+            assert all(p.exitcode == 0 for p in procs)
+            with pytest.raises(AssertionError, match="after finish"):
+                pool.submit(99, 1)
+        t_close = time.perf_counter()
+    assert time.perf_counter() - t_close < 1.0, "close has nothing left to wait for"
+    assert [x for x, _ in got] == [i * i for i in range(6)]
+
+
 @pytest.mark.parametrize("mode", ["supervised", "direct"])
 def test_a_retired_worker_that_dies_with_tasks_left_is_one_clear_error(mode):
     with pytest.raises(AtlasError, match="worker process.*died"):
