@@ -108,6 +108,11 @@ echo "embed benchmark exit code $?"
 timeout --signal=INT --kill-after=10 90 $PY benchmarks/cuda_first_calls.py --device "$DEVICE" --rounds 1 \
     $([ "$SMOKE" = 1 ] && echo "--batch 8")
 echo "first-calls benchmark exit code $?"
+# The loader's 16 workers exiting while embed's last batch and commit run (~0.1 s there), from a process of
+# embed's size (~2 GiB), against closing them afterwards (~15 s).
+timeout --signal=INT --kill-after=10 60 $PY benchmarks/loader_exit.py --wait 0.1 --ballast-gib 2 \
+    $([ "$SMOKE" = 1 ] && echo "--n-images 192 --ballast-gib 0.5")
+echo "loader exit benchmark exit code $?"
 # GPU_CHECK_SCALE_IMAGES (e.g. 50000, ImageNet val's size): the new paths alone at that size as well. Ingest
 # runs as it is (at both benchmark sizes' larger corpus it loads its resize kernels while its workers start with
 # Pillow) and with Pillow alone.
