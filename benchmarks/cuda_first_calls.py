@@ -13,7 +13,10 @@ random weights:
 - `skeleton`: `gemm` after embed's warm-up as it now runs (in the stage, in a thread while the model loads;
   here before the load, timed on its own): the model step once on a one-layer skeleton of the checkpoint at the
   real shapes (`embed.DeviceWarmUp`, given `model.peek_model_skeleton(...)`), so the first forward meets warm
-  kernels.
+  kernels;
+- `tiny+skeleton`: the same with the warm-up running the tiny kernels first (`embed.first_batch_kernels`), as
+  it did before the skeleton came within `DeviceWarmUp.SKELETON_WAIT_S` (and still does while a fresh process
+  imports the model classes).
 
     python benchmarks/cuda_first_calls.py --device cuda      # a GPU machine, ~1 minute
     python benchmarks/cuda_first_calls.py --device cpu       # anywhere: checks that it runs
@@ -69,11 +72,15 @@ def child(mode: str, device_name: str, model_path: str, batch: int) -> dict:
         return out
     if mode == "conv":
         M.PatchConv2d.forward = torch.nn.Conv2d.forward
-    if mode == "skeleton":
+    if mode in ("skeleton", "tiny+skeleton"):
         from atlasgen.stages.embed import DeviceWarmUp
 
-        def warm_up() -> None:  # embed's warm-up thread, given the skeleton at once and joined
+        def warm_up() -> None:  # embed's warm-up thread, given the skeleton at once (or after tiny kernels), joined
+            if mode == "tiny+skeleton":
+                DeviceWarmUp.SKELETON_WAIT_S = 0.0
             warming = DeviceWarmUp(device, "bf16", batch)
+            while mode == "tiny+skeleton" and not warming.steps_done and warming._thread.is_alive():
+                time.sleep(0.001)
             warming.give(M.peek_model_skeleton(model_path), M.peek_preprocess_spec(model_path))
             warming.join()
             out["warm_up_steps"] = warming.steps_done
@@ -109,7 +116,7 @@ def main() -> None:
         model_path = ensure_random_model(Path(tmp) / "vits16", vits16_config())
         print(f"model written in {time.perf_counter() - t0:.1f} s", flush=True)
         for r in range(args.rounds):
-            for mode in ("parts", "conv", "gemm", "skeleton"):
+            for mode in ("parts", "conv", "gemm", "skeleton", "tiny+skeleton"):
                 run = subprocess.run([sys.executable, __file__, "--child", mode, "--device", args.device,
                                       "--model", str(model_path), "--batch", str(args.batch)],
                                      capture_output=True, text=True)

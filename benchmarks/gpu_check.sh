@@ -104,8 +104,9 @@ echo "ingest benchmark exit code $?"
 timeout --signal=INT --kill-after=10 $EMBED_LIMIT_S $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH" \
     --rounds "$EMBED_ROUNDS" --lag-ab
 echo "embed benchmark exit code $?"
-# A fresh process's first embed batch with and without embed's warm-up on a skeleton of the model (~40 s).
-timeout --signal=INT --kill-after=10 90 $PY benchmarks/cuda_first_calls.py --device "$DEVICE" --rounds 1 \
+# A fresh process's first embed batch with and without embed's warm-up on a skeleton of the model, and with
+# the warm-up running tiny kernels first (~50 s).
+timeout --signal=INT --kill-after=10 150 $PY benchmarks/cuda_first_calls.py --device "$DEVICE" --rounds 1 \
     $([ "$SMOKE" = 1 ] && echo "--batch 8")
 echo "first-calls benchmark exit code $?"
 # The loader's 16 workers exiting while embed's last batch and commit run (~0.1 s there), from a process of

@@ -409,7 +409,7 @@ def test_staging_starts_before_the_first_batch_is_asked_for(ingested, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_device_warm_up_kernels_run(dtype, tmp_path):
+def test_device_warm_up_kernels_run(dtype, tmp_path, monkeypatch):
     """What the warm-up thread runs on a GPU (it ignores its own failures there, so they are caught here): tiny
     kernels, then the model step on a one-layer skeleton of the checkpoint at the real shapes."""
     from atlasgen import model as model_mod
@@ -432,11 +432,23 @@ def test_device_warm_up_kernels_run(dtype, tmp_path):
     emb = embed.first_batch_of(warm, 3)
     assert emb.shape == (3, real.dim) and emb.dtype == np.float32
 
-    # The thread itself: tiny kernels at once, the skeleton once given; joined without one, it ends too.
-    warm_up = embed.DeviceWarmUp(torch.device("cpu"), "fp32" if dtype == torch.float32 else "bf16", 2)
+    # The thread itself: the skeleton, given at once (the stage builds it in milliseconds once the model classes
+    # are imported); tiny kernels only while a skeleton is late (a fresh process importing them) or instead of
+    # none; joined without one, it ends too.
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    monkeypatch.setattr(embed.DeviceWarmUp, "SKELETON_WAIT_S", 30.0)  # however slow this machine is now
+    warm_up = embed.DeviceWarmUp(torch.device("cpu"), precision, 2)
     warm_up.give(model_mod.peek_model_skeleton("tiny", tmp_path), real.spec)
     warm_up.join()
-    assert warm_up.steps_done == ["kernels", "skeleton"]
+    assert warm_up.steps_done == ["skeleton"]
+    monkeypatch.setattr(embed.DeviceWarmUp, "SKELETON_WAIT_S", 0.01)
+    late = embed.DeviceWarmUp(torch.device("cpu"), precision, 2)
+    deadline = time.monotonic() + 30
+    while not late.steps_done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    late.give(model_mod.peek_model_skeleton("tiny", tmp_path), real.spec)
+    late.join()
+    assert late.steps_done == ["kernels", "skeleton"]
     alone = embed.DeviceWarmUp(torch.device("cpu"), "fp32", 2)
     alone.join()
     assert alone.steps_done == ["kernels"] and not alone._thread.is_alive()

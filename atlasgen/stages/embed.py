@@ -88,11 +88,16 @@ def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int
 
 class DeviceWarmUp:
     """On a GPU, a thread that pays the once-per-process costs of a model's first batch while the caller loads the
-    model from disk: at once the CUDA context and the kinds of kernel a ViT uses, on tiny tensors
-    (`first_batch_kernels`); then, once the caller hands it a skeleton of the model (`give`: built in the caller's
-    thread, which imports the model classes anyway, so no two threads import at once), the model step at the
-    real shapes on it (`first_batch_of`), so the first batch meets warm kernels. Its failures are ignored: the
-    model's first batch then meets the same problem and reports it."""
+    model from disk: once the caller hands it a skeleton of the model (`give`: built in the caller's thread, which
+    imports the model classes anyway, so no two threads import at once), the model step at the real shapes on it
+    (`first_batch_of`), so the first batch meets warm kernels. While it waits for the skeleton (a fresh process
+    imports the model classes first: seconds), the kinds of kernel a ViT uses on tiny tensors
+    (`first_batch_kernels`), and the same without a skeleton; not when the skeleton comes within
+    SKELETON_WAIT_S: kernels for other shapes are mostly other kernels, and running them first would only delay
+    the skeleton's. Its failures are ignored: the model's first batch then meets the same problem and reports
+    it."""
+
+    SKELETON_WAIT_S = 0.1  # the stage builds the skeleton in ~11 ms once the model classes are imported
 
     def __init__(self, device: torch.device, precision: str, batch_size: int):
         self._handoff: queue.Queue = queue.Queue(maxsize=1)
@@ -114,18 +119,27 @@ class DeviceWarmUp:
 
     def _run(self, device: torch.device, precision: str, batch_size: int) -> None:
         on_gpu = device.type == "cuda"  # (a CPU runs it too, in tests)
-        try:
-            dtype = resolve_dtype(precision, device)
+
+        def tiny_kernels() -> None:
             first_batch_kernels(device, dtype)
             if on_gpu:
                 torch.cuda.synchronize(device)
             self.steps_done.append("kernels")
-            skeleton, spec = self._handoff.get()
+
+        try:
+            dtype = resolve_dtype(precision, device)
+            try:
+                skeleton, spec = self._handoff.get(timeout=self.SKELETON_WAIT_S)
+            except queue.Empty:
+                tiny_kernels()
+                skeleton, spec = self._handoff.get()
             if skeleton is not None and spec is not None:
                 first_batch_of(EmbeddingModel(skeleton.to_empty(device=device), spec, dtype).to(device), batch_size)
                 if on_gpu:
                     torch.cuda.synchronize(device)
                 self.steps_done.append("skeleton")
+            elif not self.steps_done:
+                tiny_kernels()
         except Exception:  # see the docstring
             pass
         finally:
