@@ -121,9 +121,7 @@ class WorkerPool:
         self.fn = fn
         if not self.processes:
             return  # threads share this process: later submits simply call the new fn
-        for _ in range(self.n_workers):
-            self._tasks.put(None)  # after the tasks already queued: each worker stops once they are done
-        self._retired.append((self._tasks, self._procs))
+        self._retire()
         self._tasks, self._procs = self._fork(fn)
 
     def __exit__(self, exc_type, *_) -> None:
@@ -135,11 +133,15 @@ class WorkerPool:
         of 16 idle workers took 70–100 ms from a process with torch imported, 230–300 ms with 1 GiB more of
         tensors (our 2-core box), time embed's last batches and commit can hide."""
         assert self._started and self._n_pending == 0, "finish with tasks still pending"
-        if not self.processes or not self._procs:
-            return
+        if self.processes and self._procs:
+            self._retire()
+
+    def _retire(self) -> None:
+        """The current workers stop once the tasks already queued are done (each takes one None; a supervisor
+        exits once all its workers have), kept as retired workers (exiting with code 0) until then."""
         for _ in range(self.n_workers):
-            self._tasks.put(None)  # a supervisor exits once all its workers have
-        self._retired.append((self._tasks, self._procs))  # exiting (code 0) as retired workers do
+            self._tasks.put(None)
+        self._retired.append((self._tasks, self._procs))
         self._procs = []
 
     def close(self, clean: bool = True) -> None:
