@@ -59,10 +59,13 @@ def embed_launch(model: EmbeddingModel, arrays_bhw3) -> torch.Tensor:
     be computing it (the caller reads it when it needs it)."""
     device = model.mean_c11.device
     with torch.inference_mode():
-        pixels = arrays_bhw3 if isinstance(arrays_bhw3, torch.Tensor) else \
-            torch.from_numpy(np.ascontiguousarray(arrays_bhw3))
-        pixels = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        pixels = _as_tensor(arrays_bhw3).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         return model(pixels)
+
+
+def _as_tensor(arrays_bhw3) -> torch.Tensor:
+    """A loader batch (a numpy array, or a torch tensor already) as a torch tensor, sharing its memory."""
+    return arrays_bhw3 if isinstance(arrays_bhw3, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(arrays_bhw3))
 
 
 def auto_batch_size(model: EmbeddingModel, free_bytes: int | None = None) -> int:
@@ -493,9 +496,8 @@ class _Pipeline:
         assert lag >= 0
         self.step = step
         self.lag = lag
-        device = step.model.mean_c11.device
-        self._device = device
-        self._copy_stream = torch.cuda.Stream(device) if lag and device.type == "cuda" else None
+        self._device = step.model.mean_c11.device
+        self._copy_stream = torch.cuda.Stream(self._device) if lag and self._device.type == "cuda" else None
         self._pending: deque[tuple[np.ndarray, torch.Tensor, object]] = deque()  # (ids, embeddings, done event)
 
     def push(self, image_ids: np.ndarray, arrays_bhw3) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -522,11 +524,9 @@ class _Pipeline:
         if self._copy_stream is None:
             return self.step.launch(arrays_bhw3).cpu(), None
         with torch.inference_mode():
-            pixels = arrays_bhw3 if isinstance(arrays_bhw3, torch.Tensor) else \
-                torch.from_numpy(np.ascontiguousarray(arrays_bhw3))
             compute = torch.cuda.current_stream(self._device)
             with torch.cuda.stream(self._copy_stream):
-                pixels = pixels.to(self._device, non_blocking=True)
+                pixels = _as_tensor(arrays_bhw3).to(self._device, non_blocking=True)
                 copied = self._copy_stream.record_event()
             compute.wait_stream(self._copy_stream)
             pixels.record_stream(compute)  # allocated on the copy stream, used on the compute stream
