@@ -14,19 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import DINOv3ViTModel  # noqa: F401  (a process like embed's)
 
 from atlasgen import workers
 from atlasgen.loader import CorpusBatches
+from atlasgen.testing import make_photo_folder
 from atlasgen.workers import resolve_n_workers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-images", type=int, default=960, help="generated 256 px corpus copies")
+    parser.add_argument("--n-images", type=int, default=960, help="generated corpus copies (341×256)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-workers", type=int, default=16, help="loader workers (0: one per core)")
     parser.add_argument("--wait", type=float, default=0.6, help="seconds between the last batch and close")
@@ -35,14 +34,11 @@ def main() -> None:
     args = parser.parse_args()
     ballast = torch.ones(int(args.ballast_gib * (1 << 28)))  # float32: 4 bytes each
     n_workers = resolve_n_workers(args.n_workers)
-    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="atlasgen-bench-loader-exit-") as tmp:
         root = Path(tmp)
-        (root / "corpus").mkdir()
-        items = []
-        for i in range(args.n_images):
-            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(root / f"corpus/{i}.jpg")
-            items.append((i, f"corpus/{i}.jpg"))
+        # Photo-like JPEGs of a corpus copy's size (ingest's 256 px copies of 500×375 photos).
+        make_photo_folder(root / "corpus", args.n_images, width=341, height=256)
+        items = list(enumerate(sorted(p.relative_to(root).as_posix() for p in root.glob("corpus/*/*.jpg"))))
         real_finish = workers.WorkerPool.finish
         close_ms: dict[str, list[float]] = {"told to exit after the last batch": [], "left to close": []}
         for _ in range(args.rounds):  # alternating
