@@ -15,6 +15,11 @@ main thread (and the GIL: CPython's `os.fork` keeps it) for that long, just when
 So by default (`SUPERVISED`) the owner forks one supervisor process, which forks the workers, reports a worker
 that dies, and stops them when it is stopped or the owner is gone: the owner pays one fork, and the supervisor
 pays the others on another core.
+
+Workers can be made faster mid-run by something that takes long to load (embed's resize kernels: ~1 s of numba
+import and cache loading). `swap` forks new workers from the owner once the owner has loaded it (ingest);
+`standby` forks, at the start, a second supervisor that loads it itself, away from the owner (whose threads are
+busy with a model), then forks workers that inherit it; `adopt_standby` hands them the tasks from then on.
 """
 from __future__ import annotations
 
@@ -76,6 +81,11 @@ class WorkerPool:
         self._done: dict[Any, tuple[bool, Any]] = {}
         self._n_pending = 0
         self._started = False
+        # A standby supervisor (`standby`): its task queue, the process, and the end of a pipe that brings its
+        # prepare() answer; None when there is none (never made, adopted, or given up).
+        self._standby: tuple[Any, Any, Any] | None = None
+        self._adopted = False
+        self.standby_why_not: str | None = None  # why a standby was not adopted (its prepare() answer, or more)
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "WorkerPool":
@@ -124,6 +134,66 @@ class WorkerPool:
         self._retire()
         self._tasks, self._procs = self._fork(fn)
 
+    def standby(self, prepare: Callable[[], str | None]) -> bool:
+        """Fork, now, a standby supervisor that runs `prepare()` (None: ready, else why not) and, once ready, forks
+        `n_workers` workers of its own, which inherit what it prepared and wait for `adopt_standby`; the current
+        workers go on meanwhile. Returns whether a standby was forked (processes only)."""
+        assert self._started and self._standby is None, "standby outside the pool's with-block, or twice"
+        if not self.processes or not self._procs:
+            return False
+        tasks = self._ctx.Queue()
+        answer_r, answer_w = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_supervise, args=(self.fn, tasks, self._results, os.getpid(), self.n_workers,
+                                                          self.name, prepare, answer_w),
+                                 name=f"atlasgen-{self.name}-standby", daemon=True)
+        gc.freeze()  # as in _fork
+        try:
+            proc.start()
+        finally:
+            gc.unfreeze()
+        answer_w.close()  # the standby's copy is the one that writes
+        self._standby = (tasks, proc, answer_r)
+        return True
+
+    def adopt_standby(self) -> bool:
+        """If the standby's workers are ready, they take every task submitted from now on (the current workers
+        finish what they were given, then exit). Never waits. Returns whether that happened, now or before; a
+        standby that cannot be ready (its prepare() failed, it died) is given up, with `standby_why_not` saying
+        why."""
+        if self._standby is None:
+            return self._adopted
+        tasks, proc, answer_r = self._standby
+        try:
+            if not answer_r.poll():
+                if proc.exitcode is None:
+                    return False
+                raise EOFError  # it died before answering
+            why_not = answer_r.recv()
+        except (EOFError, OSError):
+            why_not = f"the standby supervisor died (exit code {proc.exitcode})"
+        answer_r.close()
+        if why_not is not None:
+            self.standby_why_not = why_not
+            self._drop_standby()
+            return False
+        self._retire()
+        self._tasks, self._procs, self._standby = tasks, [proc], None
+        self._adopted = True
+        return True
+
+    def _drop_standby(self) -> None:
+        """Stop a standby that will not be adopted (it stops its workers, if it has any yet)."""
+        if self._standby is None:
+            return
+        tasks, proc, answer_r = self._standby
+        self._standby = None
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(timeout=5)
+        answer_r.close()
+        tasks.cancel_join_thread()
+        tasks.close()
+
     def __exit__(self, exc_type, *_) -> None:
         self.close(clean=exc_type is None)
 
@@ -135,6 +205,9 @@ class WorkerPool:
         assert self._started and self._n_pending == 0, "finish with tasks still pending"
         if self.processes and self._procs:
             self._retire()
+        if self.processes and self._standby is not None:
+            self.standby_why_not = "the tasks ran out first"
+            self._drop_standby()
 
     def _retire(self) -> None:
         """The current workers stop once the tasks already queued are done (each takes one None; a supervisor
@@ -152,6 +225,9 @@ class WorkerPool:
         if not self.processes:
             self._executor.shutdown(wait=clean, cancel_futures=not clean)
             return
+        if self._standby is not None:
+            self.standby_why_not = self.standby_why_not or "the pool closed first"
+            self._drop_standby()
         if clean and self._n_pending == 0:
             for _ in range(self.n_workers if self._procs else 0):  # none after finish()
                 self._tasks.put(None)  # a supervisor exits once all its workers have
@@ -236,13 +312,27 @@ def ordered_map(pool: WorkerPool, tasks: Iterable[tuple[Any, Any]], window: int)
         yield m, pool.result(k)
 
 
-def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, name: str) -> None:
+def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, name: str,
+               prepare: Callable[[], str | None] | None = None, answer=None) -> None:
     """A supervisor process: forks `n_workers` workers, reports each that dies (a nonzero exit) on the results
-    queue, and returns once they have all exited. Stopped (SIGTERM) or left by its owner, it stops them first."""
+    queue, and returns once they have all exited. Stopped (SIGTERM) or left by its owner, it stops them first.
+    A standby (`WorkerPool.standby`) first runs `prepare()` and sends its answer through the pipe end `answer`:
+    on None (ready) it goes on as above, else it returns."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the owner handles it and stops us
-    # While forking, SIGTERM kills at once (the workers forked so far die with us, see _worker_loop): a Python
-    # handler could run inside another module's at-fork callback, which swallows what it raises.
+    # While preparing and forking, SIGTERM kills at once (the workers forked so far die with us, see
+    # _worker_loop): a Python handler could run inside another module's at-fork callback, which swallows what it
+    # raises.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if prepare is not None:
+        # The owner asks only between its tasks, so the workers are forked first and the answer sent after:
+        # once adopted, they are there.
+        try:
+            why_not = prepare()
+        except Exception as e:  # prepare() should not raise; if it does, the owner keeps its workers
+            why_not = f"{type(e).__name__}: {e}"
+        if why_not is not None:
+            answer.send(why_not)
+            return
     # multiprocessing lets no daemonic process have children; ours are daemons too, and die with us.
     mp.current_process().daemon = False
     ctx = mp.get_context("fork")
@@ -250,6 +340,9 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
     gc.freeze()  # as the owner does before forking (see WorkerPool._fork)
     for proc in procs:
         proc.start()
+    if answer is not None:
+        answer.send(None)  # ready: the workers are forked
+        answer.close()
     # From now on SIGTERM asks the loop below to stop the workers first; it wakes the loop through a pipe.
     wake_r, wake_w = os.pipe()
     stopping = []

@@ -1,6 +1,6 @@
 """Worker processes and the store writer thread: results by key and in order, a task's error and a dead worker
-raised in the parent, workers swapped for new ones mid-run, workers gone with the pool, writes handed over
-committed even when the caller fails."""
+raised in the parent, workers swapped for new ones mid-run (forked by the owner, or by a standby supervisor that
+prepared them), workers gone with the pool, writes handed over committed even when the caller fails."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ import pytest
 
 from atlasgen.errors import AtlasError
 from atlasgen.store import Store
-from atlasgen.testing import running, wait_gone
+from atlasgen.testing import descendants, running, wait_gone
 from atlasgen.workers import StoreWriter, WorkerError, WorkerPool, ordered_map
 
 
@@ -189,6 +189,95 @@ def test_finish_lets_the_workers_exit_while_the_pool_is_still_open(mode):
         t_close = time.perf_counter()
     assert time.perf_counter() - t_close < 1.0, "close has nothing left to wait for"
     assert [x for x, _ in got] == [i * i for i in range(6)]
+
+
+# What a standby's prepare() loaded, in the process that ran it (and the workers it forks).
+_PREPARED: dict[str, object] = {}
+
+
+def _prepare_in_standby() -> None:
+    _PREPARED["by"] = os.getpid()
+    return None
+
+
+def _prepared_by(x: int) -> tuple[int, object, int]:
+    time.sleep(0.005)
+    return x, _PREPARED.get("by"), os.getpid()
+
+
+def _adopted_within(pool: WorkerPool, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pool.adopt_standby():
+            return True
+        if pool.standby_why_not is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("mode", ["supervised", "direct"])
+def test_a_standby_prepares_away_from_the_owner_and_takes_the_tasks_once_adopted(mode):
+    """The standby supervisor runs prepare() in its own process (not the owner's), forks workers that inherit
+    what it loaded, and they take every task submitted after `adopt_standby`; the workers so far finish theirs
+    and exit 0."""
+    with WorkerPool(_prepared_by, 2, "test", **MODES[mode]) as pool:
+        for i in range(6):
+            pool.submit(i, i)
+        first_procs = list(pool._procs)
+        assert not pool.adopt_standby(), "no standby yet"
+        assert pool.standby(_prepare_in_standby)
+        standby_pid = pool._standby[1].pid
+        assert _adopted_within(pool, 30) and pool.adopt_standby(), "adopted, and it stays so"
+        for i in range(6, 12):
+            pool.submit(i, i)
+        got = [pool.result(i) for i in range(12)]
+        assert [x for x, _, _ in got] == list(range(12))
+        assert [by for _, by, _ in got] == [None] * 6 + [standby_pid] * 6
+        assert "by" not in _PREPARED, "prepared away from the owner"
+        assert pool._procs[0].pid == standby_pid
+        assert {pid for _, _, pid in got[6:]} <= set(descendants(standby_pid))
+        for proc in first_procs:
+            proc.join(timeout=5)
+        assert all(p.exitcode == 0 for p in first_procs), "the workers so far exit once their tasks are done"
+    assert not any(p.is_alive() for p in pool._all_procs())
+    assert wait_gone([standby_pid], 5)
+
+
+def _refuse() -> str:
+    return "not here"
+
+
+def _prepare_forever() -> None:
+    time.sleep(60)
+
+
+def test_a_standby_that_cannot_be_ready_is_given_up_and_never_holds_the_pool():
+    """A prepare() that answers why not: the standby is given up and the current workers go on. One still
+    preparing when the tasks run out (finish) or the pool closes is stopped at once, leaving no process."""
+    with WorkerPool(_prepared_by, 2, "test") as pool:
+        assert pool.standby(_refuse)
+        assert not _adopted_within(pool, 30) and pool.standby_why_not == "not here"
+        assert pool._standby is None
+        pool.submit(0, 0)
+        assert pool.result(0)[1] is None
+    for end in ("finish", "close"):
+        t0 = time.perf_counter()
+        with WorkerPool(_prepared_by, 2, "test") as pool:
+            pool.submit(0, 0)
+            pool.standby(_prepare_forever)
+            standby_pid = pool._standby[1].pid
+            pool.result(0)
+            assert not pool.adopt_standby()
+            if end == "finish":
+                pool.finish()
+                assert pool.standby_why_not == "the tasks ran out first" and not running(standby_pid)
+        assert time.perf_counter() - t0 < 10, "nobody waited for the standby's prepare()"
+        assert wait_gone([standby_pid], 5)
+        assert pool.standby_why_not in ("the tasks ran out first", "the pool closed first")
+    with WorkerPool(_prepared_by, 2, "test", processes=False) as pool:
+        assert not pool.standby(_prepare_in_standby), "threads have no standby"
+        assert not pool.adopt_standby()
 
 
 @pytest.mark.parametrize("mode", ["supervised", "direct"])
