@@ -11,6 +11,11 @@ only after the consumer has asked for the next batch, so a yielded batch stays v
 - "pinned": torch tensors in page-locked memory, filled by a background thread while the model runs, so the
   copy to the GPU can be asynchronous (`tensor.to("cuda", non_blocking=True)`).
 - "copy": the same background thread into ordinary memory (tests the staging path without a GPU).
+
+`kernels` says how the workers resize: with the numba kernels of `atlasgen.resample` where the process that forks
+them has them ("ready": the same bytes as Pillow's, the resize ~3× faster), also loading them in a standby
+supervisor and handing the batches after that to its workers ("standby"; for a GPU's long runs, which the
+workers' decoding bounds), or with Pillow alone ("off").
 """
 from __future__ import annotations
 
@@ -25,16 +30,20 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .model import pil_to_array
+from . import resample
+from .model import pil_to_array, resize_plan
 from .workers import WorkerPool
 
 STAGES = ("none", "pinned", "copy")
+KERNELS = ("ready", "standby", "off")
 DEFAULT_SLOTS = 3  # a batch being consumed, the others being filled: enough when the model is what bounds the run
 # A head start for a model that outruns its workers (a GPU's): while the model loads and warms up (~0.8 s on an
 # H200 machine), each worker can decode ~384 corpus copies (2.26 ms each there); a shallow ring stops them after
 # a few batches and the run then waits for decoding. The ring holds that many, within RING_MAX_BYTES.
 HEAD_START_PER_WORKER = 384
 RING_MAX_BYTES = 1 << 30
+# A corpus of more than this many rings, on a GPU, has its workers load the resize kernels (`kernels_mode`).
+STANDBY_AFTER_RINGS = 2
 
 
 def load_corpus_array(path: Path | BinaryIO, size: int, resize_mode: str) -> np.ndarray:
@@ -45,6 +54,24 @@ def load_corpus_array(path: Path | BinaryIO, size: int, resize_mode: str) -> np.
         # 256 px corpus at 224).
         image.draft("RGB", (size, size))
         return pil_to_array(image, size, resize_mode)
+
+
+def load_corpus_into(path: Path | BinaryIO, size: int, resize_mode: str, out_hw3: np.ndarray, kernels: bool) -> None:
+    """`load_corpus_array` written into `out_hw3` (uint8 (size, size, 3)), with `kernels` by `resample.bilinear_into`
+    where it applies (after `resample.prepare()` succeeded in this process or the one that forked it): the same
+    bytes, without Pillow's resize and the copies out of it."""
+    if not kernels:
+        out_hw3[...] = load_corpus_array(path, size, resize_mode)
+        return
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))
+        image.load()
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        resized_wh, box = resize_plan(*rgb.size, size, resize_mode)
+        if resample.applies(*rgb.size, *resized_wh):
+            resample.bilinear_into(rgb, resized_wh, box, out_hw3)
+        else:  # a picture over 6× the model's size (not our corpus copies): Pillow reduces it first
+            out_hw3[...] = pil_to_array(rgb, size, resize_mode)
 
 
 def ring_slots(n_workers: int, batch_size: int, size: int, head_start: bool,
@@ -60,6 +87,16 @@ def ring_slots(n_workers: int, batch_size: int, size: int, head_start: bool,
     wanted = 1 + -(-n_workers * HEAD_START_PER_WORKER // batch_size)
     fitting = min(RING_MAX_BYTES, memory_bytes // 16) // (batch_size * size * size * 3)
     return max(DEFAULT_SLOTS, min(wanted, fitting))
+
+
+def kernels_mode(n_items: int, batch_size: int, n_slots: int, head_start: bool) -> str:
+    """`CorpusBatches(kernels=...)` for a run: "standby" where the workers bound it, a model that outruns them
+    (`head_start`: a GPU) over more than STANDBY_AFTER_RINGS rings of batches (the first ring is decoded while
+    the model loads, and the model drains it while the workers decode about as much again); else "ready" (what
+    the workers inherit is free; loading the kernels costs a core-second and a fork)."""
+    if head_start and n_items > STANDBY_AFTER_RINGS * n_slots * batch_size:
+        return "standby"
+    return "ready"
 
 
 def _physical_memory_bytes() -> int:
@@ -86,8 +123,9 @@ class CorpusBatches:
     """
 
     def __init__(self, root: Path, items: Sequence[tuple[int, str]], batch_size: int, size: int, resize_mode: str,
-                 n_workers: int, stage: str = "none", n_slots: int = DEFAULT_SLOTS, processes: bool | None = None):
-        assert stage in STAGES, stage
+                 n_workers: int, stage: str = "none", n_slots: int = DEFAULT_SLOTS, processes: bool | None = None,
+                 kernels: str = "ready"):
+        assert stage in STAGES and kernels in KERNELS, (stage, kernels)
         assert batch_size >= 1 and n_workers >= 1 and n_slots >= 2
         self.root = Path(root)
         self.items = list(items)
@@ -97,6 +135,10 @@ class CorpusBatches:
         self.stage = stage
         self.n_slots = n_slots    # batches decoded ahead: one being consumed, the others being filled (ring_slots)
         self.processes = processes
+        self.kernels = kernels
+        # How the workers resized: "kernels" from the first batch, "kernels from batch k" (a standby adopted),
+        # else "Pillow" (with why the kernels were not used, where they were asked for).
+        self.resized_with = "Pillow"
         # One unit per worker per batch.
         self.unit_size = max(1, -(-batch_size // n_workers))
         self.batches = [self.items[i:i + batch_size] for i in range(0, len(self.items), batch_size)]
@@ -129,6 +171,11 @@ class CorpusBatches:
         self._pool.__enter__()  # forks: after the slots exist
         self._started = True
         self._n_submitted = 0
+        self._standing_by = False
+        if self.kernels != "off" and resample.ready():  # the workers inherited them
+            self.resized_with = "kernels"
+        elif self.kernels == "standby" and self._pool.processes:
+            self._standing_by = self._pool.standby(resample.prepare)
         while self._n_submitted < min(len(self.batches), self.n_slots):
             self._submit(self._n_submitted)
             self._n_submitted += 1
@@ -160,9 +207,11 @@ class CorpusBatches:
         """Decode one unit into its slot; returns (index in unit, reason) for each image that failed."""
         slot, offset, items = task
         failed = []
+        kernels = self.kernels != "off" and resample.ready()  # (in this worker: what its forking process had)
         for i, (_, rel_path) in enumerate(items):
             try:
-                self._slots[slot, offset + i] = load_corpus_array(self.root / rel_path, self.size, self.resize_mode)
+                load_corpus_into(self.root / rel_path, self.size, self.resize_mode, self._slots[slot, offset + i],
+                                 kernels)
             except Exception as e:  # corpus files are ours, but a user may have deleted or damaged one
                 text = str(e).splitlines()[0] if str(e) else type(e).__name__
                 failed.append((i, f"cannot read the corpus copy {rel_path}: {text}"))
@@ -174,6 +223,11 @@ class CorpusBatches:
         return self._slot_batches() if self._stager is None else self._stager.batches()
 
     def _submit(self, b: int) -> None:
+        if self._standing_by and b:  # (batch 0 never waits: the standby has only just been forked)
+            if self._pool.adopt_standby():
+                self.resized_with, self._standing_by = f"kernels from batch {b}", False
+            elif self._pool.standby_why_not is not None:
+                self.resized_with, self._standing_by = f"Pillow ({self._pool.standby_why_not})", False
         slot = b % len(self._slots)
         batch = self.batches[b]
         for offset in range(0, len(batch), self.unit_size):
@@ -193,6 +247,8 @@ class CorpusBatches:
                     failed[offset + i] = reason
             if b == len(self.batches) - 1:
                 self._pool.finish()  # the workers' exit overlaps the consumer's last batches (WorkerPool.finish)
+                if self._standing_by:
+                    self.resized_with, self._standing_by = f"Pillow ({self._pool.standby_why_not})", False
             arrays = self._slots[b % n_slots, :len(batch)]
             ids = np.fromiter((image_id for image_id, _ in batch), np.int64, len(batch))
             skipped = []

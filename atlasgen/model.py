@@ -260,16 +260,23 @@ def resize_tensor(pixels_b3hw: torch.Tensor, size: int, mode: str = "resize") ->
 def pil_to_array(image: Image.Image, size: int, mode: str = "resize") -> np.ndarray:
     """Our CPU-side preprocessing for data loading: RGB PIL image → uint8 (size, size, 3)."""
     image = image.convert("RGB")
-    if mode == "center":
-        w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    else:
-        image = image.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    resized_wh, box = resize_plan(*image.size, size, mode)
+    image = image.resize(resized_wh, Image.BILINEAR, reducing_gap=3.0)
+    if box != (0, 0, *resized_wh):
+        image = image.crop(box)
     return np.asarray(image, dtype=np.uint8)
+
+
+def resize_plan(width: int, height: int, size: int, mode: str = "resize"
+                ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """How `pil_to_array` makes a width × height picture size²: the (width, height) it resizes to, then the crop
+    box (left, top, right, bottom) it keeps of that (all of it, unless `mode` is "center")."""
+    if mode == "center":
+        scale = size / min(width, height)
+        nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return (nw, nh), (left, top, left + size, top + size)
+    return (size, size), (0, 0, size, size)
 
 
 def arrays_to_batch(arrays_bhw3: np.ndarray) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Pillow's BICUBIC resize of an RGB picture, the same bytes in under half the time, for ingests large enough to
-repay the start-up.
+repay the start-up; and its BILINEAR resize for embed's loader, written straight into a batch (`bilinear_into`).
 
 Ingest's worker spends most of its time in one call: shrinking each decoded picture to the corpus side with
 Pillow's bicubic filter (on our CPU box, 500×375 → 341×256: 2.9 ms of ~5.4 ms per image). Pillow filters each
@@ -34,6 +34,7 @@ STARTUP_IMAGES_PER_WORKER = 250
 REPAY_IMAGES = 1000
 
 _kernels = None       # the compiled resize, once prepare() succeeded
+_pack_rgb = None      # the compiled 4-byte → 3-byte pixel copy, with it
 _vertical_first_rule = True  # whether the installed Pillow runs the vertical pass first for tall squeezes
 # Each thread's scratch memory for the kernels, kept from picture to picture up to this many pixels (16 MB; a
 # corpus-sized shrink of a 500×375 picture takes 0.7 M): bigger pictures get scratch of their own.
@@ -42,8 +43,8 @@ _local = threading.local()
 
 
 def applies(width: int, height: int, out_width: int, out_height: int) -> bool:
-    """Whether `Image.resize(..., BICUBIC, reducing_gap=3.0)` is a plain resize here (no `reduce()` step first,
-    which Pillow takes from a 6× shrink on) that `bicubic` reproduces."""
+    """Whether `Image.resize(..., BICUBIC or BILINEAR, reducing_gap=3.0)` is a plain resize here (no `reduce()`
+    step first, which Pillow takes from a 6× shrink on) that `bicubic` or `bilinear_into` reproduces."""
     return width < 6 * out_width and height < 6 * out_height
 
 
@@ -61,23 +62,33 @@ def ready() -> bool:
 def prepare() -> str | None:
     """Compile (or load) the kernels in this process and check them against the installed Pillow. Returns None
     when `bicubic` is ready, else why not (no numba, no place to cache, a Pillow that resamples differently)."""
-    global _kernels, _vertical_first_rule
+    global _kernels, _pack_rgb, _vertical_first_rule
     if _kernels is not None:
         return None
     rng = np.random.default_rng(0)
-    # Shapes for both pass orders (the last two squeeze mostly in height), odd sizes, a one-pixel output.
+    # Shapes for both pass orders (the last two squeeze mostly in height), odd sizes, a one-pixel output; for
+    # bilinear also embed's shrink of a corpus copy to the model's size, whole and as a centre crop.
     cases = [((375, 500), (256, 341)), ((61, 47), (20, 33)), ((300, 40), (60, 37)), ((90, 23), (1, 11))]
     try:  # never raises: whatever goes wrong leaves Pillow doing the work (ingest calls this in a thread)
         pairs = []  # (source, what this Pillow makes of it)
         for in_hw, out_hw in cases:
             src = Image.fromarray(rng.integers(0, 256, (*in_hw, 3), dtype=np.uint8))
             pairs.append((src, np.asarray(src.resize(out_hw[::-1], Image.BICUBIC))))
-        kernels = _compile()
+        crops = []  # (source, resized size, crop box, what this Pillow makes of it)
+        for in_hw, out_hw, box in [((256, 341), (224, 224), (0, 0, 224, 224)), ((60, 47), (20, 33), (0, 0, 33, 20)),
+                                   ((256, 341), (224, 298), (37, 0, 261, 224)), ((300, 40), (60, 37), (2, 5, 30, 40))]:
+            src = Image.fromarray(rng.integers(0, 256, (*in_hw, 3), dtype=np.uint8))
+            want_hwc = np.asarray(src.resize(out_hw[::-1], Image.BILINEAR, reducing_gap=3.0).crop(box))
+            crops.append((src, out_hw[::-1], box, want_hwc))
+        kernels, pack_rgb = _compile()
         for vertical_first_rule in (True, False):
             if all(np.array_equal(np.asarray(_resize(kernels, src, want_hwc.shape[1::-1], vertical_first_rule)),
                                   want_hwc)
-                   for src, want_hwc in pairs):
-                _kernels, _vertical_first_rule = kernels, vertical_first_rule
+                   for src, want_hwc in pairs) and \
+                    all(np.array_equal(_bilinear_into(kernels, pack_rgb, src, size, box, np.zeros_like(want_hwc),
+                                                      vertical_first_rule), want_hwc)
+                        for src, size, box, want_hwc in crops):
+                _kernels, _pack_rgb, _vertical_first_rule = kernels, pack_rgb, vertical_first_rule
                 return None
     except Exception as e:  # numba missing, or unable to compile or cache here: Pillow does the work
         return f"numba kernels unavailable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -91,11 +102,36 @@ def bicubic(rgb: Image.Image, size: tuple[int, int]) -> Image.Image:
     return _resize(_kernels, rgb, size, _vertical_first_rule)
 
 
+def bilinear_into(rgb: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int], out_hw3: np.ndarray
+                  ) -> np.ndarray:
+    """`np.asarray(rgb.resize(size, Image.BILINEAR, reducing_gap=3.0).crop(box))`, byte for byte, written into
+    `out_hw3` (uint8 (box height, box width, 3), e.g. a slot of embed's batch) and returned, for an RGB picture
+    (after `prepare()` returned None, where `applies(*rgb.size, *size)`)."""
+    assert _kernels is not None, "resample.bilinear_into before a successful resample.prepare()"
+    assert rgb.mode == "RGB", rgb.mode
+    return _bilinear_into(_kernels, _pack_rgb, rgb, size, box, out_hw3, _vertical_first_rule)
+
+
+def _bilinear_into(kernels, pack_rgb, rgb: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int],
+                   out_hw3: np.ndarray, vertical_first_rule: bool) -> np.ndarray:
+    left, top, right, bottom = box
+    assert out_hw3.shape == (bottom - top, right - left, 3) and out_hw3.dtype == np.uint8, (out_hw3.shape, box)
+    return pack_rgb(_resized(kernels, rgb, size, vertical_first_rule, bilinear=True)[top:bottom, left:right], out_hw3)
+
+
 def _resize(kernels, rgb: Image.Image, size: tuple[int, int], vertical_first_rule: bool) -> Image.Image:
+    out_hw = _resized(kernels, rgb, size, vertical_first_rule, bilinear=False)
+    return Image.frombytes("RGB", size, out_hw, "raw", "RGBX")  # a copy: the scratch is reused
+
+
+def _resized(kernels, rgb: Image.Image, size: tuple[int, int], vertical_first_rule: bool, bilinear: bool
+             ) -> np.ndarray:
+    """The resized picture as (height, width) 4-byte pixels, in this thread's scratch memory (valid until its next
+    resize)."""
     (in_w, in_h), (out_w, out_h) = rgb.size, size
     vertical_first = vertical_first_rule and in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)
-    out_hw = kernels(_pixels(rgb), out_w, out_h, vertical_first, _scratch(scratch_pixels(in_w, in_h, out_w, out_h)))
-    return Image.frombytes("RGB", size, out_hw, "raw", "RGBX")  # a copy: the scratch is reused
+    return kernels(_pixels(rgb), out_w, out_h, vertical_first, _scratch(scratch_pixels(in_w, in_h, out_w, out_h)),
+                   bilinear)
 
 
 def scratch_pixels(in_w: int, in_h: int, out_w: int, out_h: int) -> int:
@@ -141,5 +177,6 @@ def _pixels(rgb: Image.Image) -> np.ndarray:
 
 
 def _compile():
-    from ._resample_kernels import resize  # numba: imported only by a run that uses the kernels
-    return resize
+    """The compiled (resize, pack_rgb)."""
+    from ._resample_kernels import pack_rgb, resize  # numba: imported only by a run that uses the kernels
+    return resize, pack_rgb

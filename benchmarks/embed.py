@@ -3,6 +3,8 @@
 - the model-only ceiling: the model's forward on uint8 batches already on the device (what embed could reach);
 - where today's time goes: one core's decode + resize per image, the float copy to the device, the model, and
   the commit of a chunk of FLOAT[] rows (today's path does all but decode in one thread, one after the other);
+  with it a loader worker's step per image with Pillow against the resize kernels (`atlasgen.resample`), which
+  the new path's workers get on a GPU's long runs (`loader.kernels_mode`);
 - today's path: a copy of the loop embed had before worker processes (decode threads, the model and every
   commit in the main thread, float batches copied from ordinary memory);
 - the new path: `atlasgen.stages.embed.run` (decode in worker processes into shared memory, pinned memory and
@@ -49,12 +51,12 @@ from atlasgen.model import (IMAGENET_MEAN, IMAGENET_STD, arrays_to_batch, ensure
                             load_embedding_model, resolve_device, vits16_config)
 from atlasgen.progress import bar, set_quiet  # noqa: E402
 from atlasgen.stages import embed, ingest  # noqa: E402
-from atlasgen.loader import DEFAULT_SLOTS, CorpusBatches, load_corpus_array, ring_slots  # noqa: E402
+from atlasgen.loader import DEFAULT_SLOTS, CorpusBatches, load_corpus_array, load_corpus_into, ring_slots  # noqa: E402
 from atlasgen.store import Store  # noqa: E402
 from atlasgen.testing import (PeakMemory, fresh_process_result, make_photo_folder, print_result,  # noqa: E402
                               two_size_reading, no_two_size_reading)
 from atlasgen.threads import ThreadTuner, n_cores, restore_torch_threads  # noqa: E402
-from atlasgen import workers  # noqa: E402
+from atlasgen import resample, workers  # noqa: E402
 from atlasgen.workers import resolve_n_workers  # noqa: E402
 
 GIB = 2 ** 30
@@ -180,6 +182,7 @@ def profile_today(model, corpus_paths: list[Path], batch_size: int, chunk_size: 
     t0 = time.perf_counter()
     arrays = [load_corpus_array(p, size, mode) for p in sample]
     decode_ms = (time.perf_counter() - t0) / len(sample) * 1e3
+    kernels = decode_with_kernels(sample, size, mode)
     batch = np.stack((arrays * (batch_size // len(arrays) + 1))[:batch_size])
     copy_s = _time_per_call(lambda: arrays_to_batch(batch).to(device), device, 0.5)
     on_device = arrays_to_batch(batch).to(device)
@@ -196,16 +199,40 @@ def profile_today(model, corpus_paths: list[Path], batch_size: int, chunk_size: 
             k[0] += 1
         commit_s = _time_per_call(commit, torch.device("cpu"), 0.5)
     return (f"where today's time goes, per image (batch {batch_size}, chunk {chunk_size}): decode + resize "
-            f"{decode_ms:.2f} ms on one core; float copy to {device.type} {copy_s / batch_size * 1e3:.3f} ms; "
+            f"{decode_ms:.2f} ms on one core{kernels}; float copy to {device.type} {copy_s / batch_size * 1e3:.3f} ms; "
             f"model {model_s / batch_size * 1e3:.3f} ms; commit {commit_s / chunk_size * 1e3:.3f} ms "
             f"(all but decoding in the main thread, one after the other)")
 
 
+def decode_with_kernels(paths: list[Path], size: int, mode: str, rounds: int = 3) -> str:
+    """A loader worker's step per image (decode, resize, write into the batch) with Pillow against the resize
+    kernels (`loader.kernels_mode`: a GPU's long runs), on one core: best of `rounds`, alternating; the same
+    bytes. An empty string where the kernels are unavailable."""
+    why_not = resample.prepare()
+    if why_not is not None:
+        return f" (no resize kernels: {why_not})"
+    out_hw3 = np.empty((size, size, 3), np.uint8)
+    load_corpus_into(paths[0], size, mode, out_hw3, kernels=True)  # (first calls: numba's dispatch)
+    ms: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for kernels in ms:
+            t0 = time.perf_counter()
+            for path in paths:
+                load_corpus_into(path, size, mode, out_hw3, kernels)
+            ms[kernels].append((time.perf_counter() - t0) / len(paths) * 1e3)
+    pillow_ms, kernels_ms = min(ms[False]), min(ms[True])
+    assert np.array_equal(out_hw3, load_corpus_array(paths[-1], size, mode))
+    return (f" (a loader worker's step: {pillow_ms:.2f} ms with Pillow, {kernels_ms:.2f} ms with the resize "
+            f"kernels, {pillow_ms / kernels_ms:.2f}x, best of {rounds})")
+
+
 NEW_DIRECT = "new path, workers forked directly"  # the --fork-ab contender
 NEW_SYNC = "new path, results read at once"       # the --lag-ab contender
+NEW_PILLOW = "new path, Pillow alone"             # the --kernels-ab contender
 # Variants of the new path timed in the same rounds: (--one, what the ratio line calls it).
 VARIANTS = {NEW_DIRECT: ("new-direct", "the same path with its workers forked directly"),
-            NEW_SYNC: ("new-sync", "the same path reading each batch's results before the next is launched")}
+            NEW_SYNC: ("new-sync", "the same path reading each batch's results before the next is launched"),
+            NEW_PILLOW: ("new-pillow", "the same path with its workers resizing with Pillow alone")}
 
 
 def head_start(out_dir: Path, batch_size: int, size: int, resize_mode: str, on_gpu: bool, wait_s: float,
@@ -220,8 +247,9 @@ def head_start(out_dir: Path, batch_size: int, size: int, resize_mode: str, on_g
     seconds: dict[int, list[float]] = {DEFAULT_SLOTS: [], deep: []}
     for _ in range(rounds):
         for n_slots in seconds:
+            # Pillow, as a fresh `atlasgen embed` of 8,000 images resizes (this process has the kernels loaded).
             with CorpusBatches(out_dir, items, batch_size, size, resize_mode, n_workers,
-                               stage=embed.loader_stage(on_gpu), n_slots=n_slots) as batches:
+                               stage=embed.loader_stage(on_gpu), n_slots=n_slots, kernels="off") as batches:
                 time.sleep(wait_s)
                 t0 = time.perf_counter()
                 n = sum(len(batch.image_ids) for batch in batches)
@@ -270,6 +298,9 @@ def one_run(args) -> None:
     # embed.results_lag), with the batch's copy to the GPU on the model's stream.
     if args.one == "new-sync":
         embed.results_lag = lambda device: 0
+    # "new-pillow": the loader's workers never get the resize kernels (as before loader.kernels_mode).
+    if args.one == "new-pillow":
+        embed.kernels_mode = lambda *args, **kwargs: "off"
     cfg = EmbedConfig(model=args.model, device=device.type, batch_size=args.batch_size, n_workers=args.n_workers,
                       n_threads=args.n_threads)
     print_result(run_embed(fn, cfg, Path(args.store), device))
@@ -319,11 +350,16 @@ def main() -> None:
     parser.add_argument("--lag-ab", action=argparse.BooleanOptionalAction, default=False,
                         help="also time the new path reading each batch's results before launching the next (no "
                              "side-stream copy), against embed.results_lag's one batch on a GPU (default: off)")
+    parser.add_argument("--kernels-ab", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time the new path with its loader's workers resizing with Pillow alone, against "
+                             "the resize kernels they get from a standby on a GPU's long runs (loader.kernels_mode: "
+                             "on an H200-class machine from ~13,000 images; default: off)")
     parser.add_argument("--head-start-wait", type=float, default=0.8,
                         help="seconds of model load the loader head-start check simulates (default 0.8: the H200 "
                              "machine's ~0.8 s before the model was ready)")
     # One run (a child process).
-    parser.add_argument("--one", choices=("today", "new", "new-direct", "new-sync"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=("today", "new", "new-direct", "new-sync", "new-pillow"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--n-workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -410,6 +446,8 @@ def main() -> None:
             contenders.append((NEW_DIRECT, "new-direct", batch_new, 0))
         if args.lag_ab:
             contenders.append((NEW_SYNC, "new-sync", batch_new, 0))
+        if args.kernels_ab:
+            contenders.append((NEW_PILLOW, "new-pillow", batch_new, 0))
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         small: dict[str, dict] = {}
         naive_rates: list[float] = []
@@ -432,6 +470,7 @@ def main() -> None:
                         if {"loader_started", "model_read", "model_loaded", "first_batch_ready", "first_batch_done",
                             "last_batch_done", "done"} <= set(tl) else "")
             ring = f", a ring of {r['ring_slots']} batches" if "ring_slots" in r else ""
+            ring += f", resized with {r['resized_with']}" if "resized_with" in r else ""
             print(f"  {name}, {n} images: {r['rate']:.1f} img/s ({r['wall_s']:.2f} s with model loading; batch "
                   f"{r['batch_size']}, {r['n_workers']} {'threads' if which == 'today' else 'worker processes'}"
                   f"{ring}), "

@@ -73,12 +73,14 @@ print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
 EOF
 
 # GPU_CHECK_PARTS picks parts (default all): render (the render benchmark), ingest (ingest and embed
-# benchmarks), build (the short build). GPU_CHECK_BENCH_ARGS replaces the render benchmark's arguments (e.g.
-# "--variants none --baseline-json docs/gpu/<earlier run>.json" for a short confirmation of new defaults);
+# benchmarks), scale (embed at 50,000 images, not in the default), build (the short build).
+# GPU_CHECK_BENCH_ARGS replaces the render benchmark's arguments (e.g. "--variants none --baseline-json
+# docs/gpu/<earlier run>.json" for a short confirmation of new defaults);
 # GPU_CHECK_BENCH_IMAGES sets the ingest and embed benchmarks' corpus size (default 8000, the issue's size). For
 # issue 15 alone: GPU_CHECK_PARTS=ingest bash benchmarks/gpu_check.sh (~270 s on an H200 machine before the
 # A/B contenders and the first-calls run were added: ~450 s expected now), with
-# GPU_CHECK_SCALE_IMAGES=50000 for the new paths at ImageNet val's size too (~+230 s there).
+# GPU_CHECK_SCALE_IMAGES=50000 for the new paths at ImageNet val's size too (~+230 s there; over one device
+# call's 600 s: run GPU_CHECK_PARTS=scale, embed alone at that size, as a second call).
 PARTS=${GPU_CHECK_PARTS:-render,ingest,build}
 if [[ ",$PARTS," == *",render,"* ]]; then
 section "3. render benchmark (timeout ${BENCH_TIMEOUT} s)"
@@ -120,10 +122,19 @@ echo "loader exit benchmark exit code $?"
 if [ -n "${GPU_CHECK_SCALE_IMAGES:-}" ] && [ "$SMOKE" != 1 ]; then
 timeout --signal=INT --kill-after=10 180 $PY benchmarks/ingest.py --new-only --n-images "$GPU_CHECK_SCALE_IMAGES"
 echo "ingest scale check exit code $?"
-timeout --signal=INT --kill-after=10 180 $PY benchmarks/embed.py --new-only --device "$DEVICE" \
-    --n-images "$GPU_CHECK_SCALE_IMAGES"
-echo "embed scale check exit code $?"
 fi
+fi
+
+# GPU_CHECK_PARTS=scale: embed alone at ImageNet val's size (GPU_CHECK_SCALE_IMAGES, default 50000), where its
+# loader's workers bound it: as it is (they get the resize kernels from a standby, loader.kernels_mode) and with
+# Pillow alone (--kernels-ab), each path at N and N/4 (~130 s on an H200 machine, ~30 s of it the corpus).
+if [[ ",$PARTS," == *",scale,"* ]] || { [[ ",$PARTS," == *",ingest,"* ]] && [ -n "${GPU_CHECK_SCALE_IMAGES:-}" ]; }; then
+N_SCALE=${GPU_CHECK_SCALE_IMAGES:-50000} SCALE_LIMIT_S=200
+[ "$SMOKE" = 1 ] && N_SCALE=64
+section "3c. embed at $N_SCALE images (timeout $SCALE_LIMIT_S s)"
+timeout --signal=INT --kill-after=10 $SCALE_LIMIT_S $PY benchmarks/embed.py --new-only --device "$DEVICE" \
+    --n-images "$N_SCALE" --kernels-ab
+echo "embed scale check exit code $?"
 fi
 
 if [[ ",$PARTS," == *",build,"* ]]; then

@@ -14,8 +14,8 @@ from PIL import Image
 from atlasgen import threads
 from atlasgen.stages import embed
 from atlasgen.config import load_config
-from atlasgen.loader import (DEFAULT_SLOTS, HEAD_START_PER_WORKER, RING_MAX_BYTES, CorpusBatches, load_corpus_array,
-                             ring_slots)
+from atlasgen.loader import (DEFAULT_SLOTS, HEAD_START_PER_WORKER, RING_MAX_BYTES, STANDBY_AFTER_RINGS, CorpusBatches,
+                             kernels_mode, load_corpus_array, ring_slots)
 from atlasgen.model import EmbeddingModel, arrays_to_batch, load_embedding_model, pil_to_array, resize_tensor
 from atlasgen.pipeline import run_stages
 from atlasgen.progress import set_quiet
@@ -255,15 +255,30 @@ def test_the_ring_gives_a_gpu_a_head_start_within_its_memory_bound():
 
 
 def test_embed_sizes_its_ring_by_the_device(ingested, tmp_path, monkeypatch):
-    """The stage asks `ring_slots` with head_start only on a GPU and maps what it answers (at most the batches)."""
-    asked = []
+    """The stage asks `ring_slots` and `kernels_mode` with head_start only on a GPU and maps what they answer (at
+    most the batches), and says how its workers resized."""
+    asked, asked_kernels = [], []
     monkeypatch.setattr(embed, "ring_slots", lambda *a, **k: (asked.append((a, k)), 5)[1])
+    monkeypatch.setattr(embed, "kernels_mode", lambda *a, **k: (asked_kernels.append((a, k)), "off")[1])
     out = _copy(ingested, tmp_path / "b")
     with Store.open(out) as store:
         summary = run_stages(_cfg(precision="fp32", n_threads=1, n_workers=2), store, ["embed"])["embed"]
         n_batches = -(-store.count("embeddings") // summary["batch_size"])
     assert asked == [((2, 4, 112), {"head_start": False})]
-    assert n_batches > 5 and summary["ring_slots"] == 5
+    assert asked_kernels == [((N_IMAGES, 4, 5), {"head_start": False})]
+    assert n_batches > 5 and summary["ring_slots"] == 5 and summary["resized_with"] == "Pillow"
+
+
+def test_a_gpus_long_runs_load_the_resize_kernels_in_a_standby():
+    """Decoding bounds a GPU's run once the corpus outgrows the ring it fills while the model loads: from
+    STANDBY_AFTER_RINGS rings on, the workers get the kernels from a standby; a CPU (the model bounds it) and short
+    runs keep what the workers inherit."""
+    ring = 13 * 512
+    assert kernels_mode(50_000, 512, 13, head_start=True) == "standby"
+    assert kernels_mode(STANDBY_AFTER_RINGS * ring + 1, 512, 13, head_start=True) == "standby"
+    assert kernels_mode(STANDBY_AFTER_RINGS * ring, 512, 13, head_start=True) == "ready"
+    assert kernels_mode(8_000, 512, 13, head_start=True) == "ready", "the issue's 8,000 images: no standby"
+    assert kernels_mode(1_000_000, 32, 3, head_start=False) == "ready"
 
 
 def test_loader_starts_while_the_model_loads_and_a_wrong_peek_is_harmless(ingested, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
-"""atlasgen.resample: the numba kernels give Pillow's BICUBIC resize byte for byte; ingest loads them while its
-workers start with Pillow and swaps them in, with the same corpus bytes, and falls back to Pillow when they are
-unavailable or disagree."""
+"""atlasgen.resample: the numba kernels give Pillow's BICUBIC resize byte for byte, and its BILINEAR one into
+embed's batches; ingest loads them while its workers start with Pillow and swaps them in, with the same corpus
+bytes, and falls back to Pillow when they are unavailable or disagree; embed's loader gets them from a standby
+supervisor, with the same batches."""
 from __future__ import annotations
 
 import io
@@ -13,14 +14,23 @@ from PIL import Image
 
 from atlasgen import resample, workers
 from atlasgen.config import load_config
+from atlasgen.loader import CorpusBatches, load_corpus_array, load_corpus_into
+from atlasgen.model import resize_plan
 from atlasgen.pipeline import run_stages
 from atlasgen.progress import set_quiet
 from atlasgen.store import Store
 
 
-def _black_kernels(src_px, out_w, out_h, vertical_first, scratch):
+def _black_kernels(src_px, out_w, out_h, vertical_first, scratch, bilinear):
     """Kernels that disagree with Pillow: every picture black."""
     return np.zeros((out_h, out_w), np.uint32)
+
+
+def _pack_rgb(src, out):
+    """The kernels' 4-byte → 3-byte copy, in numpy (for stand-in kernels)."""
+    out[...] = src.view(np.uint8).reshape(*src.shape, 4)[..., :3] if src.flags.c_contiguous else \
+        np.ascontiguousarray(src).view(np.uint8).reshape(*src.shape, 4)[..., :3]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +69,30 @@ def test_bicubic_matches_pillow_byte_for_byte(kernels_ready):
         n_checked += 1
         n_vertical_first += in_h - out_h > 2 * max(0, in_w - out_w) and in_h > out_h
     assert n_checked > 120 and n_vertical_first > 20
+
+
+def test_bilinear_into_matches_pillow_byte_for_byte(kernels_ready):
+    """Embed's preprocessing (`pil_to_array`: BILINEAR with reducing_gap=3.0, a centre crop in "center" mode), as the
+    kernels write it into a batch's slot: the same bytes for every size where no reduce step comes first."""
+    rng = np.random.default_rng(4)
+    n_checked = n_cropped = 0
+    for (in_h, in_w), (out_h, out_w) in _random_sizes(rng, 120):
+        src_hwc = rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+        if n_checked % 2:
+            src_hwc = np.cumsum(src_hwc, axis=0, dtype=np.uint32).astype(np.uint8)
+        picture = Image.fromarray(src_hwc)
+        side = max(1, min(out_h, out_w))
+        for mode in ("resize", "center"):
+            size, box = resize_plan(in_w, in_h, side, mode)
+            if not resample.applies(in_w, in_h, *size):
+                continue
+            want = np.asarray(picture.resize(size, Image.BILINEAR, reducing_gap=3.0).crop(box))
+            slot = np.full((side, side, 3), 7, np.uint8)
+            assert resample.bilinear_into(picture, size, box, slot) is slot
+            assert np.array_equal(slot, want), f"{in_w}×{in_h} → {size}, {box}"
+            n_checked += 1
+            n_cropped += box != (0, 0, *size)
+    assert n_checked > 120 and n_cropped > 40
 
 
 def test_the_transpose_tiles_and_their_ragged_edges(kernels_ready):
@@ -141,9 +175,18 @@ def test_prepare_reports_why_the_kernels_are_off(monkeypatch):
 
     monkeypatch.setattr(resample, "_compile", no_numba)
     assert resample.prepare() == "numba kernels unavailable: No module named 'numba'"
-    monkeypatch.setattr(resample, "_compile", lambda: _black_kernels)
+    monkeypatch.setattr(resample, "_compile", lambda: (_black_kernels, _pack_rgb))
     assert resample.prepare() == "numba kernels differ from this Pillow's resize"
     assert resample._kernels is None
+    # Right for ingest's bicubic, wrong for embed's bilinear (the bicubic filter for both): off all the same.
+    from atlasgen import _resample_kernels
+    real_resize = _resample_kernels.resize
+    monkeypatch.setattr(resample, "_compile", lambda: (
+        lambda src, out_w, out_h, vertical_first, scratch, bilinear:
+            real_resize(src, out_w, out_h, vertical_first, scratch, False), _pack_rgb))
+    assert resample.prepare() == "numba kernels differ from this Pillow's resize"
+    monkeypatch.setattr(resample, "_compile", lambda: (real_resize, _pack_rgb))
+    assert resample.prepare() is None, "the stand-in copy is right: the check above failed on the filter"
 
 
 def _big_photo_folder(folder: Path) -> Path:
@@ -232,7 +275,72 @@ def test_ingest_falls_back_to_pillow_when_the_kernels_disagree(tmp_path, monkeyp
     pillow_copies = _pillow_copies(tmp_path / "pillow", folder, monkeypatch)
     monkeypatch.setattr(resample, "worth_loading", lambda n_images, n_workers: True)
     monkeypatch.setattr(resample, "_kernels", None)
-    monkeypatch.setattr(resample, "_compile", lambda: _black_kernels)
+    monkeypatch.setattr(resample, "_compile", lambda: (_black_kernels, _pack_rgb))
     summary, copies = _ingest_copies(tmp_path / "fallback", folder)
     assert summary["fast_resize"] is False and "kernels_ready" in summary["timeline_s"]
     assert copies == pillow_copies
+
+
+@pytest.mark.parametrize("mode", ["resize", "center"])
+def test_embeds_loader_with_the_kernels_writes_pillows_bytes(tmp_path, kernels_ready, mode):
+    """`load_corpus_into` with the kernels: what `load_corpus_array` (Pillow) gives, for corpus copies of both
+    orientations, a grey one, and one over 6× the model's size (Pillow's reduce step: Pillow does it)."""
+    rng = np.random.default_rng(5)
+    pictures = {"wide.jpg": rng.integers(0, 256, (256, 341, 3), dtype=np.uint8),
+                "tall.jpg": rng.integers(0, 256, (341, 256, 3), dtype=np.uint8),
+                "huge.jpg": rng.integers(0, 256, (700, 720, 3), dtype=np.uint8)}
+    for name, pixels in pictures.items():
+        Image.fromarray(pixels).save(tmp_path / name, quality=90)
+    Image.fromarray(pictures["wide.jpg"][..., 0]).save(tmp_path / "grey.jpg")
+    for name in [*pictures, "grey.jpg"]:
+        want = load_corpus_array(tmp_path / name, 112, mode)
+        slot = np.zeros_like(want)
+        load_corpus_into(tmp_path / name, 112, mode, slot, kernels=True)
+        assert np.array_equal(slot, want), name
+
+
+def test_embeds_loader_hands_the_batches_to_a_standby_that_loaded_the_kernels(tmp_path, kernels_ready,
+                                                                                monkeypatch):
+    """kernels="standby": the workers start with Pillow; a standby supervisor loads the kernels and its workers
+    decode the batches submitted after that, with the same bytes; "off" never uses them, and "ready" uses them
+    from the first batch where this process has them. Here the kernels are compiled and cached already (the
+    fixture), so the standby loads them in about a second; the consumer waits for it."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rng = np.random.default_rng(6)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (256, 341, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=90)
+    items = [(i, f"corpus/{i % 12}.jpg") for i in range(120)]
+
+    def collect(kernels: str) -> tuple[np.ndarray, str]:
+        with CorpusBatches(tmp_path, items, 4, 112, "center", n_workers=2, kernels=kernels) as batches:
+            arrays = []
+            for batch in batches:
+                arrays.append(np.array(batch.arrays_bhw3))
+                if len(arrays) == 1 and batches._standing_by:  # wait for the standby's answer (one poll of its pipe)
+                    assert batches._pool._standby[2].poll(60)
+            return np.concatenate(arrays), batches.resized_with
+
+    pillow, resized_with = collect("off")
+    assert resized_with == "Pillow"
+    monkeypatch.setattr(resample, "_kernels", None)  # as in a fresh process
+    standby, resized_with = collect("standby")
+    assert resized_with.startswith("kernels from batch "), resized_with
+    first_fast = int(resized_with.rsplit(" ", 1)[1])
+    assert 0 < first_fast < 8, "adopted as soon as it was ready"
+    assert np.array_equal(standby, pillow)
+    # The standby's workers did call the kernels, from that batch on and not before: a stand-in that paints
+    # black (the workers inherit it from this process) shows where.
+    monkeypatch.setattr(resample, "bilinear_into", lambda rgb, size, box, out_hw3: out_hw3.fill(0))
+    stand_in, resized_with = collect("standby")
+    first_black = int(resized_with.rsplit(" ", 1)[1])
+    per_image_max = stand_in.reshape(len(items), -1).max(1)
+    assert (per_image_max[:4 * first_black] > 0).all() and (per_image_max[4 * first_black:] == 0).all()
+    monkeypatch.setattr(resample, "_kernels", None)
+    monkeypatch.setattr(resample, "prepare", lambda: "no kernels here")
+    _, resized_with = collect("standby")
+    assert resized_with == "Pillow (no kernels here)"
+    monkeypatch.undo()
+    assert resample.ready()
+    ready, resized_with = collect("ready")
+    assert resized_with == "kernels" and np.array_equal(ready, pillow)

@@ -30,7 +30,7 @@ import torch
 from ..config import EmbedConfig
 from ..errors import StageInputError
 from ..executor import PackedModel, resolve_precision
-from ..loader import CorpusBatches, load_corpus_array, ring_slots
+from ..loader import CorpusBatches, kernels_mode, load_corpus_array, ring_slots
 from ..model import (EmbeddingModel, PreprocessSpec, load_embedding_model, peek_model_skeleton, peek_preprocess_spec,
                      resolve_device, resolve_dtype)
 from ..progress import bar, say
@@ -315,8 +315,10 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
     def loader(spec: PreprocessSpec) -> CorpusBatches:
         # On a GPU the ring is deep enough for the workers to decode through the model's load (ring_slots).
         n_slots = ring_slots(n_workers, batch_size, spec.image_size, head_start=on_gpu)
+        # On a GPU's long runs, which decoding bounds, the workers get the resize kernels mid-run.
+        kernels = kernels_mode(len(todo), batch_size, n_slots, head_start=on_gpu)
         batches = CorpusBatches(store.paths.out_dir, todo, batch_size, spec.image_size, spec.resize_mode,
-                                n_workers, stage=loader_stage(on_gpu), n_slots=n_slots).start()
+                                n_workers, stage=loader_stage(on_gpu), n_slots=n_slots, kernels=kernels).start()
         timeline_s.pop("loader_started", None)  # a restart at the model's size counts; keys in event order
         timeline_s["loader_started"] = time.perf_counter() - t0
         return batches
@@ -388,7 +390,7 @@ def _run_local(cfg: EmbedConfig, store: Store, todo: list[tuple[int, str]], n_to
             "n_skipped": len(skipped), "dim": model.dim, "dtype": str(model.dtype).replace("torch.", ""),
             "images_per_s": round(n_embedded / seconds, 1) if seconds > 0 else None,
             "n_threads": tuner.mostly_used, "batch_size": batch_size,
-            "n_workers": n_workers, "ring_slots": batches.n_slots,
+            "n_workers": n_workers, "ring_slots": batches.n_slots, "resized_with": batches.resized_with,
             "timeline_s": {k: round(v, 3) for k, v in {**timeline_s, "done": seconds}.items()}}
 
 
