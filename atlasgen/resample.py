@@ -60,8 +60,9 @@ def ready() -> bool:
 
 
 def prepare() -> str | None:
-    """Compile (or load) the kernels in this process and check them against the installed Pillow. Returns None
-    when `bicubic` is ready, else why not (no numba, no place to cache, a Pillow that resamples differently)."""
+    """Compile (or load) the kernels in this process and check them against the installed Pillow (bicubic
+    resizes, bilinear resizes and crops). Returns None when `bicubic` and `bilinear_into` are ready, else why not
+    (no numba, no place to cache, a Pillow that resamples differently)."""
     global _kernels, _pack_rgb, _vertical_first_rule
     if _kernels is not None:
         return None

@@ -324,8 +324,7 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
     # raises.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if prepare is not None:
-        # The owner asks only between its tasks, so the workers are forked first and the answer sent after:
-        # once adopted, they are there.
+        # Ready is answered only once the workers are forked (below), so adopted tasks never wait for a fork.
         try:
             why_not = prepare()
         except Exception as e:  # prepare() should not raise; if it does, the owner keeps its workers
