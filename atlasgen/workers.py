@@ -106,21 +106,19 @@ class WorkerPool:
         supervisor (which forks them)."""
         tasks = self._ctx.Queue()
         if self.supervised:
-            procs = [self._ctx.Process(target=_supervise, args=(fn, tasks, self._results, os.getpid(), self.n_workers,
-                                                                self.name),
-                                       name=f"atlasgen-{self.name}-supervisor", daemon=True)]
+            procs = [self._supervisor(fn, tasks, "supervisor")]
         else:
             procs = _worker_processes(self._ctx, fn, tasks, self._results, self.n_workers, self.name)
-        # Objects alive at the fork stay out of the children's garbage collector: a child that collects an
-        # inherited object another thread of this process was using (a Playwright greenlet, a DuckDB or
-        # torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open).
-        gc.freeze()
-        try:
-            for proc in procs:
-                proc.start()
-        finally:
-            gc.unfreeze()
+        _start(procs)
         return tasks, procs
+
+    def _supervisor(self, fn: Callable[[Any], Any], tasks, role: str, prepare: Callable[[], str | None] | None = None,
+                    answer=None):
+        """A supervisor process of this pool (not started yet) that forks `n_workers` workers running `fn` on
+        `tasks` (`_supervise`)."""
+        return self._ctx.Process(target=_supervise, args=(fn, tasks, self._results, os.getpid(), self.n_workers,
+                                                          self.name, prepare, answer),
+                                 name=f"atlasgen-{self.name}-{role}", daemon=True)
 
     def swap(self, fn: Callable[[Any], Any]) -> None:
         """Run the tasks submitted from now on with `fn`, in workers forked now, so they inherit what this process
@@ -143,14 +141,8 @@ class WorkerPool:
             return False
         tasks = self._ctx.Queue()
         answer_r, answer_w = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_supervise, args=(self.fn, tasks, self._results, os.getpid(), self.n_workers,
-                                                          self.name, prepare, answer_w),
-                                 name=f"atlasgen-{self.name}-standby", daemon=True)
-        gc.freeze()  # as in _fork
-        try:
-            proc.start()
-        finally:
-            gc.unfreeze()
+        proc = self._supervisor(self.fn, tasks, "standby", prepare, answer_w)
+        _start([proc])
         answer_w.close()  # the standby's copy is the one that writes
         self._standby = (tasks, proc, answer_r)
         return True
@@ -336,7 +328,7 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
     mp.current_process().daemon = False
     ctx = mp.get_context("fork")
     procs = _worker_processes(ctx, fn, tasks, results, n_workers, name, die_with_parent=True)
-    gc.freeze()  # as the owner does before forking (see WorkerPool._fork)
+    gc.freeze()  # as the owner does before forking (see _start); kept: this process only waits from now on
     for proc in procs:
         proc.start()
     if answer is not None:
@@ -368,6 +360,18 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
                 proc.terminate()
         for proc in procs:
             proc.join(timeout=5)
+
+
+def _start(procs: list) -> None:
+    """Start (fork) `procs`. Objects alive at the fork stay out of the children's garbage collector: a child that
+    collects an inherited object another thread of this process was using (a Playwright greenlet, a DuckDB or
+    torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open)."""
+    gc.freeze()
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        gc.unfreeze()
 
 
 def _worker_processes(ctx, fn: Callable, tasks, results, n_workers: int, name: str, die_with_parent: bool = False
