@@ -223,15 +223,22 @@ class CorpusBatches:
         return self._slot_batches() if self._stager is None else self._stager.batches()
 
     def _submit(self, b: int) -> None:
-        if self._standing_by and b:  # (batch 0 never waits: the standby has only just been forked)
-            if self._pool.adopt_standby():
-                self.resized_with, self._standing_by = f"kernels from batch {b}", False
-            elif self._pool.standby_why_not is not None:
-                self.resized_with, self._standing_by = f"Pillow ({self._pool.standby_why_not})", False
+        if b:  # (batch 0 never waits: the standby has only just been forked)
+            self._check_standby(b)
         slot = b % len(self._slots)
         batch = self.batches[b]
         for offset in range(0, len(batch), self.unit_size):
             self._pool.submit((b, offset), (slot, offset, batch[offset:offset + self.unit_size]))
+
+    def _check_standby(self, b: int) -> None:
+        """While a standby is pending: hand it batch `b` and those after if it is ready (never waits), or record
+        why it will not be (it failed, or the batches ran out first)."""
+        if not self._standing_by:
+            return
+        if self._pool.adopt_standby():
+            self.resized_with, self._standing_by = f"kernels from batch {b}", False
+        elif self._pool.standby_why_not is not None:
+            self.resized_with, self._standing_by = f"Pillow ({self._pool.standby_why_not})", False
 
     def _slot_batches(self) -> Iterator[Batch]:
         """Batches as views of the shared slots; batch b's slot is refilled (with batch b + n_slots) only
@@ -247,8 +254,7 @@ class CorpusBatches:
                     failed[offset + i] = reason
             if b == len(self.batches) - 1:
                 self._pool.finish()  # the workers' exit overlaps the consumer's last batches (WorkerPool.finish)
-                if self._standing_by:
-                    self.resized_with, self._standing_by = f"Pillow ({self._pool.standby_why_not})", False
+                self._check_standby(b + 1)  # a standby still pending was given up: says why
             arrays = self._slots[b % n_slots, :len(batch)]
             ids = np.fromiter((image_id for image_id, _ in batch), np.int64, len(batch))
             skipped = []
