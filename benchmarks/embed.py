@@ -207,7 +207,7 @@ def profile_today(model, corpus_paths: list[Path], batch_size: int, chunk_size: 
 def decode_with_kernels(paths: list[Path], size: int, mode: str, rounds: int = 3) -> str:
     """A loader worker's step per image (decode, resize, write into the batch) with Pillow against the resize
     kernels (`loader.kernels_mode`: a GPU's long runs), on one core: best of `rounds`, alternating; the same
-    bytes. An empty string where the kernels are unavailable."""
+    bytes. Where the kernels are unavailable, why not."""
     why_not = resample.prepare()
     if why_not is not None:
         return f" (no resize kernels: {why_not})"
@@ -358,7 +358,7 @@ def main() -> None:
                         help="seconds of model load the loader head-start check simulates (default 0.8: the H200 "
                              "machine's ~0.8 s before the model was ready)")
     # One run (a child process).
-    parser.add_argument("--one", choices=("today", "new", "new-direct", "new-sync", "new-pillow"),
+    parser.add_argument("--one", choices=("today", "new", *(one for one, _ in VARIANTS.values())),
                         help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -442,12 +442,9 @@ def main() -> None:
         contenders = [("today's path", "today", batch_today, 2), ("new path", "new", batch_new, 0)]
         if args.new_only:
             contenders = contenders[1:]
-        if fork_ab:
-            contenders.append((NEW_DIRECT, "new-direct", batch_new, 0))
-        if args.lag_ab:
-            contenders.append((NEW_SYNC, "new-sync", batch_new, 0))
-        if args.kernels_ab:
-            contenders.append((NEW_PILLOW, "new-pillow", batch_new, 0))
+        for variant, wanted in ((NEW_DIRECT, fork_ab), (NEW_SYNC, args.lag_ab), (NEW_PILLOW, args.kernels_ab)):
+            if wanted:
+                contenders.append((variant, VARIANTS[variant][0], batch_new, 0))
         results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
         small: dict[str, dict] = {}
         naive_rates: list[float] = []
