@@ -328,6 +328,8 @@ def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store 
     from .query import check_format, format_rows, run_query
     from .errors import StoreLockedError
     check_format(fmt)
+    if limit < 0:
+        raise AtlasError(f"--limit {limit} is negative", "--limit N prints at most N rows; --limit 0 prints all")
     try:
         result = run_query(out, sql, limit)
     except StoreLockedError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,12 @@ READ_ONLY_HINT = ("atlasgen query runs SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, 
 _READ_TYPES = {"SELECT", "RELATION", "CALL", "EXPLAIN", "PRAGMA"}
 # Statement types that would write to the store (refused as such: "the store is read-only").
 _WRITE_TYPES = {"INSERT", "UPDATE", "DELETE", "CREATE", "CREATE_FUNC", "DROP", "ALTER", "VACUUM", "ANALYZE",
-                "MERGE_INTO", "LOGICAL_PLAN", "MULTI"}
+                "MERGE_INTO", "LOGICAL_PLAN"}
+# DuckDB parses a PIVOT without an IN list as MULTI (it first reads the distinct values, then pivots): a read
+# when it starts like one. A MULTI that writes starts with CREATE and is refused as such.
+_MULTI_READ_WORDS = {"PIVOT", "UNPIVOT", "SELECT", "FROM", "WITH"}
+# A write inside a CTE (`WITH x AS (INSERT ... RETURNING *) SELECT ...`), which DuckDB types as SELECT.
+_CTE_WRITE = re.compile(r"\bAS\s*(?:NOT\s+)?(?:MATERIALIZED\s*)?\(\s*(INSERT|UPDATE|DELETE|MERGE)\b", re.I)
 # PRAGMAs that only show things; every other PRAGMA changes a setting (or imports a database).
 _INFO_PRAGMAS = {"show_tables", "show_tables_expanded", "table_info", "show", "storage_info", "database_size",
                  "database_list", "version", "platform", "functions", "collations", "metadata_info",
@@ -74,6 +80,11 @@ def _strip_comments(text: str) -> str:
     return re.sub(r"--[^\n]*", " ", text)
 
 
+def _strip_quoted(text: str) -> str:
+    """`text` without comments, string literals and quoted names (so a keyword inside them is not seen)."""
+    return re.sub(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"", "''", _strip_comments(text))
+
+
 def _words(text: str, n: int = 3) -> list[str]:
     return re.findall(r"[A-Za-z_]+", _strip_comments(text))[:n]
 
@@ -107,6 +118,14 @@ def refusal(text: str, type_name: str) -> AtlasError | None:
             (words[0] if words else type_name)
         return AtlasError(f"refused: {name}: the store is read-only here",
                           "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
+    cte_write = _CTE_WRITE.search(_strip_quoted(text))
+    if cte_write:
+        return AtlasError(f"refused: {cte_write.group(1).upper()} inside WITH: the store is read-only here",
+                          "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
+    if type_name == "MULTI":
+        if words[:1] and words[0] in _MULTI_READ_WORDS:
+            return None
+        return AtlasError(f"refused: {' '.join(words[:2]) or type_name}: not a read-only query", READ_ONLY_HINT)
     if re.search(r"\b(force_)?checkpoint\s*\(", _strip_comments(text), flags=re.I):
         return AtlasError("refused: checkpoint(): the store is read-only here",
                           "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
@@ -171,8 +190,8 @@ def syntax_error(e: Exception) -> AtlasError:
     return AtlasError(message, hint)
 
 
-def explain_error(e: duckdb.Error, store) -> AtlasError:
-    """A DuckDB error from running a checked query → one line and the hint that matches it."""
+def explain_error(e: duckdb.Error, store, sql: str = "") -> AtlasError:
+    """A DuckDB error from running a checked query (`sql`) → one line and the hint that matches it."""
     from .store import classify_store_error
     damaged = classify_store_error(e, store.paths.store_path)  # a corrupt block shows only when it is read
     if damaged is not None:
@@ -191,8 +210,9 @@ def explain_error(e: duckdb.Error, store) -> AtlasError:
         m = re.search(r'option "([^"]+)"', text)
         return AtlasError(f"refused: changing the setting {m.group(1) if m else ''}".rstrip() +
                           ": atlasgen query changes no settings", READ_ONLY_HINT)
-    if "read-only mode" in text:
-        return AtlasError(f"refused: {first}", "the store is read-only here; query it with SELECT")
+    if "read-only mode" in text:  # a write the check above did not see; the connection refused it
+        return AtlasError("refused: the query writes: the store is read-only here",
+                          "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
     tables = store.table_names()
     m = re.search(r"Table with name (\S+) does not exist", text)
     if isinstance(e, duckdb.CatalogException) and m and re.search(r"[./\\:*]", m.group(1)):
@@ -203,10 +223,13 @@ def explain_error(e: duckdb.Error, store) -> AtlasError:
         guess = re.search(r'Did you mean "([^"]+)"', text)
         return AtlasError(f"query failed: {first}", (f"did you mean {guess.group(1)}? " if guess else "")
                           + f"the store's tables: {', '.join(tables)}")
-    m = re.search(r'column "?([^"\s]+)"? not found', text, flags=re.I)
+    m = re.search(r'column "?([^"\s]+)"? not found|does not have a column named', text, flags=re.I)
     if isinstance(e, duckdb.BinderException) and m:
         hint = "DESCRIBE a table to see its columns, e.g. atlasgen query \"DESCRIBE features\""
-        named = [t for t in tables if re.search(rf"\b{re.escape(t)}\b", text)]
+        # The tables the error names, else those the query names (`FROM features f` ... `f.labl`: the error
+        # names only the alias).
+        named = [t for t in tables if re.search(rf"\b{re.escape(t)}\b", text)] or \
+            [t for t in tables if re.search(rf"\b{re.escape(t)}\b", _strip_quoted(sql), flags=re.I)]
         return AtlasError(f"query failed: {first}", hint if not named else
                           "; ".join(f"{t}: {', '.join(c for c, _ in store.table_columns(t))}" for t in named[:2]))
     if isinstance(e, duckdb.CatalogException) and "Function with name" in text:
@@ -236,23 +259,46 @@ def run_query(out_dir: Path, sql: str, limit: int) -> QueryResult | None:
                 return QueryResult(columns, rows[:limit], len(rows) > limit)
             return QueryResult(columns, cursor.fetchall(), False)
         except duckdb.Error as e:
-            raise explain_error(e, store) from None
+            raise explain_error(e, store, sql) from None
 
 
 # --- printing ------------------------------------------------------------------------------------
+def _json_value(v):
+    """A value JSON can hold: a float that is not finite becomes null (JSON has no NaN or Infinity), in lists
+    and structs too."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    return v
+
+
+def _sql_text(v) -> str:
+    """A value as SQL shows it: NULL, true/false."""
+    if v is None:
+        return "NULL"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
 def format_rows(result: QueryResult, fmt: str) -> str:
     columns, rows = result.columns, result.rows
     if fmt == "json":
-        return json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1)
-    if fmt == "csv":
+        return json.dumps([{c: _json_value(v) for c, v in zip(columns, r)} for r in rows], default=str, indent=1,
+                          allow_nan=False)
+    if fmt == "csv":  # NULL is an empty field, as DuckDB's own CSV writes it
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows(rows)
+        writer.writerows([["" if v is None else _sql_text(v) if isinstance(v, bool) else v for v in r]
+                          for r in rows])
         return buffer.getvalue().rstrip("\n")
     if fmt == "markdown":
         def md(v) -> str:
-            text = "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+            text = "" if v is None else (f"{v:.6g}" if isinstance(v, float) else _sql_text(v))
             return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
         lines = ["| " + " | ".join(md(c) for c in columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(md(v) for v in r) + " |" for r in rows]
@@ -262,7 +308,7 @@ def format_rows(result: QueryResult, fmt: str) -> str:
     def cell(v) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
-        text = str(v)
+        text = " ".join(_sql_text(v).splitlines())  # one line per row, as markdown has it
         return text if len(text) <= 60 else text[:57] + "..."
     cells = [[cell(v) for v in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]

@@ -103,6 +103,10 @@ REFUSED = [
     ("PREPARE p AS SELECT 1", "PREPARE"),
     ("EXPLAIN COPY features TO 'leak.csv'", "COPY"),
     ("WITH x AS (SELECT 1) INSERT INTO features (feature_id) SELECT * FROM x", "INSERT"),
+    # DuckDB types these as SELECT: the write is in a CTE.
+    ("WITH x AS (INSERT INTO images (image_id, source) VALUES (9, 'x') RETURNING *) SELECT * FROM x", "INSERT"),
+    ("SELECT 42; WITH x AS MATERIALIZED ( DELETE FROM images RETURNING * ) SELECT * FROM x", "DELETE"),
+    ("CREATE TABLE p AS PIVOT images ON label USING count(*)", "CREATE"),
     ("SELECT 1; COPY features TO 'leak.csv'", "COPY"),
     # Reads of files, URLs and globs inside a SELECT: refused by DuckDB itself (external access is off).
     ("SELECT * FROM read_text('secret.txt')", "secret.txt"),
@@ -154,10 +158,11 @@ def test_missing_table_lists_tables_and_missing_column_lists_columns(sandbox):
     hint = result.output.strip().splitlines()[-1]
     assert hint.startswith("hint: did you mean features? the store's tables:"), hint
     assert "features" in hint and "activations" in hint
-    result = query(out, "SELECT lable FROM features")
-    assert result.exit_code == 2
-    hint = result.output.strip().splitlines()[-1]
-    assert "features:" in hint and "label_purity" in hint
+    for sql in ("SELECT lable FROM features", "SELECT f.lable FROM features f"):
+        result = query(out, sql)
+        assert result.exit_code == 2
+        hint = result.output.strip().splitlines()[-1]
+        assert "features:" in hint and "label_purity" in hint, (sql, hint)
 
 
 @pytest.mark.parametrize("sql", ["", "   ", "-- just a comment", "/* nothing */ -- here\n"])
@@ -190,12 +195,39 @@ def test_reads_work_in_every_format(sandbox):
     assert result.exit_code == 2 and "markdown" in result.output
 
 
+def test_values_print_as_sql_and_json_stays_json(sandbox):
+    """NULL and booleans as SQL writes them, one line per row in a table, and JSON without NaN or Infinity
+    (which JSON does not have: they are null), in arrays too."""
+    out, *_ = sandbox
+    sql = ("SELECT NULL AS n, true AS t, 'line1' || chr(10) || 'line2' AS s, 1/0 AS inf, 'nan'::DOUBLE AS nan, "
+           "[1.5, 'inf'::DOUBLE] AS xs")
+    table = query(out, sql).stdout.strip().splitlines()
+    assert len(table) == 3 and table[2].split()[:4] == ["NULL", "true", "line1", "line2"], table
+    data = json.loads(query(out, sql, "--format", "json").stdout, parse_constant=lambda c: pytest.fail(c))
+    assert data == [{"n": None, "t": True, "s": "line1\nline2", "inf": None, "nan": None, "xs": [1.5, None]}]
+    rows = list(csv.reader(io.StringIO(query(out, sql, "--format", "csv").stdout)))
+    assert rows[1][:2] == ["", "true"]
+    markdown = query(out, sql, "--format", "markdown").stdout.strip().splitlines()
+    assert markdown[2].startswith("|  | true | line1 line2 |"), markdown
+
+
+def test_negative_limit_is_a_clear_error(sandbox):
+    out, *_ = sandbox
+    result = query(out, "SELECT * FROM range(5)", "--limit", "-1")
+    assert result.exit_code == 2 and result.output.startswith("error: --limit -1 is negative"), result.output
+
+
 def test_read_only_statements_run(sandbox):
     out, *_ = sandbox
     for sql, expected in (("DESCRIBE features", "label_purity"), ("SHOW TABLES", "coactivation"),
                           ("SUMMARIZE images", "label"), ("PRAGMA table_info('images')", "corpus_path"),
                           ("EXPLAIN SELECT * FROM images", "physical_plan"),
                           ("FROM images SELECT count(*) AS n", "3"),
-                          ("SELECT 1 AS a; SELECT label FROM images WHERE image_id = 2", "dog")):
+                          ("SELECT 1 AS a; SELECT label FROM images WHERE image_id = 2", "dog"),
+                          # A PIVOT without IN is one MULTI statement (distinct values, then the pivot).
+                          ("PIVOT images ON label USING count(*)", "cat"),
+                          ("SELECT * FROM (PIVOT images ON label USING count(*))", "dog"),
+                          # A string or a name that only looks like a write in a CTE.
+                          ("WITH x AS (SELECT 'AS (INSERT' AS \"AS (DELETE\") SELECT * FROM x", "INSERT")):
         result = query(out, sql)
         assert result.exit_code == 0 and expected in result.stdout, (sql, result.output)
