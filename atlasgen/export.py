@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AtlasError
-from .paths import atomic_dir, atomic_path
+from .paths import as_umask_allows, atomic_dir, atomic_path
 
 EXPORT_FORMAT = "atlasgen-export"
 SCHEMA_FILE = "schema.json"
@@ -136,11 +136,13 @@ def write_saelens(store, folder: Path) -> dict | None:
     cfg = saelens_config(sae.d_in, sae.n_features, top_k, model_name, run["run_id"], float(sae.input_scale))
     folder.mkdir(parents=True, exist_ok=True)
     save_file(saelens_weights(sae), str(folder / SAELENS_WEIGHTS_FILE))
+    as_umask_allows(folder / SAELENS_WEIGHTS_FILE)
     (folder / SAELENS_CFG_FILE).write_text(json.dumps(cfg, indent=2))
     freq = store.feature_frequencies()
     if freq:
         frequency = np.array([freq.get(i) or 0.0 for i in range(sae.n_features)], np.float64)
         save_file({"sparsity": np.log10(frequency + 1e-10).astype(np.float32)}, str(folder / SAELENS_SPARSITY_FILE))
+        as_umask_allows(folder / SAELENS_SPARSITY_FILE)
     return {"folder": SAE_FOLDER, "format": "SAELens", "architecture": cfg["architecture"], "k": cfg.get("k"),
             "d_in": sae.d_in, "d_sae": sae.n_features, "run_id": run["run_id"],
             "files": sorted(p.name for p in folder.iterdir())}

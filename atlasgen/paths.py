@@ -192,6 +192,25 @@ def sweep_stale_temps(root: Path) -> list[Path]:
     return done
 
 
+def _umask() -> int:
+    """This process's umask (Linux reports it in /proc; elsewhere it is set and put back at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(path: Path) -> None:
+    """Give a file the mode an ordinary write would (0o666 less the umask): safetensors writes its files
+    owner-only (0600), so colleagues on a shared machine could read every output but the SAE's weights."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 @contextmanager
 def atomic_path(final_path: Path):
     """Yield a temp path beside `final_path`; rename it into place only if the block succeeds.

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import StageInputError
-from .paths import atomic_path
+from .paths import as_umask_allows, atomic_path
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae.json"
@@ -77,6 +77,7 @@ class SparseAutoencoder(torch.nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / WEIGHTS_FILE) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+            as_umask_allows(tmp)
         with atomic_path(folder / CONFIG_FILE) as tmp:
             tmp.write_text(json.dumps({"d_in": self.d_in, "n_features": self.n_features, "activation": "relu",
                                        "decoder_norm": "unit", **(extra_config or {})}, indent=2))

@@ -143,7 +143,7 @@ CREATE TABLE IF NOT EXISTS sae_runs (
     config_json VARCHAR,
     weights_path VARCHAR,               -- sae/<run_id>/sae.safetensors, relative to the output folder
     n_steps INTEGER,
-    mse DOUBLE,                         -- final metrics over the whole corpus
+    mse DOUBLE,                         -- final metrics over the whole corpus; mse of the normalised input x (0 gives ~1)
     fvu DOUBLE,                         -- fraction of variance unexplained
     l0 DOUBLE,                          -- mean number of active features per image (before the top-k cap)
     dead_fraction DOUBLE,               -- features that never fire on the corpus

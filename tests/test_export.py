@@ -161,3 +161,18 @@ def test_export_refuses_a_foreign_folder_and_replaces_an_earlier_export(tiny_enc
     assert result.exit_code == 0, result.output
     assert not (again / "stale.parquet").exists() and (again / "features.parquet").is_file()
     assert not list(tmp_path.glob(".again.*")), "the temp folder was left behind"
+
+
+def test_every_exported_file_and_the_sae_weights_are_readable_as_the_umask_allows(tiny_encoded, exported):
+    """safetensors writes owner-only files (0600); ours get what any other write gets, as the Parquet files do."""
+    import os
+    mask = os.umask(0o022)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    assert expected != 0o600, "the umask hides the difference this test looks for"
+    with Store.open(tiny_encoded, read_only=True) as store:
+        weights = tiny_encoded / store.sae_run_used_by("encode")["weights_path"]
+    files = [p for p in exported.rglob("*") if p.is_file()] + [weights]
+    assert any(p.suffix == ".safetensors" for p in files) and any(p.suffix == ".parquet" for p in files)
+    modes = {p.relative_to(p.parents[1]).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(expected)}, modes
