@@ -40,7 +40,9 @@ async function start() {
   const worker = new Worker(engine("duckdb-browser-eh.worker.js"));
   db = new duckdb.AsyncDuckDB(new duckdb.VoidLogger(), worker);
   await Promise.all([db.instantiate(engine("duckdb-eh.wasm")), initParquet({ module_or_path: engine("parquet_wasm_bg.wasm") })]);
-  await db.open({ query: { castBigIntToDouble: true } });
+  // DECIMAL (0.1 + 0.2, a decimal literal) and HUGEINT (what sum() of integers returns) arrive as 128-bit words
+  // that Arrow's JavaScript leaves raw: as doubles they print as numbers.
+  await db.open({ query: { castBigIntToDouble: true, castDecimalToDouble: true } });
   conn = await db.connect();
   const response = await fetch(dataUrl("schema.json"));
   if (!response.ok) throw new Error(`data/schema.json: HTTP ${response.status}`);
@@ -69,15 +71,27 @@ async function ensureTables(sql) {
   }
 }
 
-function formatValue(value) {
+// `type`: the Arrow type of the column (or of the list item, struct field, map value), where it is known.
+function formatValue(value, type) {
   if (value === null || value === undefined) return "–";
+  const { DataType } = globalThis.Arrow;
+  if (type && DataType.isStruct(type)) {
+    return "{" + type.children.map((f) => `${f.name}: ${formatValue(value[f.name], f.type)}`).join(", ") + "}";
+  }
+  if (type && DataType.isMap(type) && typeof value.toJSON === "function") {
+    const valueType = type.children[0]?.type?.children?.[1]?.type;
+    return "{" + Object.entries(value.toJSON()).map(([k, v]) => `${k}: ${formatValue(v, valueType)}`).join(", ") + "}";
+  }
   if (typeof value === "number") {
     if (Number.isInteger(value)) return String(value);
     return Math.abs(value) >= 1e-3 && Math.abs(value) < 1e6 ? String(+value.toPrecision(5)) : value.toExponential(3);
   }
   if (typeof value === "bigint") return value.toString();
   if (value instanceof Date) return value.toISOString().replace("T", " ").replace(/\.000Z$|Z$/, "");
-  if (typeof value.toArray === "function") return "[" + Array.from(value.toArray(), formatValue).join(", ") + "]";
+  if (typeof value.toArray === "function") {
+    const itemType = type && (DataType.isList(type) || DataType.isFixedSizeList(type)) ? type.children[0].type : undefined;
+    return "[" + Array.from(value.toArray(), (v) => formatValue(v, itemType)).join(", ") + "]";
+  }
   if (typeof value === "object") return JSON.stringify(value, (k, v) => (typeof v === "bigint" ? v.toString() : v));
   return String(value);
 }
@@ -124,7 +138,8 @@ function isTime(type) {
 
 async function render(result, seconds) {
   const columns = result.schema.fields.map((f) => f.name);
-  const times = result.schema.fields.map((f) => isTime(f.type));
+  const types = result.schema.fields.map((f) => f.type);
+  const times = types.map(isTime);
   const rows = result.toArray();
   const dates = result.schema.fields.map((f) => globalThis.Arrow.DataType.isDate(f.type));
   const shown = rows.slice(0, MAX_ROWS).map((row) => columns.map((c, i) => {
@@ -160,7 +175,7 @@ async function render(result, seconds) {
         td.className = "sql-image";
         pictureCell(td, id, pics.image.get(id), null);
       } else {
-        td.textContent = formatValue(value);
+        td.textContent = formatValue(value, types[i]);
         if (typeof value === "number" || typeof value === "bigint") td.className = "num";
       }
     });

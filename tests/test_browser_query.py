@@ -107,6 +107,14 @@ def test_query_page_runs_examples_and_typed_sql(page, query_url, tiny_build):
     run_and_wait(page, press_ctrl_enter)
     rows = assert_same_rows(page, tiny_build, typed)
     assert len(rows) == 7 and "7 rows" in page.locator(".sql-summary").inner_text()
+
+    # DECIMAL and HUGEINT (sum of integers) print as numbers; structs keep their keys, maps their keys and values.
+    typed = ("SELECT 1.5 AS a, 0.1 + 0.2 AS b, sum(n_active) AS total, {'k': 1, 'name': 'x'} AS s, "
+             "MAP {'m': 2} AS m, [1, 2] AS xs FROM features")
+    page.fill("#sql-input", typed)
+    run_and_wait(page, press_ctrl_enter)
+    (total,), = python_rows(tiny_build, "SELECT sum(n_active) FROM features")[1]
+    assert page_rows(page)[1] == [["1.5", "0.3", str(total), "{k: 1, name: x}", "{m: 2}", "[1, 2]"]]
     page.watch.assert_clean()
 
 
