@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import PRESETS, AtlasConfig, load_config
+from .config import PRESETS, AtlasConfig, load_config, load_toml
 from .errors import AtlasError, StageInputError
 from .progress import say, set_quiet
 
@@ -122,8 +122,9 @@ def _lock_error(out: Path, e):
 
 def make_config(store, preset: str | None, config: Path | None, images: Path | None, dataset: str | None,
                 model: str | None, device: str | None, extra: dict | None = None) -> AtlasConfig:
-    """Preset → --config file → options. With none of preset/config/corpus/model given, reuse what the
-    output folder was last built with, so `atlasgen train --out DIR` continues a `--preset tiny` build."""
+    """Preset → --config file → options. Without --preset, what is not given is what the output folder was last
+    built with (its preset, its --config file, its options), so `atlasgen train --out DIR` continues a
+    `--preset tiny` build and `--config FILE` layers a file on it."""
     overrides: dict[str, dict] = {}
     if images is not None and dataset is not None:
         raise AtlasError("--images and --dataset both given", "choose one corpus")
@@ -140,11 +141,24 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
             raise AtlasError(f"--device {device} is not one of auto, cpu, cuda", "use --device auto")
         for stage in ("embed", "train", "render", "probe"):
             overrides.setdefault(stage, {})["device"] = device
-    remembered = store.remembered_build()
-    if preset is None and config is None and remembered:
-        preset = remembered["preset"]
-        config = Path(remembered["config"]) if remembered.get("config") else None
-        overrides = _merge_overrides(remembered.get("overrides", {}), overrides)
+    # --preset starts over from that preset. Without it, what is not given now is what the folder was built
+    # with: `--config title.toml` on a tiny build layers the file on the tiny preset and keeps its corpus,
+    # rather than starting over from the default preset (which reset the tiny build's tables). A
+    # `preset = "..."` in the --config file counts as given.
+    if preset is None and config is not None:
+        preset = _preset_in(config)
+    remembered = (store.remembered_build() or {}) if preset is None else {}
+    preset = preset or remembered.get("preset")
+    kept = remembered.get("overrides", {})
+    if config is None and remembered.get("config"):
+        config = Path(remembered["config"])
+        if not config.is_file():
+            raise AtlasError(f"the config file this output folder was built with, {config}, is gone",
+                             "pass --config FILE (or put the file back), or --preset NAME to start from a preset")
+    elif config is not None:
+        # The new file's options win over options remembered from earlier command lines.
+        kept = _without(kept, load_toml(config))
+    overrides = _merge_overrides(kept, overrides)
     load_config(preset or "imagenette", config, overrides)  # validate before remembering
     if not store.read_only:
         store.remember_build({"preset": preset or "imagenette", "config": str(config.resolve()) if config else None,
@@ -165,6 +179,20 @@ def run_options(executor: str | None, ray_address: str | None) -> dict:
     elif executor is not None:
         run["executor"] = executor
     return {"run": run} if run else {}
+
+
+def _preset_in(config: Path) -> str | None:
+    """The `preset = "..."` at the top of a --config file, if any."""
+    preset = load_toml(config).get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise AtlasError(f"preset in {config} is not a name", 'write it as preset = "tiny" (or imagenette, imagenet)')
+    return preset
+
+
+def _without(overrides: dict, file_data: dict) -> dict:
+    """`overrides` less the options `file_data` (a --config file's sections) sets."""
+    return {section: {k: v for k, v in values.items() if k not in (file_data.get(section) or {})}
+            for section, values in overrides.items()}
 
 
 def _merge_overrides(old: dict, new: dict) -> dict:

@@ -495,6 +495,11 @@ def load_config(preset: str = "imagenette", config_path: Path | None = None,
     return AtlasConfig(preset=preset, **built)
 
 
+def load_toml(path: Path) -> dict:
+    """A config file's contents (every problem with it an AtlasError)."""
+    return _read_toml(Path(path))
+
+
 def _check_across(sections: dict) -> None:
     """Rules that tie options of one section together, or need a stage's own parser."""
     # Probe sweeps are small TOML tables with their own grammar: parsed (not run) here, so a typo fails at

@@ -59,6 +59,7 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
                 summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
                 continue
             say(f"{name}: {missing}, so it runs again")
+        _preflight(cfg, stage)
         row = store.stage_row(name)
         if force or row is None or row["config_hash"] != this_hash:
             stage.reset_outputs(store)
@@ -84,6 +85,16 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         say(f"{name}: done in {summary['seconds']:.1f}s " + _brief(summary))
         summaries[name] = summary
     return summaries
+
+
+def _preflight(cfg: AtlasConfig, stage) -> None:
+    """What would stop the stage at once, checked before its outputs are reset: `--device cuda` on a machine
+    without a GPU (a forced rerun deleted the SAE or the embeddings, then said so). Not where the stage's
+    units run on Ray: its workers may have the GPU the driver lacks."""
+    device = getattr(cfg.stage(stage.name), "device", None)
+    if device == "cuda" and not (stage.executor and cfg.run.executor == "ray"):
+        from .model import resolve_device
+        resolve_device(device)
 
 
 def _record_end(store: Store, name: str, status: str, error: str) -> None:

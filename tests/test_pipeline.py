@@ -48,3 +48,18 @@ def test_atomic_dir_swaps_in_on_success_and_keeps_the_old_folder_on_failure(tmp_
         (tmp / "b.txt").write_text("three")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"], "no temp or old folders left behind"
+
+
+def test_device_cuda_without_a_gpu_fails_before_a_forced_rerun_resets_anything(tmp_path):
+    import pytest
+    import torch
+    from atlasgen.errors import AtlasError
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    set_quiet(True)
+    with Store.open(tmp_path) as store:
+        run_stages(_cfg(), store, ["ingest", "embed"])
+        cuda = load_config("tiny", overrides={"ingest": {"n_tiny_images": 24}, "embed": {"device": "cuda"}})
+        with pytest.raises(AtlasError, match="no CUDA GPU"):
+            run_stages(cuda, store, ["embed"], force=True)
+        assert store.count("embeddings") == 24 and store.stage_row("embed")["status"] == "done"

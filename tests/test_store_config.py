@@ -67,6 +67,39 @@ def test_config_layers_preset_file_and_overrides(tmp_path):
     assert cfg.render.pairs == ("1,2",)           # lists become tuples (frozen, hashable)
 
 
+def test_without_preset_a_command_layers_on_what_the_folder_was_built_with(tmp_path):
+    """`--config FILE` alone keeps the folder's preset and options (it used to start over from the default
+    preset, and the stage then reset a tiny build's tables); a file's options beat remembered ones; `--preset`,
+    or `preset = ...` in the file, starts over."""
+    from atlasgen.cli import make_config
+    images = tmp_path / "images"
+    images.mkdir()
+    title = tmp_path / "title.toml"
+    title.write_text('[site]\ntitle = "Mine"\n')
+    source = tmp_path / "source.toml"
+    source.write_text('[ingest]\nsource = "tiny"\n')
+    with Store.open(tmp_path / "out") as store:
+        make_config(store, "tiny", None, images, None, None, "cpu")
+        cfg = make_config(store, None, title, None, None, None, None)
+        assert (cfg.preset, cfg.ingest.source, cfg.site.title) == ("tiny", f"folder:{images.resolve()}", "Mine")
+        assert cfg.embed.device == "cpu"
+        assert store.remembered_build()["config"] == str(title.resolve())
+        cfg = make_config(store, None, None, None, None, None, None)  # the file is remembered too
+        assert (cfg.preset, cfg.site.title) == ("tiny", "Mine")
+        cfg = make_config(store, None, source, None, None, None, None)  # the file's source beats --images
+        assert (cfg.preset, cfg.ingest.source) == ("tiny", "tiny")
+        source.unlink()
+        with pytest.raises(AtlasError, match="built with.*is gone"):
+            make_config(store, None, None, None, None, None, None)
+        cfg = make_config(store, "tiny", None, None, None, None, None)  # --preset starts over
+        assert (cfg.preset, cfg.site.title, cfg.embed.device) == ("tiny", load_config("tiny").site.title, "auto")
+        make_config(store, None, title, images, None, None, None)
+        other = tmp_path / "other.toml"
+        other.write_text('preset = "imagenette"\n[site]\ntitle = "Other"\n')
+        cfg = make_config(store, None, other, None, None, None, None)
+        assert (cfg.preset, cfg.ingest.source) == ("imagenette", load_config("imagenette").ingest.source)
+
+
 def test_config_errors_name_the_problem(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nl1_cof = 1\n")
