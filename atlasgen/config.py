@@ -199,7 +199,8 @@ class LayoutConfig:
     grid_side: int = 120
     # UMAP on co-activation profiles (each live feature's row, diagonal included, normalised to sum 1).
     # Hellinger suits such distributions: it compares companions, not how often a feature fires.
-    # Any umap-learn metric name works ("cosine", "euclidean", ...).
+    # Any umap-learn metric for sparse rows works ("cosine", "euclidean", ...: UMAP_SPARSE_METRICS below).
+    # min_dist: 0 to 1 (UMAP's spread).
     n_neighbors: int = 15
     min_dist: float = 0.1
     metric: str = "hellinger"
@@ -435,6 +436,13 @@ def _even_at_least(low: int) -> Rule:
     return lambda v: None if v >= low and v % 2 == 0 else f"must be an even number ≥ {low}"
 
 
+# umap-learn's metrics for sparse rows (`umap.sparse.sparse_named_distances`, 0.5.x): the profiles are sparse
+# (unless Hellinger goes through the SVD). Listed here because importing umap compiles numba code (seconds),
+# and a bad name should fail when the config loads, not after hours of render.
+UMAP_SPARSE_METRICS = ("euclidean", "manhattan", "l1", "taxicab", "chebyshev", "linf", "linfty", "linfinity",
+                       "minkowski", "canberra", "ll_dirichlet", "braycurtis", "hamming", "jaccard", "dice", "matching",
+                       "kulsinski", "rogerstanimoto", "russellrao", "sokalmichener", "sokalsneath", "cosine",
+                       "correlation", "hellinger")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 RENDER_PARAMS = ("transformer", "pixels", "fourier")
@@ -459,7 +467,8 @@ RULES: dict[type, dict[str, Rule]] = {
                    "min_steps": at_least(0), "stop_window": at_least(1), "stop_delta": at_least(0),
                    "unit_targets": at_least(0), "local_size": at_least(0), "compile": one_of("auto", "on", "off")},
     LayoutConfig: {"n_map_features": at_least(1), "grid_side": at_least(1), "n_neighbors": at_least(2),
-                   "min_dist": at_least(0), "svd_dims": at_least(0), "cell_px": at_least(4),
+                   "min_dist": between(0, 1),  # UMAP needs min_dist ≤ spread (1)
+                   "metric": one_of(*UMAP_SPARSE_METRICS), "svd_dims": at_least(0), "cell_px": at_least(4),
                    "tile_px": _even_at_least(16)},
     ProbeConfig: {"canvas": at_least(16), "n_auto_features": at_least(0), "device": one_of(*DEVICES)},
     ToyConfig: {"n_steps": at_least(1), "frame_every": at_least(1), "hidden": at_least(0),

@@ -129,6 +129,15 @@ def test_bad_config_values_fail_at_load_with_the_option_named(section, which):
     assert info.value.hint
 
 
+@pytest.mark.parametrize("bad", [{"metric": "nosuchmetric"}, {"min_dist": 5.0}], ids=["metric", "min_dist"])
+def test_umap_options_fail_at_load_not_after_render(bad):
+    """UMAP would refuse these only when layout runs, after every stage before it."""
+    with pytest.raises(AtlasError) as info:
+        load_config("tiny", overrides={"layout": bad})
+    assert next(iter(bad)) in info.value.message and "[layout]" in info.value.hint
+    load_config("tiny", overrides={"layout": {"metric": "cosine", "min_dist": 1.0}})
+
+
 @pytest.mark.parametrize("section", sorted(BAD_VALUES))
 def test_bad_config_exits_2_before_any_stage_runs(tmp_path, section):
     toml_path = tmp_path / "bad.toml"
