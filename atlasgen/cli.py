@@ -135,6 +135,11 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
     if dataset is not None:
         overrides.setdefault("ingest", {})["source"] = f"hf:{dataset}"
     if model is not None:
+        from .paths import missing_model_folder  # before any stage runs, not after ingest
+        why = missing_model_folder(model)
+        if why:
+            raise AtlasError(f"--model {model}: {why}", "pass a checkpoint folder written by save_pretrained, "
+                             "or a Hugging Face id such as facebook/dinov3-vits16-pretrain-lvd1689m")
         overrides.setdefault("embed", {})["model"] = model
     if device is not None:
         if device not in ("auto", "cpu", "cuda"):

@@ -192,6 +192,14 @@ def sweep_stale_temps(root: Path) -> list[Path]:
     return done
 
 
+def missing_model_folder(model_ref: str) -> str | None:
+    """Why `model_ref` names a local folder that is not there (it is written as a path: /x, ./x, ../x, ~/x),
+    or None. Anything else may be a hub id, and only the hub can say."""
+    if model_ref.startswith(("/", "./", "../", "~")) and not Path(model_ref).expanduser().exists():
+        return f"there is no model folder at {model_ref}"
+    return None
+
+
 def _umask() -> int:
     """This process's umask (Linux reports it in /proc; elsewhere it is set and put back at once)."""
     try:

@@ -90,11 +90,20 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
 def _preflight(cfg: AtlasConfig, stage) -> None:
     """What would stop the stage at once, checked before its outputs are reset: `--device cuda` on a machine
     without a GPU (a forced rerun deleted the SAE or the embeddings, then said so). Not where the stage's
-    units run on Ray: its workers may have the GPU the driver lacks."""
-    device = getattr(cfg.stage(stage.name), "device", None)
+    units run on Ray: its workers may have the GPU the driver lacks. And a model path that is not there."""
+    stage_cfg = cfg.stage(stage.name)
+    device = getattr(stage_cfg, "device", None)
     if device == "cuda" and not (stage.executor and cfg.run.executor == "ray"):
         from .model import resolve_device
         resolve_device(device)
+    model_ref = getattr(stage_cfg, "model", None)
+    if isinstance(model_ref, str):
+        from .errors import ModelLoadError
+        from .paths import missing_model_folder
+        why = missing_model_folder(model_ref)
+        if why:
+            raise ModelLoadError(f"[{stage.name}] model: {why}", "pass --model PATH to a checkpoint folder that "
+                                 "exists (written by save_pretrained), or a Hugging Face id")
 
 
 def _record_end(store: Store, name: str, status: str, error: str) -> None:

@@ -63,3 +63,25 @@ def test_device_cuda_without_a_gpu_fails_before_a_forced_rerun_resets_anything(t
         with pytest.raises(AtlasError, match="no CUDA GPU"):
             run_stages(cuda, store, ["embed"], force=True)
         assert store.count("embeddings") == 24 and store.stage_row("embed")["status"] == "done"
+
+
+def test_a_model_path_that_is_not_there_fails_before_any_stage_or_reset(tmp_path):
+    """On the command line it fails before ingest; from a config file, before embed resets its rows (it used to
+    be taken for a hub id, after ingest, with an error about reaching the hub)."""
+    import pytest
+    from typer.testing import CliRunner
+    from atlasgen.cli import app
+    from atlasgen.errors import AtlasError
+    missing = tmp_path / "no-such-model"
+    result = CliRunner().invoke(app, ["build", "--preset", "tiny", "--model", str(missing), "--out",
+                                      str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and f"there is no model folder at {missing}" in result.output, result.output
+    with Store.open(tmp_path / "out", read_only=True) as store:
+        assert store.stage_rows() == {}
+    set_quiet(True)
+    with Store.open(tmp_path / "kept") as store:
+        run_stages(_cfg(), store, ["ingest", "embed"])
+        bad = load_config("tiny", overrides={"ingest": {"n_tiny_images": 24}, "embed": {"model": str(missing)}})
+        with pytest.raises(AtlasError, match="no model folder"):
+            run_stages(bad, store, ["embed"], force=True)
+        assert store.count("embeddings") == 24
