@@ -231,7 +231,9 @@ def _run(stages: list[str], out: Path, preset, config, images, dataset, model, d
         summaries = run_stages(cfg, store, stages, force=force)
         n_skipped = store.count("skipped_inputs")
     if n_skipped:
-        say(f"{n_skipped} input(s) were skipped; see: atlasgen query \"SELECT * FROM skipped_inputs\" --out {out}")
+        # Even with --quiet: a result to know about, not progress.
+        typer.echo(f"{n_skipped} input(s) were skipped; see: atlasgen query \"SELECT * FROM skipped_inputs\" "
+                   f"--out {out}", err=True)
     return summaries
 
 
