@@ -210,8 +210,9 @@ def _age(iso: str | None) -> float | None:
         return None
 
 
-def brief(doc: dict) -> str:
-    """One line: stage k/n name, task done/total (pct), rate, ETA."""
+def brief(doc: dict, live: bool = True) -> str:
+    """One line: stage k/n name, task done/total (pct), rate, ETA. `live`: the build still runs; for one that
+    has ended, where it stopped: no ETA, and how long the stage ran rather than a clock that keeps counting."""
     parts = []
     if doc.get("stage"):
         parts.append(f"stage {doc.get('stage_index') or '?'}/{doc.get('n_stages') or '?'} {doc['stage']}")
@@ -224,12 +225,17 @@ def brief(doc: dict) -> str:
         count = f"{prog.get('done', 0):,}/{total:,}" if total else f"{prog.get('done', 0):,}"
         pct = f" ({100 * prog.get('done', 0) / total:.0f}%)" if total else ""
         rate = f", {prog['rate']:.3g} {unit}/s" if prog.get("rate") else ""
-        eta = f", ETA {duration(prog['eta_s'])}" if prog.get("eta_s") is not None else ""
+        eta = f", ETA {duration(prog['eta_s'])}" if live and prog.get("eta_s") is not None else ""
         parts.append(f"{prog.get('task') or 'progress'} {count} {unit}{pct}{rate}{eta}")
     else:
         running = _age(doc.get("stage_started_at"))
         if running is not None and doc.get("stage"):
-            parts.append(f"running for {duration(running)}")
+            if live:
+                parts.append(f"running for {duration(running)}")
+            else:
+                stopped = _age(doc.get("updated_at"))
+                ran = running - stopped if stopped is not None else None
+                parts.append(f"stopped after {duration(ran)}" if ran is not None and ran >= 0 else "stopped there")
     return parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "")
 
 
@@ -256,5 +262,5 @@ def describe(doc: dict, running: bool | None = None) -> list[str]:
         head = f"last build finished {duration(updated)} ago"
     lines = [head]
     if state != "done" and (doc.get("stage") or doc.get("progress")):
-        lines.append("  " + brief(doc))
+        lines.append("  " + brief(doc, live=state == "running" and alive))
     return lines

@@ -323,6 +323,22 @@ def test_status_file_follows_a_build_in_process(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["atlas.status.json"]
 
 
+def test_info_on_an_ended_build_says_where_it_stopped_not_a_running_clock():
+    """A failed build's stage line shows how long that stage ran before it stopped, not "running for" a time that
+    keeps growing, and no ETA."""
+    from datetime import datetime, timedelta, timezone
+    from atlasgen import status
+    now = datetime.now(timezone.utc)
+    doc = {"state": "failed", "error": "boom", "pid": 1, "stage": "render", "stage_index": 5, "n_stages": 9,
+           "started_at": (now - timedelta(hours=2)).isoformat(), "stage_started_at": (now - timedelta(hours=1)).isoformat(),
+           "updated_at": (now - timedelta(minutes=50)).isoformat()}
+    head, stage = status.describe(doc)
+    assert head.startswith("last build failed 50m 00s ago: boom")
+    assert stage.strip() == "stage 5/9 render: stopped after 10m 00s", stage
+    doc["progress"] = {"task": "render", "done": 5, "total": 10, "unit": "target", "rate": 2.0, "eta_s": 2.5}
+    assert "ETA" not in status.describe(doc)[1] and "ETA" in status.brief(doc)
+
+
 # --- a full disk -------------------------------------------------------------------------------------------
 def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
