@@ -54,8 +54,8 @@ class EmbedConfig:
     model: str = "facebook/dinov3-vits16-pretrain-lvd1689m"
     # auto (bf16 where the hardware is fast at it) | fp32 | bf16.
     precision: str = "auto"
-    # Images per forward pass; 0 = auto: 32 on a CPU, on a GPU the largest power of two up to 1024 that fits
-    # its free memory (does not change results beyond float noise).
+    # Images per loader batch and forward pass; 0 = auto: 32 on a CPU, 512 on a GPU (run in pieces that fit
+    # its free memory; embed.MAX_GPU_BATCH_SIZE) (does not change results beyond float noise).
     batch_size: int = field(default=0, metadata=NO_HASH)
     # Worker processes decoding and resizing corpus images ahead of the model; 0 = one per core (does not
     # change results).
