@@ -221,6 +221,8 @@ def explain_error(e: duckdb.Error, store, sql: str = "") -> AtlasError:
                           "extension access", "query the store's tables; `atlasgen export --to DIR` writes them as Parquet")
     if isinstance(e, duckdb.CatalogException) and re.search(r"Table with name|Table .* does not exist", text):
         guess = re.search(r'Did you mean "([^"]+)"', text)
+        if guess and guess.group(1).split(".")[-1] not in tables:
+            guess = None  # one of DuckDB's own catalog tables (pg_sequences, ...), not the store's
         return AtlasError(f"query failed: {first}", (f"did you mean {guess.group(1)}? " if guess else "")
                           + f"the store's tables: {', '.join(tables)}")
     m = re.search(r'column "?([^"\s]+)"? not found|does not have a column named', text, flags=re.I)

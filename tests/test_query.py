@@ -158,6 +158,9 @@ def test_missing_table_lists_tables_and_missing_column_lists_columns(sandbox):
     hint = result.output.strip().splitlines()[-1]
     assert hint.startswith("hint: did you mean features? the store's tables:"), hint
     assert "features" in hint and "activations" in hint
+    result = query(out, "SELECT * FROM sequencez")  # DuckDB would suggest its own pg_sequence
+    hint = result.output.strip().splitlines()[-1]
+    assert hint.startswith("hint: the store's tables:") and "pg_" not in hint, hint
     for sql in ("SELECT lable FROM features", "SELECT f.lable FROM features f"):
         result = query(out, sql)
         assert result.exit_code == 2

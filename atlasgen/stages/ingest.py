@@ -469,7 +469,8 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         store.paths.corpus_image(image_id).unlink(missing_ok=True)
     if n_images == 0:
         raise DataLoadError(f"none of the {len(skipped)} inputs in {description} could be read",
-                            "see: atlasgen query \"SELECT * FROM skipped_inputs\"; or use --preset tiny")
+                            f"see: atlasgen query \"SELECT * FROM skipped_inputs\" --out {store.paths.out_dir}; "
+                            "or use --preset tiny")
     for source, reason in skipped[:5]:
         say(f"ingest: skipped {source}: {reason}")
     if len(skipped) > 5:

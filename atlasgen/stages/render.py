@@ -186,7 +186,8 @@ def plan(cfg: RenderConfig, store: Store, sae: SparseAutoencoder, device: torch.
     def embedding(image_id: int, what: str) -> np.ndarray:
         if image_id not in row_of:
             raise AtlasError(f"render: {what} image id {image_id} has no embedding in the store",
-                             "pick an id from `atlasgen query \"SELECT image_id FROM embeddings\"`")
+                             "pick an id from `atlasgen query \"SELECT image_id FROM embeddings\" "
+                             f"--out {store.paths.out_dir}`")
         return emb_nd[row_of[image_id]]
 
     image_ids = list(cfg.image_ids) or auto_images(store, cfg.n_auto_images)
