@@ -163,13 +163,33 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
     elif config is not None:
         # The new file's options win over options remembered from earlier command lines.
         kept = _without(kept, load_toml(config))
+    given = _merge_overrides(overrides, extra or {})  # this command line's
     overrides = _merge_overrides(kept, overrides)
-    load_config(preset or "imagenette", config, overrides)  # validate before remembering
+    _load_naming_flags(preset or "imagenette", config, overrides, given)  # validate before remembering
     if not store.read_only:
         store.remember_build({"preset": preset or "imagenette", "config": str(config.resolve()) if config else None,
                               "overrides": overrides})
     # One-off options (e.g. `render --features`) apply to this run only and are not remembered.
-    return load_config(preset or "imagenette", config, _merge_overrides(overrides, extra or {}))
+    return _load_naming_flags(preset or "imagenette", config, _merge_overrides(overrides, extra or {}), given)
+
+
+# The command-line flags behind config options, so an error in a value given there names the flag, not a
+# config section the user never wrote.
+_FLAGS = {("render", "features"): "--features", ("run", "executor"): "--executor",
+          ("run", "ray_address"): "--ray-address", ("ingest", "source"): "--images / --dataset",
+          ("embed", "model"): "--model"}
+
+
+def _load_naming_flags(preset: str, config: Path | None, overrides: dict, given: dict) -> AtlasConfig:
+    try:
+        return load_config(preset, config, overrides)
+    except AtlasError as e:
+        import re
+        m = re.match(r"\[(\w+)\] (\w+) = ", e.message)
+        key = (m.group(1), m.group(2)) if m else None
+        if key in _FLAGS and key[1] in given.get(key[0], {}):
+            raise AtlasError(e.message, f"check {_FLAGS[key]} on the command line (see --help)") from None
+        raise
 
 
 def run_options(executor: str | None, ray_address: str | None) -> dict:

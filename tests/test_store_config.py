@@ -100,6 +100,15 @@ def test_without_preset_a_command_layers_on_what_the_folder_was_built_with(tmp_p
         assert (cfg.preset, cfg.ingest.source) == ("imagenette", load_config("imagenette").ingest.source)
 
 
+def test_a_bad_value_names_the_flag_it_came_from_or_the_section(tmp_path):
+    result = runner.invoke(app, ["render", "--preset", "tiny", "--features", "abc", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "hint: check --features on the command line" in result.output, result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[render]\nfeatures = "abc"\n')
+    result = runner.invoke(app, ["render", "--preset", "tiny", "--config", str(bad), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "in the [render] section" in result.output, result.output
+
+
 def test_config_errors_name_the_problem(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nl1_cof = 1\n")
