@@ -84,8 +84,10 @@ def test_query_page_publishes_tables_engine_and_nav(with_query):
                          (f"SELECT * FROM read_parquet('{path}')", f"SELECT {select} FROM {table}")):
                 assert con.execute(f"SELECT count(*) FROM ({a} EXCEPT ALL {b})").fetchone()[0] == 0, table
             assert con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0] == entry["n_rows"]
-        assert "source" not in [r[0] for r in con.execute(
-            f"DESCRIBE SELECT * FROM read_parquet('{site_dir / 'data' / 'images.parquet'}')").fetchall()]
+        for table, dropped in (("images", {"source", "corpus_path"}), ("sae_runs", {"weights_path"})):
+            described = [r[0] for r in con.execute(
+                f"DESCRIBE SELECT * FROM read_parquet('{site_dir / 'data' / (table + '.parquet')}')").fetchall()]
+            assert described and not dropped & set(described), (table, described)
         pictures = con.execute(f"SELECT kind, id, src FROM read_parquet('{site_dir / 'data' / 'site_pictures.parquet'}')"
                                ).fetchall()
     finally:

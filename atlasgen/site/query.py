@@ -37,8 +37,11 @@ ENGINE_DIR = "assets/duckdb"
 # Published tables → the columns left out (the rest are published).
 SITE_TABLES: dict[str, set[str]] = {
     "features": set(), "activations": set(), "top_images": set(), "similar_features": set(),
-    "coactivation": set(), "probes": set(), "sae_runs": set(), "sae_metrics": set(),
-    "images": {"source"},        # a path on the builder's disk
+    "coactivation": set(), "probes": set(), "sae_metrics": set(),
+    # Paths in the build folder that the site does not have (it copies only the pictures it shows, under
+    # other names: site_pictures has those), and a path on the builder's disk.
+    "sae_runs": {"weights_path"},
+    "images": {"source", "corpus_path"},
     "renders": {"params_json"},  # names the model, which may be a local folder
 }
 PICTURES_TABLE = "site_pictures"
