@@ -30,7 +30,40 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 # --- shared options (each documented here, where it is declared) -----------------------------------
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder: holds atlas.duckdb, pictures and site/.")]
+def _fail(message: str, hint: str = "", code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
+    raise typer.Exit(code)
+
+
+def _option(option: str, convert=Path, check=None):
+    """A Typer parser for a path or name option that runs `check(value, option)` as soon as the value is read
+    (the default included): a refusal (AtlasError) is the usual one line plus a hint and exit 2, before the
+    command starts."""
+    def parse(value):
+        value = convert(value)
+        if check is not None:
+            try:
+                check(value, option)
+            except AtlasError as e:
+                _fail(e.message, e.hint)
+        return value
+    return parse
+
+
+def _check_folder(path: Path, option: str) -> None:
+    from .paths import check_folder_target
+    check_folder_target(path, option)
+
+
+def _check_file(path: Path, option: str) -> None:
+    from .paths import check_file_target
+    check_file_target(path, option)
+
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder: holds atlas.duckdb, pictures and site/.",
+                                      parser=_option("--out", check=_check_folder), metavar="<path>")]
 ImagesOpt = Annotated[Optional[Path], typer.Option(
     "--images", help="Image folder to ingest: flat, one sub-folder per class, or ImageNet val (set "
                      "ingest.labels_file in --config).")]
@@ -55,13 +88,6 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="Join the Ray cluster at this address (e.g. 10.0.0.5:6379, or auto); implies "
                           "--executor ray. Without it, --executor ray starts a local Ray with this machine's "
                           "resources.")]
-
-
-def _fail(message: str, hint: str = "", code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    if hint:
-        typer.echo(f"hint: {hint}", err=True)
-    raise typer.Exit(code)
 
 
 def handles_errors(fn):
@@ -295,7 +321,8 @@ def decompose(images: Annotated[list[Path], typer.Argument(help="Image file(s) t
               top: Annotated[int, typer.Option("--top", help="Show at most this many features per image "
                                                               "(0 = every active one).")] = 0,
               html: Annotated[Optional[Path], typer.Option(
-                  "--html", help="Also write a self-contained HTML page (pictures and CSS inline) to this file.")] = None,
+                  "--html", help="Also write a self-contained HTML page (pictures and CSS inline) to this file.",
+                  parser=_option("--html", check=_check_file), metavar="<path>")] = None,
               quiet: QuietOpt = False, device: DeviceOpt = None):
     """Split any image into the atlas's SAE features: embed it with the store's model, encode it with the
     store's SAE (top-k as in encode) and print the active features, strongest first, with bars.
@@ -344,7 +371,8 @@ def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store 
 @app.command()
 @handles_errors
 def export(to: Annotated[Path, typer.Option("--to", help="Folder to write (new, empty, or an earlier export, "
-                                                         "which is replaced).")],
+                                                         "which is replaced).",
+                                          parser=_option("--to", check=_check_folder), metavar="<path>")],
            out: OutOpt = Path("build")):
     """Export the store as open files: every table as Parquet, schema.json (columns, types, descriptions) and
     the SAE in the SAELens format (sae/cfg.json, sae/sae_weights.safetensors; input normalisation folded in).

@@ -523,3 +523,34 @@ def test_a_failed_bulk_insert_raises_its_own_error(tmp_path):
                 store.insert_frame("no_such_table", {"a": [1, 2]})
         assert "no_such_table" in str(err.value)
         assert store.query("SELECT 1")[0][0] == 1  # the connection is usable afterwards
+
+
+
+# --- options that name paths: a file in the way is one line, before any work --------------------------------
+@pytest.mark.parametrize("command", [["ingest", "--preset", "tiny"], ["build", "--preset", "tiny"], ["info"],
+                                     ["query", "SELECT 1"], ["serve"], ["export", "--to", "export"],
+                                     ["decompose", "photo.png"]], ids=lambda c: c[0])
+@pytest.mark.parametrize("where", ["file", "inside-file"])
+def test_out_that_is_a_file_is_one_line(tmp_path, command, where):
+    (tmp_path / "somefile").write_text("not a folder")
+    out = tmp_path / "somefile" if where == "file" else tmp_path / "somefile" / "sub"
+    result = runner.invoke(app, [*command, "--out", str(out)])
+    assert_one_line_error(result, f"--out {out} is ", "is a file" if where == "file" else "which is a file")
+    assert (tmp_path / "somefile").read_text() == "not a folder"
+
+
+def test_export_to_and_decompose_html_that_cannot_be_written_are_one_line(tmp_path):
+    (tmp_path / "somefile").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    Store.open(tmp_path / "out").close()  # an empty store: export gets as far as making its folder
+    out = ["--out", str(tmp_path / "out")]
+    result = runner.invoke(app, ["export", "--to", str(tmp_path / "somefile" / "sub"), *out])
+    assert_one_line_error(result, "--to", "which is a file")
+    result = runner.invoke(app, ["decompose", "photo.png", "--html", str(tmp_path / "folder"), *out])
+    assert_one_line_error(result, "--html", "is a folder, not a file")
+    result = runner.invoke(app, ["decompose", "photo.png", "--html", str(tmp_path / "somefile" / "x.html"), *out])
+    assert_one_line_error(result, "--html", "which is a file")
+    if Path("/proc/self").is_dir():  # a folder where nothing can be made (Linux): found when it is made
+        result = runner.invoke(app, ["export", "--to", "/proc/atlasgen-export", *out])
+        assert_one_line_error(result, "cannot create /proc/atlasgen-export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "out", "somefile"]
