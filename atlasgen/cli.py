@@ -79,8 +79,17 @@ PresetOpt = Annotated[Optional[str], typer.Option(
                      "built with).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun the stage(s) even if nothing changed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_device(device: str, option: str) -> None:
+    if device not in DEVICES:
+        raise AtlasError(f"{option} {device} is not one of {', '.join(DEVICES)}", f"use {option} auto")
+
+
 DeviceOpt = Annotated[Optional[str], typer.Option(
-    "--device", help="auto | cpu | cuda (auto picks CUDA when a GPU is visible).")]
+    "--device", help="auto | cpu | cuda (auto picks CUDA when a GPU is visible).",
+    parser=_option("--device", str, _check_device), metavar="<str>")]
 ExecutorOpt = Annotated[Optional[str], typer.Option(
     "--executor", help="Where embed and render run: local (this process; the default) | ray (Ray workers; "
                        "needs pip install 'atlasgen[ray]'). Default: [run] executor. Does not change results.")]
@@ -161,9 +170,7 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
         overrides.setdefault("ingest", {})["source"] = f"hf:{dataset}"
     if model is not None:
         overrides.setdefault("embed", {})["model"] = model
-    if device is not None:
-        if device not in ("auto", "cpu", "cuda"):
-            raise AtlasError(f"--device {device} is not one of auto, cpu, cuda", "use --device auto")
+    if device is not None:  # checked when read (DeviceOpt)
         for stage in ("embed", "train", "render", "probe"):
             overrides.setdefault(stage, {})["device"] = device
     remembered = store.remembered_build()

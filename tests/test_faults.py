@@ -554,3 +554,13 @@ def test_export_to_and_decompose_html_that_cannot_be_written_are_one_line(tmp_pa
         result = runner.invoke(app, ["export", "--to", "/proc/atlasgen-export", *out])
         assert_one_line_error(result, "cannot create /proc/atlasgen-export")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "out", "somefile"]
+
+
+# --- option values checked as they are read --------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["decompose", "photo.png"], ["embed"], ["render"], ["build"]],
+                         ids=lambda c: c[0])
+@pytest.mark.parametrize("device", ["gpu", "CPU"])
+def test_device_is_checked_by_every_command_that_takes_it(tmp_path, command, device):
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "out"), "--device", device])
+    assert_one_line_error(result, f"--device {device} is not one of auto, cpu, cuda")
+    assert not (tmp_path / "out").exists()
