@@ -564,3 +564,11 @@ def test_device_is_checked_by_every_command_that_takes_it(tmp_path, command, dev
     result = runner.invoke(app, [*command, "--out", str(tmp_path / "out"), "--device", device])
     assert_one_line_error(result, f"--device {device} is not one of auto, cpu, cuda")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1"])
+def test_serve_port_out_of_range_is_one_line(tmp_path, port):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<title>x</title>")
+    result = runner.invoke(app, ["serve", "--out", str(tmp_path), "--port", port])
+    assert_one_line_error(result, f"--port {port} is not a TCP port")
