@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .config import PRESETS, AtlasConfig, load_config
-from .errors import AtlasError, StageInputError
+from .errors import AtlasError, StageInputError, is_interrupt
 from .progress import say, set_quiet
 
 app = typer.Typer(
@@ -110,6 +110,8 @@ def handles_errors(fn):
         except KeyboardInterrupt:
             _fail("interrupted", "run the same command again to resume where it stopped", code=130)
         except Exception as e:
+            if is_interrupt(e):  # Ctrl-C while DuckDB ran a statement (a long query, a stage's insert)
+                _fail("interrupted", "run the same command again to resume where it stopped", code=130)
             error = environment_error(e, kwargs.get("out"))
             if error is None:
                 raise

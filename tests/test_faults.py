@@ -572,3 +572,20 @@ def test_serve_port_out_of_range_is_one_line(tmp_path, port):
     (tmp_path / "site" / "index.html").write_text("<title>x</title>")
     result = runner.invoke(app, ["serve", "--out", str(tmp_path), "--port", port])
     assert_one_line_error(result, f"--port {port} is not a TCP port")
+
+
+def test_ctrl_c_inside_a_duckdb_statement_of_a_stage_is_an_interrupt(tmp_path, monkeypatch):
+    """DuckDB reports Ctrl-C during a statement as RuntimeError "Query interrupted": the stage is recorded
+    interrupted (not failed) and the command exits 130 with one line."""
+    from atlasgen.stages import ingest
+
+    def interrupted(cfg, store):
+        raise RuntimeError("Query interrupted")
+    monkeypatch.setattr(ingest, "candidates_for", interrupted)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["ingest", "--preset", "tiny", "--out", str(out), "--quiet"])
+    assert result.exit_code == 130 and "Traceback" not in result.output, (result.output, result.exception)
+    assert result.output.splitlines()[0] == "error: interrupted"
+    with Store.open(out, read_only=True) as store:
+        assert store.stage_row("ingest")["status"] == "interrupted"
+    assert json.loads(BuildPaths(out).status_path.read_text())["state"] == "interrupted"
