@@ -589,3 +589,29 @@ def test_ctrl_c_inside_a_duckdb_statement_of_a_stage_is_an_interrupt(tmp_path, m
     with Store.open(out, read_only=True) as store:
         assert store.stage_row("ingest")["status"] == "interrupted"
     assert json.loads(BuildPaths(out).status_path.read_text())["state"] == "interrupted"
+
+
+EMPTY_OPTIONS = [
+    (["ingest", "--preset", "tiny", "--images", ""], "--images"),   # was: the whole working folder, recursively
+    (["ingest", "--preset", "tiny", "--out", ""], "--out"),         # was: a build in the working folder
+    (["ingest", "--preset", "tiny", "--model", ""], "--model"),
+    (["ingest", "--preset", "tiny", "--config", ""], "--config"),   # was: the working folder as a config file
+    (["ingest", "--dataset", " "], "--dataset"),
+    (["ingest", "--preset", ""], "--preset"),
+    (["embed", "--ray-address", ""], "--ray-address"),
+    (["render", "--features", ""], "--features"),                  # was: silently the config's features
+    (["decompose", ""], "an IMAGE argument"),
+    (["decompose", "photo.png", "--html", ""], "--html"),
+    (["export", "--to", ""], "--to"),
+    (["serve", "--host", ""], "--host"),                            # was: listening on every interface
+]
+
+
+@pytest.mark.parametrize("args,option", EMPTY_OPTIONS, ids=[option for _, option in EMPTY_OPTIONS])
+def test_empty_path_or_name_option_is_one_line(tmp_path, monkeypatch, args, option):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photo.png").write_bytes(b"not read")
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, *out])
+    assert_one_line_error(result, f"error: {option} is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"], "nothing was made"
