@@ -428,6 +428,29 @@ def test_oversized_image_is_skipped_during_ingest(tmp_path):
     assert "200,000,000 pixels" in reason and "ingest.max_pixels" in reason
 
 
+
+@pytest.mark.parametrize("width,height,max_pixels", [
+    (10_000, 10_000, None),           # over Pillow's limit, under 2 ×: Pillow only warns (then "truncated")
+    (20_000, 10_000, None),           # over 2 ×: Pillow refuses it first
+    (700, 700, 250_000),              # the store was ingested with a smaller ingest.max_pixels
+])
+def test_decompose_of_an_oversized_image_says_so_as_ingest_does(tmp_path, width, height, max_pixels):
+    import warnings
+    with Store.open(tmp_path / "out") as store:
+        if max_pixels is not None:
+            store.mark_stage_started("ingest", "0" * 16, json.dumps({"max_pixels": max_pixels}))
+            store.mark_stage_done("ingest", {})
+    image = tmp_path / "big.png"
+    image.write_bytes(png_header_only(width, height))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = runner.invoke(app, ["decompose", str(image), "--out", str(tmp_path / "out")])
+    from atlasgen.config import IngestConfig
+    limit = max_pixels or IngestConfig().max_pixels
+    assert_one_line_error(result, f"{width * height:,} pixels is more than ingest.max_pixels = {limit:,}")
+    assert "DecompressionBombWarning" not in result.output and "truncated" not in result.output
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+
 # --- missing artefacts ------------------------------------------------------------------------------------
 def test_missing_artefacts_names_what_is_gone(tmp_path):
     from atlasgen.artefacts import missing_artefacts
