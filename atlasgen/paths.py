@@ -102,13 +102,17 @@ class BuildPaths:
 # --- paths the user names: a file where a folder must be, or a folder that cannot be made ------------------
 def file_in_the_way(path: Path) -> Path | None:
     """The file (or broken link) that stands at `path` or at one of its parent folders, so no folder can be
-    made there; None when there is none (the nearest existing one is a folder)."""
+    made there; None when there is none (the nearest existing one is a folder, or one cannot be looked at:
+    making the folder then says why)."""
     path = Path(path)
-    for candidate in (path, *path.parents):
-        if candidate.is_dir():
-            return None
-        if candidate.exists() or candidate.is_symlink():
-            return candidate
+    try:
+        for candidate in (path, *path.parents):
+            if candidate.is_dir():
+                return None
+            if candidate.exists() or candidate.is_symlink():
+                return candidate
+    except OSError:  # e.g. a parent we may not look into
+        return None
     return None
 
 

@@ -638,3 +638,19 @@ def test_empty_path_or_name_option_is_one_line(tmp_path, monkeypatch, args, opti
     result = runner.invoke(app, [*args, *out])
     assert_one_line_error(result, f"error: {option} is empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"], "nothing was made"
+
+
+def test_a_parent_that_cannot_be_looked_at_leaves_the_word_to_mkdir(tmp_path, monkeypatch):
+    """A parent folder we may not stat (EACCES; root cannot make one, so stat is made to refuse): the check
+    stands aside instead of raising, and making the folder says why in one line."""
+    real_stat = Path.stat
+    locked = tmp_path / "locked"
+
+    def stat(self, *args, **kwargs):
+        if self != locked and self.is_relative_to(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+    locked.mkdir()
+    monkeypatch.setattr(Path, "stat", stat)
+    assert paths_mod.file_in_the_way(locked / "out" / "sub") is None
+    paths_mod.check_folder_target(locked / "out", "--out")  # no error: mkdir will tell
