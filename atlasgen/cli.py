@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .config import PRESETS, AtlasConfig, load_config, load_toml
-from .errors import AtlasError, StageInputError
+from .errors import AtlasError, StageInputError, is_interrupt
 from .progress import say, set_quiet
 
 app = typer.Typer(
@@ -30,38 +30,84 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 # --- shared options (each documented here, where it is declared) -----------------------------------
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder: holds atlas.duckdb, pictures and site/.")]
-ImagesOpt = Annotated[Optional[Path], typer.Option(
-    "--images", help="Image folder to ingest: flat, one sub-folder per class, or ImageNet val (set "
-                     "ingest.labels_file in --config).")]
-DatasetOpt = Annotated[Optional[str], typer.Option(
-    "--dataset", help="Hugging Face dataset to ingest, NAME[:SPLIT], e.g. frgfm/imagenette:validation.")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="DINOv3 checkpoint: hub id or local folder (default facebook/dinov3-vits16-pretrain-lvd1689m; "
-                    "'tiny' for a random 2-layer model).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="TOML file with [ingest], [embed], [train], ... sections overriding the preset.")]
-PresetOpt = Annotated[Optional[str], typer.Option(
-    "--preset", help=f"Preset: {', '.join(PRESETS)} (default imagenette, or the one the output folder was "
-                     "built with).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun the stage(s) even if nothing changed.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(
-    "--device", help="auto | cpu | cuda (auto picks CUDA when a GPU is visible).")]
-ExecutorOpt = Annotated[Optional[str], typer.Option(
-    "--executor", help="Where embed and render run: local (this process; the default) | ray (Ray workers; "
-                       "needs pip install 'atlasgen[ray]'). Default: [run] executor. Does not change results.")]
-RayAddressOpt = Annotated[Optional[str], typer.Option(
-    "--ray-address", help="Join the Ray cluster at this address (e.g. 10.0.0.5:6379, or auto); implies "
-                          "--executor ray. Without it, --executor ray starts a local Ray with this machine's "
-                          "resources.")]
-
-
 def _fail(message: str, hint: str = "", code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     if hint:
         typer.echo(f"hint: {hint}", err=True)
     raise typer.Exit(code)
+
+
+def _option(option: str, what: str, convert=Path, check=None):
+    """A Typer parser for a path or name option (`what` it wants, for the hint). An empty value is refused (for
+    a path, "" would be the working folder; for a name, an unnamed thing), then `check(value, option)` runs as
+    soon as the value is read (the default included): a refusal (AtlasError) is the usual one line plus a hint
+    and exit 2, before the command starts."""
+    def parse(value):
+        if isinstance(value, str) and not value.strip():
+            _fail(f"{option} is empty", f"pass {what}")
+        value = convert(value)
+        if check is not None:
+            try:
+                check(value, option)
+            except AtlasError as e:
+                _fail(e.message, e.hint)
+        return value
+    return parse
+
+
+def _check_folder(path: Path, option: str) -> None:
+    from .paths import check_folder_target
+    check_folder_target(path, option)
+
+
+def _check_file(path: Path, option: str) -> None:
+    from .paths import check_file_target
+    check_file_target(path, option)
+
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder: holds atlas.duckdb, pictures and site/.",
+                                      parser=_option("--out", "a folder", check=_check_folder),
+                                      metavar="<path>")]
+ImagesOpt = Annotated[Optional[Path], typer.Option(
+    "--images", help="Image folder to ingest: flat, one sub-folder per class, or ImageNet val (set "
+                     "ingest.labels_file in --config).",
+    parser=_option("--images", "a folder of images"), metavar="<path>")]
+DatasetOpt = Annotated[Optional[str], typer.Option(
+    "--dataset", help="Hugging Face dataset to ingest, NAME[:SPLIT], e.g. frgfm/imagenette:validation.",
+    parser=_option("--dataset", "a dataset name", str), metavar="<str>")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="DINOv3 checkpoint: hub id or local folder (default facebook/dinov3-vits16-pretrain-lvd1689m; "
+                    "'tiny' for a random 2-layer model).",
+    parser=_option("--model", "a hub id or a local folder", str), metavar="<str>")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="TOML file with [ingest], [embed], [train], ... sections overriding the preset.",
+    parser=_option("--config", "a TOML file"), metavar="<path>")]
+PresetOpt = Annotated[Optional[str], typer.Option(
+    "--preset", help=f"Preset: {', '.join(PRESETS)} (default imagenette, or the one the output folder was "
+                     "built with).",
+    parser=_option("--preset", f"one of {', '.join(PRESETS)}", str), metavar="<str>")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun the stage(s) even if nothing changed.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check_device(device: str, option: str) -> None:
+    if device not in DEVICES:
+        raise AtlasError(f"{option} {device} is not one of {', '.join(DEVICES)}", f"use {option} auto")
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", help="auto | cpu | cuda (auto picks CUDA when a GPU is visible).",
+    parser=_option("--device", "auto, cpu or cuda", str, _check_device), metavar="<str>")]
+ExecutorOpt = Annotated[Optional[str], typer.Option(
+    "--executor", help="Where embed and render run: local (this process; the default) | ray (Ray workers; "
+                       "needs pip install 'atlasgen[ray]'). Default: [run] executor. Does not change results.",
+    parser=_option("--executor", "local or ray", str), metavar="<str>")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="Join the Ray cluster at this address (e.g. 10.0.0.5:6379, or auto); implies "
+                          "--executor ray. Without it, --executor ray starts a local Ray with this machine's "
+                          "resources.",
+    parser=_option("--ray-address", "an address (HOST:PORT, or auto)", str), metavar="<str>")]
 
 
 def handles_errors(fn):
@@ -75,6 +121,8 @@ def handles_errors(fn):
         except KeyboardInterrupt:
             _fail("interrupted", "run the same command again to resume where it stopped", code=130)
         except Exception as e:
+            if is_interrupt(e):  # Ctrl-C while DuckDB ran a statement (a long query, a stage's insert)
+                _fail("interrupted", "run the same command again to resume where it stopped", code=130)
             error = environment_error(e, kwargs.get("out"))
             if error is None:
                 raise
@@ -141,9 +189,7 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
             raise AtlasError(f"--model {model}: {why}", "pass a checkpoint folder written by save_pretrained, "
                              "or a Hugging Face id such as facebook/dinov3-vits16-pretrain-lvd1689m")
         overrides.setdefault("embed", {})["model"] = model
-    if device is not None:
-        if device not in ("auto", "cpu", "cuda"):
-            raise AtlasError(f"--device {device} is not one of auto, cpu, cuda", "use --device auto")
+    if device is not None:  # checked when read (DeviceOpt)
         for stage in ("embed", "train", "render", "probe"):
             overrides.setdefault(stage, {})["device"] = device
     # --preset starts over from that preset. Without it, what is not given now is what the folder was built
@@ -319,7 +365,8 @@ _stage_command("encode", "Encode embeddings with the SAE: activations, feature s
 def render(out: OutOpt = Path("build"), features: Annotated[Optional[str], typer.Option(
                "--features", help="Feature ids to render, e.g. 1,2,3: just those (n_seeds each), no images, "
                                   "pairs or ablation; other renders are kept. Also all | top:N | auto. Default: "
-                                  "the config's render.features.")] = None,
+                                  "the config's render.features.",
+               parser=_option("--features", "feature ids (1,2,3), all, top:N or auto", str), metavar="<str>")] = None,
            config: ConfigOpt = None, preset: PresetOpt = None, force: ForceOpt = False, quiet: QuietOpt = False,
            device: DeviceOpt = None, executor: ExecutorOpt = None, ray_address: RayAddressOpt = None):
     """Generate pictures by inversion: features, image embeddings, sums, slerps, orthogonalised pairs, ablation.
@@ -345,12 +392,15 @@ _stage_command("site", "Write the static site into OUT/site from the store.", "a
 
 @app.command()
 @handles_errors
-def decompose(images: Annotated[list[Path], typer.Argument(help="Image file(s) to decompose.", metavar="IMAGE")],
+def decompose(images: Annotated[list[Path], typer.Argument(
+                  help="Image file(s) to decompose.", metavar="IMAGE",
+                  parser=_option("an IMAGE argument", "the path of an image file"))],
               out: OutOpt = Path("build"),
               top: Annotated[int, typer.Option("--top", help="Show at most this many features per image "
                                                               "(0 = every active one).")] = 0,
               html: Annotated[Optional[Path], typer.Option(
-                  "--html", help="Also write a self-contained HTML page (pictures and CSS inline) to this file.")] = None,
+                  "--html", help="Also write a self-contained HTML page (pictures and CSS inline) to this file.",
+                  parser=_option("--html", "a file name", check=_check_file), metavar="<path>")] = None,
               quiet: QuietOpt = False, device: DeviceOpt = None):
     """Split any image into the atlas's SAE features: embed it with the store's model, encode it with the
     store's SAE (top-k as in encode) and print the active features, strongest first, with bars.
@@ -399,7 +449,8 @@ def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store 
 @app.command()
 @handles_errors
 def export(to: Annotated[Path, typer.Option("--to", help="Folder to write (new, empty, or an earlier export, "
-                                                         "which is replaced).")],
+                                                         "which is replaced).",
+                                          parser=_option("--to", "a folder", check=_check_folder), metavar="<path>")],
            out: OutOpt = Path("build")):
     """Export the store as open files: every table as Parquet, schema.json (columns, types, descriptions) and
     the SAE in the SAELens format (sae/cfg.json, sae/sae_weights.safetensors; input normalisation folded in).
@@ -466,7 +517,9 @@ def info(out: OutOpt = Path("build")):
 @handles_errors
 def serve(out: OutOpt = Path("build"),
           port: Annotated[int, typer.Option("--port", help="TCP port (0 picks a free one).")] = 8000,
-          host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for other machines.")]
+          host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 for other machines.",
+                                            parser=_option("--host", "an address, e.g. 127.0.0.1", str),
+                                            metavar="<str>")]
           = "127.0.0.1",
           verbose: Annotated[bool, typer.Option("--verbose", help="Log every request.")] = False):
     """Serve OUT/site over http (search and the feature listing need http, not file://); Ctrl-C stops.

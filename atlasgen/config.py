@@ -335,9 +335,17 @@ def preset_path(name: str) -> Path:
 
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale
     except FileNotFoundError:
         raise AtlasError(f"config file {path} does not exist", "check the --config path") from None
+    except IsADirectoryError:
+        raise AtlasError(f"config file {path} is a folder", "pass a TOML file to --config") from None
+    except UnicodeDecodeError as e:
+        raise AtlasError(f"config file {path} is not UTF-8 text (byte {e.start} is not UTF-8)",
+                         "save it as UTF-8, as TOML requires (not UTF-16 or another encoding)") from None
+    except OSError as e:
+        raise AtlasError(f"cannot read the config file {path}: {e.strerror or e}",
+                         "check the --config path and its permissions") from None
     except tomllib.TOMLDecodeError as e:
         raise AtlasError(f"{path} is not valid TOML: {e}", "fix the file (see docs/CONFIGURATION.md)") from None
 

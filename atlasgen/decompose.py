@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import mimetypes
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,17 +40,42 @@ def load_store_model(store, device: str = "auto") -> EmbeddingModel:
                                 models_dir=store.paths.models_dir)
 
 
-def load_image(path: Path) -> Image.Image:
-    """Read an image file as ingest does: EXIF rotation applied, RGB. Unreadable → DataLoadError."""
+def ingest_max_pixels(store) -> int:
+    """The pixel limit the store's images were ingested with (`ingest.max_pixels`)."""
+    from .config import IngestConfig
+    return int((store.stage_config("ingest") or {}).get("max_pixels", IngestConfig().max_pixels))
+
+
+def too_big_error(path: Path, reason: str) -> DataLoadError:
+    """An image over `ingest.max_pixels`, in ingest's words (`reason` from `ingest.too_many_pixels`)."""
+    return DataLoadError(f"{path}: {reason}", "shrink the picture first: decompose reads images as this store's "
+                                              "ingest did, with its ingest.max_pixels")
+
+
+def load_image(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Read an image file as ingest does: EXIF rotation applied, RGB. Unreadable → DataLoadError. With
+    `max_pixels` (the store's `ingest.max_pixels`), a picture with more pixels is refused as ingest refuses it,
+    before it is decoded and without Pillow's DecompressionBombWarning."""
+    from .stages.ingest import too_many_pixels
     path = Path(path)
     if not path.is_file():
         raise DataLoadError(f"{path} does not exist or is not a file", "pass the path of an image file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            if max_pixels:  # checked right below, against the store's own limit
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if max_pixels and im.width * im.height > max_pixels:
+                    raise too_big_error(path, too_many_pixels(im.width * im.height, max_pixels, im.size))
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        if max_pixels:  # Pillow refuses images over 2 × its own limit inside Image.open, before our check
+            found = re.search(r"\(([0-9]+) pixels\)", str(e))
+            raise too_big_error(path, too_many_pixels(int(found.group(1)) if found else None, max_pixels)) from None
+        raise DataLoadError(f"{path} is not a readable image ({e})", "shrink the picture first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         text = (str(e).splitlines()[0] if str(e) else type(e).__name__).replace(repr(str(path)), "").strip()
         raise DataLoadError(f"{path} is not a readable image ({text})",
                             "pass a JPEG, PNG, WebP or other image file Pillow can read") from None
@@ -69,9 +96,10 @@ def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> I
     try:
         rgb, _, _ = decode_rgb(path, max_pixels, corpus_side, small_draft_side=model_side)
     except SkipInput as e:
-        hint = ("shrink the picture first, or raise ingest.max_pixels" if "max_pixels" in str(e) else
-                "pass a JPEG, PNG, WebP or other image file Pillow can read")
-        raise DataLoadError(f"{path} is not a readable image ({e})", hint) from None
+        if "ingest.max_pixels" in str(e):
+            raise too_big_error(path, str(e)) from None
+        raise DataLoadError(f"{path} is not a readable image ({e})",
+                            "pass a JPEG, PNG, WebP or other image file Pillow can read") from None
     return rgb
 
 
@@ -182,7 +210,8 @@ def write_html(decs: list[Decomposition], html_path: Path, store, top: int | Non
                      "fraction": f["value"] / peak,
                      "picture": data_uri(f["picture"]) if f["picture"] else "",
                      "href": f"features/{f['feature_id']}.html"} for f in feats]
-        items.append({"image": {"src": image_data_uri(load_image(dec.image_path)), "name": dec.image_path.name,
+        image = load_image(dec.image_path, ingest_max_pixels(store))
+        items.append({"image": {"src": image_data_uri(image), "name": dec.image_path.name,
                                 "title": dec.image_path.name, "path": str(dec.image_path)},
                       "features": features, "n_active": len(dec.features)})
     use_partial = has_site and _has_template(env, "_decomposition.html")
@@ -212,9 +241,10 @@ def decompose_files(out_dir: Path, image_paths: list[Path], top: int | None = No
         raise AtlasError(f"--top {top} is negative", "pass --top 0 for every active feature, or a positive count")
     if not image_paths:
         raise AtlasError("no image given", "pass one or more image files: atlasgen decompose photo.jpg --out build/")
-    for path in image_paths:
-        load_image(path)
     with Store.open(out_dir, read_only=True) as store:
+        max_pixels = ingest_max_pixels(store)
+        for path in image_paths:
+            load_image(path, max_pixels)
         decomposer = Decomposer(store, device)
         decs = [decomposer(Path(p)) for p in image_paths]
         text = "\n\n".join(format_table(d, top) for d in decs)

@@ -46,6 +46,16 @@ def is_no_space(exc: BaseException) -> bool:
     return any(t in text for t in _NO_SPACE_TEXTS)
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` is Ctrl-C in a library's words: DuckDB turns the KeyboardInterrupt that arrives while a
+    statement runs into its own error (RuntimeError "Query interrupted"; duckdb.InterruptException)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if type(exc).__name__ == "InterruptException" and type(exc).__module__.lstrip("_").startswith("duckdb"):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc).strip() == "Query interrupted"
+
+
 def free_bytes(path) -> int | None:
     """Free space on the file system holding `path` (or its nearest existing parent)."""
     import shutil

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from importlib import resources
 
-from .errors import DiskFullError, disk_full_error, is_no_space
+from .errors import AtlasError, DiskFullError, disk_full_error, is_no_space
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,66 @@ class BuildPaths:
     @property
     def tmp_dir(self) -> Path:
         return self.out_dir / "tmp"
+
+
+# --- paths the user names: a file where a folder must be, or a folder that cannot be made ------------------
+def file_in_the_way(path: Path) -> Path | None:
+    """The file (or broken link) that stands at `path` or at one of its parent folders, so no folder can be
+    made there; None when there is none (the nearest existing one is a folder, or one cannot be looked at:
+    making the folder then says why)."""
+    path = Path(path)
+    try:
+        for candidate in (path, *path.parents):
+            if candidate.is_dir():
+                return None
+            if candidate.exists() or candidate.is_symlink():
+                return candidate
+    except OSError:  # e.g. a parent we may not look into
+        return None
+    return None
+
+
+def check_folder_target(path: Path, option: str) -> None:
+    """A folder option (`--out`, `--to`): it and its parents must be folders or not exist yet."""
+    path = Path(path)
+    blocker = file_in_the_way(path)
+    if blocker is None:
+        return
+    what = "a broken link" if blocker.is_symlink() and not blocker.exists() else "a file"
+    if blocker == path:
+        raise AtlasError(f"{option} {path} is {what}, not a folder",
+                         f"pass a folder for {option} (an existing one or a new name), or move the file away")
+    raise AtlasError(f"{option} {path} is inside {blocker}, which is {what}, not a folder",
+                     f"pass a path for {option} that is not inside a file")
+
+
+def check_file_target(path: Path, option: str) -> None:
+    """A file option that atlasgen writes (`--html`): not a folder, and its parents folders or new."""
+    path = Path(path)
+    if path.is_dir():
+        raise AtlasError(f"{option} {path} is a folder, not a file", f"pass a file name, e.g. {path / 'page.html'}")
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise AtlasError(f"{option} {path} is inside {blocker}, which is a file, not a folder",
+                         f"pass a path for {option} that is not inside a file")
+
+
+def cannot_create_error(path: Path, exc: OSError) -> AtlasError:
+    """The one line for a folder or file that could not be made: a file in the way, no permission, a
+    read-only or special file system (/proc), a full disk."""
+    if is_no_space(exc):
+        return disk_full_error(path)
+    blocker = file_in_the_way(path)
+    why = f"{blocker} is a file" if blocker is not None else (exc.strerror or str(exc))
+    return AtlasError(f"cannot create {path}: {why}", "pass a path in a folder you can write to")
+
+
+def make_folder(path: Path) -> None:
+    """`mkdir -p path`; a failure is a one-line AtlasError (`cannot_create_error`), not a traceback."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_create_error(Path(path), e) from None
 
 
 def templates_dir() -> Path:
@@ -224,7 +284,7 @@ def atomic_path(final_path: Path):
     """Yield a temp path beside `final_path`; rename it into place only if the block succeeds.
     A full disk becomes a DiskFullError naming `final_path` and the space left there."""
     final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(final_path.parent)
     tmp_path = temp_path(final_path)
     try:
         yield tmp_path
@@ -248,11 +308,14 @@ def atomic_dir(final_dir: Path):
     the two are exchanged in one step (renameat2 RENAME_EXCHANGE); elsewhere the old folder is first
     renamed to `.NAME.old<PID>` (which `sweep_stale_temps` puts back if the process dies right then)."""
     final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(final_dir.parent)
     tmp_dir = temp_path(final_dir)
     old_dir = temp_path(final_dir, "old")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
+    try:
+        tmp_dir.mkdir()
+    except OSError as e:
+        raise cannot_create_error(final_dir, e) from None
     try:
         yield tmp_dir
         if final_dir.exists() and exchange_paths(tmp_dir, final_dir):

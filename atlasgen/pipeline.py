@@ -14,7 +14,7 @@ from typing import Iterable
 
 from .artefacts import missing_artefacts
 from .config import AtlasConfig, config_hash, config_json
-from .errors import AtlasError
+from .errors import AtlasError, is_interrupt
 from .executor import make_executor
 from .paths import sweep_stale_temps
 from .progress import say
@@ -78,6 +78,9 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
             _record_end(store, name, "failed", e.message)
             raise
         except BaseException as e:
+            if is_interrupt(e):  # Ctrl-C that DuckDB turned into its own error: an interrupt all the same
+                _record_end(store, name, "interrupted", "interrupted by the user")
+                raise KeyboardInterrupt from e
             _record_end(store, name, "failed", f"{type(e).__name__}: {e}")
             raise
         summary["seconds"] = round(time.perf_counter() - t0, 2)

@@ -69,6 +69,8 @@ def make_server(site_dir: Path, host: str = "127.0.0.1", port: int = 8000,
                 verbose: bool = False) -> SiteServer:
     """A server for `site_dir` (not started: call serve_forever(), shutdown()). Port 0 picks a free port."""
     site_dir = Path(site_dir)
+    if not 0 <= port <= 65535:
+        raise AtlasError(f"--port {port} is not a TCP port", "pass a port from 1 to 65535, or 0 for a free one")
     if not (site_dir / "index.html").is_file():
         raise AtlasError(f"no site at {site_dir}", "build it first: atlasgen site --out OUT (or atlasgen build)")
     handler = functools.partial(type("Handler", (SiteHandler,), {"verbose": verbose}), directory=str(site_dir))

@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 
 from .errors import AtlasError, StoreDamagedError, StoreLockedError, StoreVersionError
-from .paths import BuildPaths
+from .paths import BuildPaths, make_folder
 
 
 def arrow_column(values: Any, arrow_type: Any = None) -> Any:
@@ -327,7 +327,7 @@ class Store:
         path = paths.store_path
         if read_only and not path.exists():
             raise AtlasError(f"no atlas store at {path}", "run `atlasgen build --out DIR` first, or pass the right --out")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         try:
             con = duckdb.connect(str(path), read_only=read_only)
         except duckdb.Error as e:

@@ -444,6 +444,29 @@ def test_oversized_image_is_skipped_during_ingest(tmp_path):
     assert "200,000,000 pixels" in reason and "ingest.max_pixels" in reason
 
 
+
+@pytest.mark.parametrize("width,height,max_pixels", [
+    (10_000, 10_000, None),           # over Pillow's limit, under 2 ×: Pillow only warns (then "truncated")
+    (20_000, 10_000, None),           # over 2 ×: Pillow refuses it first
+    (700, 700, 250_000),              # the store was ingested with a smaller ingest.max_pixels
+])
+def test_decompose_of_an_oversized_image_says_so_as_ingest_does(tmp_path, width, height, max_pixels):
+    import warnings
+    with Store.open(tmp_path / "out") as store:
+        if max_pixels is not None:
+            store.mark_stage_started("ingest", "0" * 16, json.dumps({"max_pixels": max_pixels}))
+            store.mark_stage_done("ingest", {})
+    image = tmp_path / "big.png"
+    image.write_bytes(png_header_only(width, height))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = runner.invoke(app, ["decompose", str(image), "--out", str(tmp_path / "out")])
+    from atlasgen.config import IngestConfig
+    limit = max_pixels or IngestConfig().max_pixels
+    assert_one_line_error(result, f"{width * height:,} pixels is more than ingest.max_pixels = {limit:,}")
+    assert "DecompressionBombWarning" not in result.output and "truncated" not in result.output
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+
 # --- missing artefacts ------------------------------------------------------------------------------------
 def test_missing_artefacts_names_what_is_gone(tmp_path):
     from atlasgen.artefacts import missing_artefacts
@@ -539,3 +562,111 @@ def test_a_failed_bulk_insert_raises_its_own_error(tmp_path):
                 store.insert_frame("no_such_table", {"a": [1, 2]})
         assert "no_such_table" in str(err.value)
         assert store.query("SELECT 1")[0][0] == 1  # the connection is usable afterwards
+
+
+
+# --- options that name paths: a file in the way is one line, before any work --------------------------------
+@pytest.mark.parametrize("command", [["ingest", "--preset", "tiny"], ["build", "--preset", "tiny"], ["info"],
+                                     ["query", "SELECT 1"], ["serve"], ["export", "--to", "export"],
+                                     ["decompose", "photo.png"]], ids=lambda c: c[0])
+@pytest.mark.parametrize("where", ["file", "inside-file"])
+def test_out_that_is_a_file_is_one_line(tmp_path, command, where):
+    (tmp_path / "somefile").write_text("not a folder")
+    out = tmp_path / "somefile" if where == "file" else tmp_path / "somefile" / "sub"
+    result = runner.invoke(app, [*command, "--out", str(out)])
+    assert_one_line_error(result, f"--out {out} is ", "is a file" if where == "file" else "which is a file")
+    assert (tmp_path / "somefile").read_text() == "not a folder"
+
+
+def test_export_to_and_decompose_html_that_cannot_be_written_are_one_line(tmp_path):
+    (tmp_path / "somefile").write_text("not a folder")
+    (tmp_path / "folder").mkdir()
+    Store.open(tmp_path / "out").close()  # an empty store: export gets as far as making its folder
+    out = ["--out", str(tmp_path / "out")]
+    result = runner.invoke(app, ["export", "--to", str(tmp_path / "somefile" / "sub"), *out])
+    assert_one_line_error(result, "--to", "which is a file")
+    result = runner.invoke(app, ["decompose", "photo.png", "--html", str(tmp_path / "folder"), *out])
+    assert_one_line_error(result, "--html", "is a folder, not a file")
+    result = runner.invoke(app, ["decompose", "photo.png", "--html", str(tmp_path / "somefile" / "x.html"), *out])
+    assert_one_line_error(result, "--html", "which is a file")
+    if Path("/proc/self").is_dir():  # a folder where nothing can be made (Linux): found when it is made
+        result = runner.invoke(app, ["export", "--to", "/proc/atlasgen-export", *out])
+        assert_one_line_error(result, "cannot create /proc/atlasgen-export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "out", "somefile"]
+
+
+# --- option values checked as they are read --------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["decompose", "photo.png"], ["embed"], ["render"], ["build"]],
+                         ids=lambda c: c[0])
+@pytest.mark.parametrize("device", ["gpu", "CPU"])
+def test_device_is_checked_by_every_command_that_takes_it(tmp_path, command, device):
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "out"), "--device", device])
+    assert_one_line_error(result, f"--device {device} is not one of auto, cpu, cuda")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1"])
+def test_serve_port_out_of_range_is_one_line(tmp_path, port):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<title>x</title>")
+    result = runner.invoke(app, ["serve", "--out", str(tmp_path), "--port", port])
+    assert_one_line_error(result, f"--port {port} is not a TCP port")
+
+
+def test_ctrl_c_inside_a_duckdb_statement_of_a_stage_is_an_interrupt(tmp_path, monkeypatch):
+    """DuckDB reports Ctrl-C during a statement as RuntimeError "Query interrupted": the stage is recorded
+    interrupted (not failed) and the command exits 130 with one line."""
+    from atlasgen.stages import ingest
+
+    def interrupted(cfg, store):
+        raise RuntimeError("Query interrupted")
+    monkeypatch.setattr(ingest, "candidates_for", interrupted)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["ingest", "--preset", "tiny", "--out", str(out), "--quiet"])
+    assert result.exit_code == 130 and "Traceback" not in result.output, (result.output, result.exception)
+    assert result.output.splitlines()[0] == "error: interrupted"
+    with Store.open(out, read_only=True) as store:
+        assert store.stage_row("ingest")["status"] == "interrupted"
+    assert json.loads(BuildPaths(out).status_path.read_text())["state"] == "interrupted"
+
+
+EMPTY_OPTIONS = [
+    (["ingest", "--preset", "tiny", "--images", ""], "--images"),   # was: the whole working folder, recursively
+    (["ingest", "--preset", "tiny", "--out", ""], "--out"),         # was: a build in the working folder
+    (["ingest", "--preset", "tiny", "--model", ""], "--model"),
+    (["ingest", "--preset", "tiny", "--config", ""], "--config"),   # was: the working folder as a config file
+    (["ingest", "--dataset", " "], "--dataset"),
+    (["ingest", "--preset", ""], "--preset"),
+    (["embed", "--ray-address", ""], "--ray-address"),
+    (["render", "--features", ""], "--features"),                  # was: silently the config's features
+    (["decompose", ""], "an IMAGE argument"),
+    (["decompose", "photo.png", "--html", ""], "--html"),
+    (["export", "--to", ""], "--to"),
+    (["serve", "--host", ""], "--host"),                            # was: listening on every interface
+]
+
+
+@pytest.mark.parametrize("args,option", EMPTY_OPTIONS, ids=[option for _, option in EMPTY_OPTIONS])
+def test_empty_path_or_name_option_is_one_line(tmp_path, monkeypatch, args, option):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photo.png").write_bytes(b"not read")
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, *out])
+    assert_one_line_error(result, f"error: {option} is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"], "nothing was made"
+
+
+def test_a_parent_that_cannot_be_looked_at_leaves_the_word_to_mkdir(tmp_path, monkeypatch):
+    """A parent folder we may not stat (EACCES; root cannot make one, so stat is made to refuse): the check
+    stands aside instead of raising, and making the folder says why in one line."""
+    real_stat = Path.stat
+    locked = tmp_path / "locked"
+
+    def stat(self, *args, **kwargs):
+        if self != locked and self.is_relative_to(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+    locked.mkdir()
+    monkeypatch.setattr(Path, "stat", stat)
+    assert paths_mod.file_in_the_way(locked / "out" / "sub") is None
+    paths_mod.check_folder_target(locked / "out", "--out")  # no error: mkdir will tell

@@ -415,6 +415,31 @@ def test_listing_keeps_the_sorted_path_order_and_leaves_out_our_label_files(tmp_
                        (str(folder / "notes."), "not an image file (extension none)")]
 
 
+
+@pytest.mark.parametrize("out_rel", ["build", "cat/out/build"])
+def test_output_folder_inside_the_image_folder_is_not_an_input(tmp_path, out_rel):
+    """`--out IMAGES/build`: the store, its .wal and status file, corpus copies and later stages' pictures are
+    neither skipped inputs nor images (a forced re-ingest would take in thumbnails and renders); a folder of the
+    same name elsewhere is still read, and the order of the rest is unchanged."""
+    images = tmp_path / "images"
+    for rel in ("cat/1.png", "cat/build/2.png", "dog/3.png", "dog/out/4.png"):
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 20), (len(rel) * 9, 0, 0)).save(images / rel)
+    out = images / out_rel
+    expected = [str(images / rel) for rel in ("cat/1.png", "cat/build/2.png", "dog/3.png", "dog/out/4.png")]
+    args = ["ingest", "--images", str(images), "--out", str(out), "--preset", "tiny", "--quiet"]
+    for run in ("first", "forced"):
+        if run == "forced":  # what later stages leave in the output folder, pictures included
+            (out / "thumbs").mkdir(exist_ok=True)
+            Image.new("RGB", (8, 8)).save(out / "thumbs" / "00000000.webp")
+            (out / "site").mkdir(exist_ok=True)
+            (out / "site" / "index.html").write_text("<title>x</title>")
+        result = CliRunner().invoke(app, args + (["--force"] if run == "forced" else []))
+        assert result.exit_code == 0, result.output
+        with Store.open(out, read_only=True) as store:
+            assert [r[0] for r in store.query("SELECT source FROM images ORDER BY image_id")] == expected, run
+            assert store.query("SELECT source FROM skipped_inputs") == [], run
+
 def test_ingest_summary_timeline_is_in_order(tmp_path):
     summary = _ingest_closed(tmp_path / "out", "tiny", n_tiny_images=12)
     timeline = summary["timeline_s"]

@@ -234,3 +234,42 @@ def test_read_only_statements_run(sandbox):
                           ("WITH x AS (SELECT 'AS (INSERT' AS \"AS (DELETE\") SELECT * FROM x", "INSERT")):
         result = query(out, sql)
         assert result.exit_code == 0 and expected in result.stdout, (sql, result.output)
+
+
+
+
+
+def test_ctrl_c_during_a_long_query_exits_130(small_out, monkeypatch):
+    """Ctrl-C while DuckDB runs a statement reaches us as DuckDB's own error (RuntimeError "Query
+    interrupted"): still exit 130 and one line, as Ctrl-C anywhere else."""
+    import _thread
+    import threading
+    connections = []
+    lock_down = Store.lock_down
+
+    def keep_connection(store):
+        connections.append(store.con)
+        lock_down(store)
+
+    def end_the_task():
+        # DuckDB looks for a signal between its tasks, and one task of this query can take minutes: end it, so
+        # DuckDB sees the pending Ctrl-C now (it still reports "Query interrupted", the Ctrl-C).
+        for con in connections:
+            try:
+                con.interrupt()
+            except Exception:  # the query already stopped and its connection is closed
+                pass
+    monkeypatch.setattr(Store, "lock_down", keep_connection)
+    ctrl_c = threading.Timer(1.0, _thread.interrupt_main)  # SIGINT as the terminal sends it, to the main thread
+    end_task = threading.Timer(1.5, end_the_task)
+    ctrl_c.start()
+    end_task.start()
+    try:
+        result = runner.invoke(app, ["query", "SELECT sum(hash(range)) FROM range(30000000000)",
+                                     "--out", str(small_out)])
+    finally:
+        ctrl_c.cancel()
+        end_task.join()
+    assert connections, "the query did not run"
+    assert result.exit_code == 130, (result.output, result.exception)
+    assert result.output.splitlines()[0] == "error: interrupted" and "Traceback" not in result.output

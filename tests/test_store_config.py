@@ -121,6 +121,24 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config("tiny", tmp_path / "broken.toml")
 
 
+
+@pytest.mark.parametrize("what,needle", [("folder", "is a folder"), ("utf-16", "not UTF-8"),
+                                         ("latin-1", "not UTF-8")])
+def test_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path, what, needle):
+    config = tmp_path / "atlas.toml"
+    if what == "folder":
+        config.mkdir()
+    else:
+        config.write_bytes('# café\n[train]\nn_steps = 7\n'.encode(what))  # UTF-16 starts with \xff\xfe
+    result = runner.invoke(app, ["ingest", "--preset", "tiny", "--config", str(config), "--out",
+                                 str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    lines = result.output.splitlines()
+    assert len([line for line in lines if line.startswith("error: ")]) == 1, result.output
+    assert any(line.startswith("hint: ") for line in lines), result.output
+    assert f"config file {config} " in result.output and needle in result.output
+    assert "Traceback" not in result.output
+
 def test_config_hash_ignores_fields_that_do_not_change_results():
     base = EmbedConfig(model="tiny")
     assert config_hash(base) == config_hash(EmbedConfig(model="tiny", batch_size=3, n_workers=9))

@@ -193,25 +193,29 @@ def _suffix(rel: str) -> str:
     return name[i:] if 0 < i < len(name) - 1 else ""
 
 
-def _walk_files(folder: Path) -> list[str]:
+def _walk_files(folder: Path, skip: Path | None = None) -> list[str]:
     """Every non-hidden file below `folder` as a posix path relative to it, in the order of its path's parts
-    (what sorting the Paths gave; image ids follow it). Hidden folders are not entered. Strings, not Paths: a
-    million-image folder is listed in seconds, not minutes."""
+    (what sorting the Paths gave; image ids follow it). Hidden folders are not entered, nor `skip` (the output
+    folder, when it lies inside the image folder). Strings, not Paths: a million-image folder is listed in
+    seconds, not minutes."""
     out: list[list[str]] = []  # each file's path parts
     top = os.fspath(folder)
+    skip_name = skip.name if skip is not None else None
     for root, dirs, files in os.walk(top):
-        dirs[:] = sorted(d for d in dirs if not _is_ignored(d))
+        dirs[:] = sorted(d for d in dirs if not _is_ignored(d) and not (d == skip_name and Path(root, d) == skip))
         prefix = "" if root == top else os.path.relpath(root, top).replace(os.sep, "/") + "/"
         out.extend((prefix + f).split("/") for f in files if not _is_ignored(f))
     out.sort()
     return ["/".join(parts) for parts in out]
 
 
-def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[str], str] | None = None
-                      ) -> tuple[list[Candidate], list[tuple[str, str]]]:
+def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[str], str] | None = None,
+                      out_dir: Path | None = None) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """(candidates, early skips) for a flat folder, a class-subfolder folder or ImageNet-val + labels_file. Each
     candidate reads its file by path, a string (`source_name(path)` gives its source; default the path itself):
-    with a Path per file, listing 50,000 files took 0.93–1.36 s on our CPU box, with strings 0.37–0.52 s."""
+    with a Path per file, listing 50,000 files took 0.93–1.36 s on our CPU box, with strings 0.37–0.52 s.
+    `out_dir`: the output folder, never listed when it lies inside `folder` (its store, corpus copies, renders
+    and site are atlasgen's outputs, not inputs)."""
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise DataLoadError(f"image folder {folder} {what}",
@@ -221,7 +225,12 @@ def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[st
     prefix = os.path.join(os.fspath(folder), "")  # the folder with one separator after it
     skipped: list[tuple[str, str]] = []
     images: list[str] = []  # paths relative to the folder, posix
-    for rel in _walk_files(folder):
+    skip = None
+    if out_dir is not None:
+        out_dir, real_folder = Path(out_dir).resolve(), folder.resolve()
+        if out_dir != real_folder and out_dir.is_relative_to(real_folder):
+            skip = Path(folder, out_dir.relative_to(real_folder))  # spelt as the walk spells its folders
+    for rel in _walk_files(folder, skip):
         suffix = _suffix(rel)
         if suffix.lower() in IMAGE_EXTENSIONS:
             images.append(rel)
@@ -400,7 +409,7 @@ def candidates_for(cfg: IngestConfig, store: Store) -> tuple[Iterable[Candidate]
         return cands, skipped, f"the tiny generated set ({cfg.n_tiny_images} images)"
     if kind == "folder":
         folder = Path(rest).expanduser().resolve()
-        cands, skipped = folder_candidates(folder, cfg)
+        cands, skipped = folder_candidates(folder, cfg, out_dir=store.paths.out_dir)
         return cands, skipped, f"folder {folder}"
     dataset, _, split = rest.partition(":")
     split = split or "train"
