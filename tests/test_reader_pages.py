@@ -4,7 +4,10 @@ cosines; a feature page shows examples from several activation ranges, its frequ
 listing starts with features that fire, sorts most first by frequency and strength, says when a filter matches
 nothing and counts "1 feature"; the overview gives "dead" one meaning; search results have thumbnails and do
 not repeat the label; a missing path gets the 404 page with status 404. No console errors or failed requests;
-screenshots go to test-artifacts/."""
+screenshots go to test-artifacts/. Then what a QA pass of the tiny build found: render ranks read from 1, a
+dead feature shows no quantiles, small activations keep their digits, the facts line keeps its spaces, the
+overview's Explore list names every page, a search or a filter for "#N" shows feature N first, the search keeps
+its query in the URL, the listing keeps its filter on Back, and a link to a pair that is not there says so."""
 from __future__ import annotations
 
 import re
@@ -272,3 +275,53 @@ def test_examples_by_band_follow_the_quantiles_and_skip_top_images(tiny_build):
         for band in range(3):
             values = [v for b, _, v, _ in rows if b == band]
             assert len(values) <= 4 and values == sorted(values, reverse=True)
+
+
+# --- a QA pass over the tiny build: what the pages say --------------------------------------------------------
+def _feature_pages(tiny_build) -> dict[int, str]:
+    return {int(p.stem): p.read_text() for p in (tiny_build / "site" / "features").glob("[0-9]*.html")}
+
+
+def test_render_ranks_count_from_one_like_the_frequency_rank(tiny_build):
+    """The store's self_rank is 0 for the top feature; the page reads "rank 1" there, as "#1 of N" does."""
+    with Store.open(tiny_build, read_only=True) as store:
+        ranks = store.query("SELECT feature_a, self_rank FROM renders WHERE kind = 'feature' AND self_rank IS NOT NULL")
+    top = sorted({fid for fid, rank in ranks if rank == 0})
+    assert top, "some render re-activates its feature most of all"
+    pages = _feature_pages(tiny_build)
+    assert not any("(rank 0)" in text for text in pages.values())
+    for fid in top[:10]:
+        renders = re.search(r'<section class="renders".*?</section>', pages[fid], re.S).group(0)
+        assert "(rank 1)" in renders
+
+
+def test_dead_feature_pages_show_no_quantiles(tiny_build, facts):
+    dead = [r["feature_id"] for r in facts["features"] if not (r["n_active"] or 0)]
+    assert dead, "the tiny build has dead features"
+    pages = _feature_pages(tiny_build)
+    for fid in dead:
+        histogram = re.search(r'<section class="histogram".*?</section>', pages[fid], re.S).group(0)
+        assert "no activations" in histogram and "quantiles" not in histogram
+    live = next(r["feature_id"] for r in facts["features"] if r["n_active"])
+    assert "quantiles: 50%" in pages[live]
+
+
+def test_small_activations_keep_their_digits(tiny_build):
+    """A value above 0 never prints as 0.000 (feature pages, decompositions), and a band whose lowest and
+    highest values print the same shows one value."""
+    with Store.open(tiny_build, read_only=True) as store:
+        smallest = store.scalar("SELECT min(value) FROM activations WHERE value > 0")
+    assert smallest < 0.0005, "the tiny build has activations that three decimals would print as 0.000"
+    site = tiny_build / "site"
+    texts = list(_feature_pages(tiny_build).values()) + [(site / "decompositions.html").read_text()]
+    shown = [v for text in texts for v in re.findall(r"act (-?[\d.]+(?:e-?\d+)?)(?![\d.e])", text)]
+    assert shown and not any(float(v) == 0 for v in shown), sorted(shown, key=float)[:5]
+    ranges = [m for text in texts for m in re.findall(r"\(act ([^)–]+)(?:–([^)]+))?\)", text)]
+    assert ranges and all(low != high for low, high in ranges)
+
+
+def test_feature_facts_keep_a_space_before_each_dot(tiny_build):
+    for fid, text in _feature_pages(tiny_build).items():
+        facts_line = re.sub(r"<[^>]+>", "", re.search(r'<p class="feature-facts".*?</p>', text, re.S).group(0))
+        assert not re.search(r"\S·|·\S", facts_line), f"feature {fid}: {facts_line!r}"
+
