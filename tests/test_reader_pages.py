@@ -325,3 +325,11 @@ def test_feature_facts_keep_a_space_before_each_dot(tiny_build):
         facts_line = re.sub(r"<[^>]+>", "", re.search(r'<p class="feature-facts".*?</p>', text, re.S).group(0))
         assert not re.search(r"\S·|·\S", facts_line), f"feature {fid}: {facts_line!r}"
 
+
+def test_overview_explore_lists_each_page_with_a_colon(tiny_build):
+    site = tiny_build / "site"
+    explore = re.search(r"<h2>Explore</h2>.*?</ul>", (site / "index.html").read_text(), re.S).group(0)
+    items = re.findall(r"<li>(.*?)</li>", explore, re.S)
+    assert items and all(re.match(r'<a href="[^"]+">[^<]+</a>: ', item) for item in items), items
+    assert ('href="query.html"' in explore) == (site / "query.html").is_file()
+
