@@ -333,3 +333,48 @@ def test_overview_explore_lists_each_page_with_a_colon(tiny_build):
     assert items and all(re.match(r'<a href="[^"]+">[^<]+</a>: ', item) for item in items), items
     assert ('href="query.html"' in explore) == (site / "query.html").is_file()
 
+
+# --- a QA pass over the tiny build: what the scripts do -------------------------------------------------------
+def _search_box(page, site_url):
+    _open(page, site_url + "search.html")
+    return ".pagefind-ui__search-input"
+
+
+def test_search_for_an_id_shows_that_feature_first(page, site_url, facts):
+    ids = [r["feature_id"] for r in facts["features"]]
+    labels = [r["label"] or "" for r in facts["features"]]
+    # Ids whose digits start other ids and appear in labels ("(1/2)", "(12/16)"): Pagefind's text ranking
+    # can put those other features first.
+    crowded = [i for i in ids if sum(str(j).startswith(str(i)) for j in ids) > 1
+               and sum(str(i) in label.replace("/", "") for label in labels) > 1][:3]
+    assert crowded
+    box = _search_box(page, site_url)
+    for fid in crowded:
+        for query in (f"#{fid}", str(fid)):
+            page.fill(box, query)
+            page.wait_for_function(
+                "fid => { const a = document.querySelector('.search-feature:not([hidden]) a, "
+                ".pagefind-ui__result-link'); return a && a.href.endsWith('/features/' + fid + '.html'); }",
+                arg=fid, timeout=10_000)
+    # A query that is not an id shows Pagefind's results only.
+    page.fill(box, "stripes")
+    page.wait_for_function("() => document.querySelector('.search-feature').hidden", timeout=10_000)
+    page.watch.assert_clean()
+
+
+def test_search_keeps_the_query_in_the_url(page, site_url, facts):
+    name = next(r["label_name"] for r in facts["features"] if r["label_name"])
+    box = _search_box(page, site_url)
+    for query in (name, "#1"):
+        page.fill(box, query)
+        page.wait_for_function("q => new URLSearchParams(location.search).get('q') === q", arg=query)
+    # A reload shows the same search; an emptied box leaves the URL without a query.
+    page.wait_for_load_state("networkidle")  # nothing in flight when the page reloads
+    page.reload(wait_until="load")
+    page.locator(".pagefind-ui__result").first.wait_for(timeout=10_000)
+    assert page.input_value(box) == "#1"
+    page.fill(box, "")
+    page.wait_for_function("() => !new URLSearchParams(location.search).has('q')")
+    # The reload and the emptied box may cancel pictures (and the favicon) still loading: not a failure.
+    assert not page.watch.console_errors and not page.watch.external
+
