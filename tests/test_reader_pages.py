@@ -378,3 +378,44 @@ def test_search_keeps_the_query_in_the_url(page, site_url, facts):
     # The reload and the emptied box may cancel pictures (and the favicon) still loading: not a failure.
     assert not page.watch.console_errors and not page.watch.external
 
+
+def _listing(page, site_url):
+    _open(page, site_url + "features/index.html")
+    page.wait_for_function("() => { const t = document.getElementById('feature-count').textContent;"
+                           " return t.length > 0 && !t.includes('loading'); }")
+
+
+def _hrefs(page) -> list[str]:
+    return [a.get_attribute("href") for a in page.locator("#feature-grid a.tile").all()]
+
+
+def test_listing_filter_by_hash_id_shows_only_that_feature(page, site_url, facts):
+    live = [r for r in facts["features"] if r["n_active"]]
+    # A live id whose digits are also in another feature's label ("… (8/12)").
+    fid = next(r["feature_id"] for r in live
+               if any(str(r["feature_id"]) in (o["label"] or "") for o in live if o is not r))
+    _listing(page, site_url)
+    page.fill("#feature-filter", f"#{fid}")
+    assert _hrefs(page) == [f"{fid}.html"]
+    page.watch.assert_clean()
+
+
+def test_listing_keeps_its_filter_and_sort_on_back(page, site_url, facts):
+    name = next(r["label_name"] for r in facts["features"] if r["label_name"] and r["n_active"])
+    _listing(page, site_url)
+    page.select_option("#feature-sort", "frequency")
+    page.fill("#feature-filter", name)
+    shown = _hrefs(page)
+    assert 0 < len(shown) < sum(1 for r in facts["features"] if r["n_active"])
+    _load_all_pictures(page)  # none in flight when the page is left
+    page.locator("#feature-grid a.tile").first.click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith("/features/" + shown[0])
+    _load_all_pictures(page)
+    page.go_back(wait_until="load")
+    page.wait_for_function("() => { const t = document.getElementById('feature-count').textContent;"
+                           " return t.length > 0 && !t.includes('loading'); }")
+    assert page.input_value("#feature-sort") == "frequency" and page.input_value("#feature-filter") == name
+    assert _hrefs(page) == shown
+    page.watch.assert_clean()
+
