@@ -419,3 +419,15 @@ def test_listing_keeps_its_filter_and_sort_on_back(page, site_url, facts):
     assert _hrefs(page) == shown
     page.watch.assert_clean()
 
+
+def test_a_link_to_a_pair_that_is_not_there_says_so(page, site_url):
+    _open(page, site_url + "combinations.html#pair-1-2")
+    keys = page.eval_on_selector_all("#pair-picker option", "os => os.map(o => o.value)")
+    assert keys and "1-2" not in keys
+    missing = page.locator("#pair-missing")
+    assert missing.is_visible() and "#1" in missing.inner_text() and "#2" in missing.inner_text()
+    shown = page.locator("section.pair:visible").get_attribute("id")
+    assert shown == f"pair-{keys[0]}" and page.url.endswith("#" + shown), "the URL names the pair shown"
+    page.click("#pair-next")
+    assert missing.is_hidden()
+    page.watch.assert_clean()
