@@ -32,6 +32,7 @@
     section.querySelector(".slerp-steps").hidden = true;
   });
 
+  var missing = document.getElementById("pair-missing");
   function select(key, updateHash) {
     var found = false;
     sections.forEach(function (s) {
@@ -39,7 +40,16 @@
       s.hidden = !on;
       found = found || on;
     });
-    if (!found) { return select(sections[0].dataset.key, false); }
+    missing.hidden = true;
+    if (!found) {
+      // A link to a pair that was not rendered (#pair-1-2): say so, and let the URL name the pair shown.
+      select(sections[0].dataset.key, true);
+      var ab = /^(\d+)-(\d+)$/.exec(key);
+      missing.textContent = (ab ? "No combination of #" + ab[1] + " and #" + ab[2] + " was rendered"
+                                : "There is no pair \u201c" + key + "\u201d") + "; showing the first pair.";
+      missing.hidden = false;
+      return;
+    }
     picker.value = key;
     if (updateHash) { history.replaceState(null, "", "#pair-" + key); }
   }

@@ -50,9 +50,13 @@
   function current() {
     var key = sortSel.value;
     var col = { id: 0, label: 1, frequency: 2, strength: 3 }[key];
-    var needle = filter.value.trim().toLowerCase().replace(/^#/, "");
+    var text = filter.value.trim().toLowerCase();
+    // "#12" names one feature by its id; without the "#", digits also match labels ("… (8/12)").
+    var byId = /^#\s*(\d+)$/.exec(text);
+    var needle = text.replace(/^#/, "");
     var list = rows.filter(function (r) {
       if (!showDead.checked && !r[4]) { return false; }
+      if (byId) { return r[0] === Number(byId[1]); }
       return !needle || String(r[0]) === needle || (r[1] || "").toLowerCase().indexOf(needle) >= 0;
     });
     list.sort(function (a, b) {

@@ -439,7 +439,7 @@
     var m = /^#?\s*(\d+)$/.exec(q);
     if (m) {
       var f = byId.get(parseInt(m[1], 10));
-      if (!f) { say("Feature #" + m[1] + " is not on the map (only the strongest " + feats.length + " are)."); return; }
+      if (!f) { notFound("Feature #" + m[1] + " is not on the map (only the strongest " + feats.length + " are)."); return; }
       show(f, "");
       return;
     }
@@ -448,12 +448,19 @@
     var hits = feats.filter(function (g) {
       return g.name.toLowerCase().indexOf(ql) >= 0 || g.label.toLowerCase().indexOf(ql) >= 0;
     });
-    if (!hits.length) { say("No feature on the map has a label with “" + q + "”."); return; }
+    if (!hits.length) { notFound("No feature on the map has a label with “" + q + "”."); return; }
     lastHit = ql === lastQuery ? (lastHit + 1) % hits.length : 0;
     lastQuery = ql;
     var hit = hits[lastHit];
     show(hit, (lastHit + 1) + " of " + hits.length + " matching “" + q + "”" +
          (hits.length > 1 ? " · Enter again for the next" : ""));
+  }
+  // A find that finds nothing closes the last find's card, which would otherwise still say "2 of 6 matching
+  // …" beside the "not found" line; the next find of that label starts again from its first match.
+  function notFound(message) {
+    closeCard();
+    lastQuery = ""; lastHit = -1;
+    say(message);
   }
   // The found feature's card says which match it is (the status line is for what was not found).
   function show(f, note) {

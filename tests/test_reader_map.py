@@ -203,13 +203,18 @@ def test_find_a_feature_by_id_and_by_label(reader, site_url, index, labels):
         find(reader, query, hits[1]["id"])
         assert settle(reader)["f"] == hits[1]["id"]
     save_screenshot(reader, f"reader-map-find-{reader.kind}")
-    # No match, and an id that is not on the map, say so.
+    # No match, and an id that is not on the map, say so, and close the last find's card ("2 of 6 matching …").
+    assert reader.locator(".map-card").is_visible()
     reader.fill(".map-find input", "no such label at all")
     reader.press(".map-find input", "Enter")
     reader.wait_for_function("() => /No feature/.test(document.querySelector('.map-status').textContent)")
+    assert reader.locator(".map-card").is_hidden()
+    find(reader, query, hits[0]["id"])
+    assert "1 of" in reader.locator(".map-card").inner_text(), "a find after a failed one starts from the first match"
     reader.fill(".map-find input", "999999")
     reader.press(".map-find input", "Enter")
     reader.wait_for_function("() => /not on the map/.test(document.querySelector('.map-status').textContent)")
+    assert reader.locator(".map-card").is_hidden()
     reader.watch.assert_clean()
 
 

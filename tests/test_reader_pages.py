@@ -4,7 +4,10 @@ cosines; a feature page shows examples from several activation ranges, its frequ
 listing starts with features that fire, sorts most first by frequency and strength, says when a filter matches
 nothing and counts "1 feature"; the overview gives "dead" one meaning; search results have thumbnails and do
 not repeat the label; a missing path gets the 404 page with status 404. No console errors or failed requests;
-screenshots go to test-artifacts/."""
+screenshots go to test-artifacts/. Then what a QA pass of the tiny build found: render ranks read from 1, a
+dead feature shows no quantiles, small activations keep their digits, the facts line keeps its spaces, the
+overview's Explore list names every page, a search or a filter for "#N" shows feature N first, the search keeps
+its query in the URL, the listing keeps its filter on Back, and a link to a pair that is not there says so."""
 from __future__ import annotations
 
 import re
@@ -272,3 +275,159 @@ def test_examples_by_band_follow_the_quantiles_and_skip_top_images(tiny_build):
         for band in range(3):
             values = [v for b, _, v, _ in rows if b == band]
             assert len(values) <= 4 and values == sorted(values, reverse=True)
+
+
+# --- a QA pass over the tiny build: what the pages say --------------------------------------------------------
+def _feature_pages(tiny_build) -> dict[int, str]:
+    return {int(p.stem): p.read_text() for p in (tiny_build / "site" / "features").glob("[0-9]*.html")}
+
+
+def test_render_ranks_count_from_one_like_the_frequency_rank(tiny_build):
+    """The store's self_rank is 0 for the top feature; the page reads "rank 1" there, as "#1 of N" does."""
+    with Store.open(tiny_build, read_only=True) as store:
+        ranks = store.query("SELECT feature_a, self_rank FROM renders WHERE kind = 'feature' AND self_rank IS NOT NULL")
+    top = sorted({fid for fid, rank in ranks if rank == 0})
+    assert top, "some render re-activates its feature most of all"
+    pages = _feature_pages(tiny_build)
+    assert not any("(rank 0)" in text for text in pages.values())
+    for fid in top[:10]:
+        renders = re.search(r'<section class="renders".*?</section>', pages[fid], re.S).group(0)
+        assert "(rank 1)" in renders
+
+
+def test_dead_feature_pages_show_no_quantiles(tiny_build, facts):
+    dead = [r["feature_id"] for r in facts["features"] if not (r["n_active"] or 0)]
+    assert dead, "the tiny build has dead features"
+    pages = _feature_pages(tiny_build)
+    for fid in dead:
+        histogram = re.search(r'<section class="histogram".*?</section>', pages[fid], re.S).group(0)
+        assert "no activations" in histogram and "quantiles" not in histogram
+    live = next(r["feature_id"] for r in facts["features"] if r["n_active"])
+    assert "quantiles: 50%" in pages[live]
+
+
+def test_small_activations_keep_their_digits(tiny_build):
+    """A value above 0 never prints as 0.000 (feature pages, decompositions), and a band whose lowest and
+    highest values print the same shows one value."""
+    with Store.open(tiny_build, read_only=True) as store:
+        smallest = store.scalar("SELECT min(value) FROM activations WHERE value > 0")
+    assert smallest < 0.0005, "the tiny build has activations that three decimals would print as 0.000"
+    site = tiny_build / "site"
+    texts = list(_feature_pages(tiny_build).values()) + [(site / "decompositions.html").read_text()]
+    shown = [v for text in texts for v in re.findall(r"act (-?[\d.]+(?:e-?\d+)?)(?![\d.e])", text)]
+    assert shown and not any(float(v) == 0 for v in shown), sorted(shown, key=float)[:5]
+    ranges = [m for text in texts for m in re.findall(r"\(act ([^)–]+)(?:–([^)]+))?\)", text)]
+    assert ranges and all(low != high for low, high in ranges)
+
+
+def test_feature_facts_keep_a_space_before_each_dot(tiny_build):
+    for fid, text in _feature_pages(tiny_build).items():
+        facts_line = re.sub(r"<[^>]+>", "", re.search(r'<p class="feature-facts".*?</p>', text, re.S).group(0))
+        assert not re.search(r"\S·|·\S", facts_line), f"feature {fid}: {facts_line!r}"
+
+
+def test_overview_explore_lists_each_page_with_a_colon(tiny_build):
+    site = tiny_build / "site"
+    explore = re.search(r"<h2>Explore</h2>.*?</ul>", (site / "index.html").read_text(), re.S).group(0)
+    items = re.findall(r"<li>(.*?)</li>", explore, re.S)
+    assert items and all(re.match(r'<a href="[^"]+">[^<]+</a>: ', item) for item in items), items
+    assert ('href="query.html"' in explore) == (site / "query.html").is_file()
+
+
+# --- a QA pass over the tiny build: what the scripts do -------------------------------------------------------
+def _search_box(page, site_url):
+    _open(page, site_url + "search.html")
+    return ".pagefind-ui__search-input"
+
+
+def test_search_for_an_id_shows_that_feature_first(page, site_url, facts):
+    ids = [r["feature_id"] for r in facts["features"]]
+    labels = [r["label"] or "" for r in facts["features"]]
+    # Ids whose digits start other ids and appear in labels ("(1/2)", "(12/16)"): Pagefind's text ranking
+    # can put those other features first.
+    crowded = [i for i in ids if sum(str(j).startswith(str(i)) for j in ids) > 1
+               and sum(str(i) in label.replace("/", "") for label in labels) > 1][:3]
+    assert crowded
+    box = _search_box(page, site_url)
+    for fid in crowded:
+        for query in (f"#{fid}", str(fid)):
+            page.fill(box, query)
+            page.wait_for_function(
+                "fid => { const a = document.querySelector('.search-feature:not([hidden]) a, "
+                ".pagefind-ui__result-link'); return a && a.href.endsWith('/features/' + fid + '.html'); }",
+                arg=fid, timeout=10_000)
+    # A query that is not an id shows Pagefind's results only.
+    page.fill(box, "stripes")
+    page.wait_for_function("() => document.querySelector('.search-feature').hidden", timeout=10_000)
+    page.watch.assert_clean()
+
+
+def test_search_keeps_the_query_in_the_url(page, site_url, facts):
+    name = next(r["label_name"] for r in facts["features"] if r["label_name"])
+    box = _search_box(page, site_url)
+    for query in (name, "#1"):
+        page.fill(box, query)
+        page.wait_for_function("q => new URLSearchParams(location.search).get('q') === q", arg=query)
+    # A reload shows the same search; an emptied box leaves the URL without a query.
+    page.wait_for_load_state("networkidle")  # nothing in flight when the page reloads
+    page.reload(wait_until="load")
+    page.locator(".pagefind-ui__result").first.wait_for(timeout=10_000)
+    assert page.input_value(box) == "#1"
+    page.fill(box, "")
+    page.wait_for_function("() => !new URLSearchParams(location.search).has('q')")
+    # The reload and the emptied box may cancel pictures (and the favicon) still loading: not a failure.
+    assert not page.watch.console_errors and not page.watch.external
+
+
+def _listing(page, site_url):
+    _open(page, site_url + "features/index.html")
+    page.wait_for_function("() => { const t = document.getElementById('feature-count').textContent;"
+                           " return t.length > 0 && !t.includes('loading'); }")
+
+
+def _hrefs(page) -> list[str]:
+    return [a.get_attribute("href") for a in page.locator("#feature-grid a.tile").all()]
+
+
+def test_listing_filter_by_hash_id_shows_only_that_feature(page, site_url, facts):
+    live = [r for r in facts["features"] if r["n_active"]]
+    # A live id whose digits are also in another feature's label ("… (8/12)").
+    fid = next(r["feature_id"] for r in live
+               if any(str(r["feature_id"]) in (o["label"] or "") for o in live if o is not r))
+    _listing(page, site_url)
+    page.fill("#feature-filter", f"#{fid}")
+    assert _hrefs(page) == [f"{fid}.html"]
+    page.watch.assert_clean()
+
+
+def test_listing_keeps_its_filter_and_sort_on_back(page, site_url, facts):
+    name = next(r["label_name"] for r in facts["features"] if r["label_name"] and r["n_active"])
+    _listing(page, site_url)
+    page.select_option("#feature-sort", "frequency")
+    page.fill("#feature-filter", name)
+    shown = _hrefs(page)
+    assert 0 < len(shown) < sum(1 for r in facts["features"] if r["n_active"])
+    _load_all_pictures(page)  # none in flight when the page is left
+    page.locator("#feature-grid a.tile").first.click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith("/features/" + shown[0])
+    _load_all_pictures(page)
+    page.go_back(wait_until="load")
+    page.wait_for_function("() => { const t = document.getElementById('feature-count').textContent;"
+                           " return t.length > 0 && !t.includes('loading'); }")
+    assert page.input_value("#feature-sort") == "frequency" and page.input_value("#feature-filter") == name
+    assert _hrefs(page) == shown
+    page.watch.assert_clean()
+
+
+def test_a_link_to_a_pair_that_is_not_there_says_so(page, site_url):
+    _open(page, site_url + "combinations.html#pair-1-2")
+    keys = page.eval_on_selector_all("#pair-picker option", "os => os.map(o => o.value)")
+    assert keys and "1-2" not in keys
+    missing = page.locator("#pair-missing")
+    assert missing.is_visible() and "#1" in missing.inner_text() and "#2" in missing.inner_text()
+    shown = page.locator("section.pair:visible").get_attribute("id")
+    assert shown == f"pair-{keys[0]}" and page.url.endswith("#" + shown), "the URL names the pair shown"
+    page.click("#pair-next")
+    assert missing.is_hidden()
+    page.watch.assert_clean()

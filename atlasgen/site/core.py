@@ -44,7 +44,8 @@ def make_env(nav: tuple[tuple[str, str], ...] = ()) -> Environment:
     env = Environment(loader=FileSystemLoader(str(paths_mod.templates_dir())), autoescape=True,
                       trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters.update({
-        "num": fmt_int, "fixed": fmt_fixed, "pct": fmt_pct, "url": url_path,
+        "num": fmt_int, "fixed": fmt_fixed, "pct": fmt_pct, "act": fmt_act, "act_range": fmt_act_range,
+        "url": url_path,
         "histogram_svg": histogram_svg, "line_svg": line_svg, "bar_svg": bar_svg, "minimap_svg": minimap_svg,
     })
     env.globals.update({"csp_meta": csp_meta(), "nav": nav})
@@ -57,6 +58,20 @@ def fmt_int(value: Any) -> str:
 
 def fmt_fixed(value: Any, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def fmt_act(value: Any) -> str:
+    """An activation value: three decimals, but three significant digits under 0.1 (and scientific notation
+    under 0.0001), so a feature that fires never reads "0.000" (ReLU/top-k activations can be tiny)."""
+    if value is None or math.isnan(float(value)):
+        return "–"
+    return f"{value:#.3g}" if 0 < abs(value) < 0.1 else f"{value:.3f}"
+
+
+def fmt_act_range(low: Any, high: Any) -> str:
+    """"low–high" of activation values, or one value when both ends print the same."""
+    a, b = fmt_act(low), fmt_act(high)
+    return a if a == b else f"{a}–{b}"
 
 
 def fmt_pct(value: Any, digits: int = 1) -> str:

@@ -8,6 +8,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from ...config import SiteConfig
 from ...progress import bar
 from ..core import SiteWriter
 from ..data import SiteData
@@ -97,11 +98,21 @@ def write_feature_pages(writer: SiteWriter, data: SiteData) -> None:
                                                     "site_title": writer.cfg.title, **ctx}))
 
 
+def chunk_first_ids(data: SiteData, cfg: SiteConfig) -> list[int]:
+    """The first feature id of each `data-NNN.json` chunk (features by id), so a page can fetch the chunk that
+    holds a given id (the search page, for a query that is an id)."""
+    return [f["feature_id"] for f in data.features[::_chunk_size(cfg)]]
+
+
+def _chunk_size(cfg: SiteConfig) -> int:
+    return max(1, int(cfg.chunk_size))
+
+
 def write_listing(writer: SiteWriter, data: SiteData) -> None:
     """features/index.html (first page, sort/filter script), page-NNN.html (static pages), data-NNN.json."""
     cfg = writer.cfg
     per_page = max(1, int(cfg.features_per_page))
-    chunk = max(1, int(cfg.chunk_size))
+    chunk = _chunk_size(cfg)
     feats = data.features
     n_pages = max(1, math.ceil(len(feats) / per_page))
     n_chunks = math.ceil(len(feats) / chunk)

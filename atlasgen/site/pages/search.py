@@ -8,10 +8,12 @@ from pathlib import Path
 from ...errors import AtlasError
 from ..core import SiteWriter
 from ..data import SiteData
+from .features import chunk_first_ids
 
 
 def write_search(writer: SiteWriter, data: SiteData) -> None:
-    writer.render("search.html", "search.html", {"search_index": writer.cfg.search_index})
+    writer.render("search.html", "search.html", {"search_index": writer.cfg.search_index,
+                                                 "chunk_starts": chunk_first_ids(data, writer.cfg)})
 
 
 def index_search(site_dir: Path) -> None:
