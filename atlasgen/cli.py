@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import PRESETS, AtlasConfig, load_config, load_toml
+from .config import DEVICES, PRESETS, AtlasConfig, load_config, load_toml
 from .errors import AtlasError, StageInputError, is_interrupt
+from .paths import check_file_target, check_folder_target
 from .progress import say, set_quiet
 
 app = typer.Typer(
@@ -55,18 +56,8 @@ def _option(option: str, what: str, convert=Path, check=None):
     return parse
 
 
-def _check_folder(path: Path, option: str) -> None:
-    from .paths import check_folder_target
-    check_folder_target(path, option)
-
-
-def _check_file(path: Path, option: str) -> None:
-    from .paths import check_file_target
-    check_file_target(path, option)
-
-
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder: holds atlas.duckdb, pictures and site/.",
-                                      parser=_option("--out", "a folder", check=_check_folder),
+                                      parser=_option("--out", "a folder", check=check_folder_target),
                                       metavar="<path>")]
 ImagesOpt = Annotated[Optional[Path], typer.Option(
     "--images", help="Image folder to ingest: flat, one sub-folder per class, or ImageNet val (set "
@@ -88,7 +79,6 @@ PresetOpt = Annotated[Optional[str], typer.Option(
     parser=_option("--preset", f"one of {', '.join(PRESETS)}", str), metavar="<str>")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun the stage(s) even if nothing changed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def _check_device(device: str, option: str) -> None:
@@ -118,10 +108,8 @@ def handles_errors(fn):
             return fn(*args, **kwargs)
         except AtlasError as e:
             _fail(e.message, e.hint)
-        except KeyboardInterrupt:
-            _fail("interrupted", "run the same command again to resume where it stopped", code=130)
-        except Exception as e:
-            if is_interrupt(e):  # Ctrl-C while DuckDB ran a statement (a long query, a stage's insert)
+        except (KeyboardInterrupt, Exception) as e:
+            if is_interrupt(e):  # Ctrl-C, also while DuckDB ran a statement (a long query, a stage's insert)
                 _fail("interrupted", "run the same command again to resume where it stopped", code=130)
             error = environment_error(e, kwargs.get("out"))
             if error is None:
@@ -196,8 +184,9 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
     # with: `--config title.toml` on a tiny build layers the file on the tiny preset and keeps its corpus,
     # rather than starting over from the default preset (which reset the tiny build's tables). A
     # `preset = "..."` in the --config file counts as given.
+    config_data = load_toml(config) if config is not None else {}
     if preset is None and config is not None:
-        preset = _preset_in(config)
+        preset = _preset_in(config, config_data)
     remembered = (store.remembered_build() or {}) if preset is None else {}
     preset = preset or remembered.get("preset")
     kept = remembered.get("overrides", {})
@@ -208,7 +197,7 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
                              "pass --config FILE (or put the file back), or --preset NAME to start from a preset")
     elif config is not None:
         # The new file's options win over options remembered from earlier command lines.
-        kept = _without(kept, load_toml(config))
+        kept = _without(kept, config_data)
     given = _merge_overrides(overrides, extra or {})  # this command line's
     overrides = _merge_overrides(kept, overrides)
     _load_naming_flags(preset or "imagenette", config, overrides, given)  # validate before remembering
@@ -252,9 +241,9 @@ def run_options(executor: str | None, ray_address: str | None) -> dict:
     return {"run": run} if run else {}
 
 
-def _preset_in(config: Path) -> str | None:
-    """The `preset = "..."` at the top of a --config file, if any."""
-    preset = load_toml(config).get("preset")
+def _preset_in(config: Path, config_data: dict) -> str | None:
+    """The `preset = "..."` at the top of a --config file (`config_data`, its contents), if any."""
+    preset = config_data.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise AtlasError(f"preset in {config} is not a name", 'write it as preset = "tiny" (or imagenette, imagenet)')
     return preset
@@ -400,7 +389,7 @@ def decompose(images: Annotated[list[Path], typer.Argument(
                                                               "(0 = every active one).")] = 0,
               html: Annotated[Optional[Path], typer.Option(
                   "--html", help="Also write a self-contained HTML page (pictures and CSS inline) to this file.",
-                  parser=_option("--html", "a file name", check=_check_file), metavar="<path>")] = None,
+                  parser=_option("--html", "a file name", check=check_file_target), metavar="<path>")] = None,
               quiet: QuietOpt = False, device: DeviceOpt = None):
     """Split any image into the atlas's SAE features: embed it with the store's model, encode it with the
     store's SAE (top-k as in encode) and print the active features, strongest first, with bars.
@@ -450,7 +439,8 @@ def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store 
 @handles_errors
 def export(to: Annotated[Path, typer.Option("--to", help="Folder to write (new, empty, or an earlier export, "
                                                          "which is replaced).",
-                                          parser=_option("--to", "a folder", check=_check_folder), metavar="<path>")],
+                                          parser=_option("--to", "a folder", check=check_folder_target),
+                                          metavar="<path>")],
            out: OutOpt = Path("build")):
     """Export the store as open files: every table as Parquet, schema.json (columns, types, descriptions) and
     the SAE in the SAELens format (sae/cfg.json, sae/sae_weights.safetensors; input normalisation folded in).

@@ -203,6 +203,7 @@ def write_html(decs: list[Decomposition], html_path: Path, store, top: int | Non
     `_decomposition.html` partial when the site module provides it."""
     env, has_site = _site_env()
     items = []
+    max_pixels = ingest_max_pixels(store)
     for dec in decs:
         feats = dec.features[:top] if top else dec.features
         peak = (feats[0]["value"] if feats else 1.0) or 1.0
@@ -210,7 +211,7 @@ def write_html(decs: list[Decomposition], html_path: Path, store, top: int | Non
                      "fraction": f["value"] / peak,
                      "picture": data_uri(f["picture"]) if f["picture"] else "",
                      "href": f"features/{f['feature_id']}.html"} for f in feats]
-        image = load_image(dec.image_path, ingest_max_pixels(store))
+        image = load_image(dec.image_path, max_pixels)
         items.append({"image": {"src": image_data_uri(image), "name": dec.image_path.name,
                                 "title": dec.image_path.name, "path": str(dec.image_path)},
                       "features": features, "n_active": len(dec.features)})

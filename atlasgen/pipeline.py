@@ -14,9 +14,9 @@ from typing import Iterable
 
 from .artefacts import missing_artefacts
 from .config import AtlasConfig, config_hash, config_json
-from .errors import AtlasError, is_interrupt
+from .errors import AtlasError, ModelLoadError, is_interrupt
 from .executor import make_executor
-from .paths import sweep_stale_temps
+from .paths import missing_model_folder, sweep_stale_temps
 from .progress import say
 from .stages import REGISTRY
 from .status import enter_stage, keeps_build_status
@@ -71,15 +71,14 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         try:
             extra = {"executor": executor} if stage.executor else {}
             summary = dict(stage.run(cfg.stage(name), store, **extra) or {})
-        except KeyboardInterrupt:
-            _record_end(store, name, "interrupted", "interrupted by the user")
-            raise
         except AtlasError as e:
             _record_end(store, name, "failed", e.message)
             raise
         except BaseException as e:
-            if is_interrupt(e):  # Ctrl-C that DuckDB turned into its own error: an interrupt all the same
+            if is_interrupt(e):  # Ctrl-C, also when DuckDB turned it into its own error
                 _record_end(store, name, "interrupted", "interrupted by the user")
+                if isinstance(e, KeyboardInterrupt):
+                    raise
                 raise KeyboardInterrupt from e
             _record_end(store, name, "failed", f"{type(e).__name__}: {e}")
             raise
@@ -101,8 +100,6 @@ def _preflight(cfg: AtlasConfig, stage) -> None:
         resolve_device(device)
     model_ref = getattr(stage_cfg, "model", None)
     if isinstance(model_ref, str):
-        from .errors import ModelLoadError
-        from .paths import missing_model_folder
         why = missing_model_folder(model_ref)
         if why:
             raise ModelLoadError(f"[{stage.name}] model: {why}", "pass --model PATH to a checkpoint folder that "

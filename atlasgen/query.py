@@ -26,6 +26,7 @@ from .errors import AtlasError
 
 FORMATS = ("table", "csv", "json", "markdown")
 EXAMPLE = 'atlasgen query "SELECT feature_id, label FROM features ORDER BY strength DESC LIMIT 10"'
+WRITE_HINT = "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)"
 READ_ONLY_HINT = ("atlasgen query runs SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN and read-only PRAGMAs; "
                   "`atlasgen export --to DIR` writes the tables as Parquet")
 
@@ -116,19 +117,16 @@ def refusal(text: str, type_name: str) -> AtlasError | None:
                                                   ["MERGE"]):
         name = type_name.replace("_", " ") if type_name in _WRITE_TYPES and words[:1] == ["WITH"] else \
             (words[0] if words else type_name)
-        return AtlasError(f"refused: {name}: the store is read-only here",
-                          "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
+        return AtlasError(f"refused: {name}: the store is read-only here", WRITE_HINT)
     cte_write = _CTE_WRITE.search(_strip_quoted(text))
     if cte_write:
-        return AtlasError(f"refused: {cte_write.group(1).upper()} inside WITH: the store is read-only here",
-                          "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
+        return AtlasError(f"refused: {cte_write.group(1).upper()} inside WITH: the store is read-only here", WRITE_HINT)
     if type_name == "MULTI":
         if words[:1] and words[0] in _MULTI_READ_WORDS:
             return None
         return AtlasError(f"refused: {' '.join(words[:2]) or type_name}: not a read-only query", READ_ONLY_HINT)
     if re.search(r"\b(force_)?checkpoint\s*\(", _strip_comments(text), flags=re.I):
-        return AtlasError("refused: checkpoint(): the store is read-only here",
-                          "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
+        return AtlasError("refused: checkpoint(): the store is read-only here", WRITE_HINT)
     if type_name == "PRAGMA":
         name = words[1].lower() if len(words) > 1 else ""
         if name not in _INFO_PRAGMAS or "=" in text:
@@ -211,8 +209,7 @@ def explain_error(e: duckdb.Error, store, sql: str = "") -> AtlasError:
         return AtlasError(f"refused: changing the setting {m.group(1) if m else ''}".rstrip() +
                           ": atlasgen query changes no settings", READ_ONLY_HINT)
     if "read-only mode" in text:  # a write the check above did not see; the connection refused it
-        return AtlasError("refused: the query writes: the store is read-only here",
-                          "query it with SELECT; to change the store, rerun a stage (e.g. `atlasgen encode`)")
+        return AtlasError("refused: the query writes: the store is read-only here", WRITE_HINT)
     tables = store.table_names()
     m = re.search(r"Table with name (\S+) does not exist", text)
     if isinstance(e, duckdb.CatalogException) and m and re.search(r"[./\\:*]", m.group(1)):
