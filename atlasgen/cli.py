@@ -9,7 +9,7 @@ import typer
 
 from .config import DEVICES, PRESETS, AtlasConfig, load_config, load_toml
 from .errors import AtlasError, StageInputError, is_interrupt
-from .paths import check_file_target, check_folder_target
+from .paths import BuildPaths, check_file_target, check_folder_target
 from .progress import say, set_quiet
 
 app = typer.Typer(
@@ -126,7 +126,6 @@ def environment_error(exc: BaseException, out: Path | None) -> AtlasError | None
 
     from .errors import disk_full_error, is_no_space
     if isinstance(exc, duckdb.Error) and out is not None:
-        from .paths import BuildPaths
         from .store import classify_store_error
         return classify_store_error(exc, BuildPaths(Path(out)).store_path)
     if is_no_space(exc):
@@ -147,7 +146,6 @@ def _open_store(out: Path, read_only: bool = False):
 def _lock_error(out: Path, e):
     """A locked store's error; when the lock is a running build's, one that says how far that build is."""
     from .errors import StoreLockedError
-    from .paths import BuildPaths
     from .status import brief, running_build
     doc = running_build(BuildPaths(Path(out)), e.pid)
     if doc is None:
@@ -280,6 +278,9 @@ def _run(stages: list[str], out: Path, preset, config, images, dataset, model, d
     from .pipeline import run_stages
     set_quiet(quiet)
     _quiet_libraries()
+    if not BuildPaths(out).store_path.exists():
+        # A new output folder: check the config before creating it, so a typo leaves nothing behind.
+        make_config(_NothingRemembered(), preset, config, images, dataset, model, device, extra)
     with _open_store(out) as store:
         cfg = make_config(store, preset, config, images, dataset, model, device, extra)
         _check_inputs(store, stages)
@@ -290,6 +291,15 @@ def _run(stages: list[str], out: Path, preset, config, images, dataset, model, d
         typer.echo(f"{n_skipped} input(s) were skipped; see: atlasgen query \"SELECT * FROM skipped_inputs\" "
                    f"--out {out}", err=True)
     return summaries
+
+
+class _NothingRemembered:
+    """make_config's view of an output folder that has no store yet: nothing built, nothing to remember."""
+    read_only = True
+
+    @staticmethod
+    def remembered_build() -> None:
+        return None
 
 
 def _quiet_libraries() -> None:
@@ -469,7 +479,6 @@ def info(out: OutOpt = Path("build")):
     """
     from .stages import REGISTRY
     from .errors import StoreLockedError
-    from .paths import BuildPaths
     from .status import describe, read_status, running_build
     from .store import OUTPUT_TABLES_ALL
     paths = BuildPaths(Path(out))

@@ -107,6 +107,8 @@ def test_a_bad_value_names_the_flag_it_came_from_or_the_section(tmp_path):
     bad.write_text('[render]\nfeatures = "abc"\n')
     result = runner.invoke(app, ["render", "--preset", "tiny", "--config", str(bad), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "in the [render] section" in result.output, result.output
+    # A new output folder is not created for a command whose config is refused.
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_config_errors_name_the_problem(tmp_path):
