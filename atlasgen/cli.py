@@ -278,6 +278,9 @@ def _run(stages: list[str], out: Path, preset, config, images, dataset, model, d
     from .pipeline import run_stages
     set_quiet(quiet)
     _quiet_libraries()
+    if images is not None:  # before a store is made in the image folder
+        from .stages.ingest import check_not_output_folder
+        check_not_output_folder(images, out)
     if not BuildPaths(out).store_path.exists():
         # A new output folder: check the config before creating it, so a typo leaves nothing behind.
         make_config(_NothingRemembered(), preset, config, images, dataset, model, device, extra)

@@ -440,6 +440,23 @@ def test_output_folder_inside_the_image_folder_is_not_an_input(tmp_path, out_rel
             assert [r[0] for r in store.query("SELECT source FROM images ORDER BY image_id")] == expected, run
             assert store.query("SELECT source FROM skipped_inputs") == [], run
 
+def test_output_folder_that_is_the_image_folder_is_refused(tmp_path):
+    """`--out` equal to `--images` (spelt differently), or a config's folder source equal to --out: one line, exit
+    2, and no store is made among the images."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (24, 20)).save(images / "1.png")
+    result = CliRunner().invoke(app, ["ingest", "--images", str(images), "--out", str(tmp_path / "x" / ".." / "images"),
+                                      "--preset", "tiny", "--quiet"])
+    assert result.exit_code == 2 and "is the image folder" in result.output, result.output
+    assert sorted(p.name for p in images.iterdir()) == ["1.png"]
+    config = tmp_path / "atlas.toml"
+    config.write_text(f'[ingest]\nsource = "folder:{images}"\n')
+    result = CliRunner().invoke(app, ["ingest", "--config", str(config), "--out", str(images), "--preset", "tiny",
+                                      "--quiet"])
+    assert result.exit_code == 2 and "is the image folder" in result.output, result.output
+
+
 def test_ingest_summary_timeline_is_in_order(tmp_path):
     summary = _ingest_closed(tmp_path / "out", "tiny", n_tiny_images=12)
     timeline = summary["timeline_s"]

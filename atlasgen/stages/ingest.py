@@ -220,6 +220,7 @@ def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[st
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise DataLoadError(f"image folder {folder} {what}",
                             "pass --images FOLDER (or set ingest.source = \"folder:PATH\"), or try --preset tiny")
+    check_not_output_folder(folder, out_dir)
     name = source_name or (lambda path: path)
     own_files = {Path(f).resolve() for f in (cfg.labels_file, cfg.label_names_file) if f}
     prefix = os.path.join(os.fspath(folder), "")  # the folder with one separator after it
@@ -249,6 +250,15 @@ def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[st
         path = _joined(prefix, rel)
         candidates.append(Candidate(name(path), names.get(label, label) if label is not None else None, path))
     return candidates, skipped
+
+
+def check_not_output_folder(folder: Path, out_dir: Path | None) -> None:
+    """Refuse an output folder that is the image folder itself: every later ingest would read the store,
+    corpus copies, thumbnails and renders back as inputs (an output folder inside it is fine: it is not listed)."""
+    if out_dir is not None and Path(out_dir).resolve() == folder.resolve():
+        raise DataLoadError(f"the output folder {out_dir} is the image folder, so atlasgen's outputs would be read "
+                            "back as images",
+                            f"pass another --out, outside the images or inside them (e.g. --out {Path(folder, 'build')})")
 
 
 def _joined(prefix: str, rel: str) -> str:
