@@ -56,12 +56,12 @@ def load_image(path: Path, max_pixels: int | None = None) -> Image.Image:
     """Read an image file as ingest does: EXIF rotation applied, RGB. Unreadable → DataLoadError. With
     `max_pixels` (the store's `ingest.max_pixels`), a picture with more pixels is refused as ingest refuses it,
     before it is decoded and without Pillow's DecompressionBombWarning."""
-    from .stages.ingest import too_many_pixels
+    from .stages.ingest import pixel_limit, too_many_pixels
     path = Path(path)
     if not path.is_file():
         raise DataLoadError(f"{path} does not exist or is not a file", "pass the path of an image file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), pixel_limit(max_pixels or 0):
             if max_pixels:  # checked right below, against the store's own limit
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
@@ -71,7 +71,7 @@ def load_image(path: Path, max_pixels: int | None = None) -> Image.Image:
                 im = ImageOps.exif_transpose(im)
                 return im.convert("RGB")
     except Image.DecompressionBombError as e:
-        if max_pixels:  # Pillow refuses images over 2 × its own limit inside Image.open, before our check
+        if max_pixels:  # over 2 × max_pixels: Pillow refuses it inside Image.open, before our check
             found = re.search(r"\(([0-9]+) pixels\)", str(e))
             raise too_big_error(path, too_many_pixels(int(found.group(1)) if found else None, max_pixels)) from None
         raise DataLoadError(f"{path} is not a readable image ({e})", "shrink the picture first") from None
@@ -86,7 +86,7 @@ def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> I
     shorter side down to `ingest.corpus_side`, the same JPEG drafts). Ingest's JPEG re-encode of the corpus
     copy is a storage step and is skipped, so a corpus file decomposes to exactly its stored rows."""
     from .config import IngestConfig
-    from .stages.ingest import SkipInput, decode_rgb
+    from .stages.ingest import SkipInput, decode_rgb, pixel_limit
     ingest_cfg = stage_config(store, "ingest")
     max_pixels = int(ingest_cfg.get("max_pixels", IngestConfig().max_pixels))
     corpus_side = int(ingest_cfg.get("corpus_side", IngestConfig().corpus_side))
@@ -94,7 +94,8 @@ def normalise_like_ingest(store, path: Path, model_side: int | None = None) -> I
     if not path.is_file():
         raise DataLoadError(f"{path} does not exist or is not a file", "pass the path of an image file")
     try:
-        rgb, _, _ = decode_rgb(path, max_pixels, corpus_side, small_draft_side=model_side)
+        with pixel_limit(max_pixels):
+            rgb, _, _ = decode_rgb(path, max_pixels, corpus_side, small_draft_side=model_side)
     except SkipInput as e:
         if "ingest.max_pixels" in str(e):
             raise too_big_error(path, str(e)) from None

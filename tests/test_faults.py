@@ -467,6 +467,22 @@ def test_decompose_of_an_oversized_image_says_so_as_ingest_does(tmp_path, width,
     assert "DecompressionBombWarning" not in result.output and "truncated" not in result.output
     assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
 
+
+def test_decompose_reads_what_the_store_s_max_pixels_allows_over_pillow_s_own_limit(tmp_path, monkeypatch):
+    """A store ingested with a max_pixels over twice Pillow's limit: decompose reads what ingest accepted
+    (Pillow's own refusal is lifted to the store's limit while it reads, as ingest does), then restores it."""
+    from atlasgen.decompose import load_image, normalise_like_ingest
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # stands for Pillow's 89 M: 60 × 60 is over 2 ×
+    with Store.open(tmp_path / "out") as store:
+        store.mark_stage_started("ingest", "0" * 16, json.dumps({"max_pixels": 5_000, "corpus_side": 32}))
+        store.mark_stage_done("ingest", {})
+        image = tmp_path / "big.png"
+        Image.new("RGB", (60, 60), "red").save(image)
+        assert load_image(image, 5_000).size == (60, 60)
+        assert normalise_like_ingest(store, image).size == (32, 32)
+    assert Image.MAX_IMAGE_PIXELS == 1_000
+
+
 # --- missing artefacts ------------------------------------------------------------------------------------
 def test_missing_artefacts_names_what_is_gone(tmp_path):
     from atlasgen.artefacts import missing_artefacts

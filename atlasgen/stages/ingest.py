@@ -8,6 +8,7 @@ source order, so the same corpus always gets the same ids.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -100,6 +101,18 @@ def _greyscale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
         else:
             scaled = (arr - lo) / max(hi - lo, 1e-12) * 255.0
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int):
+    """Pillow refuses pictures over 2 × Image.MAX_IMAGE_PIXELS inside Image.open, before our own check against
+    `max_pixels` (the one that counts): raise Pillow's limit to ours meanwhile."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, pil_limit or 0)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def too_many_pixels(n_pixels: int | None, max_pixels: int, size: tuple[int, int] | None = None) -> str:
@@ -453,10 +466,6 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     shutil.rmtree(incoming_dir, ignore_errors=True)  # left by a killed run
     incoming_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {k: [] for k in ("image_id", "source", "label", "width", "height", "corpus_path")}
-    # PIL refuses images over 2 × MAX_IMAGE_PIXELS on its own; our max_pixels check is the one that counts.
-    # Set before the workers fork, so they inherit it.
-    pil_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max(cfg.max_pixels, pil_limit or 0)
     if total is None:  # streamed: load it (where that fails, fail fast) before workers and kernels start
         stream = iter(candidates)
         candidates = itertools.chain(list(itertools.islice(stream, 1)), stream)
@@ -468,16 +477,15 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     def at(event: str) -> Callable[[], None]:
         return lambda: timeline_s.setdefault(event, time.perf_counter() - t0)
 
-    try:
-        with _Journal(corpus_dir / JOURNAL_NAME) as journal, bar(total=total, desc="ingest", unit="img") as progress:
-            rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit)
-            if not (cfg.limit and len(rows["image_id"]) >= cfg.limit):
-                fast_resize = _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total,
-                                        fast_resize, load_kernels, on_first=at("first_result"),
-                                        on_kernels=at("kernels_ready"))
-            n_resumed, stale_ids = journal.n_resumed, journal.max_image_id
-    finally:
-        Image.MAX_IMAGE_PIXELS = pil_limit
+    # Set before the workers fork, so they inherit it.
+    with pixel_limit(cfg.max_pixels), _Journal(corpus_dir / JOURNAL_NAME) as journal, \
+            bar(total=total, desc="ingest", unit="img") as progress:
+        rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit)
+        if not (cfg.limit and len(rows["image_id"]) >= cfg.limit):
+            fast_resize = _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total,
+                                    fast_resize, load_kernels, on_first=at("first_result"),
+                                    on_kernels=at("kernels_ready"))
+        n_resumed, stale_ids = journal.n_resumed, journal.max_image_id
     timeline_s["read"] = time.perf_counter() - t0
     n_labels = commit_images(store, rows, skipped)
     n_images = len(rows["image_id"])
