@@ -208,6 +208,27 @@ def test_tiny_build_probes_page_has_charts(tiny_build):
     assert f'href="features/{fid}.html"' in html
 
 
+def test_feature_pages_link_to_the_probe_charts_that_draw_them(tiny_build):
+    """A feature page's probe list links a sweep's name to its chart only where that chart draws the feature
+    (charts show a few features); elsewhere it says the chart shows other features."""
+    site = tiny_build / "site"
+    drawn = {}  # sweep → the feature ids its chart links to
+    for part in (site / "probes.html").read_text().split('<section class="probe-sweep" id="probe-')[1:]:
+        name = part.split('"', 1)[0]
+        drawn[name] = {int(f) for f in re.findall(r'href="features/([0-9]+)\.html"', part)}
+    with Store.open(tiny_build, read_only=True) as store:
+        peaks = store.probe_peaks_by_feature()
+    pairs = [(fid, name) for fid, sweeps in peaks.items() for name, _ in sweeps]
+    in_chart = [(fid, name) for fid, name in pairs if fid in drawn[name]]
+    elsewhere = [(fid, name) for fid, name in pairs if fid not in drawn[name]]
+    assert in_chart and elsewhere
+    for fid, name in in_chart[:4] + elsewhere[:4]:
+        html = (site / "features" / f"{fid}.html").read_text()
+        linked = f'<a href="../probes.html#probe-{name}">{name}</a>' in html
+        assert linked == ((fid, name) in in_chart), (fid, name)
+        assert (f"{name} (max activation" in html and "shows other features" in html) or linked
+
+
 def test_readout_image_items_and_image_background(tmp_path):
     from PIL import Image
     Image.new("RGB", (300, 200), (10, 200, 30)).save(tmp_path / "green.jpg")

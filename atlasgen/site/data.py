@@ -16,6 +16,22 @@ def safe_tag(text: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "", text or "")[:12] or "build"
 
 
+def probe_chart_features(store) -> dict[str, list[int]]:
+    """Probe sweep → the features its chart on the probes page draws, in page order: the sweep's own `features`,
+    else those the probe stage chose, else its strongest. {} until the probe stage is done."""
+    row = store.stage_row("probe")
+    if row is None or row["status"] != "done":
+        return {}
+    cfg, summary = row["config"], row["summary"]
+    named = {s["name"]: s for s in cfg.get("sweeps", [])}
+    chosen_by_sweep = summary.get("features", {})
+    swept = store.probe_steps()
+    order = [n for n in named if n in swept] + sorted(set(swept) - set(named))
+    n_auto = int(cfg.get("n_auto_features", 4))
+    return {name: [int(f) for f in (named.get(name, {}).get("features") or chosen_by_sweep.get(name)
+                                    or store.probe_strongest_features(name, n_auto))] for name in order}
+
+
 class SiteData:
     """Everything the feature pages, the listing, the overview, decompositions and combinations need."""
 
@@ -44,7 +60,10 @@ class SiteData:
         self.top_images = store.top_images_by_feature()
         self.similar = store.similar_by_feature()
         self.coactive = store.top_coactive_by_feature(cfg.n_coactive)
-        self.probes_of = store.probe_peaks_by_feature()
+        # A feature page links to a probe chart only where that chart draws the feature.
+        charted = {(name, f) for name, ids in probe_chart_features(store).items() for f in ids}
+        self.probes_of = {fid: [{"name": name, "max_value": vmax, "charted": (name, fid) in charted}
+                                for name, vmax in peaks] for fid, peaks in store.probe_peaks_by_feature().items()}
         self.n_images = store.count("images")
 
         # Each feature's picture, by the store's one rule (the map tiles and `decompose` show the same).

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..assets import SiteFiles
 from ..charts import PROBE_LAYOUTS, feature_colours, probe_bars_svg, probe_line_svg
 from ..core import SiteWriter
-from ..data import SiteData
+from ..data import SiteData, probe_chart_features
 
 
 def probes_context(store, files: SiteFiles) -> dict | None:
@@ -20,15 +20,11 @@ def probes_context(store, files: SiteFiles) -> dict | None:
     row = store.stage_row("probe")
     if row is None or row["status"] != "done":
         return None
-    cfg, summary = row["config"], row["summary"]
-    named = {s["name"]: s for s in cfg.get("sweeps", [])}
-    chosen_by_sweep = summary.get("features", {})
+    named = {s["name"]: s for s in row["config"].get("sweeps", [])}
     steps_by_sweep = store.probe_steps()
     sweeps = []
-    order = [n for n in named if n in steps_by_sweep] + sorted(set(steps_by_sweep) - set(named))
-    n_auto = int(cfg.get("n_auto_features", 4))
-    ids_by_sweep = {name: [int(f) for f in (named.get(name, {}).get("features") or chosen_by_sweep.get(name)
-                                            or store.probe_strongest_features(name, n_auto))] for name in order}
+    ids_by_sweep = probe_chart_features(store)
+    order = list(ids_by_sweep)
     # One palette assignment for the whole page: a feature keeps its colour from chart to chart.
     colour_of = feature_colours(f for name in order for f in ids_by_sweep[name])
     for name in order:
