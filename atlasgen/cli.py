@@ -154,6 +154,9 @@ def _lock_error(out: Path, e):
                             f"wait for it to finish; `atlasgen info --out {out}` shows its progress", pid=e.pid)
 
 
+DEVICE_STAGES = ("embed", "train", "render", "probe")  # the config sections --device sets
+
+
 def make_config(store, preset: str | None, config: Path | None, images: Path | None, dataset: str | None,
                 model: str | None, device: str | None, extra: dict | None = None) -> AtlasConfig:
     """Preset → --config file → options. Without --preset, what is not given is what the output folder was last
@@ -175,9 +178,10 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
             raise AtlasError(f"--model {model}: {why}", "pass a checkpoint folder written by save_pretrained, "
                              "or a Hugging Face id such as facebook/dinov3-vits16-pretrain-lvd1689m")
         overrides.setdefault("embed", {})["model"] = model
-    if device is not None:  # checked when read (DeviceOpt)
-        for stage in ("embed", "train", "render", "probe"):
-            overrides.setdefault(stage, {})["device"] = device
+    # --device, like --executor, is for this command only: a folder built with --device cuda on a GPU machine
+    # must not refuse every later command on a machine without one (auto picks the GPU wherever there is one).
+    extra = _merge_overrides({stage: {"device": device} for stage in DEVICE_STAGES} if device is not None else {},
+                             extra or {})
     # --preset starts over from that preset. Without it, what is not given now is what the folder was built
     # with: `--config title.toml` on a tiny build layers the file on the tiny preset and keeps its corpus,
     # rather than starting over from the default preset (which reset the tiny build's tables). A
@@ -187,7 +191,8 @@ def make_config(store, preset: str | None, config: Path | None, images: Path | N
         preset = _preset_in(config, config_data)
     remembered = (store.remembered_build() or {}) if preset is None else {}
     preset = preset or remembered.get("preset")
-    kept = remembered.get("overrides", {})
+    # Folders built before --device was one-off may remember it.
+    kept = _without(remembered.get("overrides", {}), {stage: {"device": None} for stage in DEVICE_STAGES})
     if config is None and remembered.get("config"):
         config = Path(remembered["config"])
         if not config.is_file():
@@ -288,7 +293,8 @@ def _run(stages: list[str], out: Path, preset, config, images, dataset, model, d
         cfg = make_config(store, preset, config, images, dataset, model, device, extra)
         _check_inputs(store, stages)
         summaries = run_stages(cfg, store, stages, force=force)
-        n_skipped = store.count("skipped_inputs")
+        # Ingest's count: after a command that ran ingest (build included), not after every later stage.
+        n_skipped = store.count("skipped_inputs") if "ingest" in stages else 0
     if n_skipped:
         # Even with --quiet: a result to know about, not progress.
         typer.echo(f"{n_skipped} input(s) were skipped; see: atlasgen query \"SELECT * FROM skipped_inputs\" "

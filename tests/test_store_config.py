@@ -1,6 +1,7 @@
 """The store's schema/version handling, config layering and hashing, and the CLI's error handling."""
 from __future__ import annotations
 
+import json
 
 import duckdb
 import numpy as np
@@ -79,10 +80,11 @@ def test_without_preset_a_command_layers_on_what_the_folder_was_built_with(tmp_p
     source = tmp_path / "source.toml"
     source.write_text('[ingest]\nsource = "tiny"\n')
     with Store.open(tmp_path / "out") as store:
-        make_config(store, "tiny", None, images, None, None, "cpu")
+        assert make_config(store, "tiny", None, images, None, None, "cpu").render.device == "cpu"
         cfg = make_config(store, None, title, None, None, None, None)
         assert (cfg.preset, cfg.ingest.source, cfg.site.title) == ("tiny", f"folder:{images.resolve()}", "Mine")
-        assert cfg.embed.device == "cpu"
+        # --device is for its command only: a folder built on a GPU machine is not stuck on cuda without one.
+        assert (cfg.embed.device, cfg.render.device) == ("auto", "auto")
         assert store.remembered_build()["config"] == str(title.resolve())
         cfg = make_config(store, None, None, None, None, None, None)  # the file is remembered too
         assert (cfg.preset, cfg.site.title) == ("tiny", "Mine")
@@ -98,6 +100,21 @@ def test_without_preset_a_command_layers_on_what_the_folder_was_built_with(tmp_p
         other.write_text('preset = "imagenette"\n[site]\ntitle = "Other"\n')
         cfg = make_config(store, None, other, None, None, None, None)
         assert (cfg.preset, cfg.ingest.source) == ("imagenette", load_config("imagenette").ingest.source)
+
+
+def test_a_refused_device_is_not_remembered_and_an_old_remembered_one_is_dropped(tmp_path):
+    """`train --device cuda` refused on a machine without a GPU; the next plain command still runs, also in a
+    folder whose older atlasgen remembered the device."""
+    from atlasgen.cli import make_config
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["ingest", "--preset", "tiny", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    with Store.open(out) as store:
+        assert "device" not in json.dumps(store.remembered_build())
+        store.remember_build({"preset": "tiny", "config": None,
+                              "overrides": {"embed": {"device": "cuda"}, "train": {"device": "cuda", "n_steps": 9}}})
+        cfg = make_config(store, None, None, None, None, None, None)
+        assert (cfg.embed.device, cfg.train.device, cfg.train.n_steps) == ("auto", "auto", 9)
 
 
 def test_a_bad_value_names_the_flag_it_came_from_or_the_section(tmp_path):
