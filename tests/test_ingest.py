@@ -403,6 +403,7 @@ def test_listing_keeps_the_sorted_path_order_and_leaves_out_our_label_files(tmp_
     for name in names:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x")
+    (folder / "b-link").symlink_to(folder / "a", target_is_directory=True)  # a link to a folder is not followed
     reference = sorted(Path(root) / f for root, dirs, files in os.walk(folder)
                        for f in files if not (f.startswith(".") or f == "Thumbs.db" or ".hidden" in root))
     cfg = load_config("tiny", overrides={"ingest": {"label_names_file": str(folder / "labels.txt")}}).ingest

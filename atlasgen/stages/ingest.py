@@ -209,17 +209,40 @@ def _suffix(rel: str) -> str:
 def _walk_files(folder: Path, skip: Path | None = None) -> list[str]:
     """Every non-hidden file below `folder` as a posix path relative to it, in the order of its path's parts
     (what sorting the Paths gave; image ids follow it). Hidden folders are not entered, nor `skip` (the output
-    folder, when it lies inside the image folder). Strings, not Paths: a million-image folder is listed in
-    seconds, not minutes."""
-    out: list[list[str]] = []  # each file's path parts
-    top = os.fspath(folder)
+    folder, when it lies inside the image folder), nor links to folders. Strings, not Paths: a million-image
+    folder is listed in seconds, not minutes. Each folder's entries are sorted by name and a subfolder is
+    listed where its name falls, which gives that order without holding every path's parts for one global
+    sort (that took ~1.5 KB per file at its peak)."""
+    out: list[str] = []
     skip_name = skip.name if skip is not None else None
-    for root, dirs, files in os.walk(top):
-        dirs[:] = sorted(d for d in dirs if not _is_ignored(d) and not (d == skip_name and Path(root, d) == skip))
-        prefix = "" if root == top else os.path.relpath(root, top).replace(os.sep, "/") + "/"
-        out.extend((prefix + f).split("/") for f in files if not _is_ignored(f))
-    out.sort()
-    return ["/".join(parts) for parts in out]
+    # A stack of (this folder's remaining entries, their prefix), walked depth first.
+    stack = [(iter(_sorted_entries(os.fspath(folder))), "")]
+    while stack:
+        entries, prefix = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        if _is_ignored(entry.name):
+            continue
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            out.append(prefix + entry.name)
+        elif not entry.is_symlink() and not (entry.name == skip_name and Path(entry.path) == skip):
+            stack.append((iter(_sorted_entries(entry.path)), prefix + entry.name + "/"))
+    return out
+
+
+def _sorted_entries(path: str) -> list[os.DirEntry]:
+    """A folder's entries by name; none for a folder that cannot be read (as os.walk skips it)."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda entry: entry.name)
+    except OSError:
+        return []
 
 
 def folder_candidates(folder: Path, cfg: IngestConfig, source_name: Callable[[str], str] | None = None,
