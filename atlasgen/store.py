@@ -798,6 +798,12 @@ class Store:
         """(render_id, path) of renders made with other settings than `settings_hash`."""
         return self.query("SELECT render_id, path FROM renders WHERE settings_hash IS DISTINCT FROM ?", [settings_hash])
 
+    def renders_with_settings(self, settings_hash: str) -> list[tuple[str, str, int, str, bool, str]]:
+        """(render_id, kind, seed, variant, listed, path) of renders made with these settings; `listed`: asked
+        for by a list of feature ids (`render --features`)."""
+        return self.query("SELECT render_id, kind, seed, variant, coalesce(params_json->>'listed' = 'true', false), "
+                          "path FROM renders WHERE settings_hash = ?", [settings_hash])
+
     def delete_renders(self, render_ids: list[str] | None = None) -> None:
         """Delete these render rows (all when None), in one transaction."""
         with self.transaction() as con:

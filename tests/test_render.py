@@ -465,6 +465,30 @@ def test_explicit_features_render_just_those_and_keep_others(store_dir):
         assert got == [(1, 2), (2, 2), (3, 2), (4, 1)]
 
 
+def test_a_run_of_the_config_s_plan_removes_what_it_no_longer_asks_for(store_dir):
+    """Fewer seeds, features, pairs, images and no ablation: a run of [render]'s plan deletes the renders it no
+    longer asks for (rows and files), so the site shows what the config says; the renders a --features list
+    asked for stay while their seed is still made, and a --features run removes nothing."""
+    with Store.open(store_dir) as store:
+        render.run(small_cfg(features="top:3", n_seeds=2), store)
+        top3 = [r[0] for r in store.query("SELECT feature_id FROM features ORDER BY n_active DESC, feature_id LIMIT 3")]
+        listed = next(f for f in range(N_FEATURES) if f not in top3)
+        render.run(small_cfg(features=str(listed), n_seeds=2), store)
+        before = dict(store.query("SELECT render_id, path FROM renders"))
+        assert {r[0] for r in store.query("SELECT DISTINCT kind FROM renders")} == {
+            "feature", "image", "sum", "slerp", "orth", "ablation"}
+        fewer = small_cfg(features="top:2", n_seeds=1, n_auto_pairs=0, n_auto_images=0, ablation=False)
+        summary = render.run(fewer, store)
+        kept = store.query("SELECT kind, feature_a, seed FROM renders ORDER BY feature_a")
+        assert sorted(kept) == sorted([("feature", f, 0) for f in top3[:2]] + [("feature", listed, 0)])
+        assert summary["n_rendered"] == 0 and summary["n_not_asked"] == len(before) - 3
+        gone = set(before) - {r[0] for r in store.query("SELECT render_id FROM renders")}
+        assert not any((store_dir / before[rid]).exists() for rid in gone)
+        # A run for a list of ids keeps everything else, whatever [render] asks for.
+        summary = render.run(small_cfg(features=str(top3[2]), n_seeds=1, n_auto_pairs=0), store)
+        assert summary["n_not_asked"] == 0 and store.count("renders") == 4
+
+
 def test_bad_feature_lists_are_user_errors(store_dir):
     from atlasgen.config import load_config
     from atlasgen.errors import AtlasError

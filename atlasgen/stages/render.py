@@ -13,7 +13,8 @@ the settings are everything that changes a picture (steps, views, lr, tv, size, 
 SAE run, the stopping rule). A run plans its targets, skips those whose render already exists, and commits
 per unit, so an interrupted run resumes where it stopped and `atlasgen render --features 1,2,3` adds just
 those. Renders made with other settings (an older SAE, other steps, ...) are superseded: a run deletes them
-before it starts.
+before it starts. A run of [render]'s own plan also deletes what the config no longer asks for (fewer seeds,
+pairs, images, features under top:N), keeping the feature renders a `--features` list asked for.
 
 Target spaces: a feature target compares the SAE-normalised embedding (embedding − corpus mean, scaled) with
 the feature's unit decoder row; an image target compares the raw embedding with the image's stored embedding.
@@ -74,6 +75,7 @@ class Target:
     t: float | None = None
     render_id: str = ""
     rng_seed: int = 0
+    listed: bool = False           # asked for by a list of feature ids (`--features 1,2,3`), not by [render]'s plan
 
     @property
     def key(self) -> dict:
@@ -173,7 +175,7 @@ def plan(cfg: RenderConfig, store: Store, sae: SparseAutoencoder, device: torch.
     n_features = dirs_fd.shape[0]
     variant = variant_name(cfg.param, cfg.augment)
     features, explicit = parse_features(cfg.features, store, n_features, device)
-    targets = [Target("feature", s, variant, "sae", dirs_fd[f], feature_a=f)
+    targets = [Target("feature", s, variant, "sae", dirs_fd[f], feature_a=f, listed=explicit)
                for f in features for s in range(cfg.n_seeds)]
     for tg in targets:
         tg.rng_seed = rng_seed(("feature", tg.feature_a), tg.seed)
@@ -433,6 +435,7 @@ def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
     assert len({tg.render_id for tg in targets}) == len(targets), "two planned renders share a render_id"
 
     n_superseded = _drop_superseded(store, settings_hash)
+    n_not_asked = _drop_not_asked(store, targets, cfg, settings_hash)
     done = _existing(store)
     todo = [tg for tg in targets if tg.render_id not in done]
     if len(todo) < len(targets):
@@ -489,7 +492,8 @@ def run(cfg: RenderConfig, store: Store, executor=None) -> dict:
             if tuner is not None:
                 tuner.before_batch()
 
-    summary = {"sae_run_id": sae_run_id, **_summary(store, targets, len(todo), n_superseded, settings_hash)}
+    summary = {"sae_run_id": sae_run_id, **_summary(store, targets, len(todo), n_superseded, settings_hash),
+               "n_not_asked": n_not_asked}
     if todo:
         summary.update(meter.summary())
         summary.update({"n_slots": sz.n_slots, "views_per_pass": sz.views_per_pass, "unit_targets": sz.unit_targets,
@@ -588,7 +592,7 @@ def save_unit(store: Store, targets: list[Target], result: UnitResult, settings:
         write_webp(path, result.pixels_bhw3[k])
         final_loss = float(result.final_loss_b[k])
         params = {**settings, "param": tg.param, "augment": tg.augment, "space": tg.space, "rng_seed": tg.rng_seed,
-                  "steps": int(result.steps_b[k]),
+                  "listed": tg.listed, "steps": int(result.steps_b[k]),
                   "final_loss": None if math.isnan(final_loss) else round(final_loss, 5)}
         for name, value in (("render_id", tg.render_id), ("kind", tg.kind), ("feature_a", tg.feature_a),
                             ("feature_b", tg.feature_b), ("image_id", tg.image_id), ("t", tg.t), ("seed", tg.seed),
@@ -609,13 +613,36 @@ def _existing(store: Store) -> set[str]:
 def _drop_superseded(store: Store, settings_hash: str) -> int:
     """Delete renders made with other settings (rows and files): they no longer match the store."""
     rows = store.renders_made_otherwise(settings_hash)
-    if not rows:
+    _delete_renders(store, rows, "made with other settings")
+    return len(rows)
+
+
+def _drop_not_asked(store: Store, targets: list[Target], cfg: RenderConfig, settings_hash: str) -> int:
+    """Delete renders (rows and files) that [render] no longer asks for, so the site shows what the config
+    says (fewer seeds, fewer features under top:N, fewer pairs or images, another variant, no ablation). Only
+    a run of [render]'s own plan prunes: a run for a list of feature ids (`--features 1,2,3`) keeps all other
+    renders, and the feature renders such a list asked for stay while their seed and variant are still ones
+    [render] makes."""
+    if any(tg.listed for tg in targets):
         return 0
+    planned = {tg.render_id for tg in targets}
+    variant = variant_name(cfg.param, cfg.augment)
+    rows = [(render_id, path) for render_id, kind, seed, row_variant, listed, path
+            in store.renders_with_settings(settings_hash)
+            if render_id not in planned
+            and not (kind == "feature" and listed and seed < cfg.n_seeds and row_variant == variant)]
+    _delete_renders(store, rows, "the config no longer asks for")
+    return len(rows)
+
+
+def _delete_renders(store: Store, rows: list[tuple[str, str]], why: str) -> None:
+    """Delete these (render_id, path) renders: rows in one transaction, then their files."""
+    if not rows:
+        return
     store.delete_renders([render_id for render_id, _ in rows])
     for _, path in rows:
         (store.paths.out_dir / path).unlink(missing_ok=True)
-    say(f"render: removed {len(rows)} render(s) made with other settings")
-    return len(rows)
+    say(f"render: removed {len(rows)} render(s) {why}")
 
 
 def _summary(store: Store, targets: list[Target], n_rendered: int, n_superseded: int, settings_hash: str) -> dict:
