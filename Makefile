@@ -5,7 +5,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 OUT ?= build
-# The CPU build of torch; on a GPU machine install the CUDA build of this version into $(VENV) first.
+# torch, passed to pip as one quoted argument: one requirement, no pip options (no --index-url). It gives
+# the CPU build only where pip's config points at CPU wheels, as ours does; from PyPI on Linux it is the CUDA
+# build. For the CPU build elsewhere, or the CUDA build on a GPU machine, install torch 2.13.0 into $(VENV)
+# first (README, "Quick start"): the pin is then met and pip keeps it.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
