@@ -1,4 +1,9 @@
 """User-facing errors: one clear line plus a hint, turned into a non-zero exit by the CLI."""
+from __future__ import annotations
+
+import _thread
+import contextlib
+import sys
 
 
 class AtlasError(Exception):
@@ -54,6 +59,38 @@ def is_interrupt(exc: BaseException) -> bool:
     if type(exc).__name__ == "InterruptException" and type(exc).__module__.lstrip("_").startswith("duckdb"):
         return True
     return isinstance(exc, RuntimeError) and str(exc).strip() == "Query interrupted"
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """Ctrl-C that lands inside a C callback (llvmlite's while numba compiles UMAP's code, a ctypes callback, a
+    weakref finaliser) is printed as "Exception ignored ..." and lost, and the work went on to the end with exit 0.
+    Meanwhile such a KeyboardInterrupt is not printed but sent again to the main thread a moment later (from a
+    timer: sent from the hook, it would be raised in the hook), where it is raised once Python code runs there.
+    Yields a function that says whether any was caught that way."""
+    import threading
+    previous = sys.unraisablehook
+    timers: list[threading.Timer] = []
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            timer = threading.Timer(INTERRUPT_RESEND_S, _thread.interrupt_main)
+            timer.daemon = True
+            timers.append(timer)
+            timer.start()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield lambda: bool(timers)
+    finally:
+        sys.unraisablehook = previous
+        for timer in timers:  # the caller raises it instead
+            timer.cancel()
+
+
+INTERRUPT_RESEND_S = 0.05  # after the C callback that swallowed it has returned
 
 
 def free_bytes(path) -> int | None:

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from .artefacts import missing_artefacts
 from .config import AtlasConfig, config_hash, config_json
-from .errors import AtlasError, ModelLoadError, is_interrupt
+from .errors import AtlasError, ModelLoadError, interrupts_kept, is_interrupt
 from .executor import make_executor
 from .paths import missing_model_folder, sweep_stale_temps
 from .progress import say
@@ -70,7 +70,10 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         say(f"{name}: running")
         try:
             extra = {"executor": executor} if stage.executor else {}
-            summary = dict(stage.run(cfg.stage(name), store, **extra) or {})
+            with interrupts_kept() as interrupt_caught:
+                summary = dict(stage.run(cfg.stage(name), store, **extra) or {})
+                if interrupt_caught():  # sent again, but no Python code ran in this thread after it: stop here
+                    raise KeyboardInterrupt
         except AtlasError as e:
             _record_end(store, name, "failed", e.message)
             raise

@@ -76,8 +76,7 @@ def test_a_model_path_that_is_not_there_fails_before_any_stage_or_reset(tmp_path
     result = CliRunner().invoke(app, ["build", "--preset", "tiny", "--model", str(missing), "--out",
                                       str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 2 and f"there is no model folder at {missing}" in result.output, result.output
-    with Store.open(tmp_path / "out", read_only=True) as store:
-        assert store.stage_rows() == {}
+    assert not (tmp_path / "out").exists()  # refused before the output folder or its store was made
     set_quiet(True)
     with Store.open(tmp_path / "kept") as store:
         run_stages(_cfg(), store, ["ingest", "embed"])
@@ -85,3 +84,47 @@ def test_a_model_path_that_is_not_there_fails_before_any_stage_or_reset(tmp_path
         with pytest.raises(AtlasError, match="no model folder"):
             run_stages(bad, store, ["embed"], force=True)
         assert store.count("embeddings") == 24
+
+
+def _ctrl_c_in_a_c_callback() -> None:
+    """What Ctrl-C while numba compiles does: a KeyboardInterrupt raised inside a C callback, which Python
+    prints as "Exception ignored ..." and drops."""
+    import ctypes
+
+    def callback() -> None:
+        raise KeyboardInterrupt
+
+    ctypes.CFUNCTYPE(None)(callback)()
+
+
+def test_ctrl_c_lost_in_a_c_callback_still_stops_the_stage(tmp_path, monkeypatch, capsys):
+    """Layout's UMAP went on to the end (exit 0) when Ctrl-C landed while numba compiled: the stage now stops as
+    interrupted, and the lost interrupt is not printed."""
+    import time
+
+    import pytest
+
+    from atlasgen.stages import ingest
+    set_quiet(True)
+    real_run = ingest.run
+    went_on = []
+
+    def run_with_a_lost_interrupt(cfg, store):
+        summary = real_run(cfg, store)
+        _ctrl_c_in_a_c_callback()
+        for _ in range(100):  # Python code: where the interrupt, sent again, is raised
+            time.sleep(0.01)
+        went_on.append(True)
+        return summary
+
+    from dataclasses import replace
+
+    from atlasgen.stages import REGISTRY
+    monkeypatch.setattr(REGISTRY, "stages", tuple(replace(s, run=run_with_a_lost_interrupt) if s.name == "ingest"
+                                                  else s for s in REGISTRY.stages))
+    with Store.open(tmp_path) as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(_cfg(8), store, ["ingest"])
+        assert store.stage_row("ingest")["status"] == "interrupted"
+    assert not went_on, "the interrupt is raised where the stage's Python code goes on, not only at its end"
+    assert "Exception ignored" not in capsys.readouterr().err
