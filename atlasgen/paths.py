@@ -66,7 +66,7 @@ class BuildPaths:
 
     @property
     def thumbs_dir(self) -> Path:
-        """WebP thumbnails of corpus images: `thumbs/<image_id>.webp`."""
+        """WebP thumbnails of corpus images: `thumbs/00000001.webp` (the image id, 8 digits)."""
         return self.out_dir / "thumbs"
 
     def thumb(self, image_id: int) -> Path:

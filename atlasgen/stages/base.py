@@ -1,6 +1,6 @@
 """What a pipeline stage is: the one contract every stage module fills in, checked when it is declared.
 
-A stage module ends with `STAGE = Stage(...)`; `atlasgen.stages` imports every stage module statically and
+A stage module ends with `SPEC = Stage(...)`; `atlasgen.stages` imports every stage module statically and
 lists them in pipeline order in `REGISTRY`. Order, config hashes, resets, navigation and the site's page
 providers are all derived from these declarations.
 """
