@@ -26,7 +26,8 @@ from .store import Store
 def stage_hash(cfg: AtlasConfig, store: Store, name: str) -> str:
     """A stage's hash covers its config and the identity of each input as it is in the store now (that
     stage's config hash and when it finished), so any rerun of an input, even a forced one with the same
-    config, makes the stages that read it run again."""
+    config, makes the stages that read it run again; except a rerun that only restored deleted files and left
+    the input's tables as they were, which keeps its finish time (see `_run_stages`)."""
     return config_hash(cfg.stage(name), _input_identities(store, name))
 
 
@@ -51,6 +52,7 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         name = stage.name
         enter_stage(name)
         this_hash = stage_hash(cfg, store, name)
+        repair = None  # (its tables' digest, when it finished) for a rerun that only restores deleted files
         if not force and store.stage_is_done(name, this_hash):
             # Done only while its artefacts exist: a deleted file makes the stage run again.
             missing = missing_artefacts(store, name)
@@ -59,6 +61,8 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
                 summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
                 continue
             say(f"{name}: {missing}, so it runs again")
+            if stage.tables:  # a stage of files alone cannot show that it made the same again
+                repair = (store.tables_digest(stage.tables), store.stage_row(name)["finished_at"])
         _preflight(cfg, stage)
         row = store.stage_row(name)
         if force or row is None or row["config_hash"] != this_hash:
@@ -86,7 +90,10 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
             _record_end(store, name, "failed", f"{type(e).__name__}: {e}")
             raise
         summary["seconds"] = round(time.perf_counter() - t0, 2)
-        store.mark_stage_done(name, summary)
+        # A repair that left the tables as they were keeps the stage's finish time, which the hashes of the
+        # stages reading it cover: one lost corpus copy no longer re-embeds the corpus and retrains the SAE.
+        unchanged = repair is not None and store.tables_digest(stage.tables) == repair[0]
+        store.mark_stage_done(name, summary, finished_at=repair[1] if unchanged else None)
         say(f"{name}: done in {summary['seconds']:.1f}s " + _brief(summary))
         summaries[name] = summary
     return summaries

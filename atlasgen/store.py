@@ -433,9 +433,25 @@ class Store:
             "INSERT OR REPLACE INTO stage_runs VALUES (?, ?, 'running', ?, NULL, ?, NULL, NULL)",
             [stage, config_hash, config_json, now()])
 
-    def mark_stage_done(self, stage: str, summary: dict) -> None:
+    def mark_stage_done(self, stage: str, summary: dict, finished_at=None) -> None:
+        """`finished_at`: keep this time (a repair that left the stage's tables as they were: its readers, whose
+        hashes cover it, stay up to date); default now."""
         self.con.execute("UPDATE stage_runs SET status = 'done', summary_json = ?, finished_at = ?, error = NULL "
-                         "WHERE stage = ?", [json.dumps(summary, default=str), now(), stage])
+                         "WHERE stage = ?", [json.dumps(summary, default=str), finished_at or now(), stage])
+
+    def tables_digest(self, tables: tuple[str, ...]) -> str:
+        """A digest of these tables' rows, in any order, leaving out timestamps (when a row was written is not
+        what it says): equal digests, equal contents."""
+        parts = []
+        for table in tables:
+            columns = [name for name, kind in self.con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+                "ORDER BY ordinal_position", [table]).fetchall() if not kind.startswith("TIMESTAMP")]
+            assert columns, f"no table {table}"
+            n_rows, hash_sum = self.con.execute(
+                f"SELECT count(*), sum(hash({', '.join(columns)})::HUGEINT) FROM {table}").fetchone()
+            parts.append(f"{table}:{n_rows}:{hash_sum}")
+        return ";".join(parts)
 
     def mark_stage_failed(self, stage: str, error: str, status: str = "failed") -> None:
         """A stage that ended with an error (or was interrupted): `info` shows it; a rerun with the same

@@ -128,3 +128,29 @@ def test_ctrl_c_lost_in_a_c_callback_still_stops_the_stage(tmp_path, monkeypatch
         assert store.stage_row("ingest")["status"] == "interrupted"
     assert not went_on, "the interrupt is raised where the stage's Python code goes on, not only at its end"
     assert "Exception ignored" not in capsys.readouterr().err
+
+
+def test_a_repair_that_leaves_the_tables_as_they_were_does_not_rerun_the_stages_after_it(tmp_path):
+    """A deleted corpus copy makes ingest run again; when its rows come out the same, embed (and what reads it)
+    stays up to date instead of re-embedding the corpus. When they differ (a new file in the folder), embed
+    runs again."""
+    from PIL import Image
+    set_quiet(True)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 30), (40 * i, 90, 200 - 30 * i)).save(images / f"{i}.png")
+    cfg = load_config("tiny", overrides={"ingest": {"source": f"folder:{images}"}})
+    with Store.open(tmp_path / "out") as store:
+        run_stages(cfg, store, ["ingest", "embed"])
+        embedded_at = store.stage_row("embed")["finished_at"]
+        lost = store.paths.out_dir / store.scalar("SELECT corpus_path FROM images WHERE image_id = 2")
+        lost.unlink()
+        again = run_stages(cfg, store, ["ingest", "embed"])
+        assert not again["ingest"].get("skipped") and lost.is_file()
+        assert again["embed"].get("skipped") and store.stage_row("embed")["finished_at"] == embedded_at
+        lost.unlink()
+        Image.new("RGB", (40, 30), "white").save(images / "6.png")
+        changed = run_stages(cfg, store, ["ingest", "embed"])
+        assert not changed["ingest"].get("skipped") and not changed["embed"].get("skipped")
+        assert store.count("embeddings") == 7
