@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .config import DEVICES, PRESETS, AtlasConfig, load_config, load_toml
-from .errors import AtlasError, StageInputError, is_interrupt
+from .errors import AtlasError, StageInputError, StoreLockedError, is_interrupt
 from .paths import BuildPaths, check_file_target, check_folder_target
 from .progress import say, set_quiet
 
@@ -102,15 +102,21 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(
 
 def handles_errors(fn):
     """User errors become one line plus a hint and exit 2; never a traceback for bad input."""
+    # Ctrl-C in a command that only reads (or serves) leaves nothing to resume.
+    resumes = fn.__name__ not in ("query", "export", "decompose", "info", "serve")
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except AtlasError as e:
+            if isinstance(e, StoreLockedError) and kwargs.get("out") is not None:
+                e = _lock_error(kwargs["out"], e)  # every command: how far the build holding it is
             _fail(e.message, e.hint)
         except (KeyboardInterrupt, Exception) as e:
             if is_interrupt(e):  # Ctrl-C, also while DuckDB ran a statement (a long query, a stage's insert)
-                _fail("interrupted", "run the same command again to resume where it stopped", code=130)
+                _fail("interrupted", "run the same command again to resume where it stopped" if resumes else "",
+                      code=130)
             error = environment_error(e, kwargs.get("out"))
             if error is None:
                 raise
@@ -135,7 +141,6 @@ def environment_error(exc: BaseException, out: Path | None) -> AtlasError | None
 
 def _open_store(out: Path, read_only: bool = False):
     """Store.open; when a running build holds the store, the error says how far that build is."""
-    from .errors import StoreLockedError
     from .store import Store
     try:
         return Store.open(out, read_only=read_only)
@@ -145,7 +150,6 @@ def _open_store(out: Path, read_only: bool = False):
 
 def _lock_error(out: Path, e):
     """A locked store's error; when the lock is a running build's, one that says how far that build is."""
-    from .errors import StoreLockedError
     from .status import brief, running_build
     doc = running_build(BuildPaths(Path(out)), e.pid)
     if doc is None:
@@ -273,9 +277,14 @@ def _check_inputs(store, stages: list[str]) -> None:
             if upstream in stages:
                 continue
             row = store.stage_row(upstream)
-            if row is None or row["status"] != "done":
+            if row is None:
                 raise StageInputError(f"{name} needs the {upstream} stage, which has not run in this output folder",
                                       f"run `atlasgen {upstream}` (or `atlasgen build`) with the same --out first")
+            if row["status"] != "done":
+                what = "was interrupted" if row["status"] in ("running", "interrupted") else "failed"
+                raise StageInputError(f"{name} needs the {upstream} stage, which {what} in this output folder",
+                                      f"run `atlasgen {upstream}` (or `atlasgen build`) with the same --out again "
+                                      "to finish it first")
 
 
 def _run(stages: list[str], out: Path, preset, config, images, dataset, model, device, force, quiet,
@@ -439,14 +448,10 @@ def query(sql: Annotated[str, typer.Argument(help="Read-only SQL over the store 
     Example: atlasgen query "SELECT feature_id, label, frequency FROM features ORDER BY frequency DESC LIMIT 10"
     """
     from .query import check_format, format_rows, run_query
-    from .errors import StoreLockedError
     check_format(fmt)
     if limit < 0:
         raise AtlasError(f"--limit {limit} is negative", "--limit N prints at most N rows; --limit 0 prints all")
-    try:
-        result = run_query(out, sql, limit)
-    except StoreLockedError as e:
-        raise _lock_error(out, e) from None
+    result = run_query(out, sql, limit)
     if result is None:
         return
     typer.echo(format_rows(result, fmt))
@@ -487,7 +492,6 @@ def info(out: OutOpt = Path("build")):
     Example: atlasgen info --out build/
     """
     from .stages import REGISTRY
-    from .errors import StoreLockedError
     from .status import describe, read_status, running_build
     from .store import OUTPUT_TABLES_ALL
     paths = BuildPaths(Path(out))
@@ -510,9 +514,13 @@ def info(out: OutOpt = Path("build")):
                 typer.echo(f"  {name:8s} not run")
                 continue
             brief = ", ".join(f"{k}={v}" for k, v in row["summary"].items() if isinstance(v, (int, float, str)))
-            typer.echo(f"  {name:8s} {row['status']:11s} config {row['config_hash']}  {brief}")
-            if row["error"]:
-                typer.echo(f"  {'':8s} error: {row['error']}")
+            # The store opened, so no build holds it: a stage still marked running was killed mid-way.
+            status, error = row["status"], row["error"]
+            if status == "running":
+                status, error = "stopped", "its process ended without finishing (killed?); the same command resumes it"
+            typer.echo(f"  {name:8s} {status:11s} config {row['config_hash']}  {brief}")
+            if error:
+                typer.echo(f"  {'':8s} error: {error}")
         typer.echo("tables:")
         for table in OUTPUT_TABLES_ALL:
             typer.echo(f"  {table:18s} {store.count(table):>10,d} rows")

@@ -281,10 +281,13 @@ def test_info_and_query_during_a_build_show_its_progress(tmp_path):
         assert result.exit_code == 0, result.output
         assert f"build running: pid {proc.pid}" in result.output
         assert "stage 5/5 render: render 12/40 target (30%)" in result.output
-        text = assert_one_line_error(runner.invoke(app, ["query", "SELECT count(*) FROM images", "--out",
-                                                         str(tmp_path)]), "a build is running",
-                                     "render 12/40 target (30%)", f"atlasgen info --out {tmp_path}")
-        assert "Conflicting lock" not in text
+        picture = tmp_path / "picture.png"
+        Image.new("RGB", (32, 32)).save(picture)
+        for args in (["query", "SELECT count(*) FROM images"], ["export", "--to", str(tmp_path / "x")],
+                     ["decompose", str(picture)]):  # every command that opens the store says the same
+            text = assert_one_line_error(runner.invoke(app, [*args, "--out", str(tmp_path)]), "a build is running",
+                                         "render 12/40 target (30%)", f"atlasgen info --out {tmp_path}")
+            assert "Conflicting lock" not in text
     finally:
         proc.kill()
         proc.wait()
@@ -292,6 +295,33 @@ def test_info_and_query_during_a_build_show_its_progress(tmp_path):
     result = runner.invoke(app, ["info", "--out", str(tmp_path)])
     assert result.exit_code == 0 and "tables:" in result.output
     assert f"last build was interrupted (pid {proc.pid} ended without finishing" in result.output
+
+
+def test_a_killed_stage_shows_as_stopped_and_its_readers_say_it_did_not_finish(tmp_path):
+    """A stage row still marked running in a store no build holds (its process was killed) reads "stopped" in
+    `info`, not "running"; a stage that needs it says it did not finish, not that it never ran."""
+    with Store.open(tmp_path) as store:
+        store.remember_build({"preset": "tiny", "config": None, "overrides": {}})
+        store.mark_stage_started("layout", "0" * 16, "{}")  # then killed: never marked done or failed
+    result = runner.invoke(app, ["info", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if l.strip().startswith("layout"))
+    assert "stopped" in line and "running" not in line, result.output
+    assert "ended without finishing" in result.output
+    assert_one_line_error(runner.invoke(app, ["site", "--out", str(tmp_path), "--quiet"]),
+                          "needs the layout stage, which was interrupted", "again to finish it")
+
+
+def test_ctrl_c_in_a_query_does_not_talk_of_resuming(tmp_path, monkeypatch):
+    import atlasgen.query
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atlasgen.query, "run_query", interrupted)
+    result = runner.invoke(app, ["query", "SELECT 1", "--out", str(tmp_path)])
+    assert result.exit_code == 130 and "error: interrupted" in result.output, result.output
+    assert "resume" not in result.output
 
 
 def test_status_file_follows_a_build_in_process(tmp_path):
