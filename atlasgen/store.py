@@ -268,6 +268,9 @@ def store_error(exc: BaseException, path: Path) -> AtlasError:
     if "Permission denied" in text:
         return AtlasError(f"cannot open the store {path}: permission denied",
                           "check the file's owner and permissions, or pass another --out")
+    if "Read-only file system" in text:
+        return AtlasError(f"cannot write the store {path}: {path.parent} is on a read-only file system",
+                          "pass an --out on a writable disk")
     return AtlasError(f"cannot use the store {path}: {first}",
                       "check that --out is an atlasgen output folder on a working disk")
 

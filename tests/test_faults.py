@@ -258,6 +258,16 @@ def hold_lock(out: Path, kind: str) -> subprocess.Popen:
     return proc
 
 
+def test_a_store_on_a_read_only_disk_says_so(tmp_path):
+    """DuckDB's words when it cannot create the store on a read-only mount (an existing empty --out there)."""
+    import duckdb
+    from atlasgen.store import store_error
+    path = tmp_path / "atlas.duckdb"
+    error = store_error(duckdb.IOException(f'IO Error: Cannot open file "{path}": Read-only file system'), path)
+    assert error.message == f"cannot write the store {path}: {tmp_path} is on a read-only file system"
+    assert "writable" in error.hint
+
+
 def test_store_locked_by_another_process_names_it(tmp_path):
     Store.open(tmp_path).close()
     proc = hold_lock(tmp_path, "plain")
