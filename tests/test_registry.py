@@ -147,6 +147,10 @@ def test_bad_config_exits_2_before_any_stage_runs(tmp_path, section):
     result = runner.invoke(app, ["build", "--preset", "tiny", "--config", str(toml_path), "--out", str(out), "-q"])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "error:" in result.output and "hint:" in result.output
+    assert not out.exists(), "no stage may start on a bad config (nor is a new output folder made)"
+    Store.open(out).close()  # an output folder that exists: still no stage starts
+    result = runner.invoke(app, ["build", "--preset", "tiny", "--config", str(toml_path), "--out", str(out), "-q"])
+    assert result.exit_code == 2, result.output
     with Store.open(out, read_only=True) as store:
         assert store.stage_rows() == {}, "no stage may start on a bad config"
 
