@@ -489,6 +489,18 @@ def test_a_run_of_the_config_s_plan_removes_what_it_no_longer_asks_for(store_dir
         assert summary["n_not_asked"] == 0 and store.count("renders") == 4
 
 
+def test_auto_features_never_drop_what_another_device_planned(store_dir, monkeypatch):
+    """`features = "auto"` is every feature on a GPU and the top few on a CPU: a forced CPU run of a build made
+    on a GPU machine keeps the GPU's feature renders (it still drops seeds no longer asked for)."""
+    with Store.open(store_dir) as store:
+        render.run(small_cfg(features="top:4", n_seeds=2, n_auto_pairs=0, n_auto_images=0, ablation=False), store)
+        monkeypatch.setattr(render, "CPU_AUTO_FEATURES", 2)
+        summary = render.run(small_cfg(features="auto", n_seeds=1, n_auto_pairs=0, n_auto_images=0,
+                                       ablation=False), store)
+        assert summary["n_planned"] == 2 and summary["n_not_asked"] == 4
+        assert store.query("SELECT count(DISTINCT feature_a), max(seed) FROM renders") == [(4, 0)]
+
+
 def test_bad_feature_lists_are_user_errors(store_dir):
     from atlasgen.config import load_config
     from atlasgen.errors import AtlasError

@@ -621,16 +621,19 @@ def _drop_not_asked(store: Store, targets: list[Target], cfg: RenderConfig, sett
     """Delete renders (rows and files) that [render] no longer asks for, so the site shows what the config
     says (fewer seeds, fewer features under top:N, fewer pairs or images, another variant, no ablation). Only
     a run of [render]'s own plan prunes: a run for a list of feature ids (`--features 1,2,3`) keeps all other
-    renders, and the feature renders such a list asked for stay while their seed and variant are still ones
-    [render] makes."""
+    renders, and the feature renders such a list asked for (or that `features = "auto"` may plan on another
+    device) stay while their seed and variant are still ones [render] makes."""
     if any(tg.listed for tg in targets):
         return 0
     planned = {tg.render_id for tg in targets}
     variant = variant_name(cfg.param, cfg.augment)
+    # `auto` plans by device (every feature on a GPU, the top few on a CPU): a forced run on a laptop must not
+    # delete the features a GPU machine rendered, so under `auto` no feature is dropped for being unplanned.
+    by_device = str(cfg.features).strip() == "auto"
     rows = [(render_id, path) for render_id, kind, seed, row_variant, listed, path
             in store.renders_with_settings(settings_hash)
             if render_id not in planned
-            and not (kind == "feature" and listed and seed < cfg.n_seeds and row_variant == variant)]
+            and not (kind == "feature" and (listed or by_device) and seed < cfg.n_seeds and row_variant == variant)]
     _delete_renders(store, rows, "the config no longer asks for")
     return len(rows)
 
