@@ -24,7 +24,7 @@ It also replays the stopping rule on the baseline's per-step cosines (a "what if
 min_steps / stop_window / stop_delta), since the rule uses only a target's own history.
 
     python benchmarks/render.py --device cuda            # ~3 min on an H100 (see benchmarks/gpu_check.sh)
-    python benchmarks/render.py --device cpu --quick     # a few minutes on 2 CPU cores: tiny model
+    python benchmarks/render.py --device cpu --quick     # ~35 s on 2 CPU cores: tiny model
 """
 from __future__ import annotations
 
