@@ -20,6 +20,7 @@ LOG=${LOG:-/tmp/gpu_check.log}
 mkdir -p "$(dirname "$LOG")"
 exec > >(tee "$LOG") 2>&1
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT  # generated corpora, stores and compiled kernels: none is kept
 T_START=$(date +%s)
 PY=${PYTHON:-python3}
 
