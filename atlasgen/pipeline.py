@@ -52,7 +52,7 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         name = stage.name
         enter_stage(name)
         this_hash = stage_hash(cfg, store, name)
-        repair = None  # (its tables' digest, when it finished) for a rerun that only restores deleted files
+        repair_digest = None  # its tables' digest before a rerun that only restores deleted files
         if not force and store.stage_is_done(name, this_hash):
             # Done only while its artefacts exist: a deleted file makes the stage run again.
             missing = missing_artefacts(store, name)
@@ -62,7 +62,7 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
                 continue
             say(f"{name}: {missing}, so it runs again")
             if stage.tables:  # a stage of files alone cannot show that it made the same again
-                repair = (store.tables_digest(stage.tables), store.stage_row(name)["finished_at"])
+                repair_digest = store.tables_digest(stage.tables)
         _preflight(cfg, stage)
         row = store.stage_row(name)
         if force or row is None or row["config_hash"] != this_hash:
@@ -92,8 +92,8 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         # A repair that left the tables as they were keeps the stage's finish time, which the hashes of the
         # stages reading it cover: one lost corpus copy no longer re-embeds the corpus and retrains the SAE.
-        unchanged = repair is not None and store.tables_digest(stage.tables) == repair[0]
-        store.mark_stage_done(name, summary, finished_at=repair[1] if unchanged else None)
+        unchanged = repair_digest is not None and store.tables_digest(stage.tables) == repair_digest
+        store.mark_stage_done(name, summary, finished_at=row["finished_at"] if unchanged else None)
         say(f"{name}: done in {summary['seconds']:.1f}s " + _brief(summary))
         summaries[name] = summary
     return summaries

@@ -61,7 +61,8 @@ class SiteData:
         self.similar = store.similar_by_feature()
         self.coactive = store.top_coactive_by_feature(cfg.n_coactive)
         # A feature page links to a probe chart only where that chart draws the feature.
-        charted = {(name, f) for name, ids in probe_chart_features(store).items() for f in ids}
+        self.probe_charts = probe_chart_features(store)
+        charted = {(name, f) for name, ids in self.probe_charts.items() for f in ids}
         self.probes_of = {fid: [{"name": name, "max_value": vmax, "charted": (name, fid) in charted}
                                 for name, vmax in peaks] for fid, peaks in store.probe_peaks_by_feature().items()}
         self.n_images = store.count("images")

@@ -15,15 +15,16 @@ from ..core import SiteWriter
 from ..data import SiteData, probe_chart_features
 
 
-def probes_context(store, files: SiteFiles) -> dict | None:
-    """Put the probe pictures into the site; the page's context, or None when the probe stage has not run."""
+def probes_context(store, files: SiteFiles, ids_by_sweep: dict[str, list[int]] | None = None) -> dict | None:
+    """Put the probe pictures into the site; the page's context, or None when the probe stage has not run.
+    `ids_by_sweep`: `probe_chart_features(store)` where the caller has it already (SiteData does)."""
     row = store.stage_row("probe")
     if row is None or row["status"] != "done":
         return None
     named = {s["name"]: s for s in row["config"].get("sweeps", [])}
     steps_by_sweep = store.probe_steps()
     sweeps = []
-    ids_by_sweep = probe_chart_features(store)
+    ids_by_sweep = probe_chart_features(store) if ids_by_sweep is None else ids_by_sweep
     order = list(ids_by_sweep)
     # One palette assignment for the whole page: a feature keeps its colour from chart to chart.
     colour_of = feature_colours(f for name in order for f in ids_by_sweep[name])
@@ -61,6 +62,6 @@ def probes_context(store, files: SiteFiles) -> dict | None:
 
 
 def write_probes(writer: SiteWriter, data: SiteData) -> None:
-    context = probes_context(data.store, data.files)
+    context = probes_context(data.store, data.files, data.probe_charts)
     if context is not None:
         writer.render("probes.html", "probes.html", context)
