@@ -358,7 +358,8 @@ def test_interrupted_ingest_resumes_without_redoing_finished_copies(tmp_path, mo
     for i, before in done.items():
         after = (out / "corpus" / f"{i:08d}.jpg").stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"copy {i} was rewritten"
-    assert not journal.exists() and not (out / "corpus" / ingest.INCOMING_NAME).exists()
+    assert not (out / "corpus" / ingest.INCOMING_NAME).exists()
+    assert len(journal.read_text().splitlines()) == 10, "the journal stays, the finished run's record"
     _ingest_closed(tmp_path / "fresh", source)
     assert _result(out) == _result(tmp_path / "fresh"), "the resumed ingest equals an uninterrupted one"
 
@@ -371,6 +372,42 @@ def test_interrupted_ingest_resumes_without_redoing_finished_copies(tmp_path, mo
     _ingest_closed(tmp_path / "fresh2", source)
     assert _result(out2) == _result(tmp_path / "fresh2")
     assert _result(out2)[0][1][4:6] == (90, 30)
+
+
+def test_lost_copies_of_a_finished_ingest_are_restored_from_their_inputs_alone(tmp_path, monkeypatch):
+    """A rerun for lost corpus copies decodes those inputs again, not every input (the journal stays as the
+    finished run's record); past MAX_RESTORED_HERE lost copies, the rest is redone by the workers."""
+    folder = _photo_folder(tmp_path / "in")
+    source = f"folder:{folder}"
+    out = tmp_path / "out"
+    _ingest_closed(out, source, n_workers=2)
+    _ingest_closed(tmp_path / "fresh", source)
+    fresh = _result(tmp_path / "fresh")
+    assert len(fresh[0]) == 8  # inputs 3 and 7 are skipped: ids 0-2 are inputs 0-2, ids 3-5 inputs 4-6
+
+    def copies() -> dict[int, tuple[int, int]]:
+        return {i: ((st := (out / "corpus" / f"{i:08d}.jpg").stat()).st_ino, st.st_mtime_ns) for i in range(8)}
+
+    before = copies()
+    for image_id in (2, 5):
+        (out / "corpus" / f"{image_id:08d}.jpg").unlink()
+    summary = _ingest_closed(out, source, n_workers=2)
+    assert not summary.get("skipped") and summary["n_resumed"] == 10 and summary["n_restored"] == 2
+    assert summary["n_workers"] == 0, "nothing was left for workers to decode"
+    after = copies()
+    assert [i for i in range(8) if after[i] != before[i]] == [2, 5], "only the lost copies are written again"
+    assert _result(out) == fresh
+
+    monkeypatch.setattr(ingest, "MAX_RESTORED_HERE", 1)
+    before = copies()
+    for image_id in (1, 4):
+        (out / "corpus" / f"{image_id:08d}.jpg").unlink()
+    summary = _ingest_closed(out, source, n_workers=2)
+    # Copy 1 restored here; copy 4 (input 5) is one too many, so inputs 5-9 go to the workers.
+    assert summary["n_resumed"] == 5 and summary["n_restored"] == 1 and summary["n_workers"] == 2
+    after = copies()
+    assert [i for i in range(8) if after[i] != before[i]] == [1, 4, 5, 6, 7]
+    assert _result(out) == fresh
 
 
 def test_workers_and_threads_give_identical_corpus(tmp_path):

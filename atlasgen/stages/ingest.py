@@ -466,6 +466,9 @@ def candidates_for(cfg: IngestConfig, store: Store) -> tuple[Iterable[Candidate]
 JOURNAL_NAME = ".ingest-journal.jsonl"  # in corpus/: what an unfinished run has done (see _Journal)
 INCOMING_NAME = ".incoming"             # in corpus/: copies written by the workers before they get their id
 MAX_TASK_SIZE = 16                      # inputs per worker task
+# Lost corpus copies a rerun writes again here, one by one, before the rest goes to the workers: the handful a
+# deleted file or two leaves; many more (a deleted corpus) are faster redone in parallel from the first over this.
+MAX_RESTORED_HERE = 256
 
 
 def run(cfg: IngestConfig, store: Store) -> dict:
@@ -493,27 +496,40 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         stream = iter(candidates)
         candidates = itertools.chain(list(itertools.islice(stream, 1)), stream)
     # The resize kernels (atlasgen.resample): from the start if this process has them already, else loaded while
-    # the workers start with Pillow, for a corpus big enough to repay that.
+    # the workers start with Pillow, for what is left to decode if that is big enough to repay it.
     fast_resize = resample.ready()
-    load_kernels = not fast_resize and resample.worth_loading(total, n_workers)
 
     def at(event: str) -> Callable[[], None]:
         return lambda: timeline_s.setdefault(event, time.perf_counter() - t0)
 
+    # A committed images table means this run repairs a finished ingest (the pipeline resets the stage first
+    # when its config changed): the journal is then the finished run's record.
+    committed = store.count("images") > 0
+
+    def restore(cand: Candidate, image_id: int, width: int, height: int) -> bool:
+        return _restore_copy(cand, store.paths.corpus_image(image_id), incoming_dir, cfg, fast_resize, width, height)
+
     # Set before the workers fork, so they inherit it.
     with pixel_limit(cfg.max_pixels), _Journal(corpus_dir / JOURNAL_NAME) as journal, \
             bar(total=total, desc="ingest", unit="img") as progress:
-        rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit)
-        if not (cfg.limit and len(rows["image_id"]) >= cfg.limit):
-            fast_resize = _read_all(rest, cfg, rows, skipped, store, journal, progress, n_workers, total,
-                                    fast_resize, load_kernels, on_first=at("first_result"),
+        rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit, restore, committed)
+        first = None if cfg.limit and len(rows["image_id"]) >= cfg.limit else next(rest, None)
+        if first is None:  # a repair or resume that left nothing to decode starts no workers, no kernels
+            n_workers = 0
+        else:
+            n_left = None if total is None else max(1, total - journal.next_index)  # (total: capped by limit)
+            if n_left is not None:
+                n_workers = max(1, min(n_workers, n_left))
+            load_kernels = not fast_resize and resample.worth_loading(n_left, n_workers)
+            fast_resize = _read_all(itertools.chain([first], rest), cfg, rows, skipped, store, journal, progress,
+                                    n_workers, n_left, fast_resize, load_kernels, on_first=at("first_result"),
                                     on_kernels=at("kernels_ready"))
-        n_resumed, stale_ids = journal.n_resumed, journal.max_image_id
+        n_resumed, n_restored, stale_ids = journal.n_resumed, journal.n_restored, journal.max_image_id
     timeline_s["read"] = time.perf_counter() - t0
     n_labels = commit_images(store, rows, skipped)
     n_images = len(rows["image_id"])
-    # Committed: the journal has done its job; copies an earlier, longer run left beyond the last id go too.
-    (corpus_dir / JOURNAL_NAME).unlink(missing_ok=True)
+    # Committed. The journal stays, the record of what made each copy, so that restoring a lost copy later reads
+    # that one input again, not all of them. Copies an earlier, longer run left beyond the last id go.
     shutil.rmtree(incoming_dir, ignore_errors=True)
     for image_id in range(n_images, stale_ids + 1):
         store.paths.corpus_image(image_id).unlink(missing_ok=True)
@@ -527,7 +543,7 @@ def run(cfg: IngestConfig, store: Store) -> dict:
         say(f"ingest: ... and {len(skipped) - 5} more skipped inputs")
     timeline_s["done"] = time.perf_counter() - t0
     return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": n_labels, "source": cfg.source,
-            "n_resumed": n_resumed, "n_workers": n_workers, "fast_resize": fast_resize,
+            "n_resumed": n_resumed, "n_restored": n_restored, "n_workers": n_workers, "fast_resize": fast_resize,
             "timeline_s": {k: round(v, 3) for k, v in timeline_s.items()}}
 
 
@@ -609,6 +625,23 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
     return fast_resize
 
 
+def _restore_copy(cand: Candidate, copy_path: Path, incoming_dir: Path, cfg: IngestConfig, fast_resize: bool,
+                  width: int, height: int) -> bool:
+    """Write a lost corpus copy again from its unchanged input (a journalled one); False, writing nothing, where the
+    input no longer gives the journalled picture (then it and the inputs after it are redone as new)."""
+    try:
+        data = Path(cand.read) if isinstance(cand.read, (str, Path)) else cand.read()
+        decoded = decode_image(data, cfg.max_pixels, cfg.corpus_side, fast_resize)
+    except Exception:  # SkipInput, or a streamed row that fails to download: not what the journal says
+        return False
+    if (decoded.width, decoded.height) != (width, height):
+        return False
+    temp_path = incoming_dir / f"restored-{copy_path.name}"
+    temp_path.write_bytes(decoded.jpeg)
+    os.replace(temp_path, copy_path)
+    return True
+
+
 def _add_image_row(rows: dict[str, list], image_id: int, cand: Candidate, width: int, height: int) -> str:
     """Append an accepted image's row (a fresh read's or a journalled one's); returns its corpus path."""
     corpus_path = corpus_rel(image_id)
@@ -673,18 +706,22 @@ def _decode_task(task: list[tuple[int, object, str | None]], incoming_dir: str, 
 
 
 class _Journal:
-    """What an unfinished ingest has done, one JSON line per input in input order: [index, source, [file size,
-    mtime] or null, image_id or null, width, height, skip reason or null]. Written after each copy is in place,
-    deleted once the images table is committed. A rerun with the same config (the pipeline resets the stage,
-    corpus/ and all, when the config changes) reuses the longest prefix that still matches the inputs: same
-    source, same file size and mtime, the same image id, its copy present. Those are neither decoded nor written
-    again; everything from the first mismatch on is redone."""
+    """What an ingest has done, one JSON line per input in input order: [index, source, [file size, mtime] or null,
+    image_id or null, width, height, skip reason or null]. Written after each copy is in place, and kept once the
+    images table is committed, as the record of what made each copy. A rerun with the same config (after an
+    interrupt, or to restore lost copies of a finished run; the pipeline resets the stage, corpus/ and all, when
+    the config changes) reuses the longest prefix that still matches the inputs: same source, same file size and
+    mtime, the same image id. Those are not decoded again, except an input whose copy is gone: that one is
+    decoded and written again here (up to MAX_RESTORED_HERE of them). Everything from the first mismatch on is
+    redone."""
 
     def __init__(self, path: Path):
         self.path = path
         self.n_resumed = 0        # inputs taken from the journal
+        self.n_restored = 0       # of those, the ones whose lost copy was written again
         self.next_index = 0       # the first input this run decodes
         self.max_image_id = -1    # the highest image id the journal knew (stale copies above the new count go)
+        self._committed = False   # whether the journal is a finished run's (for the message)
 
     def __enter__(self) -> "_Journal":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -705,8 +742,13 @@ class _Journal:
             self._file.flush()
 
     def resume(self, candidates: Iterator[Candidate], rows: dict[str, list], skipped: list[tuple[str, str]],
-               store: Store, progress, limit: int) -> Iterator[Candidate]:
-        """Take the matching prefix into `rows`/`skipped`; returns the candidates still to decode."""
+               store: Store, progress, limit: int,
+               restore: Callable[[Candidate, int, int, int], bool] = lambda *_: False,
+               committed: bool = False) -> Iterator[Candidate]:
+        """Take the matching prefix into `rows`/`skipped`; returns the candidates still to decode.
+        `restore(candidate, image_id, width, height)` writes a lost copy again (False: the input no longer gives
+        it). `committed`: the journal is a finished run's."""
+        self._committed = committed
         f = self._file
         f.seek(0)
         offset = 0
@@ -715,7 +757,12 @@ class _Journal:
                 return self._cut(offset, itertools.chain([cand], candidates), index)
             raw = f.readline()
             entry = self._parse(raw)
-            if entry is None or not self._matches(entry, index, cand, len(rows["image_id"]), store):
+            found = None if entry is None else self._matches(entry, index, cand, len(rows["image_id"]), store)
+            if found == "lost":
+                if self.n_restored < MAX_RESTORED_HERE and restore(cand, entry[3], entry[4], entry[5]):
+                    self.n_restored += 1
+                    found = "kept"
+            if found != "kept":
                 return self._cut(offset, itertools.chain([cand], candidates), index)
             offset += len(raw)
             _, _, _, image_id, width, height, reason = entry
@@ -739,8 +786,12 @@ class _Journal:
         self._file.truncate(offset)
         self._file.seek(offset)
         self.next_index = next_index
-        if self.n_resumed:
-            say(f"ingest: {self.n_resumed} input(s) already done by an unfinished run, resuming")
+        restored = f", {self.n_restored} lost corpus cop{'y' if self.n_restored == 1 else 'ies'} written again" \
+            if self.n_restored else ""
+        if self.n_resumed and self._committed:
+            say(f"ingest: {self.n_resumed} input(s) unchanged since the last run, kept{restored}")
+        elif self.n_resumed:
+            say(f"ingest: {self.n_resumed} input(s) already done by an unfinished run, resuming{restored}")
         return rest
 
     @staticmethod
@@ -754,25 +805,27 @@ class _Journal:
         return entry if isinstance(entry, list) and len(entry) == 7 else None
 
     @staticmethod
-    def _matches(entry: list, index: int, cand: Candidate, next_id: int, store: Store) -> bool:
+    def _matches(entry: list, index: int, cand: Candidate, next_id: int, store: Store) -> str | None:
+        """"kept": the entry is this input's, unchanged (its copy present, or a skip); "lost": the same, but its
+        copy is gone; None: the entry is not this input's, or the input changed."""
         e_index, e_source, e_stat, image_id, _, _, reason = entry
         if e_index != index or e_source != cand.source:
-            return False
+            return None
         if isinstance(cand.read, (str, Path)):
             try:
                 st = os.stat(cand.read)
             except OSError:
-                return False
+                return None
             if e_stat != [st.st_size, st.st_mtime_ns]:
-                return False
+                return None
         if reason is not None:
-            return True
+            return "kept"
         if image_id != next_id:
-            return False
+            return None
         try:
-            return store.paths.corpus_image(image_id).stat().st_size > 0
+            return "kept" if store.paths.corpus_image(image_id).stat().st_size > 0 else "lost"
         except OSError:
-            return False
+            return "lost"
 
 
 SPEC = Stage("ingest", IngestConfig, run, tables=("images",), folders=("corpus_dir",), skips=True)
