@@ -34,7 +34,8 @@ def stage_hash(cfg: AtlasConfig, store: Store, name: str) -> str:
 @keeps_build_status
 def run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bool = False,
                executor=None) -> dict[str, dict]:
-    """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped).
+    """Run `stages` (in pipeline order); returns each stage's summary (`{"skipped": True}` if skipped, `{"repaired":
+    True}` if its `repair` restored lost files).
     `executor`: one to use instead of the one cfg.run asks for (then the caller closes it)."""
     own_executor = executor is None
     executor = make_executor(cfg.run) if own_executor else executor  # Ray connects when a stage needs it
@@ -59,6 +60,9 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
             if missing is None:
                 say(f"{name}: up to date (config {this_hash}), skipped")
                 summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
+                continue
+            if stage.repair is not None:
+                summaries[name] = _repair(cfg, store, stage, missing)
                 continue
             say(f"{name}: {missing}, so it runs again")
             if stage.tables:  # a stage of files alone cannot show that it made the same again
@@ -97,6 +101,23 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         say(f"{name}: done in {summary['seconds']:.1f}s " + _brief(summary))
         summaries[name] = summary
     return summaries
+
+
+def _repair(cfg: AtlasConfig, store: Store, stage, missing: str) -> dict:
+    """A finished stage's lost files written again by its `repair`, from its tables: its row stays done, with
+    its finish time (the hashes of the stages reading it cover that) and the summary keys the repair updates.
+    Interrupted or failed, the row is as it was: the next run finds the same files missing and tries again."""
+    say(f"{stage.name}: {missing}, so it writes them again")
+    t0 = time.perf_counter()
+    row = store.stage_row(stage.name)
+    with interrupts_kept() as interrupt_caught:
+        changed = dict(stage.repair(cfg.stage(stage.name), store) or {})
+        if interrupt_caught():
+            raise KeyboardInterrupt
+    summary = {**row["summary"], **changed}
+    store.mark_stage_done(stage.name, summary, finished_at=row["finished_at"])
+    say(f"{stage.name}: restored in {time.perf_counter() - t0:.1f}s " + _brief(changed))
+    return {"repaired": True, **summary}
 
 
 def _preflight(cfg: AtlasConfig, stage) -> None:

@@ -154,3 +154,39 @@ def test_a_repair_that_leaves_the_tables_as_they_were_does_not_rerun_the_stages_
         changed = run_stages(cfg, store, ["ingest", "embed"])
         assert not changed["ingest"].get("skipped") and not changed["embed"].get("skipped")
         assert store.count("embeddings") == 7
+
+
+def test_lost_thumbnails_are_written_again_without_encoding_again(tmp_path, monkeypatch):
+    """A finished encode that lost thumbnails writes them again from its `top_images` (the stage's `repair`):
+    nothing is encoded again, its tables and finish time stay, so the stages reading it stay up to date. A
+    thumbnail that cannot be made is recorded, and made by the next repair once its corpus copy is back."""
+    from atlasgen.stages import encode
+    set_quiet(True)
+    with Store.open(tmp_path) as store:
+        run_stages(_cfg(), store, ["ingest", "embed", "train", "encode"])
+        before, digest = store.stage_row("encode"), store.tables_digest(encode.TABLES)
+        top_ids = store.top_image_ids()
+        assert before["summary"]["n_thumbs"] == len(top_ids) > 2
+        lost, unmakeable = store.paths.thumb(top_ids[0]), store.paths.thumb(top_ids[1])
+        lost.unlink()
+        unmakeable.unlink()
+        store.paths.corpus_image(top_ids[1]).unlink()
+
+        def encoded_again(*args, **kwargs):
+            raise AssertionError("encode ran again")
+
+        monkeypatch.setattr(encode, "encode_sparse", encoded_again)
+        repaired = run_stages(_cfg(), store, ["encode"])["encode"]
+        assert repaired["repaired"] and repaired["n_thumb_failures"] == 1
+        assert repaired["n_thumbs"] == len(top_ids) - 1 and lost.is_file() and not unmakeable.exists()
+        assert store.query("SELECT stage FROM skipped_inputs") == [("encode",)]
+        row = store.stage_row("encode")
+        assert (row["status"], row["finished_at"]) == ("done", before["finished_at"])
+        assert store.tables_digest(encode.TABLES) == digest
+
+        # Ingest writes the corpus copy again; the next encode repair makes the thumbnail.
+        again = run_stages(_cfg(), store, ["ingest", "encode"])
+        assert again["ingest"]["n_restored"] == 1 and again["encode"]["repaired"]
+        assert unmakeable.is_file() and again["encode"]["n_thumb_failures"] == 0
+        assert store.count("skipped_inputs") == 0
+        assert run_stages(_cfg(), store, ["encode"])["encode"]["skipped"]

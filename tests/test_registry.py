@@ -48,6 +48,8 @@ def test_every_stage_has_a_cli_command_and_a_config_section():
 @pytest.mark.parametrize("change,message", [
     (dict(config=dict), "frozen dataclass"),
     (dict(run=None), "run must be callable"),
+    (dict(reset="clear"), "reset must be callable"),
+    (dict(repair=True), "repair must be callable"),
     (dict(folders=("no_such_dir",)), "not a BuildPaths property"),
     (dict(pages=("maps/index.html",)), "top-level .html"),
     (dict(name="Bad-Name"), "lower-case identifier"),

@@ -35,6 +35,11 @@ class Stage:
     skips    True when it records skipped inputs (its rows in `skipped_inputs` are reset with it)
     executor True when its work is units run by an executor: `run(cfg, store, executor=...)` gets the one
              `[run]` asks for (`atlasgen.executor`: here, or on Ray workers)
+    repair   `repair(cfg, store) -> dict`: writes again the files a finished run lost (`atlasgen.artefacts`)
+             from its tables, computing nothing else; returns the summary keys it changes. The pipeline calls
+             it instead of `run` for a finished, up-to-date stage with missing files, and the stage keeps its
+             finish time. Without one, the stage runs again (and keeps its finish time only where its tables
+             come out the same).
     """
 
     name: str
@@ -47,6 +52,7 @@ class Stage:
     pages: tuple[str, ...] = ()
     skips: bool = False
     executor: bool = False
+    repair: Callable[..., dict] | None = None
 
     def __post_init__(self):
         # A stage with a missing or misspelt piece fails here, when its module is imported.
@@ -56,8 +62,9 @@ class Stage:
             raise TypeError(f"stage {self.name}: config must be a frozen dataclass, got {self.config!r}")
         if not callable(self.run):
             raise TypeError(f"stage {self.name}: run must be callable")
-        if self.reset is not None and not callable(self.reset):
-            raise TypeError(f"stage {self.name}: reset must be callable")
+        for name in ("reset", "repair"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"stage {self.name}: {name} must be callable")
         for folder in self.folders:
             if not isinstance(getattr(BuildPaths, folder, None), property):
                 raise TypeError(f"stage {self.name}: folder {folder!r} is not a BuildPaths property")

@@ -200,6 +200,15 @@ def coactivation(img_a: np.ndarray, feat_a: np.ndarray, ids_n: np.ndarray,
     return row[keep], co_ff.indices[keep].astype(np.int32), co_ff.data[keep].astype(np.int32)
 
 
+def repair(cfg: EncodeConfig, store: Store) -> dict:
+    """The thumbnails a finished encode lost, written again from its `top_images` (nothing is encoded again);
+    the thumbnails that still fail replace encode's rows in `skipped_inputs`."""
+    top_ids = store.top_image_ids()
+    failures = write_thumbnails(store, np.asarray(top_ids, dtype=np.int64), cfg.thumb_side)
+    store.replace_skips(SPEC.name, failures)
+    return {"n_thumbs": len(top_ids) - len(failures), "n_thumb_failures": len(failures)}
+
+
 def write_thumbnails(store: Store, image_ids: np.ndarray, side: int) -> list[tuple[str, str]]:
     """Square WebP thumbnails (centre crop) of the given images; returns (source, reason) failures.
     Existing thumbnails are kept, so a rerun after an interruption only writes the missing ones."""
@@ -238,4 +247,5 @@ def write_thumbnails(store: Store, image_ids: np.ndarray, side: int) -> list[tup
     return failures
 
 
-SPEC = Stage("encode", EncodeConfig, run, inputs=("train",), tables=TABLES, folders=("thumbs_dir",), skips=True)
+SPEC = Stage("encode", EncodeConfig, run, inputs=("train",), tables=TABLES, folders=("thumbs_dir",), skips=True,
+             repair=repair)
