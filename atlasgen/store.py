@@ -736,6 +736,13 @@ class Store:
             con.execute("DELETE FROM feature_map")
             self.insert_frame("feature_map", frame)
 
+    def map_cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """(feature ids, (M, 2) grid cells) of the features on the map, by feature id."""
+        table = self.arrow("SELECT feature_id, grid_x, grid_y FROM feature_map WHERE grid_x IS NOT NULL "
+                           "ORDER BY feature_id")
+        cells_m2 = np.stack([table.column("grid_x").to_numpy(), table.column("grid_y").to_numpy()], axis=1)
+        return table.column("feature_id").to_numpy().astype(np.int64), cells_m2.astype(np.int64).reshape(-1, 2)
+
     # --- probes ----------------------------------------------------------------------------------------
     def replace_probes(self, columns: dict) -> None:
         with self.transaction() as con:

@@ -283,3 +283,31 @@ def test_tiny_build_gets_a_map_with_its_grid(tiny_encoded, tmp_path):
     index = json.loads((out / "map" / "index.json").read_text())
     assert index["grid_side"] == cfg.layout.grid_side == 16 and len(index["features"]) == n_placed
     assert (out / "map" / str(len(index["levels"]) - 1) / "0_0.webp").exists()
+
+
+def test_lost_map_files_are_drawn_again_without_umap(tmp_path, synthetic, monkeypatch):
+    """A finished layout that lost map files draws the map again from `feature_map` (its repair): no UMAP,
+    the same tiles, index and content hash, and the stage keeps its finish time."""
+    import dataclasses
+    from atlasgen.pipeline import run_stages
+    cfg = load_config("tiny", overrides={"layout": dataclasses.asdict(CFG)})
+    with _store_with(tmp_path / "out", synthetic) as store:
+        first = run_stages(cfg, store, ["layout"])["layout"]
+        before = store.stage_row("layout")
+        index_path = store.paths.map_dir / layout.MAP_INDEX_NAME
+        index = index_path.read_text()
+        tiles = sorted(store.paths.map_dir.rglob("*.webp"))
+        lost = tiles[len(tiles) // 2]
+        lost_bytes = lost.read_bytes()
+        lost.unlink()
+
+        def umap_again(*args, **kwargs):
+            raise AssertionError("UMAP ran again")
+
+        monkeypatch.setattr(layout, "umap_layout", umap_again)
+        again = run_stages(cfg, store, ["layout"])["layout"]
+        assert again["repaired"] and again["content_hash"] == first["content_hash"]
+        assert lost.read_bytes() == lost_bytes and index_path.read_text() == index
+        assert sorted(store.paths.map_dir.rglob("*.webp")) == tiles
+        assert store.stage_row("layout")["finished_at"] == before["finished_at"]
+        assert run_stages(cfg, store, ["layout"])["layout"]["skipped"]

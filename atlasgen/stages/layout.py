@@ -50,10 +50,8 @@ def run(cfg: LayoutConfig, store) -> dict:
     t_umap = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    strength = np.nan_to_num(feats["strength"][live].astype(np.float64), nan=0.0)
     n_map = min(cfg.n_map_features, len(live_ids), cfg.grid_side * cfg.grid_side)
-    # Strongest first; ties broken by id so the choice is reproducible.
-    order = np.lexsort((live_ids, -strength))[:n_map]
+    order = _strongest_first(live_ids, feats)[:n_map]
     cells_m2 = assign_grid(xy_n2[order], cfg.grid_side)
     t_grid = time.perf_counter() - t1
 
@@ -76,6 +74,25 @@ def run(cfg: LayoutConfig, store) -> dict:
     return {"n_live": int(len(live_ids)), "n_placed": int(n_map), "grid_side": cfg.grid_side,
             "n_levels": tiles["n_levels"], "n_tiles": tiles["n_tiles"], "n_pictures": tiles["n_pictures"],
             "content_hash": tiles["content_hash"], "umap_seconds": round(t_umap, 2), "grid_seconds": round(t_grid, 2), "tile_seconds": round(t_tiles, 2)}
+
+
+def repair(cfg: LayoutConfig, store) -> dict:
+    """The map (tiles and index) of a finished layout drawn again from `feature_map`, when files of it were lost:
+    no UMAP and no grid assignment; the same pictures give the same tiles and content hash."""
+    feats = _read_features(store)
+    ids_m, cells_m2 = store.map_cells()
+    order = _strongest_first(ids_m, feats)  # the order `run` placed them in, which the index lists
+    labels = dict(zip(feats["feature_id"].tolist(), feats["label"]))
+    placed_ids = ids_m[order]
+    tiles = write_map(store, cfg, placed_ids, cells_m2[order], [labels.get(int(f)) for f in placed_ids])
+    return {key: tiles[key] for key in ("n_levels", "n_tiles", "n_pictures", "content_hash")}
+
+
+def _strongest_first(feature_ids: np.ndarray, feats: dict) -> np.ndarray:
+    """Indices of `feature_ids` by strength, strongest first; ties by id, so the choice is reproducible."""
+    strength_by_id = np.nan_to_num(feats["strength"].astype(np.float64), nan=0.0)
+    strength = strength_by_id[np.searchsorted(feats["feature_id"], feature_ids)]
+    return np.lexsort((feature_ids, -strength))
 
 
 def reset(store) -> None:
@@ -354,4 +371,4 @@ def _halve(arr: np.ndarray) -> np.ndarray:
 
 # The map is a published folder: its reset swaps, it never leaves readers without one (see `reset`).
 SPEC = Stage("layout", LayoutConfig, run, inputs=("encode", "render"), tables=("feature_map",),
-             folders=("map_dir",), reset=reset, pages=("map.html",))
+             folders=("map_dir",), reset=reset, pages=("map.html",), repair=repair)
