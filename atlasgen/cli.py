@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .config import DEVICES, PRESETS, AtlasConfig, load_config, load_toml
-from .errors import AtlasError, StageInputError, StoreLockedError, is_interrupt
+from .errors import (AtlasError, StageInputError, StoreLockedError, is_interrupt, sigterm_as_interrupt,
+                     sigterm_received)
 from .paths import BuildPaths, check_file_target, check_folder_target
 from .progress import say, set_quiet
 
@@ -100,27 +102,37 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(
     parser=_option("--ray-address", "an address (HOST:PORT, or auto)", str), metavar="<str>")]
 
 
+SIGTERM_EXIT = 128 + signal.SIGTERM  # 143, what shells and schedulers report for a process ended by SIGTERM
+
+
 def handles_errors(fn):
-    """User errors become one line plus a hint and exit 2; never a traceback for bad input."""
+    """User errors become one line plus a hint and exit 2; never a traceback for bad input. Ctrl-C exits 130 and
+    SIGTERM (`kill PID`, a scheduler's time limit) 143, each with one line, after the same cleanup: while the
+    command runs, SIGTERM raises in this process as Ctrl-C does (`errors.sigterm_as_interrupt`)."""
     # Ctrl-C in a command that only reads (or serves) leaves nothing to resume.
     resumes = fn.__name__ not in ("query", "export", "decompose", "info", "serve")
+    resume_hint = "run the same command again to resume where it stopped" if resumes else ""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AtlasError as e:
-            if isinstance(e, StoreLockedError) and kwargs.get("out") is not None:
-                e = _lock_error(kwargs["out"], e)  # every command: how far the build holding it is
-            _fail(e.message, e.hint)
-        except (KeyboardInterrupt, Exception) as e:
-            if is_interrupt(e):  # Ctrl-C, also while DuckDB ran a statement (a long query, a stage's insert)
-                _fail("interrupted", "run the same command again to resume where it stopped" if resumes else "",
-                      code=130)
-            error = environment_error(e, kwargs.get("out"))
-            if error is None:
-                raise
-            _fail(error.message, error.hint)
+        with sigterm_as_interrupt():
+            try:
+                return fn(*args, **kwargs)
+            except (KeyboardInterrupt, Exception) as e:
+                # SIGTERM first: whatever failed once it came (a statement DuckDB stopped, a worker a scheduler
+                # killed too) is part of being stopped.
+                if sigterm_received():
+                    _fail("stopped by SIGTERM", resume_hint, code=SIGTERM_EXIT)
+                if isinstance(e, AtlasError):
+                    if isinstance(e, StoreLockedError) and kwargs.get("out") is not None:
+                        e = _lock_error(kwargs["out"], e)  # every command: how far the build holding it is
+                    _fail(e.message, e.hint)
+                if is_interrupt(e):  # Ctrl-C, also while DuckDB ran a statement (a long query, a stage's insert)
+                    _fail("interrupted", resume_hint, code=130)
+                error = environment_error(e, kwargs.get("out"))
+                if error is None:
+                    raise
+                _fail(error.message, error.hint)
     return wrapper
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import os
+import signal
 import sys
 
 
@@ -52,8 +54,9 @@ def is_no_space(exc: BaseException) -> bool:
 
 
 def is_interrupt(exc: BaseException) -> bool:
-    """Whether `exc` is Ctrl-C in a library's words: DuckDB turns the KeyboardInterrupt that arrives while a
-    statement runs into its own error (RuntimeError "Query interrupted"; duckdb.InterruptException)."""
+    """Whether `exc` is Ctrl-C (or SIGTERM, see `sigterm_as_interrupt`) in a library's words: DuckDB turns the
+    KeyboardInterrupt that arrives while a statement runs into its own error (RuntimeError "Query interrupted";
+    duckdb.InterruptException)."""
     if isinstance(exc, KeyboardInterrupt):
         return True
     if type(exc).__name__ == "InterruptException" and type(exc).__module__.lstrip("_").startswith("duckdb"):
@@ -91,6 +94,95 @@ def interrupts_kept():
 
 
 INTERRUPT_RESEND_S = 0.05  # after the C callback that swallowed it has returned
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`; a scheduler such as SLURM at a job's time limit or on preemption), raised in the main
+    thread as Ctrl-C's KeyboardInterrupt is, so everything that cleans up after Ctrl-C runs for it too: the stage
+    is recorded interrupted, worker pools are stopped, committed work is kept, temp files are removed."""
+
+    def __init__(self, message: str = "stopped by SIGTERM"):
+        super().__init__(message)
+
+
+# The process that installed `_on_sigterm` (None: not installed), and whether SIGTERM came since it was.
+_sigterm_owner: int | None = None
+_sigterm_received = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    if os.getpid() != _sigterm_owner:
+        # A process forked from the one that installed this handler (a worker, a supervisor, any pool), before it
+        # set its own: SIGTERM must end it as it would have without us, or a pool could not stop it.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    global _sigterm_received
+    _sigterm_received = True
+    # Once is enough: a second SIGTERM while cleaning up ends the process at once, as SIGTERM did before.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+def _default_sigterm_in_child() -> None:
+    """After a fork: a child of a process under `sigterm_as_interrupt` gets SIGTERM's default back at once (before
+    any Python code of its own runs; `_on_sigterm` covers the moment before this)."""
+    if _sigterm_owner is not None and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
+def sigterm_received() -> bool:
+    """Whether SIGTERM stopped the current command (see `sigterm_as_interrupt`)."""
+    return _sigterm_received
+
+
+def interrupt_reason() -> str:
+    """What stopped the current command, as recorded for an interrupted stage."""
+    return "stopped by SIGTERM" if _sigterm_received else "interrupted by the user"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM to this process raises `Terminated` (a KeyboardInterrupt) in its main thread,
+    as Ctrl-C does, and `sigterm_received()` says so until the block ends; then the previous handler is back.
+    Only this process: a forked child resets SIGTERM to its default right after the fork, and the handler itself
+    checks the process id, so pools still end their workers with SIGTERM. A second SIGTERM ends the process at
+    once. Outside the main thread (where Python cannot set handlers) it does nothing."""
+    global _sigterm_owner, _sigterm_received
+    if _sigterm_owner == os.getpid():  # inside another such block: its handler stays
+        yield
+        return
+    _sigterm_received = False
+    import threading
+    previous = signal.getsignal(signal.SIGTERM)
+    # None: a handler set outside Python, which could not be put back.
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    _sigterm_owner = os.getpid()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _sigterm_owner = None
+        _sigterm_received = False
+
+
+def reclaim_sigterm() -> None:
+    """Install `_on_sigterm` again where a library has replaced it inside `sigterm_as_interrupt` (ray.init sets
+    its own, which exits with status 1 or 15 and records the stage failed), unless SIGTERM has already come."""
+    import threading
+    if (_sigterm_owner == os.getpid() and not _sigterm_received
+            and threading.current_thread() is threading.main_thread()):
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def free_bytes(path) -> int | None:

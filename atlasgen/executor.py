@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .errors import AtlasError
+from .errors import AtlasError, reclaim_sigterm
 from .model import EmbeddingModel, PreprocessSpec, bf16_is_fast, resolve_device
 from .progress import say
 from .sae import SparseAutoencoder
@@ -193,6 +193,9 @@ class RayExecutor:
                                  "check --ray-address (the head's `ray start --head` prints it), or omit it to "
                                  "start a local Ray") from None
             self._started_ray = address is None
+            # ray.init replaced the CLI's SIGTERM handler with its own (exit 1 or 15, the stage recorded failed):
+            # SIGTERM stops the stage as Ctrl-C does, and close() shuts down a local Ray as after Ctrl-C.
+            reclaim_sigterm()
         resources = ray.cluster_resources()
         where = self.cfg.ray_address or ("a local Ray" if self._started_ray else "the connected Ray")
         say(f"ray: {where}: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, "

@@ -2,8 +2,9 @@
 resumes one that was interrupted or failed under the same hash, and resets one whose hash changed.
 
 The stages and everything about them (order, inputs, outputs, reset) come from `atlasgen.stages.REGISTRY`.
-A stage that raises is recorded `failed` with its error (`interrupted` for Ctrl-C), so `atlasgen info`
-shows what happened; the error itself goes on to the CLI, which prints it as one line.
+A stage that raises is recorded `failed` with its error (`interrupted` for Ctrl-C, and for SIGTERM, which the
+CLI turns into the same exception: `errors.sigterm_as_interrupt`), so `atlasgen info` shows what happened; the
+error itself goes on to the CLI, which prints it as one line.
 Stages declared with `executor=True` (embed, render) get `run(cfg, store, executor=...)`: the executor
 `[run]` asks for (`atlasgen.executor`), which runs their units here or on Ray.
 """
@@ -14,7 +15,8 @@ from typing import Iterable
 
 from .artefacts import missing_artefacts
 from .config import AtlasConfig, config_hash, config_json
-from .errors import AtlasError, ModelLoadError, interrupts_kept, is_interrupt
+from .errors import (AtlasError, ModelLoadError, Terminated, interrupt_reason, interrupts_kept, is_interrupt,
+                     sigterm_received)
 from .executor import make_executor
 from .paths import missing_model_folder, sweep_stale_temps
 from .progress import say
@@ -82,16 +84,15 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
                 summary = dict(stage.run(cfg.stage(name), store, **extra) or {})
                 if interrupt_caught():  # sent again, but no Python code ran in this thread after it: stop here
                     raise KeyboardInterrupt
-        except AtlasError as e:
-            _record_end(store, name, "failed", e.message)
-            raise
         except BaseException as e:
-            if is_interrupt(e):  # Ctrl-C, also when DuckDB turned it into its own error
-                _record_end(store, name, "interrupted", "interrupted by the user")
+            # Ctrl-C, also when DuckDB turned it into its own error; SIGTERM (`Terminated`), also when something
+            # failed on its way (a worker a scheduler's SIGTERM killed too): the stage resumes, it did not fail.
+            if is_interrupt(e) or sigterm_received():
+                _record_end(store, name, "interrupted", interrupt_reason())
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                raise KeyboardInterrupt from e
-            _record_end(store, name, "failed", f"{type(e).__name__}: {e}")
+                raise (Terminated() if sigterm_received() else KeyboardInterrupt()) from e
+            _record_end(store, name, "failed", e.message if isinstance(e, AtlasError) else f"{type(e).__name__}: {e}")
             raise
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         # A repair that left the tables as they were keeps the stage's finish time, which the hashes of the

@@ -9,7 +9,7 @@ import mimetypes
 import sys
 from pathlib import Path
 
-from .errors import AtlasError
+from .errors import AtlasError, Terminated
 from .headers import headers_for
 
 # Types Python's table may lack; with nosniff the browser refuses scripts and wasm sent with a wrong type.
@@ -89,12 +89,13 @@ def url_of(server: http.server.ThreadingHTTPServer) -> str:
 
 
 def serve(site_dir: Path, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False) -> None:
-    """Serve until Ctrl-C."""
+    """Serve until Ctrl-C, or SIGTERM under the CLI (`kill PID`, `systemctl stop`, `docker stop`: a server's usual
+    way to end, so a clean one, "stopped" and exit 0 as after Ctrl-C)."""
     server = make_server(site_dir, host, port, verbose)
     print(f"serving {site_dir} at {url_of(server)}  (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", flush=True)
+    except KeyboardInterrupt as e:
+        print("stopped by SIGTERM" if isinstance(e, Terminated) else "stopped", flush=True)
     finally:
         server.server_close()

@@ -4,8 +4,9 @@ While a build runs, DuckDB's lock keeps every other process out of the store (re
 `atlasgen info` and `atlasgen query` read this file instead: the build's process id, the stage it is in,
 and the progress of its current bar (done/total, rate, ETA). The pipeline opens it (`build_status`), each
 stage start is recorded, and `progress.bar` reports into it; it is rewritten atomically (temp name, then
-rename) at most once a second, and a last time when the build ends ("done" or "failed"). A build killed
-outright leaves "running" with a process id that no longer exists, which readers report as interrupted.
+rename) at most once a second, and a last time when the build ends ("done", "failed", or "interrupted" by
+Ctrl-C or SIGTERM). A build killed outright (SIGKILL, a power cut) leaves "running" with a process id that no
+longer exists, which readers report as interrupted.
 """
 from __future__ import annotations
 
@@ -140,9 +141,12 @@ def build_status(paths: BuildPaths, stages: list[str]) -> Iterator[BuildStatus]:
     try:
         yield status
     except BaseException as e:
-        text = getattr(e, "message", None) or str(e)
-        message = text.splitlines()[0] if text else type(e).__name__
-        status.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", message)
+        from .errors import interrupt_reason, is_interrupt, sigterm_received
+        if is_interrupt(e) or sigterm_received():  # Ctrl-C, or SIGTERM (errors.Terminated)
+            status.finish("interrupted", interrupt_reason())
+        else:
+            text = getattr(e, "message", None) or str(e)
+            status.finish("failed", text.splitlines()[0] if text else type(e).__name__)
         raise
     else:
         status.finish("done")
@@ -257,7 +261,8 @@ def describe(doc: dict, running: bool | None = None) -> list[str]:
     elif state == "failed":
         head = f"last build failed {duration(updated)} ago: {doc.get('error') or 'see its output'}"
     elif state == "interrupted":
-        head = f"last build was interrupted (Ctrl-C) {duration(updated)} ago: run it again to resume"
+        how = "stopped by SIGTERM" if "SIGTERM" in (doc.get("error") or "") else "interrupted (Ctrl-C)"
+        head = f"last build was {how} {duration(updated)} ago: run it again to resume"
     else:
         head = f"last build finished {duration(updated)} ago"
     lines = [head]

@@ -140,7 +140,10 @@ def test_ray_store_equals_local_even_with_a_worker_killed_mid_render(ray_cluster
 
 
 @needs_ray
-def test_driver_sigkilled_mid_render_resumes_without_redoing(ray_cluster, tiny_encoded, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_driver_killed_mid_render_resumes_without_redoing(ray_cluster, tiny_encoded, tmp_path, sig):
+    """SIGKILL leaves the stage running; SIGTERM (a scheduler's) stops it as Ctrl-C does, although ray.init set
+    its own handler: exit 143, one line, the stage interrupted. Either way the rerun redoes nothing finished."""
     out = _copy(tiny_encoded, tmp_path / "build")
     config = tmp_path / "small.toml"
     # 16 feature targets in 8 units of 2, nothing else: small units, so the kill lands between commits. One
@@ -171,11 +174,18 @@ def test_driver_sigkilled_mid_render_resumes_without_redoing(ray_cluster, tiny_e
     while progress["n"] < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, f"render ended before it could be killed: {progress['tail'][-800:]!r}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    code = proc.wait(timeout=60)
 
     with Store.open(out, read_only=True) as store:
-        assert store.stage_row("render")["status"] == "running"
+        stage_row = store.stage_row("render")
+    if sig == signal.SIGKILL:
+        assert stage_row["status"] == "running"
+    else:
+        time.sleep(0.1)  # the watcher reads the last bytes
+        tail = progress["tail"].decode(errors="replace")
+        assert code == 143 and "error: stopped by SIGTERM" in tail and "Traceback" not in tail, (code, tail[-2000:])
+        assert (stage_row["status"], stage_row["error"]) == ("interrupted", "stopped by SIGTERM")
     before = _render_rows(out)
     mtimes = {rid: os.stat(out / row[7]).st_mtime_ns for rid, row in before.items()}
     assert 2 <= len(before) < n_planned, f"expected a partial render, found {len(before)} renders"
