@@ -37,7 +37,9 @@ function showError(message) {
 
 async function start() {
   const engine = (name) => new URL("duckdb/" + name, import.meta.url).href;
-  const worker = new Worker(engine("duckdb-browser-eh.worker.js"));
+  // DuckDB's worker, started by duckdb-worker.js, which joins the WebAssembly's parts when DuckDB fetches it.
+  const parts = Number(form.dataset.engineParts) || 0;
+  const worker = new Worker(new URL(`duckdb-worker.js?parts=${parts}`, import.meta.url).href);
   db = new duckdb.AsyncDuckDB(new duckdb.VoidLogger(), worker);
   await Promise.all([db.instantiate(engine("duckdb-eh.wasm")), initParquet({ module_or_path: engine("parquet_wasm_bg.wasm") })]);
   // DECIMAL (0.1 + 0.2, a decimal literal) and HUGEINT (what sum() of integers returns) arrive as 128-bit words

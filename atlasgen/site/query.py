@@ -12,6 +12,9 @@ What it publishes beside the pages:
   hands DuckDB the rows as Arrow IPC. DuckDB's browser module imports "apache-arrow" by bare name, which a
   page cannot resolve without an inline import map (the CSP forbids inline scripts), so the copy binds that
   import to the global `Arrow` of Arrow's own browser build, loaded just before it.
+DuckDB's WebAssembly (34 MB) is published in parts of at most ENGINE_PART_BYTES (`duckdb-eh.wasm.0`, `.1`, ...),
+under the per-file limits of Netlify and Cloudflare Pages (`site.hosting`); the page starts DuckDB's worker
+through `assets/duckdb-worker.js`, which fetches the parts and joins them when DuckDB fetches `duckdb-eh.wasm`.
 The page loads all this only on itself; `query.js` fetches a table's Parquet file when a query names it.
 Without the npm files (or with `[site] sql = false`) the page is left out with one line, not a failure.
 
@@ -63,6 +66,10 @@ ENGINE_FILES = {
     "parquet_wasm_bg.wasm": "parquet-wasm/esm/parquet_wasm_bg.wasm",
     "LICENSE-parquet-wasm.txt": "parquet-wasm/LICENSE_MIT",
 }
+# The engine file published in parts (see the module docstring), and their size: under Netlify's 10 MB per file,
+# the smallest per-file limit in site.hosting.HOST_LIMITS.
+ENGINE_IN_PARTS = "duckdb-eh.wasm"
+ENGINE_PART_BYTES = 8 << 20
 _ARROW_IMPORT = re.compile(r'import\s*\*\s*as\s*([A-Za-z_$][\w$]*)\s*from\s*"apache-arrow"\s*;')
 _SOURCE_MAP = re.compile(r"\n//# sourceMappingURL=\S+\s*$")
 
@@ -100,6 +107,16 @@ def browser_module(engine: Engine) -> str | None:
     return _SOURCE_MAP.sub("\n", text)
 
 
+def write_parts(src: Path, folder: Path, part_bytes: int) -> int:
+    """`src` cut into `folder/<its name>.0`, `.1`, ... of at most `part_bytes` each; returns how many."""
+    n_parts = 0
+    with open(src, "rb") as f:
+        while chunk := f.read(part_bytes):
+            (folder / f"{src.name}.{n_parts}").write_bytes(chunk)
+            n_parts += 1
+    return n_parts
+
+
 def prepare(cfg, store, site_dir: Path) -> "QueryPage | None":
     """The Query page to write, or None (`[site] sql = false`, or no DuckDB-WASM: one line says so)."""
     if not cfg.sql:
@@ -125,7 +142,7 @@ class QueryPage:
         """Engine files, Parquet tables, schema.json and the page. Returns the site summary's additions."""
         site_dir: Path = writer.site_dir
         store = data.store
-        engine_bytes = self._copy_engine(site_dir / ENGINE_DIR)
+        engine_bytes, n_engine_parts = self._copy_engine(site_dir / ENGINE_DIR)
         data_dir = site_dir / DATA_DIR
         data_dir.mkdir(parents=True, exist_ok=True)
         known = set(store.table_names())
@@ -138,14 +155,19 @@ class QueryPage:
         data_bytes = sum(p.stat().st_size for p in data_dir.iterdir())
         writer.render("query.html", PAGE, {
             "examples": examples(data), "tables": schema["tables"], "duckdb_version": self.engine.version,
-            "arrow_version": self.engine.arrow_version, "engine_mb": engine_bytes / 1e6, "data_mb": data_bytes / 1e6})
+            "arrow_version": self.engine.arrow_version, "engine_mb": engine_bytes / 1e6, "data_mb": data_bytes / 1e6,
+            "engine_parts": n_engine_parts})
         return {"query_page": True, "query_engine_bytes": engine_bytes, "query_data_bytes": data_bytes}
 
-    def _copy_engine(self, engine_dir: Path) -> int:
+    def _copy_engine(self, engine_dir: Path) -> tuple[int, int]:
+        """The engine's files into `engine_dir`; returns (their bytes, the number of ENGINE_IN_PARTS's parts)."""
         engine_dir.mkdir(parents=True, exist_ok=True)
+        n_parts = 0
         for name, rel in ENGINE_FILES.items():
             src, dst = self.engine.modules_dir / rel, engine_dir / name
-            if name == DUCKDB_MODULE:
+            if name == ENGINE_IN_PARTS:
+                n_parts = write_parts(src, engine_dir, ENGINE_PART_BYTES)
+            elif name == DUCKDB_MODULE:
                 dst.write_text(self.module_text, encoding="utf-8")
             elif name.endswith(".js"):  # without the source-map comment: the maps are not published
                 dst.write_text(_SOURCE_MAP.sub("\n", src.read_text(encoding="utf-8")), encoding="utf-8")
@@ -158,7 +180,7 @@ class QueryPage:
             "registry through vendor/duckdb-wasm/package-lock.json; duckdb-browser.js binds its 'apache-arrow' "
             "import to arrow.js.\n",
             encoding="utf-8")
-        return sum(p.stat().st_size for p in engine_dir.iterdir())
+        return sum(p.stat().st_size for p in engine_dir.iterdir()), n_parts
 
     @staticmethod
     def _write_pictures(data, path: Path) -> dict:
