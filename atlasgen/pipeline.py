@@ -11,6 +11,7 @@ Stages declared with `executor=True` (embed, render) get `run(cfg, store, execut
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Iterable
 
 from .artefacts import missing_artefacts
@@ -55,7 +56,9 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         name = stage.name
         enter_stage(name)
         this_hash = stage_hash(cfg, store, name)
-        repair_digest = None  # its tables' digest before a rerun that only restores deleted files
+        # A rerun that only restores deleted files: its tables' digest and finish time before it (kept in the
+        # stage's row while it runs, so a repair that is interrupted and resumed still compares with them).
+        repair_of: dict | None = None
         if not force and store.stage_is_done(name, this_hash):
             # Done only while its artefacts exist: a deleted file makes the stage run again.
             missing = missing_artefacts(store, name)
@@ -68,14 +71,18 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
                 continue
             say(f"{name}: {missing}, so it runs again")
             if stage.tables:  # a stage of files alone cannot show that it made the same again
-                repair_digest = store.tables_digest(stage.tables)
+                row = store.stage_row(name)
+                repair_of = {"digest": store.tables_digest(stage.tables), "finished_at": row["finished_at"]}
         _preflight(cfg, stage)
         row = store.stage_row(name)
         if force or row is None or row["config_hash"] != this_hash:
             stage.reset_outputs(store)
         elif row["status"] in ("running", "failed", "interrupted"):
             say(f"{name}: resuming an unfinished run ({row['status']})")
-        store.mark_stage_started(name, this_hash, config_json(cfg.stage(name)))
+            repair_of = _unfinished_repair(row)
+        store.mark_stage_started(name, this_hash, config_json(cfg.stage(name)),
+                                 {REPAIR_OF: {**repair_of, "finished_at": repair_of["finished_at"].isoformat()}}
+                                 if repair_of else None)
         t0 = time.perf_counter()
         say(f"{name}: running")
         try:
@@ -97,11 +104,27 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         # A repair that left the tables as they were keeps the stage's finish time, which the hashes of the
         # stages reading it cover: one lost corpus copy no longer re-embeds the corpus and retrains the SAE.
-        unchanged = repair_digest is not None and store.tables_digest(stage.tables) == repair_digest
-        store.mark_stage_done(name, summary, finished_at=row["finished_at"] if unchanged else None)
+        # Not where the stage says it wrote files with other content (an edited input's corpus copy).
+        unchanged = (repair_of is not None and store.tables_digest(stage.tables) == repair_of["digest"]
+                     and not summary.get("n_files_changed"))
+        store.mark_stage_done(name, summary, finished_at=repair_of["finished_at"] if unchanged else None)
         say(f"{name}: done in {summary['seconds']:.1f}s " + _brief(summary))
         summaries[name] = summary
     return summaries
+
+
+REPAIR_OF = "repair_of"  # the key of a running repair's digest and earlier finish time in its row's summary
+
+
+def _unfinished_repair(row: dict) -> dict | None:
+    """The digest and earlier finish time an interrupted or failed repair started from, if it was one."""
+    repair_of = (row.get("summary") or {}).get(REPAIR_OF)
+    if not isinstance(repair_of, dict):
+        return None
+    try:
+        return {"digest": repair_of["digest"], "finished_at": datetime.fromisoformat(repair_of["finished_at"])}
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _repair(cfg: AtlasConfig, store: Store, stage, missing: str) -> dict:

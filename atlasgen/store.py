@@ -431,10 +431,11 @@ class Store:
         row = self.stage_row(stage)
         return bool(row and row["status"] == "done" and row["config_hash"] == config_hash)
 
-    def mark_stage_started(self, stage: str, config_hash: str, config_json: str) -> None:
+    def mark_stage_started(self, stage: str, config_hash: str, config_json: str, summary: dict | None = None) -> None:
+        """`summary`: what the running stage's row keeps until it ends (a repair's earlier digest); default none."""
         self.con.execute(
-            "INSERT OR REPLACE INTO stage_runs VALUES (?, ?, 'running', ?, NULL, ?, NULL, NULL)",
-            [stage, config_hash, config_json, now()])
+            "INSERT OR REPLACE INTO stage_runs VALUES (?, ?, 'running', ?, ?, ?, NULL, NULL)",
+            [stage, config_hash, config_json, json.dumps(summary) if summary is not None else None, now()])
 
     def mark_stage_done(self, stage: str, summary: dict, finished_at=None) -> None:
         """`finished_at`: keep this time (a repair that left the stage's tables as they were: its readers, whose

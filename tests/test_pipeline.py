@@ -1,6 +1,8 @@
 """Skip, rerun and reset rules of the pipeline, on the two cheapest real stages."""
 from __future__ import annotations
 
+import pytest
+
 from atlasgen.config import load_config
 from atlasgen.pipeline import run_stages
 from atlasgen.progress import set_quiet
@@ -190,3 +192,70 @@ def test_lost_thumbnails_are_written_again_without_encoding_again(tmp_path, monk
         assert unmakeable.is_file() and again["encode"]["n_thumb_failures"] == 0
         assert store.count("skipped_inputs") == 0
         assert run_stages(_cfg(), store, ["encode"])["encode"]["skipped"]
+
+
+def _folder_build(tmp_path, n_images=6):
+    from PIL import Image
+    set_quiet(True)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(n_images):
+        Image.new("RGB", (40, 30), (40 * i, 90, 200 - 30 * i)).save(images / f"{i}.png")
+    return images, load_config("tiny", overrides={"ingest": {"source": f"folder:{images}", "n_workers": 1}})
+
+
+def test_an_edited_input_found_by_a_repair_reruns_the_stages_after_it(tmp_path):
+    """A lost copy makes ingest run again; an input edited since (same size, so the same rows) gets a new copy,
+    and the stages reading ingest run again instead of keeping the old picture's embedding."""
+    from PIL import Image
+    images, cfg = _folder_build(tmp_path)
+    with Store.open(tmp_path / "out") as store:
+        run_stages(cfg, store, ["ingest", "embed"])
+        (store.paths.out_dir / "corpus" / "00000001.jpg").unlink()
+        Image.new("RGB", (40, 30), "red").save(images / "4.png")
+        again = run_stages(cfg, store, ["ingest", "embed"])
+        assert again["ingest"]["n_restored"] == 1 and again["ingest"]["n_files_changed"] == 1
+        assert not again["embed"].get("skipped"), "embed kept the edited image's old embedding"
+        with Image.open(store.paths.corpus_image(4)) as im:
+            assert im.getpixel((20, 15))[0] > 200
+
+
+def test_an_interrupted_repair_resumes_as_a_repair(tmp_path, monkeypatch):
+    """A repair stopped half-way and resumed still keeps the stage's finish time when its tables come out the
+    same (the digest it started from is kept in the stage's row), and still reports an edited input's new copy
+    that the interrupted run put in place."""
+    from PIL import Image
+    from atlasgen.stages import ingest
+    images, cfg = _folder_build(tmp_path)
+    with Store.open(tmp_path / "out") as store:
+        run_stages(cfg, store, ["ingest", "embed"])
+        embedded_at = store.stage_row("embed")["finished_at"]
+        ingested_at = store.stage_row("ingest")["finished_at"]
+
+        (store.paths.out_dir / "corpus" / "00000001.jpg").unlink()
+        monkeypatch.setattr(ingest, "_restore_copy", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(cfg, store, ["ingest", "embed"])
+        assert store.stage_row("ingest")["status"] == "interrupted"
+        monkeypatch.undo()
+        resumed = run_stages(cfg, store, ["ingest", "embed"])
+        assert resumed["ingest"]["n_restored"] == 1 and resumed["embed"].get("skipped")
+        assert store.stage_row("ingest")["finished_at"] == ingested_at
+        assert store.stage_row("embed")["finished_at"] == embedded_at
+
+        # An edited input's new copy put in place just before the interrupt: the resumed repair reports it.
+        (store.paths.out_dir / "corpus" / "00000001.jpg").unlink()
+        Image.new("RGB", (40, 30), "red").save(images / "4.png")
+        monkeypatch.setattr(ingest._Journal, "append", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(cfg, store, ["ingest", "embed"])
+        monkeypatch.undo()
+        assert not (store.paths.out_dir / "corpus" / ingest.INCOMING_NAME).exists(), "the interrupt's leftovers"
+        resumed = run_stages(cfg, store, ["ingest", "embed"])
+        assert resumed["ingest"]["n_files_changed"] >= 1 and not resumed["embed"].get("skipped")
+        assert not (store.paths.out_dir / "corpus" / ingest.CHANGED_NAME).exists()
+        assert not (store.paths.out_dir / "corpus" / ingest.INCOMING_NAME).exists()
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt

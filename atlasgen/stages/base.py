@@ -24,6 +24,8 @@ class Stage:
     name     the stage's name: its CLI command, its `[name]` config section and its `stage_runs` row
     config   the frozen config dataclass of its `[name]` section
     run      `run(cfg, store) -> dict`: does the work; returns a small JSON-able summary for `stage_runs`
+             (where a rerun wrote files with other content than before, its `n_files_changed` says how many:
+             the stages reading it then run again even where its tables came out the same)
     inputs   stages whose outputs it reads (its config hash covers theirs, so an upstream rerun reruns it)
     tables   store tables it writes (it is their only writer); the default reset empties them
     folders  `BuildPaths` attributes naming the folders it writes; the default reset removes them

@@ -465,6 +465,10 @@ def candidates_for(cfg: IngestConfig, store: Store) -> tuple[Iterable[Candidate]
 # --- the stage -----------------------------------------------------------------------------------
 JOURNAL_NAME = ".ingest-journal.jsonl"  # in corpus/: what an unfinished run has done (see _Journal)
 INCOMING_NAME = ".incoming"             # in corpus/: copies written by the workers before they get their id
+# In corpus/: written by a repair (a rerun over a committed images table) before it first puts a copy in place
+# whose bytes differ from the copy it replaces (an edited input), so that the repair, resumed after an interrupt,
+# still reports the change; deleted once the table is committed.
+CHANGED_NAME = ".ingest-changed"
 MAX_TASK_SIZE = 16                      # inputs per worker task
 # Lost corpus copies a rerun writes again here, one by one, before the rest goes to the workers: the handful a
 # deleted file or two leaves; many more (a deleted corpus) are faster redone in parallel from the first over this.
@@ -505,32 +509,39 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     # A committed images table means this run repairs a finished ingest (the pipeline resets the stage first
     # when its config changed): the journal is then the finished run's record.
     committed = store.count("images") > 0
+    changed_marker = corpus_dir / CHANGED_NAME
+    n_changed = int(committed and changed_marker.exists())  # an interrupted repair's change (see CHANGED_NAME)
 
     def restore(cand: Candidate, image_id: int, width: int, height: int) -> bool:
         return _restore_copy(cand, store.paths.corpus_image(image_id), incoming_dir, cfg, fast_resize, width, height)
 
-    # Set before the workers fork, so they inherit it.
-    with pixel_limit(cfg.max_pixels), _Journal(corpus_dir / JOURNAL_NAME) as journal, \
-            bar(total=total, desc="ingest", unit="img") as progress:
-        rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit, restore, committed)
-        first = None if cfg.limit and len(rows["image_id"]) >= cfg.limit else next(rest, None)
-        if first is None:  # a repair or resume that left nothing to decode starts no workers, no kernels
-            n_workers = 0
-        else:
-            n_left = None if total is None else max(1, total - journal.next_index)  # (total: capped by limit)
-            if n_left is not None:
-                n_workers = max(1, min(n_workers, n_left))
-            load_kernels = not fast_resize and resample.worth_loading(n_left, n_workers)
-            fast_resize = _read_all(itertools.chain([first], rest), cfg, rows, skipped, store, journal, progress,
-                                    n_workers, n_left, fast_resize, load_kernels, on_first=at("first_result"),
-                                    on_kernels=at("kernels_ready"))
-        n_resumed, n_restored, stale_ids = journal.n_resumed, journal.n_restored, journal.max_image_id
+    try:
+        # The pixel limit is set before the workers fork, so they inherit it.
+        with pixel_limit(cfg.max_pixels), _Journal(corpus_dir / JOURNAL_NAME) as journal, \
+                bar(total=total, desc="ingest", unit="img") as progress:
+            rest = journal.resume(iter(candidates), rows, skipped, store, progress, cfg.limit, restore, committed)
+            first = None if cfg.limit and len(rows["image_id"]) >= cfg.limit else next(rest, None)
+            if first is None:  # a repair or resume that left nothing to decode starts no workers, no kernels
+                n_workers = 0
+            else:
+                n_left = None if total is None else max(1, total - journal.next_index)  # (total: capped by limit)
+                if n_left is not None:
+                    n_workers = max(1, min(n_workers, n_left))
+                load_kernels = not fast_resize and resample.worth_loading(n_left, n_workers)
+                fast_resize, n_new_bytes = _read_all(
+                    itertools.chain([first], rest), cfg, rows, skipped, store, journal, progress, n_workers, n_left,
+                    fast_resize, load_kernels, on_first=at("first_result"), on_kernels=at("kernels_ready"),
+                    changed_marker=changed_marker if committed else None)
+                n_changed += n_new_bytes
+            n_resumed, n_restored, stale_ids = journal.n_resumed, journal.n_restored, journal.max_image_id
+    finally:  # copies the workers wrote but this process had not put in place (an interrupt, an error)
+        shutil.rmtree(incoming_dir, ignore_errors=True)
     timeline_s["read"] = time.perf_counter() - t0
     n_labels = commit_images(store, rows, skipped)
     n_images = len(rows["image_id"])
     # Committed. The journal stays, the record of what made each copy, so that restoring a lost copy later reads
     # that one input again, not all of them. Copies an earlier, longer run left beyond the last id go.
-    shutil.rmtree(incoming_dir, ignore_errors=True)
+    changed_marker.unlink(missing_ok=True)
     for image_id in range(n_images, stale_ids + 1):
         store.paths.corpus_image(image_id).unlink(missing_ok=True)
     if n_images == 0:
@@ -544,6 +555,9 @@ def run(cfg: IngestConfig, store: Store) -> dict:
     timeline_s["done"] = time.perf_counter() - t0
     return {"n_images": n_images, "n_skipped": len(skipped), "n_labels": n_labels, "source": cfg.source,
             "n_resumed": n_resumed, "n_restored": n_restored, "n_workers": n_workers, "fast_resize": fast_resize,
+            # A repair's copies whose bytes changed, or that it could not compare (their old copy was lost and
+            # their input not journalled): the pipeline then counts ingest as changed, whatever its table says.
+            **({"n_files_changed": n_changed} if committed else {}),
             "timeline_s": {k: round(v, 3) for k, v in timeline_s.items()}}
 
 
@@ -564,14 +578,16 @@ def commit_images(store: Store, rows: dict[str, list], skipped: list[tuple[str, 
 def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str, list],
               skipped: list[tuple[str, str]], store: Store, journal: "_Journal", progress, n_workers: int,
               total: int | None, fast_resize: bool = False, load_kernels: bool = False,
-              on_first: Callable[[], object] = lambda: None, on_kernels: Callable[[], object] = lambda: None
-              ) -> bool:
+              on_first: Callable[[], object] = lambda: None, on_kernels: Callable[[], object] = lambda: None,
+              changed_marker: Path | None = None) -> tuple[bool, int]:
     """Decode and write corpus copies in worker processes, tasks of a few inputs each and a bounded number in
     flight; here, in input order, give each accepted copy its id (a rename), collect the table rows and
     journal what was done. `fast_resize`: the workers resize with the kernels (see `decode_image`);
     `load_kernels`: prepare them in a thread meanwhile and swap in workers that use them once they are ready.
-    `on_first()` when the first task's results are in, `on_kernels()` when the kernels are ready. Returns
-    whether workers used the kernels."""
+    `on_first()` when the first task's results are in, `on_kernels()` when the kernels are ready.
+    `changed_marker`: in a repair, each copy is compared with the one it replaces, and this file is written
+    before the first that differs (or had none to compare with). Returns (whether workers used the kernels, the
+    number of such copies)."""
     incoming_dir = store.paths.corpus_dir / INCOMING_NAME
     # Plain strings in the per-image loop: this process does it for every image while the workers decode.
     incoming_prefix, out_prefix = os.fspath(incoming_dir) + os.sep, os.fspath(store.paths.out_dir) + os.sep
@@ -583,6 +599,7 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
 
     preparing = None  # resample.prepare() in a thread, until its answer is taken
     why_not = None
+    n_changed = 0
     try:
         with WorkerPool(work(fast_resize), n_workers, "ingest") as pool:
             if load_kernels:  # started after the fork, so no worker inherits a half-done import
@@ -606,7 +623,12 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
                     else:
                         image_id = len(rows["image_id"])
                         corpus_path = _add_image_row(rows, image_id, cand, width, height)
-                        os.replace(f"{incoming_prefix}{index}.jpg", out_prefix + corpus_path)  # a failure ends the run
+                        copy_path = out_prefix + corpus_path
+                        if changed_marker is not None and not _same_bytes(f"{incoming_prefix}{index}.jpg", copy_path):
+                            n_changed += 1
+                            if n_changed == 1:
+                                changed_marker.touch()
+                        os.replace(f"{incoming_prefix}{index}.jpg", copy_path)  # a failure ends the run
                         lines.append(_Journal.line(index, cand.source, stat, image_id, width, height, None))
                     if cfg.limit and len(rows["image_id"]) >= cfg.limit:
                         break
@@ -622,7 +644,18 @@ def _read_all(candidates: Iterator[Candidate], cfg: IngestConfig, rows: dict[str
             on_kernels()
     if why_not is not None:
         say(f"ingest: resizing with Pillow alone ({why_not})")
-    return fast_resize
+    return fast_resize, n_changed
+
+
+def _same_bytes(new_path: str, old_path: str) -> bool:
+    """Whether the file at `old_path` exists and holds the same bytes as `new_path`."""
+    try:
+        with open(old_path, "rb") as f:
+            old = f.read()
+    except OSError:
+        return False
+    with open(new_path, "rb") as f:
+        return f.read() == old
 
 
 def _restore_copy(cand: Candidate, copy_path: Path, incoming_dir: Path, cfg: IngestConfig, fast_resize: bool,
