@@ -1,14 +1,15 @@
 // DuckDB-WASM's worker (duckdb/duckdb-browser-eh.worker.js), with its WebAssembly published in parts: a 34 MB
 // file is over the per-file limits of Netlify and Cloudflare Pages, so the site stage cuts duckdb-eh.wasm into
-// duckdb-eh.wasm.0, .1, ... (atlasgen/site/query.py). When DuckDB fetches duckdb-eh.wasm, this fetches the parts
-// (?parts=N in this worker's URL, from query.js) at once and answers with them joined, as application/wasm.
+// duckdb-eh.0.wasm, duckdb-eh.1.wasm, ... (atlasgen/site/query.py). When DuckDB fetches duckdb-eh.wasm, this
+// fetches the parts (?parts=N in this worker's URL, from query.js) at once and answers with them joined, as
+// application/wasm.
 const nParts = Number(new URLSearchParams(self.location.search).get("parts")) || 0;
 const fetchFromSite = self.fetch.bind(self);
 
 async function joinedParts(url) {
   const parts = await Promise.all(Array.from({ length: nParts }, async (_, i) => {
-    const response = await fetchFromSite(`${url}.${i}`, { credentials: "same-origin" });
-    if (!response.ok) throw new Error(`duckdb-eh.wasm.${i}: HTTP ${response.status}`);
+    const response = await fetchFromSite(url.replace(/\.wasm$/, `.${i}.wasm`), { credentials: "same-origin" });
+    if (!response.ok) throw new Error(`duckdb-eh.${i}.wasm: HTTP ${response.status}`);
     return response.arrayBuffer();
   }));
   const joined = new Blob(parts, { type: "application/wasm" });

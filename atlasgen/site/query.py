@@ -12,8 +12,9 @@ What it publishes beside the pages:
   hands DuckDB the rows as Arrow IPC. DuckDB's browser module imports "apache-arrow" by bare name, which a
   page cannot resolve without an inline import map (the CSP forbids inline scripts), so the copy binds that
   import to the global `Arrow` of Arrow's own browser build, loaded just before it.
-DuckDB's WebAssembly (34 MB) is published in parts of at most ENGINE_PART_BYTES (`duckdb-eh.wasm.0`, `.1`, ...),
-under the per-file limits of Netlify and Cloudflare Pages (`site.hosting`); the page starts DuckDB's worker
+DuckDB's WebAssembly (34 MB) is published in parts of at most ENGINE_PART_BYTES (`duckdb-eh.0.wasm`, `duckdb-eh.1.wasm`,
+...), under the per-file limits of Netlify and Cloudflare Pages (`site.hosting`), named `.wasm` so hosts
+serve them as application/wasm, which they compress; the page starts DuckDB's worker
 through `assets/duckdb-worker.js`, which fetches the parts and joins them when DuckDB fetches `duckdb-eh.wasm`.
 The page loads all this only on itself; `query.js` fetches a table's Parquet file when a query names it.
 Without the npm files (or with `[site] sql = false`) the page is left out with one line, not a failure.
@@ -108,11 +109,12 @@ def browser_module(engine: Engine) -> str | None:
 
 
 def write_parts(src: Path, folder: Path, part_bytes: int) -> int:
-    """`src` cut into `folder/<its name>.0`, `.1`, ... of at most `part_bytes` each; returns how many."""
+    """`src` cut into `folder/<stem>.0<suffix>`, `.1<suffix>`, ... (`duckdb-eh.0.wasm`) of at most `part_bytes`
+    each; returns how many."""
     n_parts = 0
     with open(src, "rb") as f:
         while chunk := f.read(part_bytes):
-            (folder / f"{src.name}.{n_parts}").write_bytes(chunk)
+            (folder / f"{src.stem}.{n_parts}{src.suffix}").write_bytes(chunk)
             n_parts += 1
     return n_parts
 
