@@ -12,7 +12,7 @@ from .config import DEVICES, PRESETS, AtlasConfig, load_config, load_toml
 from .errors import (AtlasError, StageInputError, StoreLockedError, is_interrupt, sigterm_as_interrupt,
                      sigterm_received)
 from .paths import BuildPaths, check_file_target, check_folder_target
-from .progress import say, set_quiet
+from .progress import close_bars, say, set_quiet
 
 app = typer.Typer(
     name="atlasgen", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -34,6 +34,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 # --- shared options (each documented here, where it is declared) -----------------------------------
 def _fail(message: str, hint: str = "", code: int = 2) -> None:
+    close_bars()  # an error (or Ctrl-C) inside a loop leaves its bar drawn: the line starts on its own
     typer.echo(f"error: {message}", err=True)
     if hint:
         typer.echo(f"hint: {hint}", err=True)

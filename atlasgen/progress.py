@@ -49,6 +49,17 @@ def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: 
 
 
 def say(message: str) -> None:
-    """A one-line status message on stderr unless quiet."""
+    """A one-line status message on stderr unless quiet; on a line of its own above any bar being drawn."""
     if not _quiet:
-        print(message, file=sys.stderr, flush=True)
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
+
+
+def close_bars() -> None:
+    """Close every bar still open (one an error or Ctrl-C left behind), so what is printed next starts on a line
+    of its own."""
+    for open_bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            open_bar.close()
+        except Exception:  # a bar half torn down by the error: nothing left to clear
+            pass
