@@ -93,6 +93,11 @@ class WorkerPool:
             self._ctx = mp.get_context("fork")
             self._results = self._ctx.Queue()
             self._retired: list[tuple[Any, list]] = []  # (task queue, workers) replaced by swap(), or finish()ed
+            # Each task goes to the workers of the moment, a generation: swap(), adopt_standby() and finish()
+            # start the next. The generation of each task still pending, and of each retired entry.
+            self._generation = 0
+            self._pending_generation: dict[Any, int] = {}
+            self._retired_generations: list[int] = []
             self._tasks, self._procs = self._fork(self.fn)
         else:
             from concurrent.futures import ThreadPoolExecutor
@@ -207,6 +212,8 @@ class WorkerPool:
         for _ in range(self.n_workers):
             self._tasks.put(None)
         self._retired.append((self._tasks, self._procs))
+        self._retired_generations.append(self._generation)
+        self._generation += 1
         self._procs = []
 
     def close(self, clean: bool = True) -> None:
@@ -247,6 +254,7 @@ class WorkerPool:
         assert not self.processes or self._procs, "submit after finish()"
         self._n_pending += 1
         if self.processes:
+            self._pending_generation[key] = self._generation
             self._tasks.put((key, task))
         else:
             self._futures[key] = self._executor.submit(self.fn, task)
@@ -266,6 +274,7 @@ class WorkerPool:
             if got_key == _DIED:  # a supervisor's report
                 self._raise_died([value])
             self._done[got_key] = (ok, value)
+            self._pending_generation.pop(got_key, None)
         ok, value = self._done.pop(key)
         self._n_pending -= 1
         if not ok:
@@ -277,6 +286,13 @@ class WorkerPool:
         # A supervisor reports its workers' deaths on the results queue (see result()).
         dead = [p for p in self._procs if p.exitcode is not None]
         dead += [p for p in self._retired_procs() if p.exitcode not in (None, 0)]
+        # Retired workers all gone with tasks of theirs unanswered (a result queue quiet for a second holds nothing
+        # they sent before exiting): a worker died and the report of it was lost with its supervisor. Without
+        # this, the owner would wait for those results for ever.
+        waiting = set(self._pending_generation.values())
+        for (_, procs), generation in zip(self._retired, self._retired_generations):
+            if generation in waiting and all(p.exitcode is not None for p in procs):
+                dead += [p for p in procs if p not in dead]
         if dead:
             self._raise_died([p.exitcode for p in dead])
 

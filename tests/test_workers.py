@@ -15,6 +15,7 @@ import pytest
 from atlasgen.errors import AtlasError
 from atlasgen.store import Store
 from atlasgen.testing import descendants, running, wait_gone
+from atlasgen import workers
 from atlasgen.workers import StoreWriter, WorkerError, WorkerPool, ordered_map
 
 
@@ -291,6 +292,49 @@ def test_a_retired_worker_that_dies_with_tasks_left_is_one_clear_error(mode):
             pool.swap(lambda x: x)
             os.kill(old_pid, signal.SIGKILL)
             pool.result(0)
+
+
+class _ReportsLost:
+    """A supervisor's view of the results queue in which its reports of dead workers get lost."""
+
+    def __init__(self, results):
+        self.results = results
+
+    def put(self, item):
+        if item[0] != workers._DIED:
+            self.results.put(item)
+
+
+def _supervise_losing_reports(fn, tasks, results, *rest):
+    return _real_supervise(fn, tasks, _ReportsLost(results), *rest)
+
+
+_real_supervise = workers._supervise
+
+
+def test_a_retired_supervisor_gone_with_tasks_unanswered_is_an_error_not_a_wait(monkeypatch):
+    """Were a retired supervisor's report of its dead worker lost (seen once in the full suite), the owner would
+    wait for that worker's task for ever; the pool raises once the supervisor is gone and the results are quiet."""
+    monkeypatch.setattr(workers, "_supervise", _supervise_losing_reports)
+
+    def waited_too_long(*_):
+        raise TimeoutError("the pool waited for a result nobody will send")
+
+    previous = signal.signal(signal.SIGALRM, waited_too_long)
+    signal.alarm(30)
+    try:
+        with pytest.raises(AtlasError, match="worker process.*died"):
+            with WorkerPool(_pid_or_sleep, 1, "test", supervised=True) as pool:
+                pool.submit("pid", "pid")
+                old_pid = pool.result("pid")
+                pool.submit(0, 0)
+                time.sleep(0.3)
+                pool.swap(lambda x: x)
+                os.kill(old_pid, signal.SIGKILL)
+                pool.result(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_store_writer_commits_what_was_handed_over(tmp_path):
