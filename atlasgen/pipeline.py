@@ -23,7 +23,7 @@ from .paths import missing_model_folder, sweep_stale_temps
 from .progress import say
 from .stages import REGISTRY
 from .status import enter_stage, keeps_build_status
-from .store import Store
+from .store import Store, done_under
 
 
 def stage_hash(cfg: AtlasConfig, store: Store, name: str) -> str:
@@ -59,22 +59,21 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         # A rerun that only restores deleted files: its tables' digest and finish time before it (kept in the
         # stage's row while it runs, so a repair that is interrupted and resumed still compares with them).
         repair_of: dict | None = None
-        if not force and store.stage_is_done(name, this_hash):
+        row = store.stage_row(name)
+        if not force and done_under(row, this_hash):
             # Done only while its artefacts exist: a deleted file makes the stage run again.
             missing = missing_artefacts(store, name)
             if missing is None:
                 say(f"{name}: up to date (config {this_hash}), skipped")
-                summaries[name] = {"skipped": True, **(store.stage_row(name) or {}).get("summary", {})}
+                summaries[name] = {"skipped": True, **row["summary"]}
                 continue
             if stage.repair is not None:
-                summaries[name] = _repair(cfg, store, stage, missing)
+                summaries[name] = _repair(cfg, store, stage, missing, row)
                 continue
             say(f"{name}: {missing}, so it runs again")
             if stage.tables:  # a stage of files alone cannot show that it made the same again
-                row = store.stage_row(name)
                 repair_of = {"digest": store.tables_digest(stage.tables), "finished_at": row["finished_at"]}
         _preflight(cfg, stage)
-        row = store.stage_row(name)
         if force or row is None or row["config_hash"] != this_hash:
             stage.reset_outputs(store)
         elif row["status"] in ("running", "failed", "interrupted"):
@@ -127,13 +126,12 @@ def _unfinished_repair(row: dict) -> dict | None:
         return None
 
 
-def _repair(cfg: AtlasConfig, store: Store, stage, missing: str) -> dict:
+def _repair(cfg: AtlasConfig, store: Store, stage, missing: str, row: dict) -> dict:
     """A finished stage's lost files written again by its `repair`, from its tables: its row stays done, with
     its finish time (the hashes of the stages reading it cover that) and the summary keys the repair updates.
     Interrupted or failed, the row is as it was: the next run finds the same files missing and tries again."""
     say(f"{stage.name}: {missing}, so it writes them again")
     t0 = time.perf_counter()
-    row = store.stage_row(stage.name)
     with interrupts_kept() as interrupt_caught:
         changed = dict(stage.repair(cfg.stage(stage.name), store) or {})
         if interrupt_caught():

@@ -312,6 +312,11 @@ def classify_store_error(exc: BaseException, path: Path) -> AtlasError | None:
     return None
 
 
+def done_under(row: dict | None, config_hash: str) -> bool:
+    """Whether a `Store.stage_row` row is of a stage that finished under `config_hash`."""
+    return bool(row and row["status"] == "done" and row["config_hash"] == config_hash)
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -428,8 +433,7 @@ class Store:
         return row["config"] if row and row["status"] == "done" else None
 
     def stage_is_done(self, stage: str, config_hash: str) -> bool:
-        row = self.stage_row(stage)
-        return bool(row and row["status"] == "done" and row["config_hash"] == config_hash)
+        return done_under(self.stage_row(stage), config_hash)
 
     def mark_stage_started(self, stage: str, config_hash: str, config_json: str, summary: dict | None = None) -> None:
         """`summary`: what the running stage's row keeps until it ends (a repair's earlier digest); default none."""
