@@ -86,10 +86,7 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         say(f"{name}: running")
         try:
             extra = {"executor": executor} if stage.executor else {}
-            with interrupts_kept() as interrupt_caught:
-                summary = dict(stage.run(cfg.stage(name), store, **extra) or {})
-                if interrupt_caught():  # sent again, but no Python code ran in this thread after it: stop here
-                    raise KeyboardInterrupt
+            summary = _keeping_interrupts(lambda: stage.run(cfg.stage(name), store, **extra))
         except BaseException as e:
             # Ctrl-C, also when DuckDB turned it into its own error; SIGTERM (`Terminated`), also when something
             # failed on its way (a worker a scheduler's SIGTERM killed too): the stage resumes, it did not fail.
@@ -112,6 +109,16 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
     return summaries
 
 
+def _keeping_interrupts(call) -> dict:
+    """`call()`'s summary (a dict, {} for None), with a Ctrl-C that a C callback swallowed meanwhile raised here
+    (`errors.interrupts_kept`)."""
+    with interrupts_kept() as interrupt_caught:
+        summary = dict(call() or {})
+        if interrupt_caught():  # sent again, but no Python code ran in this thread after it: stop here
+            raise KeyboardInterrupt
+    return summary
+
+
 REPAIR_OF = "repair_of"  # the key of a running repair's digest and earlier finish time in its row's summary
 
 
@@ -132,10 +139,7 @@ def _repair(cfg: AtlasConfig, store: Store, stage, missing: str, row: dict) -> d
     Interrupted or failed, the row is as it was: the next run finds the same files missing and tries again."""
     say(f"{stage.name}: {missing}, so it writes them again")
     t0 = time.perf_counter()
-    with interrupts_kept() as interrupt_caught:
-        changed = dict(stage.repair(cfg.stage(stage.name), store) or {})
-        if interrupt_caught():
-            raise KeyboardInterrupt
+    changed = _keeping_interrupts(lambda: stage.repair(cfg.stage(stage.name), store))
     summary = {**row["summary"], **changed}
     store.mark_stage_done(stage.name, summary, finished_at=row["finished_at"])
     say(f"{stage.name}: restored in {time.perf_counter() - t0:.1f}s " + _brief(changed))
