@@ -281,17 +281,22 @@ def test_a_standby_that_cannot_be_ready_is_given_up_and_never_holds_the_pool():
         assert not pool.adopt_standby()
 
 
+def _kill_a_retired_worker_with_a_task(**pool_options) -> None:
+    """A worker given a task, swapped out, then killed before it answers; waits for that task's result."""
+    with WorkerPool(_pid_or_sleep, 1, "test", **pool_options) as pool:
+        pool.submit("pid", "pid")
+        old_pid = pool.result("pid")
+        pool.submit(0, 0)
+        time.sleep(0.3)
+        pool.swap(lambda x: x)
+        os.kill(old_pid, signal.SIGKILL)
+        pool.result(0)
+
+
 @pytest.mark.parametrize("mode", ["supervised", "direct"])
 def test_a_retired_worker_that_dies_with_tasks_left_is_one_clear_error(mode):
     with pytest.raises(AtlasError, match="worker process.*died"):
-        with WorkerPool(_pid_or_sleep, 1, "test", **MODES[mode]) as pool:
-            pool.submit("pid", "pid")
-            old_pid = pool.result("pid")
-            pool.submit(0, 0)
-            time.sleep(0.3)
-            pool.swap(lambda x: x)
-            os.kill(old_pid, signal.SIGKILL)
-            pool.result(0)
+        _kill_a_retired_worker_with_a_task(**MODES[mode])
 
 
 class _ReportsLost:
@@ -324,14 +329,7 @@ def test_a_retired_supervisor_gone_with_tasks_unanswered_is_an_error_not_a_wait(
     signal.alarm(30)
     try:
         with pytest.raises(AtlasError, match="worker process.*died"):
-            with WorkerPool(_pid_or_sleep, 1, "test", supervised=True) as pool:
-                pool.submit("pid", "pid")
-                old_pid = pool.result("pid")
-                pool.submit(0, 0)
-                time.sleep(0.3)
-                pool.swap(lambda x: x)
-                os.kill(old_pid, signal.SIGKILL)
-                pool.result(0)
+            _kill_a_retired_worker_with_a_task(supervised=True)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
