@@ -49,10 +49,9 @@ def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: 
 
 
 def say(message: str) -> None:
-    """A one-line status message on stderr unless quiet; on a line of its own above any bar being drawn."""
+    """A one-line status message on stderr unless quiet."""
     if not _quiet:
-        tqdm.write(message, file=sys.stderr)
-        sys.stderr.flush()
+        print(message, file=sys.stderr, flush=True)
 
 
 def close_bars() -> None:
