@@ -78,8 +78,8 @@ EOF
 # GPU_CHECK_BENCH_ARGS replaces the render benchmark's arguments (e.g. "--variants none --baseline-json
 # docs/gpu/<earlier run>.json" for a short confirmation of new defaults);
 # GPU_CHECK_BENCH_IMAGES sets the ingest and embed benchmarks' corpus size (default 8000, the issue's size). For
-# issue 15 alone: GPU_CHECK_PARTS=ingest bash benchmarks/gpu_check.sh (~270 s on an H200 machine before the
-# A/B contenders and the first-calls run were added: ~450 s expected now), with
+# issue 15 alone: GPU_CHECK_PARTS=ingest bash benchmarks/gpu_check.sh (on an H100 machine, 2026-11-28, with the
+# supervisor's A/B contender too, it ran past a device call's 560 s: that contender is now off, ~480 s), with
 # GPU_CHECK_SCALE_IMAGES=50000 for the new paths at ImageNet val's size too (~+230 s there; over one device
 # call's 600 s: run GPU_CHECK_PARTS=scale, embed alone at that size, as a second call).
 PARTS=${GPU_CHECK_PARTS:-render,ingest,build}
@@ -95,28 +95,29 @@ fi
 if [[ ",$PARTS," == *",ingest,"* ]] && [ -f benchmarks/ingest.py ]; then
 N_BENCH=${GPU_CHECK_BENCH_IMAGES:-8000}
 # Embed's rate at the issue's size varied 3,640-4,235 img/s over four single runs on an H200 (2026-11-27):
-# three rounds, each path's best and median printed. On CUDA the embed benchmark also times the new path with
-# its workers forked directly (--fork-ab), with each batch's results read before the next is launched
-# (--lag-ab), and the loader's head start: ~200 s expected.
-INGEST_LIMIT_S=150 EMBED_LIMIT_S=300 EMBED_ROUNDS=3
+# three rounds, each path's best and median printed. The embed benchmark also times the new path with each
+# batch's results read before the next is launched (--lag-ab) and the loader's head start (~220 s). Its workers
+# forked directly (--fork-ab, on by default on CUDA) is left out: on an H100 (2026-11-28) the supervisor won
+# every round by 1.17-1.35x, and that contender made the part overrun a device call.
+INGEST_LIMIT_S=170 EMBED_LIMIT_S=260 EMBED_ROUNDS=3
 # On a CPU the smoke run's embed benchmark (the ViT-S/16 shape at ~8 images/s) needs longer than a GPU's.
 [ "$SMOKE" = 1 ] && N_BENCH=64 EMBED_LIMIT_S=300 EMBED_ROUNDS=1
 section "3b. ingest and embed benchmarks (timeout $INGEST_LIMIT_S s and $EMBED_LIMIT_S s)"
 timeout --signal=INT --kill-after=10 $INGEST_LIMIT_S $PY benchmarks/ingest.py --n-images "$N_BENCH"
-echo "ingest benchmark exit code $?"
+echo "ingest benchmark exit code $? ($(( $(date +%s) - T_START )) s)"
 timeout --signal=INT --kill-after=10 $EMBED_LIMIT_S $PY benchmarks/embed.py --device "$DEVICE" --n-images "$N_BENCH" \
-    --rounds "$EMBED_ROUNDS" --lag-ab
-echo "embed benchmark exit code $?"
+    --rounds "$EMBED_ROUNDS" --lag-ab --no-fork-ab
+echo "embed benchmark exit code $? ($(( $(date +%s) - T_START )) s)"
 # A fresh process's first embed batch with and without embed's warm-up on a skeleton of the model, and with
 # the warm-up running tiny kernels first (~50 s).
 timeout --signal=INT --kill-after=10 150 $PY benchmarks/cuda_first_calls.py --device "$DEVICE" --rounds 1 \
     $([ "$SMOKE" = 1 ] && echo "--batch 8")
-echo "first-calls benchmark exit code $?"
+echo "first-calls benchmark exit code $? ($(( $(date +%s) - T_START )) s)"
 # The loader's 16 workers exiting while embed's last batch and commit run (~0.1 s there), from a process of
 # embed's size (~2 GiB), against closing them afterwards (~15 s).
 timeout --signal=INT --kill-after=10 60 $PY benchmarks/loader_exit.py --wait 0.1 --ballast-gib 2 \
     $([ "$SMOKE" = 1 ] && echo "--n-images 192 --ballast-gib 0.5")
-echo "loader exit benchmark exit code $?"
+echo "loader exit benchmark exit code $? ($(( $(date +%s) - T_START )) s)"
 # GPU_CHECK_SCALE_IMAGES (e.g. 50000, ImageNet val's size): the new paths alone at that size as well. Ingest
 # runs as it is (at both benchmark sizes' larger corpus it loads its resize kernels while its workers start with
 # Pillow) and with Pillow alone.
