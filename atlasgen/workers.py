@@ -329,8 +329,8 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the owner handles it and stops us
     # While preparing and forking, SIGTERM kills at once (the workers forked so far die with us, see
     # _worker_loop): a Python handler could run inside another module's at-fork callback, which swallows what it
-    # raises.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # raises. One sent since the fork waited, blocked (see _start), for this.
+    _take_sigterm(signal.SIG_DFL)
     if prepare is not None:
         # Ready is answered only once the workers are forked (below), so adopted tasks never wait for a fork.
         try:
@@ -381,13 +381,40 @@ def _supervise(fn: Callable, tasks, results, owner_pid: int, n_workers: int, nam
 def _start(procs: list) -> None:
     """Start (fork) `procs`. Objects alive at the fork stay out of the children's garbage collector: a child that
     collects an inherited object another thread of this process was using (a Playwright greenlet, a DuckDB or
-    torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open)."""
+    torch handle) can crash (seen: a segfault in a worker's GC inside PIL.Image.open).
+
+    SIGTERM is blocked in this thread while it forks, so each child starts with it blocked and it waits there until
+    the child has set its own disposition (`_take_sigterm`). Unblocked, a SIGTERM that came before then (a pool
+    closed right after it started) met the Python handler inherited from this process (ray.init's `sys.exit`, our
+    `errors._on_sigterm`): run inside another module's at-fork callback, which swallows what it raises, or dropped
+    by CPython once the child had set SIG_DFL. Either way the child lived on and close() could not stop it (seen
+    in the test suite: a supervisor left running for ever, which kept the Playwright driver's pipe open, so the
+    session hung at its end). A SIGTERM to this process meanwhile is delivered to another thread or at the unblock.
+    """
     gc.freeze()
+    mask = _block_sigterm()
     try:
         for proc in procs:
             proc.start()
     finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         gc.unfreeze()
+
+
+def _block_sigterm():
+    """Block SIGTERM in this thread; returns the mask before (None where signal masks are not available)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _take_sigterm(handler) -> None:
+    """In a child forked by `_start`: SIGTERM's disposition for this process, then SIGTERM unblocked (one that came
+    since the fork is delivered now, to `handler`)."""
+    signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def _worker_processes(ctx, fn: Callable, tasks, results, n_workers: int, name: str, die_with_parent: bool = False
@@ -401,7 +428,7 @@ def _worker_loop(fn: Callable, tasks, results, parent_pid: int, die_with_parent:
     # Ctrl-C reaches the whole process group: the parent handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # terminate() must stop us, not run a SIGTERM handler inherited from the process that forked us.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _take_sigterm(signal.SIG_DFL)
     # A supervisor killed outright cannot stop us, and a busy worker would not notice until its task ends: ask
     # the kernel to kill us with it (the thread that forked us is the supervisor's main thread: it lives as long).
     if die_with_parent:

@@ -6,6 +6,7 @@ import http.server
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,24 @@ from atlasgen.serve import SiteServer
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS_DIR = Path(os.environ.get("ATLASGEN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+@pytest.fixture(autouse=True)
+def no_child_process_left():
+    """Each test leaves no multiprocessing child of this process running (a pool's supervisor or worker). Such a
+    child keeps every pipe this process had open when it was forked, the Playwright driver's included, so the
+    session would hang at its end waiting for the driver to see its pipe close. What is left after 5 s is killed
+    and the test fails."""
+    import multiprocessing
+    yield
+    deadline = time.monotonic() + 5
+    while (left := multiprocessing.active_children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        for proc in left:
+            proc.kill()
+            proc.join(timeout=5)
+        pytest.fail(f"the test left {len(left)} process(es) running: {', '.join(p.name for p in left)}")
 
 
 @pytest.fixture(scope="module")

@@ -137,6 +137,41 @@ def test_a_pool_closed_at_once_leaves_no_process(tmp_path):
     assert run.stdout.strip() == "left 0", run.stdout
 
 
+
+def test_a_child_stopped_before_it_has_set_its_sigterm_still_stops(tmp_path):
+    """A pool closed while its children are still starting, in a process with a Python SIGTERM handler (ray.init
+    leaves one that calls sys.exit; our CLI installs its own): each child stops all the same. The children are
+    slowed in an at-fork callback, where SIGTERM used to meet that inherited handler, whose exception the
+    callback swallowed: the supervisor lived on (seen in the full suite, where it held the Playwright driver's
+    pipe open and the session hung at its end)."""
+    script = tmp_path / "stopper.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from atlasgen.testing import running\n"
+        "from atlasgen.workers import WorkerPool\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(15))  # what ray.init leaves\n"
+        "slow = [False]\n"
+        "os.register_at_fork(after_in_child=lambda: time.sleep(0.5) if slow[0] else None)\n"
+        "left = []\n"
+        "for how in ('supervised', 'direct', 'standby'):\n"
+        "    slow[0] = how != 'standby'\n"
+        "    pool = WorkerPool(abs, 1, 'test', supervised=how != 'direct').__enter__()\n"
+        "    if how == 'standby':\n"
+        "        slow[0] = True\n"
+        "        pool.standby(lambda: None)\n"
+        "    procs = pool._all_procs() + ([pool._standby[1]] if pool._standby else [])\n"
+        "    time.sleep(0.1)  # the children are in their at-fork callback now\n"
+        "    pool.close(clean=False)\n"
+        "    time.sleep(1.0)\n"
+        "    for proc in procs:\n"
+        "        if running(proc.pid):\n"
+        "            left.append(how)\n"
+        "            os.kill(proc.pid, signal.SIGKILL)\n"
+        "print('left', left, flush=True)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "left []", run.stdout + run.stderr[-2000:]
+
 def _tagged(tag: str):
     def fn(x: int) -> tuple[str, int, int]:
         time.sleep(0.01)
