@@ -92,8 +92,10 @@ def serve(site_dir: Path, host: str = "127.0.0.1", port: int = 8000, verbose: bo
     """Serve until Ctrl-C, or SIGTERM under the CLI (`kill PID`, `systemctl stop`, `docker stop`: a server's usual
     way to end, so a clean one, "stopped" and exit 0 as after Ctrl-C)."""
     server = make_server(site_dir, host, port, verbose)
-    print(f"serving {site_dir} at {url_of(server)}  (Ctrl-C stops)", flush=True)
     try:
+        # Inside the try: a SIGTERM sent as soon as this line is read can arrive before serve_forever starts (seen
+        # once on a loaded machine: exit 143 instead of a clean stop).
+        print(f"serving {site_dir} at {url_of(server)}  (Ctrl-C stops)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt as e:
         print("stopped by SIGTERM" if isinstance(e, Terminated) else "stopped", flush=True)
