@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,8 +133,7 @@ def test_a_pool_closed_at_once_leaves_no_process(tmp_path):
         "    if not left: break\n"
         "    time.sleep(0.05)\n"
         "print('left', len(left), flush=True)\n")
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _run_fresh(script)
     assert run.stdout.strip() == "left 0", run.stdout
 
 
@@ -168,9 +168,16 @@ def test_a_child_stopped_before_it_has_set_its_sigterm_still_stops(tmp_path):
         "            left.append(how)\n"
         "            os.kill(proc.pid, signal.SIGKILL)\n"
         "print('left', left, flush=True)\n")
+    run = _run_fresh(script)
+    assert run.stdout.strip() == "left []", run.stdout + run.stderr[-2000:]
+
+
+def _run_fresh(script: Path) -> subprocess.CompletedProcess:
+    """`script` run in a fresh interpreter, which must exit 0."""
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == "left []", run.stdout + run.stderr[-2000:]
+    return run
+
 
 def _tagged(tag: str):
     def fn(x: int) -> tuple[str, int, int]:
