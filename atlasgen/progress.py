@@ -49,9 +49,10 @@ def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: 
 
 
 def say(message: str) -> None:
-    """A one-line status message on stderr unless quiet."""
+    """A one-line status message on stderr unless quiet; on a line of its own above any bar being drawn."""
     if not _quiet:
-        print(message, file=sys.stderr, flush=True)
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
 
 
 def close_bars() -> None:

@@ -728,9 +728,9 @@ def test_a_parent_that_cannot_be_looked_at_leaves_the_word_to_mkdir(tmp_path, mo
     paths_mod.check_folder_target(locked / "out", "--out")  # no error: mkdir will tell
 
 
-def test_the_error_line_does_not_stick_to_a_progress_bar(monkeypatch):
-    """The CLI's error line after an error or Ctrl-C left a bar open starts on a line of its own (the bar is
-    cleared first), not after the bar's text."""
+def test_messages_and_the_error_line_do_not_stick_to_a_progress_bar(monkeypatch):
+    """A stage's message while its bar is drawn, and the CLI's error line after an error or Ctrl-C left a bar
+    open, each start on a line of their own (the bar is cleared first), not after the bar's text."""
     import io
     import typer
     from atlasgen import cli, progress
@@ -744,9 +744,11 @@ def test_the_error_line_does_not_stick_to_a_progress_bar(monkeypatch):
     monkeypatch.setattr(progress, "_quiet", False)
     open_bar = progress.bar(total=10, desc="train SAE", unit="step")
     open_bar.update(3)
+    progress.say("ingest: kept")
     with pytest.raises(typer.Exit):
         cli._fail("interrupted", code=130)
     text = err.getvalue()
     assert "train SAE" in text
-    before = text[:text.index("error: interrupted\n")]
-    assert before.endswith("\r") or before.endswith("\n"), repr(before[-80:])
+    for line in ("ingest: kept\n", "error: interrupted\n"):
+        before = text[:text.index(line)]
+        assert before.endswith("\r") or before.endswith("\n"), repr(before[-80:])
