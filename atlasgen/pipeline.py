@@ -79,9 +79,7 @@ def _run_stages(cfg: AtlasConfig, store: Store, stages: Iterable[str], force: bo
         elif row["status"] in ("running", "failed", "interrupted"):
             say(f"{name}: resuming an unfinished run ({row['status']})")
             repair_of = _unfinished_repair(row)
-        store.mark_stage_started(name, this_hash, config_json(cfg.stage(name)),
-                                 {REPAIR_OF: {**repair_of, "finished_at": repair_of["finished_at"].isoformat()}}
-                                 if repair_of else None)
+        store.mark_stage_started(name, this_hash, config_json(cfg.stage(name)), _running_summary(repair_of))
         t0 = time.perf_counter()
         say(f"{name}: running")
         try:
@@ -120,6 +118,14 @@ def _keeping_interrupts(call) -> dict:
 
 
 REPAIR_OF = "repair_of"  # the key of a running repair's digest and earlier finish time in its row's summary
+
+
+def _running_summary(repair_of: dict | None) -> dict | None:
+    """What a running stage's row keeps: a repair's digest and earlier finish time (`_unfinished_repair` reads
+    them back), else nothing."""
+    if repair_of is None:
+        return None
+    return {REPAIR_OF: {"digest": repair_of["digest"], "finished_at": repair_of["finished_at"].isoformat()}}
 
 
 def _unfinished_repair(row: dict) -> dict | None:
